@@ -24,9 +24,11 @@ setup(
     description="Distributed transfer-learning toolkit for fundus images (DR grading): "
     "WebDataset shards, DALI/Triton preprocessing, DDP/DeepSpeed, SLURM via submitit",
     python_requires=">=3.10",
-    packages=_packages("tltrain", "tltrain") + _packages("kernels", "tltrain.kernels"),
-    package_dir={"tltrain": "tltrain", "tltrain.kernels": "kernels"},
-    include_package_data=True,
+    packages=_packages("tltrain", "tltrain")
+    + _packages("kernels", "tltrain.kernels")
+    + _packages("configs", "tltrain.configs"),
+    package_dir={"tltrain": "tltrain", "tltrain.kernels": "kernels", "tltrain.configs": "configs"},
+    package_data={"tltrain.configs": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision",

@@ -1,0 +1,37 @@
+# The two set-up commands of the README: `make demo` (main job on bundled synthetic data) and `make test`.
+# Both create .venv on first use and install the pinned versions from constraints.txt.
+# CUDA 12 clusters: `make install DALI_EXTRA=cuda12` installs the CUDA 12 DALI build instead.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+DALI_EXTRA ?= dali
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow slurm-up slurm-down clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(DALI_EXTRA),test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/tltrain demo
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Slow tests (multi-process training, SLURM): CI runs them after `make test`.
+test-slow: install
+	$(VENV)/bin/pytest -m "slow or slurm" $(PYTEST_ARGS)
+
+slurm-up:
+	bash slurm/up.sh
+
+slurm-down:
+	bash slurm/down.sh
+
+clean:
+	rm -rf demo runs outputs multirun .pytest_cache

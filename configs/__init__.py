@@ -1,0 +1,1 @@
+"""Hydra config tree (installed as tltrain.configs so an installed tltrain finds its configs)."""

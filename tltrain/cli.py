@@ -1,0 +1,112 @@
+"""The `tltrain` command: one entry point, one subcommand per stage of the data flow.
+
+Stages with many options (prepare, train) take Hydra overrides (`key=value`, `group=option`) composed from
+configs/; small tools (verify, report, export, ...) take plain arguments. Errors the user can fix (bad input,
+bad config) print as one clear message and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tltrain.errors import TltrainError
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from tltrain.data import synth
+
+    if args.target_domain:
+        summary = synth.generate_target_domain(
+            args.out, n_per_class=args.per_class, size=args.width, seed=args.seed, workers=args.workers
+        )
+    else:
+        summary = synth.generate_eyepacs(
+            args.out,
+            n_patients=args.patients,
+            width=args.width,
+            height=args.height,
+            seed=args.seed,
+            workers=args.workers,
+            min_per_class=args.min_per_class,
+        )
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from tltrain.config import compose, to_typed
+    from tltrain.data.prepare import PrepareConfig, run_prepare
+    from tltrain.data.summary import manifest_summary
+
+    cfg = to_typed(compose("prepare", args.overrides), PrepareConfig, where="prepare")
+    manifest = run_prepare(cfg)
+    print(manifest_summary(manifest))
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from tltrain.data.verify import verify_shards
+
+    report = verify_shards(args.shards)
+    print(json.dumps(report, indent=2, default=str))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from tltrain.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tltrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic fundus dataset (EyePACS layout) or target domain")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--patients", type=int, default=100, help="number of patients (two eyes each)")
+    p.add_argument("--width", type=int, default=512, help="image width in pixels (target domain: square size)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: camera aspect 3:4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--min-per-class", type=int, default=0, help="guarantee at least this many images per grade")
+    p.add_argument("--target-domain", action="store_true", help="write the ImageFolder target domain instead")
+    p.add_argument("--per-class", type=int, default=100, help="target domain: images per class")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("prepare", help="turn a dataset into WebDataset shards (Hydra overrides, configs/prepare.yaml)")
+    p.add_argument("overrides", nargs="*", help="e.g. source=eyepacs source.root=/data/eyepacs out=/shards")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("verify", help="re-read shards: checksums, decoding, counts vs manifest")
+    p.add_argument("shards", help="folder with manifest.json and the shards")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("demo", help="the main job end to end on bundled synthetic data")
+    p.add_argument("--out", default="demo", help="working folder (default: ./demo)")
+    p.add_argument("--quick", action="store_true", help="smallest sizes, for smoke tests")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        # Hydra owns the command line of `train` (multirun, launchers, sweeps).
+        from tltrain.train_app import hydra_main
+
+        sys.argv = [f"{Path(sys.argv[0]).name} train", *argv[1:]]
+        hydra_main()
+        return 0
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TltrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

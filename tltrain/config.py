@@ -1,0 +1,57 @@
+"""Config loading: Hydra composes YAML from configs/, then each section is checked against its typed dataclass.
+
+Every stage defines its own dataclass (PrepareConfig, LoaderConfig, TrainerConfig, ...) with a `validate()`;
+this module only composes, converts and reports errors in one readable form, before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tltrain.errors import ConfigError
+
+T = TypeVar("T")
+
+CONFIG_DIR = str(resources.files("tltrain.configs"))
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose configs/<config_name>.yaml with Hydra-style overrides (`key=value`, `group=option`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    except HydraException as exc:  # unknown group option, bad override syntax: Hydra lists the choices
+        raise ConfigError(str(exc)) from None
+
+
+def to_typed(node: Any, schema: type[T], where: str = "") -> T:
+    """Convert a config node to its dataclass, rejecting unknown keys and wrong types, then validate()."""
+    if dataclasses.is_dataclass(node):
+        node = OmegaConf.structured(node)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+        key = getattr(exc, "full_key", None) or ""
+        prefix = f"{where}.{key}" if where and key else (where or key or schema.__name__)
+        raise ConfigError(f"config {prefix}: {exc.msg if hasattr(exc, 'msg') else exc} (valid keys: {valid})") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a resolved config (dataclass or DictConfig) as YAML, for provenance in run and shard folders."""
+    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    Path(path).write_text(OmegaConf.to_yaml(node, resolve=True))
