@@ -1,0 +1,208 @@
+"""Real training runs in real processes: single, 2-rank DDP (gloo), 2-rank DeepSpeed ZeRO-2 (DS_ACCELERATOR=cpu),
+resume after SIGKILL, SIGUSR2 preemption, NaN stop, TensorBoard read back with TensorBoard's own reader.
+
+The synthetic task (tltrain.engine.synthetic) is 5 balanced grades whose brightness rises with the grade under
+noise; 160 held-out images. Chance-level predictions give quadratic kappa ~0 (|kappa| < 0.2 for 160 samples);
+we require kappa > 0.5, which a model only reaches by ordering the grades.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint
+from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
+KAPPA_ABOVE_CHANCE = 0.5
+EPOCHS, STEPS_PER_EPOCH = 3, 20  # 320 training images, global batch 16
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def single_cmd(run_dir, *args):
+    return [PYTHON, "-m", "tltrain.engine.synthetic", "--run-dir", str(run_dir), "--epochs", str(EPOCHS),
+            "--batch-size", "16", "--result", str(Path(run_dir) / "result.json"), *args]
+
+
+def torchrun_cmd(run_dir, *args):
+    return [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "tltrain.engine.synthetic",
+            "--run-dir", str(run_dir), "--epochs", str(EPOCHS), "--batch-size", "8",
+            "--result", str(Path(run_dir) / "result.json"), *args]
+
+
+def run(cmd, timeout=240, **env):
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def result_of(run_dir):
+    return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    proc = run(single_cmd(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def final_lr(run_dir):
+    entry = CheckpointManager(run_dir, is_main=False).latest()
+    content = CheckpointManager(run_dir, is_main=False).read(entry)
+    return [g["lr"] for g in content["optimizer"]["param_groups"]]
+
+
+def test_single_run_learns_and_writes_run_dir(single_run):
+    result = result_of(single_run)
+    assert result["status"] == "completed" and result["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert result["final"]["kappa"] > KAPPA_ABOVE_CHANCE
+    status = json.loads((single_run / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 60
+    metrics = json.loads((single_run / "metrics.json").read_text())
+    assert len(metrics["history"]) == EPOCHS and metrics["final"]["kappa"] == result["final"]["kappa"]
+    assert "strategy: single" in (single_run / "config.yaml").read_text()
+    index = CheckpointManager(single_run, is_main=False).index()
+    assert [c["step"] for c in index["checkpoints"]] == [40, 60]  # keep_last=2
+    assert index["best"] == "step-00000060" or index["best_value"] >= result["final"]["kappa"]
+
+
+def test_tensorboard_events_read_back(single_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(single_run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "lr/all", "perf/images_per_s", "perf/wait_fraction", "val/kappa", "val/accuracy",
+                "val/auc", "val/cross_entropy", "val/sensitivity", "epoch/train_loss"):
+        assert tag in tags["scalars"], tag
+    assert len(events.Scalars("train/loss")) == EPOCHS * STEPS_PER_EPOCH // 2  # log_every_steps=2
+    assert [e.step for e in events.Scalars("val/kappa")] == [20, 40, 60]
+    assert "val/confusion" in tags["images"] and "inputs" in tags["images"]
+
+
+def test_ddp_two_ranks_matches_single_process(single_run, tmp_path):
+    proc = run(torchrun_cmd(tmp_path / "ddp", "--strategy", "ddp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = result_of(tmp_path / "ddp")
+    assert result["step"] == 60 and result["final"]["kappa"] > KAPPA_ABOVE_CHANCE
+    assert result["final"]["count"] == 160  # every validation image once, none twice
+    # Same global batch (2 x 8 vs 16, same order), BatchNorm-free model, fp32: only float summation order differs.
+    ddp, single = consolidate_checkpoint(tmp_path / "ddp"), consolidate_checkpoint(single_run)
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+    assert final_lr(tmp_path / "ddp") == pytest.approx(final_lr(single_run))
+
+
+def test_deepspeed_zero2_two_ranks_learns_and_consolidates(tmp_path):
+    run_dir = tmp_path / "ds"
+    proc = run(torchrun_cmd(run_dir, "--strategy", "deepspeed", "--precision", "bf16", "--zero-stage", "2"),
+               DS_ACCELERATOR="cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = result_of(run_dir)
+    assert result["step"] == 60 and result["final"]["kappa"] > KAPPA_ABOVE_CHANCE
+    assert result["final"]["count"] == 160
+    state = consolidate_checkpoint(run_dir)
+    assert set(state) == {"features.0.weight", "features.0.bias", "fc.weight", "fc.bias"}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def latest_step(run_dir):
+    try:
+        entry = CheckpointManager(run_dir, is_main=False).latest()
+    except Exception:
+        return 0
+    return entry["step"] if entry else 0
+
+
+def test_resume_after_sigkill_reaches_same_step_lr_and_weights(single_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = single_cmd(run_dir, "--checkpoint-every", "5", "--step-sleep", "0.03")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert wait_for(lambda: latest_step(run_dir) >= 25), "no mid-epoch checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = latest_step(run_dir)
+    assert 25 <= killed_at < 60 and json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    resumed = run(single_cmd(run_dir, "--checkpoint-every", "5"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result_of(run_dir)["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert final_lr(run_dir) == pytest.approx(final_lr(single_run))
+    resumed_state, straight = consolidate_checkpoint(run_dir), consolidate_checkpoint(single_run)
+    for key in straight:  # same data order, RNG and LR curve: the same weights as the uninterrupted run
+        torch.testing.assert_close(resumed_state[key], straight[key], atol=1e-6, rtol=1e-5)
+
+
+def test_sigusr2_checkpoints_exits_with_requeue_code_and_resumes(single_run, tmp_path):
+    run_dir = tmp_path / "preempted"
+    cmd = single_cmd(run_dir, "--step-sleep", "0.03")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert wait_for(lambda: latest_step(run_dir) >= 20), "first epoch did not finish"
+    time.sleep(0.2)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["signal"] == signal.SIGUSR2
+    entry = CheckpointManager(run_dir, is_main=False).latest()
+    assert entry["step"] == status["step"] and 20 < entry["step"] < 60 and entry["batch_in_epoch"] > 0
+    resumed = run(single_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result_of(run_dir)["step"] == 60
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert final_lr(run_dir) == pytest.approx(final_lr(single_run))
+
+
+def test_nan_loss_stops_with_step_and_keys_and_keeps_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    # The sample at position 5*16 of epoch 0's order is met at optimizer step 6, after checkpoints at steps 2 and 4.
+    order = torch.randperm(320, generator=torch.Generator().manual_seed(0))  # InMemoryLoader's order, seed 0
+    bad = int(order[5 * 16])
+    proc = run(single_cmd(run_dir, "--nan-at", str(bad), "--checkpoint-every", "2"))
+    assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-3000:]
+    assert "loss is nan at optimizer step 6 (epoch 0, batch 5)" in proc.stderr
+    assert f"synth_1_{bad:06d}" in proc.stderr and "last good checkpoint: step-00000004" in proc.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "NonFiniteLoss" in status["error"] and status["step"] == 5
+    assert CheckpointManager(run_dir, is_main=False).latest()["step"] == 4
+    assert all(torch.isfinite(v).all() for v in consolidate_checkpoint(run_dir).values())
+
+
+def test_ordinal_regression_with_ema_and_grad_accum_learns(tmp_path):
+    run_dir = tmp_path / "ordinal"
+    proc = run(single_cmd(run_dir, "--loss", "ordinal", "--ema", "0.9", "--grad-accum", "2", "--lr", "0.01",
+                          "--epochs", "6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = result_of(run_dir)
+    assert result["step"] == 6 * STEPS_PER_EPOCH // 2  # two micro-batches per optimizer step
+    assert result["final"]["kappa"] > KAPPA_ABOVE_CHANCE
+    assert len(result["final"]["thresholds"]) == 4

@@ -1,0 +1,175 @@
+"""Checkpoints: atomic, pruned (last N + best), resumable, and consolidated to a plain state dict for export.
+
+Layout under <run_dir>/checkpoints/:
+  step-00000420.pt           single/DDP: one file {model, optimizer, scaler, ema, trainer}, written by rank 0
+  step-00000420/             DeepSpeed: the engine's own tag folder (every rank writes its ZeRO partition)
+     tltrain_trainer.pt      ... plus our trainer state (epoch, step, RNG, phase, config), written by rank 0
+  index.json                 the list of complete checkpoints, latest and best; rewritten atomically LAST,
+                             so a checkpoint killed half-written is never referenced and resume skips it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tltrain.engine.distributed import barrier
+from tltrain.errors import DataError
+
+INDEX = "index.json"
+TRAINER_STATE = "tltrain_trainer.pt"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush + fsync, rename over the target, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+class CheckpointManager:
+    """Saves, lists, prunes and finds checkpoints of one run; collective calls must be made on every rank."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 2, best_metric: str = "kappa", best_mode: str = "max",
+                 is_main: bool = True):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last, self.best_metric, self.best_mode, self.is_main = keep_last, best_metric, best_mode, is_main
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -- index ----------------------------------------------------------------------------------------------
+    def index(self) -> dict:
+        path = self.dir / INDEX
+        if not path.is_file():
+            return {"checkpoints": [], "latest": None, "best": None, "best_value": None}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: corrupt checkpoint index ({exc})") from None
+
+    def latest(self) -> dict | None:
+        index = self.index()
+        return next((c for c in index["checkpoints"] if c["name"] == index["latest"]), None)
+
+    def best(self) -> dict | None:
+        index = self.index()
+        return next((c for c in index["checkpoints"] if c["name"] == index["best"]), None)
+
+    def _is_better(self, value: float | None, best: float | None) -> bool:
+        if value is None or value != value:  # None or NaN never wins
+            return False
+        if best is None:
+            return True
+        return value > best if self.best_mode == "max" else value < best
+
+    # -- save -----------------------------------------------------------------------------------------------
+    def save(self, strategy, trainer_state: dict, metrics: dict | None = None, extra: dict | None = None) -> str:
+        """Write a checkpoint for trainer_state["step"]; call on every rank. Returns its name."""
+        name = f"step-{trainer_state['step']:08d}"
+        if strategy.saves_with_engine:
+            strategy.save(self.dir, name, client_state={"tltrain": True})
+            barrier()
+            if self.is_main:
+                atomic_torch_save(trainer_state, self.dir / name / TRAINER_STATE)
+            kind = "deepspeed"
+        else:
+            if self.is_main:
+                atomic_torch_save({**strategy.state_dict(), **(extra or {}), "trainer": trainer_state},
+                                  self.dir / f"{name}.pt")
+            kind = "file"
+        if self.is_main:
+            self._record(name, kind, trainer_state, metrics)
+        barrier()
+        return name
+
+    def _record(self, name: str, kind: str, trainer_state: dict, metrics: dict | None) -> None:
+        index = self.index()
+        value = (metrics or {}).get(self.best_metric)
+        entry = {"name": name, "kind": kind, "step": trainer_state["step"], "epoch": trainer_state["epoch"],
+                 "batch_in_epoch": trainer_state.get("batch_in_epoch", 0), self.best_metric: value}
+        index["checkpoints"] = [c for c in index["checkpoints"] if c["name"] != name] + [entry]
+        index["latest"] = name
+        if self._is_better(value, index.get("best_value")):
+            index["best"], index["best_value"] = name, value
+        keep = {c["name"] for c in sorted(index["checkpoints"], key=lambda c: c["step"])[-self.keep_last:]}
+        keep.add(index["best"])
+        removed = [c for c in index["checkpoints"] if c["name"] not in keep]
+        index["checkpoints"] = [c for c in index["checkpoints"] if c["name"] in keep]
+        atomic_write_json(self.dir / INDEX, index)  # the commit point: only now is the checkpoint "there"
+        for entry in removed:
+            self._delete(entry)
+
+    def _delete(self, entry: dict) -> None:
+        path = self.path_of(entry)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def path_of(self, entry: dict) -> Path:
+        return self.dir / entry["name"] if entry["kind"] == "deepspeed" else self.dir / f"{entry['name']}.pt"
+
+    # -- load -----------------------------------------------------------------------------------------------
+    def read(self, entry: dict) -> dict:
+        """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (engine loads the rest)."""
+        path = self.path_of(entry)
+        target = path / TRAINER_STATE if entry["kind"] == "deepspeed" else path
+        try:
+            obj = torch.load(target, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise DataError(f"{target}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        return {"trainer": obj} if entry["kind"] == "deepspeed" else obj
+
+
+def consolidate_checkpoint(run_dir: str | Path, which: str = "latest") -> dict[str, torch.Tensor]:
+    """A plain fp32 state dict of the model from a run's latest (or best) checkpoint, for any strategy.
+
+    DeepSpeed ZeRO partitions are merged with deepspeed.utils.zero_to_fp32 (works on CPU, no process group).
+    """
+    manager = CheckpointManager(run_dir, is_main=False)
+    entry = manager.best() if which == "best" else manager.latest()
+    if entry is None:
+        raise DataError(f"{manager.dir}: no {which} checkpoint (is this a tltrain run directory?)")
+    if entry["kind"] == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(manager.dir), tag=entry["name"])
+    else:
+        state = manager.read(entry)["model"]
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v
+            for k, v in state.items()}

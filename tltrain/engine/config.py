@@ -1,0 +1,85 @@
+"""TrainerConfig: every knob of the training engine, typed and validated before anything runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tltrain.errors import ConfigError, choices_error
+
+STRATEGIES = ("single", "ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "onecycle", "constant")
+LOSSES = ("cross_entropy", "ordinal")
+MODES = ("max", "min")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO options passed through to DeepSpeed's JSON config (see deepspeed.readthedocs.io/en/latest/zero3.html)."""
+
+    zero_stage: int = 2  # 1: optimizer state sharded, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU memory
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise choices_error("trainer.deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
+class TrainerConfig:
+    """How to train: strategy, numerics, optimizer, LR curve, loss, checkpoints and logging."""
+
+    epochs: int = 10  # used when no transfer schedule is given (a schedule brings its own total)
+    strategy: str = "single"  # single | ddp | deepspeed
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler, or DeepSpeed's loss scaling)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    grad_accum: int = 1  # micro-batches per optimizer step; a trailing remainder of an epoch is skipped
+    clip_grad_norm: float = 0.0  # 0 = no clipping
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3  # base LR (a schedule's per-group LRs replace it)
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD only
+    lr_schedule: str = "cosine"  # cosine (linear warm-up then cosine) | onecycle | constant; per optimizer step
+    warmup_epochs: float = 1.0  # cosine: warm-up length; onecycle: rising part = warmup_epochs / phase epochs
+    min_lr_ratio: float = 0.01  # LR at the end of the curve, as a fraction of the base LR
+    ema_decay: float = 0.0  # >0 keeps an exponential moving average of the weights, evaluated instead of the raw model
+    loss: str = "cross_entropy"  # cross_entropy | ordinal (regression on one output, thresholds tuned for kappa)
+    label_smoothing: float = 0.0
+    class_weights: list[float] | None = None  # per-class loss weights; "inverse frequency" is computed by the caller
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    best_metric: str = "kappa"  # metric that picks the best checkpoint
+    best_mode: str = "max"
+    keep_last: int = 2  # last N checkpoints kept, plus the best one
+    checkpoint_every_steps: int = 0  # 0 = epoch ends only (and on preemption); >0 also every N optimizer steps
+    log_every_steps: int = 10  # TensorBoard scalars interval
+    image_grid: int = 16  # images in the TensorBoard input grid (0 = none)
+    progress: bool = True  # rank-0 progress bar
+    seed: int = 0
+    referable_threshold: int | None = 2
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> None:
+        for key, value, valid in (("strategy", self.strategy, STRATEGIES), ("precision", self.precision, PRECISIONS),
+                                  ("optimizer", self.optimizer, OPTIMIZERS), ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+                                  ("loss", self.loss, LOSSES), ("best_mode", self.best_mode, MODES)):
+            if value not in valid:
+                raise choices_error(f"trainer.{key}", value, valid)
+        for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} must be >= 1")
+        for key in ("lr", "weight_decay", "clip_grad_norm", "warmup_epochs", "label_smoothing", "checkpoint_every_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"trainer.ema_decay={self.ema_decay!r} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"trainer.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.strategy == "deepspeed" and (self.compile or self.ema_decay):
+            raise ConfigError("trainer.strategy=deepspeed does not support trainer.compile or trainer.ema_decay here; "
+                              "set them to false/0")
+        self.deepspeed.validate()

@@ -1,0 +1,216 @@
+"""One small interface over single-device, DDP and DeepSpeed training, so one loop drives all three.
+
+Per micro-batch the loop does:  with strategy.micro_batch(boundary): out = strategy.forward(x); strategy.backward(loss)
+then strategy.step(boundary). `boundary` is True on the last micro-batch of an optimizer step (gradient
+accumulation); DDP skips its gradient all-reduce on the others (no_sync), DeepSpeed counts micro-steps itself.
+Checkpoint I/O lives in checkpoint.py; strategies only say what to save and how to restore it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tltrain.engine.config import TrainerConfig
+from tltrain.engine.distributed import DistEnv, is_distributed
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Strategy:
+    """Single device: autocast, GradScaler for fp16, clipping, gradient accumulation."""
+
+    name = "single"
+    saves_with_engine = False  # True: checkpoints go through the engine's own API (DeepSpeed)
+
+    def __init__(self, cfg: TrainerConfig, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.raw_model: nn.Module | None = None  # the unwrapped nn.Module (state dicts, EMA, export)
+        self.model: nn.Module | None = None  # what forward() calls (compiled / DDP / engine)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Move to device and memory format once; returns the raw module (unwrapped)."""
+        model = model.to(self.device)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        return model
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int) -> None:
+        """Called at the start of every schedule phase with the phase's optimizer."""
+        self.optimizer = optimizer
+        if self.model is None:
+            self.model = torch.compile(model) if self.cfg.compile else model
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    # -- one micro-batch ------------------------------------------------------------------------------------
+    def autocast(self):
+        dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def micro_batch(self, boundary: bool):
+        return contextlib.nullcontext()
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.cfg.grad_accum).backward()
+
+    def step(self, boundary: bool) -> float | None:
+        """Optimizer update on the boundary micro-batch; returns the gradient norm when clipping."""
+        if not boundary:
+            return None
+        norm = None
+        if self.cfg.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool = True) -> None:
+        self.raw_model.train(mode)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        return self.raw_model
+
+    def state_dict(self) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, load_optimizer: bool = True) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        if load_optimizer and state.get("optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DDPStrategy(Strategy):
+    """DistributedDataParallel over the process group (nccl on GPU, gloo on CPU)."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.optimizer = optimizer
+        inner = torch.compile(model) if self.cfg.compile else model
+        if not is_distributed():
+            self.model = inner
+            return
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # Re-wrapped at each phase: DDP registers its gradient hooks on the params trainable at wrap time.
+        self.model = DistributedDataParallel(inner, device_ids=device_ids)
+
+    def micro_batch(self, boundary: bool):
+        if boundary or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed ZeRO 1/2/3 with bf16/fp16, without the deepspeed launcher (env from torchrun/SLURM)."""
+
+    name = "deepspeed"
+    saves_with_engine = True
+
+    def __init__(self, cfg: TrainerConfig, env: DistEnv, device: torch.device):
+        super().__init__(cfg, env, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # DeepSpeed scales fp16 losses itself
+
+    def ds_config(self, micro_batch_size: int) -> dict:
+        ds = self.cfg.deepspeed
+        zero = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": ds.contiguous_gradients,
+                "reduce_bucket_size": ds.reduce_bucket_size, "allgather_bucket_size": ds.allgather_bucket_size}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        return {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": self.cfg.grad_accum,
+            "gradient_clipping": self.cfg.clip_grad_norm,
+            "bf16": {"enabled": self.cfg.precision == "bf16"},
+            "fp16": {"enabled": self.cfg.precision == "fp16", "initial_scale_power": 16},
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # torch AdamW/SGD are fine; DeepSpeed only warns about them
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config(micro_batch_size))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine already holds bf16/fp16 weights
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = super().prepare_inputs(images)
+        dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+        return images.to(dtype) if dtype is not None else images
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self, boundary: bool) -> float | None:
+        # Updates only at DeepSpeed's own accumulation boundary; its micro-step counter and ours agree because
+        # the trainer skips an epoch's remainder micro-batches.
+        self.model.step()
+        norm = self.model.get_global_grad_norm() if boundary else None
+        return float(norm) if norm is not None else None
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def unwrap(self) -> nn.Module:
+        return self.model.module
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        """Every rank must call this: each writes its own ZeRO partition."""
+        self.model.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+    def load(self, directory: Path, tag: str, load_optimizer: bool = True) -> dict:
+        _, client_state = self.model.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
+                                                     load_lr_scheduler_states=False)
+        return client_state or {}
+
+
+STRATEGY_CLASSES = {"single": Strategy, "ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy}
+
+
+def build_strategy(cfg: TrainerConfig, env: DistEnv, device: torch.device) -> Strategy:
+    return STRATEGY_CLASSES[cfg.strategy](cfg, env, device)

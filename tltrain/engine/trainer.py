@@ -1,0 +1,381 @@
+"""The training loop: one loop for single/DDP/DeepSpeed, transfer phases, checkpoints, preemption, metrics.
+
+Entry point: `train(cfg, model, train_loader, val_loader, run_dir, schedule=None) -> result dict`.
+
+Resume policy: checkpoints are written at epoch ends, every `checkpoint_every_steps` optimizer steps if set, and
+at the step boundary after a preemption signal. Each records the epoch and how many batches of it were consumed;
+a resumed run re-seeds the loader with set_epoch(epoch) (same order) and skips the consumed batches, so it
+continues with the same step count and LR curve. A SIGKILL loses at most the steps since the last checkpoint.
+Within one optimizer step the micro-batches (grad_accum) are never split across a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tltrain.engine import distributed as D
+from tltrain.engine.checkpoint import CheckpointManager
+from tltrain.engine.config import TrainerConfig
+from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics, write_metrics, write_status
+from tltrain.engine.losses import build_loss, outputs_to_probs, tune_thresholds
+from tltrain.engine.optim import (build_ema, build_optimizer, carry_optimizer_state, default_param_groups,
+                                  lr_factor, set_lr)
+from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
+from tltrain.engine.strategies import build_strategy
+from tltrain.errors import ConfigError, TltrainError
+from tltrain.metrics import PredictionGatherer, compute_metrics
+
+
+class NonFiniteLoss(TltrainError):
+    """The loss became NaN/inf; the run stops before that batch updates the weights."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+
+class _Preempted(Exception):
+    pass
+
+
+class _WholeModelSchedule:
+    """The schedule used when none is given: one phase, all parameters trainable at trainer.lr."""
+
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg, self.total_epochs = cfg, cfg.epochs
+
+    def phase_index(self, epoch: int) -> int:
+        return 0
+
+    def apply(self, model: nn.Module, phase_index: int) -> list[dict]:
+        return default_param_groups(model, self.cfg)
+
+    def set_train_mode(self, model: nn.Module, phase_index: int) -> None:
+        pass
+
+    def describe(self, phase_index: int) -> str:
+        return f"all layers trainable, lr {self.cfg.lr:g}"
+
+
+def train(cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_dir: str | Path, schedule=None, *,
+          device: str = "auto", num_classes: int | None = None, batch_size: int | None = None,
+          config_to_save=None, hparams: dict | None = None) -> dict:
+    """Train (or resume) a run in run_dir; returns {"status", "exit_code", "step", "epoch", "final", "best", ...}.
+
+    status/exit_code: completed/0, preempted/75 (checkpoint written: requeue and call again to resume).
+    A NaN/inf loss raises NonFiniteLoss (status.json says failed; the last good checkpoint is kept).
+    """
+    trainer = Trainer(cfg, model, train_loader, val_loader, run_dir, schedule, device=device,
+                      num_classes=num_classes, batch_size=batch_size, config_to_save=config_to_save, hparams=hparams)
+    return trainer.fit()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_dir, schedule=None, *,
+                 device: str = "auto", num_classes: int | None = None, batch_size: int | None = None,
+                 config_to_save=None, hparams: dict | None = None):
+        cfg.validate()
+        self.cfg, self.train_loader, self.val_loader = cfg, train_loader, val_loader
+        self.run_dir = Path(run_dir)
+        self.schedule = schedule or _WholeModelSchedule(cfg)
+        self.env = D.read_env()
+        self.device = D.device_for(self.env, device)
+        if cfg.strategy == "single" and self.env.world_size > 1:
+            raise ConfigError(f"trainer.strategy=single but WORLD_SIZE={self.env.world_size}; use ddp or deepspeed")
+        D.init_process_group(self.env, self.device)
+        self.is_main = self.env.is_main
+        self._seed(cfg.seed + self.env.rank)
+        self.num_classes = num_classes or getattr(train_loader, "num_classes", None)
+        if not self.num_classes:
+            raise ConfigError("num_classes unknown: pass num_classes= or give the loader a num_classes attribute")
+        self.batch_size = batch_size or getattr(train_loader, "batch_size", None) or len(next(iter(train_loader)).labels)
+        self.steps_per_epoch = len(train_loader) // cfg.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"trainer.grad_accum={cfg.grad_accum} exceeds the {len(train_loader)} batches per epoch")
+        self.total_epochs = self.schedule.total_epochs
+        self.phase_starts = self._phase_starts()
+
+        self.strategy = build_strategy(cfg, self.env, self.device)
+        self.raw_model = self.strategy.prepare_model(model)
+        self.loss_fn = build_loss(cfg, self.num_classes).to(self.device)
+        self.ema = build_ema(self.raw_model, cfg.ema_decay)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last, cfg.best_metric, cfg.best_mode, self.is_main)
+        self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=self.is_main)
+        self.progress = Progress(enabled=self.is_main and cfg.progress)
+        self.config_to_save, self.hparams = config_to_save, hparams or {}
+
+        self.phase = -1
+        self.epoch = 0  # the epoch being (or next to be) trained
+        self.step = 0  # optimizer steps done
+        self.batch_in_epoch = 0  # batches of `epoch` already consumed
+        self.history: list[dict] = []
+        self.thresholds: np.ndarray | None = None  # ordinal cut points tuned on validation
+        self.last_val: dict = {}
+        self._grid_logged = False
+
+    # -- set-up helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _phase_starts(self) -> list[int]:
+        starts, last = [], None
+        for epoch in range(self.total_epochs):
+            index = self.schedule.phase_index(epoch)
+            if index != last:
+                starts.append(epoch)
+                last = index
+        return starts + [self.total_epochs]
+
+    def _enter_phase(self, phase: int) -> None:
+        """Apply the phase's trainable groups and LRs, rebuild the optimizer (carrying state), re-wrap."""
+        old_optimizer = self.strategy.optimizer if self.strategy.name != "deepspeed" else None
+        module = self.strategy.unwrap() if self.strategy.model is not None else self.raw_model
+        groups = self.schedule.apply(module, phase)
+        optimizer = build_optimizer(groups, self.cfg)
+        carry_optimizer_state(old_optimizer, optimizer)
+        self.strategy.wrap(module, optimizer, self.batch_size)
+        self.phase = phase
+        if self.is_main:
+            self.progress.line(f"phase {phase}: {self.schedule.describe(phase)}")
+
+    def _lr_factor(self) -> float:
+        start = self.phase_starts[self.phase] * self.steps_per_epoch
+        end = self.phase_starts[self.phase + 1] * self.steps_per_epoch
+        warmup = int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
+        return lr_factor(self.cfg, self.step - start, end - start, warmup)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        all_rng = [rng]
+        if D.is_distributed():
+            all_rng = [None] * self.env.world_size
+            torch.distributed.all_gather_object(all_rng, rng)
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch, "phase": self.phase,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size, "rng": all_rng,
+                "history": self.history, "thresholds": self.thresholds, "last_val": self.last_val,
+                "config": dataclasses.asdict(self.cfg), "run_config": self._config_yaml()}
+
+    def _config_yaml(self) -> str | None:
+        if self.config_to_save is None:
+            return None
+        from omegaconf import OmegaConf
+
+        node = self.config_to_save
+        node = OmegaConf.structured(node) if dataclasses.is_dataclass(node) else node
+        return OmegaConf.to_yaml(node, resolve=True)
+
+    def _save(self, metrics: dict | None = None) -> str:
+        extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        return self.checkpoints.save(self.strategy, self._trainer_state(), metrics, extra)
+
+    def _resume(self) -> bool:
+        entry = self.checkpoints.latest()
+        if entry is None:
+            return False
+        content = self.checkpoints.read(entry)
+        state = content["trainer"]
+        self._enter_phase(state["phase"])
+        if self.strategy.saves_with_engine:
+            self.strategy.load(self.checkpoints.dir, entry["name"])
+        else:
+            self.strategy.load_state_dict(content)
+        if self.ema is not None and content.get("ema"):
+            self.ema.load_state_dict(content["ema"])
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.history, self.thresholds, self.last_val = state["history"], state["thresholds"], state["last_val"]
+        rng = state["rng"][self.env.rank] if len(state["rng"]) == self.env.world_size else state["rng"][0]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if state["steps_per_epoch"] != self.steps_per_epoch and self.is_main:
+            self.progress.line(f"warning: steps per epoch changed from {state['steps_per_epoch']} to "
+                               f"{self.steps_per_epoch} (different world size or batch size); the LR curve shifts")
+        if self.is_main:
+            self.progress.line(f"resumed from {entry['name']} (epoch {self.epoch}, step {self.step})")
+        return True
+
+    # -- the run --------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        stop = StopRequest()
+        try:
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if self._config_yaml() is not None:
+                    (self.run_dir / "config.yaml").write_text(self._config_yaml())
+            D.barrier()
+            resumed = self._resume()
+            self._status("running", resumed=resumed)
+            while self.epoch < self.total_epochs:
+                phase = self.schedule.phase_index(self.epoch)
+                if phase != self.phase:
+                    self._enter_phase(phase)
+                self._train_epoch(stop)
+                self._end_epoch()
+            return self._finish()
+        except _Preempted:
+            self._status("preempted", signal=stop.requested)
+            return {"status": "preempted", "exit_code": PREEMPTED_EXIT_CODE, "step": self.step, "epoch": self.epoch,
+                    "run_dir": str(self.run_dir)}
+        except BaseException as exc:
+            self._status("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            stop.close()
+            self.progress.end()
+            self.tb.close()
+
+    def _train_epoch(self, stop: StopRequest) -> None:
+        cfg = self.cfg
+        used_batches = self.steps_per_epoch * cfg.grad_accum
+        skip = self.batch_in_epoch
+        self.train_loader.set_epoch(self.epoch)
+        self.strategy.train(True)
+        self.schedule.set_train_mode(self.strategy.unwrap(), self.phase)
+        self.progress.start(used_batches, f"epoch {self.epoch + 1}/{self.total_epochs}", initial=skip)
+        loss_sum, loss_count = 0.0, 0
+        window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
+        epoch_start, epoch_wait, epoch_images = window_start, 0.0, 0
+        iterator = iter(self.train_loader)
+        for batch_index in range(used_batches):
+            fetch_start = time.perf_counter()
+            batch = next(iterator)
+            waited = time.perf_counter() - fetch_start
+            if batch_index < skip:  # consumed before the checkpoint we resumed from
+                continue
+            boundary = (batch_index + 1) % cfg.grad_accum == 0
+            images = self.strategy.prepare_inputs(batch.images)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            valid = batch.valid.to(self.device, non_blocking=True) if batch.valid is not None else None
+            if not self._grid_logged and self.is_main:
+                self.tb.image_grid(batch.images, self.step, cfg.image_grid)
+                self._grid_logged = True
+            with self.strategy.micro_batch(boundary):
+                outputs = self.strategy.forward(images)
+                loss = self.loss_fn(outputs, labels, valid)
+                loss_value = loss.item()
+                nonfinite, stop_now = D.any_rank([not math.isfinite(loss_value), stop.is_set], self.device)
+                if nonfinite:
+                    self._nonfinite(loss_value, batch)
+                if boundary:
+                    set_lr(self.strategy.param_groups, self._lr_factor())
+                self.strategy.backward(loss)
+            self.strategy.step(boundary)
+            self.batch_in_epoch = batch_index + 1
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            images_here = len(batch.labels) * self.env.world_size
+            window_wait, window_images = window_wait + waited, window_images + images_here
+            epoch_wait, epoch_images = epoch_wait + waited, epoch_images + images_here
+            elapsed = time.perf_counter() - window_start
+            self.progress.update(loss_value, window_images / max(elapsed, 1e-9), self.strategy.param_groups[0]["lr"])
+            if not boundary:
+                continue
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.raw_model, step=self.step)
+            if self.step % cfg.log_every_steps == 0:
+                self.tb.scalars({"train/loss": loss_sum / loss_count, "perf/images_per_s": window_images / elapsed,
+                                 "perf/wait_fraction": window_wait / elapsed}, self.step)
+                self.tb.learning_rates(self.strategy.param_groups, self.step)
+                self.tb.gpu_memory(self.device, self.step)
+                window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
+            if stop_now:
+                self._save()
+                raise _Preempted()
+            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
+                    and self.batch_in_epoch < used_batches:
+                self._save()
+        self.progress.end()
+        elapsed = time.perf_counter() - epoch_start
+        self._epoch_train = {"train_loss": loss_sum / max(loss_count, 1), "images_per_s": epoch_images / elapsed,
+                             "wait_fraction": epoch_wait / elapsed, "lr": self.strategy.param_groups[0]["lr"]}
+
+    def _nonfinite(self, loss_value: float, batch) -> None:
+        keys = list(batch.keys)[:16]
+        last = self.checkpoints.latest() if self.is_main else None
+        kept = f"; last good checkpoint: {last['name']}" if last else "; no checkpoint was written yet"
+        raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {self.step + 1} (epoch {self.epoch}, batch "
+                            f"{self.batch_in_epoch}) on rank {self.env.rank}; batch keys: {', '.join(map(str, keys))}"
+                            f"{kept}")
+
+    def _end_epoch(self) -> None:
+        finished_epoch = self.epoch
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        validate = (self.epoch % self.cfg.eval_every == 0) or self.epoch == self.total_epochs
+        val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        if val:
+            self.last_val = val
+        record = {"epoch": finished_epoch, "step": self.step, "phase": self.phase, **self._epoch_train, "val": val}
+        self.history.append(record)
+        self.tb.scalars(scalar_metrics(self._epoch_train), self.step, prefix="epoch/")
+        if val:
+            self.tb.scalars(scalar_metrics(val), self.step, prefix="val/")
+            self.tb.confusion(val["confusion"], self.step)
+        self.tb.flush()
+        self._save(val or None)
+        summary = ", ".join(f"{k} {val[k]:.4f}" for k in ("accuracy", "kappa", "cross_entropy") if k in val)
+        self.progress.line(f"epoch {finished_epoch + 1}/{self.total_epochs} step {self.step}: loss "
+                           f"{self._epoch_train['train_loss']:.4f}, {self._epoch_train['images_per_s']:.0f} img/s, "
+                           f"data wait {self._epoch_train['wait_fraction']:.0%}" + (f" | val {summary}" if summary else ""))
+        if self.is_main:
+            write_metrics(self.run_dir, self.last_val, self.history)
+        self._status("running")
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Metrics over the whole loader, gathered from every rank (padding dropped); EMA weights when enabled."""
+        model = self.ema.module if self.ema is not None else self.strategy.model
+        was_training = model.training
+        model.eval()
+        gatherer = PredictionGatherer()
+        for batch in loader:
+            images = self.strategy.prepare_inputs(batch.images)
+            with self.strategy.autocast():
+                outputs = model(images)
+            outputs = outputs.float()
+            scores = outputs if self.cfg.loss == "ordinal" else outputs.softmax(dim=1)
+            gatherer.add(scores, batch.labels, list(batch.keys), batch.valid)
+        model.train(was_training)
+        scores, labels, _ = gatherer.gather()
+        if len(labels) == 0:
+            return {}
+        if self.cfg.loss == "ordinal":
+            values = scores.reshape(-1)
+            self.thresholds = tune_thresholds(values, labels, self.num_classes)
+            scores = outputs_to_probs(torch.from_numpy(values), "ordinal", self.num_classes, self.thresholds).numpy()
+        metrics = compute_metrics(scores, labels, self.cfg.referable_threshold)
+        if self.thresholds is not None:
+            metrics["thresholds"] = [float(t) for t in self.thresholds]
+        return metrics
+
+    def _finish(self) -> dict:
+        best = self.checkpoints.index() if self.is_main else {}
+        best = D.broadcast_object({"name": best.get("best"), "value": best.get("best_value")})
+        result = {"status": "completed", "exit_code": 0, "step": self.step, "epoch": self.epoch,
+                  "run_dir": str(self.run_dir), "final": self.last_val, "best": best, "history": self.history}
+        if self.is_main:
+            write_metrics(self.run_dir, self.last_val, self.history)
+            self.tb.hparams({**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "deepspeed"},
+                             **self.hparams}, self.last_val)
+        self._status("completed")
+        return result
+
+    def _status(self, state: str, **extra) -> None:
+        if not self.is_main:
+            return
+        last = {k: v for k, v in self.last_val.items() if k != "confusion"}
+        write_status(self.run_dir, state, step=self.step, epoch=self.epoch, total_epochs=self.total_epochs,
+                     steps_per_epoch=self.steps_per_epoch, strategy=self.cfg.strategy,
+                     world_size=self.env.world_size, metrics=last, **extra)

@@ -1,0 +1,137 @@
+"""Diabetic-retinopathy metrics, computed once on predictions gathered from every rank.
+
+Metrics are computed from the full set of predictions (not averaged per rank or per batch), because kappa, AUC
+and sensitivity are not means of per-batch values. Padding samples (valid=False, added so every rank runs the
+same number of batches) are dropped before computing, so no image is counted twice.
+scikit-learn does the arithmetic; this module only decides what to compute and guards the degenerate cases.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, log_loss, roc_auc_score
+
+#: Grade at and above which DR is "referable" (moderate NPDR or worse) in the 5-grade EyePACS scale.
+REFERABLE_GRADE = 2
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: int | None = REFERABLE_GRADE) -> dict:
+    """Accuracy, top-2 accuracy, quadratic kappa, confusion, referable sensitivity/specificity, AUC, cross-entropy.
+
+    probs: [N, C] class probabilities (rows sum to 1); labels: [N] integer grades in [0, C).
+    Referable sensitivity/specificity are reported for 5-class problems (threshold 2) or when a threshold is
+    given explicitly for another class count; pass referable_threshold=None to leave them out.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probs must be [N, C] matching labels [N]; got {probs.shape} and {labels.shape}")
+    num_classes = probs.shape[1]
+    class_ids = list(range(num_classes))
+    if len(labels) == 0:
+        return {"count": 0}
+    predicted = probs.argmax(axis=1)
+    top2 = np.argsort(-probs, axis=1)[:, :2]
+    out = {
+        "count": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()),
+        "top2_accuracy": float((top2 == labels[:, None]).any(axis=1).mean()),
+        "kappa": _quadratic_kappa(labels, predicted, class_ids),
+        "confusion": confusion_matrix(labels, predicted, labels=class_ids).tolist(),
+        "cross_entropy": float(log_loss(labels, _normalised(probs), labels=class_ids)),
+        "auc": _macro_auc(probs, labels, class_ids),
+    }
+    threshold = referable_threshold if (num_classes == 5 or referable_threshold != REFERABLE_GRADE) else None
+    if threshold is not None:
+        out.update(_referable(labels, predicted, threshold))
+    return out
+
+
+def _normalised(probs: np.ndarray) -> np.ndarray:
+    """Rows clipped away from 0 and re-summed to 1 (float32 softmax rows are off by ~1e-7; sklearn warns)."""
+    probs = np.clip(probs, 1e-15, 1.0)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def _quadratic_kappa(labels: np.ndarray, predicted: np.ndarray, class_ids: list[int]) -> float:
+    # sklearn returns NaN (with a warning) when both raters use a single identical class; kappa is then 0 agreement
+    # beyond chance by convention, but we keep NaN out of logs/JSON and report 0.0.
+    if len(np.unique(np.concatenate([labels, predicted]))) < 2:
+        return 0.0
+    value = cohen_kappa_score(labels, predicted, weights="quadratic", labels=class_ids)
+    return 0.0 if math.isnan(value) else float(value)
+
+
+def _macro_auc(probs: np.ndarray, labels: np.ndarray, class_ids: list[int]) -> float:
+    """Macro one-vs-rest AUC over the classes present with at least one negative; NaN if none qualifies."""
+    scores = []
+    for c in class_ids:
+        positives = labels == c
+        if positives.all() or not positives.any():
+            continue  # AUC undefined for this class in this set
+        scores.append(roc_auc_score(positives, probs[:, c]))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _referable(labels: np.ndarray, predicted: np.ndarray, threshold: int) -> dict:
+    truth, guess = labels >= threshold, predicted >= threshold
+    positives, negatives = truth.sum(), (~truth).sum()
+    return {
+        "sensitivity": float((truth & guess).sum() / positives) if positives else float("nan"),
+        "specificity": float((~truth & ~guess).sum() / negatives) if negatives else float("nan"),
+    }
+
+
+class PredictionGatherer:
+    """Collects per-batch predictions on each rank; `gather()` returns all ranks' valid samples on every rank.
+
+    Ranks may hold different numbers of samples (the last batch is padded, padding is dropped here), so arrays are
+    exchanged with all_gather_object rather than fixed-size tensor collectives.
+    """
+
+    def __init__(self):
+        self._probs: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._keys: list[str] = []
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, keys: list[str], valid: torch.Tensor | None = None) -> None:
+        probs_np = probs.detach().float().cpu().numpy()
+        labels_np = labels.detach().cpu().numpy()
+        mask = np.ones(len(labels_np), bool) if valid is None else valid.detach().cpu().numpy().astype(bool)
+        self._probs.append(probs_np[mask])
+        self._labels.append(labels_np[mask])
+        self._keys.extend(k for k, keep in zip(keys, mask) if keep)
+
+    def local(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if not self._probs:
+            return np.zeros((0, 0)), np.zeros(0, np.int64), []
+        return np.concatenate(self._probs), np.concatenate(self._labels), list(self._keys)
+
+    def gather(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """All ranks' (probs, labels, keys), concatenated in rank order; duplicates by key are dropped."""
+        probs, labels, keys = self.local()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return probs, labels, keys
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (probs, labels, keys))
+        parts = [p for p in parts if len(p[2])]
+        if not parts:
+            return probs, labels, keys
+        all_probs = np.concatenate([p[0] for p in parts])
+        all_labels = np.concatenate([p[1] for p in parts])
+        all_keys = [k for p in parts for k in p[2]]
+        # A sharded reader can hand the same sample to two ranks when the set does not divide evenly; count it once.
+        _, first = np.unique(np.asarray(all_keys, dtype=object).astype(str), return_index=True)
+        first.sort()
+        return all_probs[first], all_labels[first], [all_keys[i] for i in first]
+
+
+def gathered_metrics(gatherer: PredictionGatherer, referable_threshold: int | None = REFERABLE_GRADE) -> dict:
+    """compute_metrics over the predictions of every rank (valid samples only)."""
+    probs, labels, _ = gatherer.gather()
+    if len(labels) == 0:
+        return {"count": 0}
+    return compute_metrics(probs, labels, referable_threshold)

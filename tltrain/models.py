@@ -1,0 +1,103 @@
+"""Models come from timm by name; pretrained weights only from local files (never a hub download).
+
+A weights file may be a timm/torch state dict (.pth/.pt/.bin/.safetensors), a tltrain checkpoint
+(`{"model": state_dict, ...}`) or a tltrain export folder/file. When the saved classifier does not match the
+task's classes, timm's `reset_classifier` gives a fresh head and the mismatched head weights are left out,
+so ImageNet or intermediate-domain weights transfer to any class count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from tltrain.errors import ConfigError, DataError
+
+
+@dataclass
+class LoadReport:
+    """What loading a weights file did, so a user can see whether the transfer took."""
+
+    matched: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)  # in the model, absent from the file: randomly initialised
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, saved_shape, model_shape)
+    unused: list[str] = field(default_factory=list)  # in the file, absent from the model
+
+    def summary(self) -> str:
+        return (f"{len(self.matched)} tensors loaded, {len(self.new)} new, "
+                f"{len(self.mismatched)} shape-mismatched, {len(self.unused)} unused")
+
+
+def create_model(arch: str, num_classes: int, weights: str | None = None, **timm_kwargs) -> nn.Module:
+    """timm.create_model(arch, pretrained=False, num_classes=...) then, optionally, weights from a local file."""
+    if arch not in timm.list_models():
+        close = timm.list_models(f"*{arch}*")[:10]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise ConfigError(f"model.arch={arch!r} is not a timm model{hint}")
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    if weights:
+        report = load_weights(model, weights)
+        model.tltrain_load_report = report  # kept for logging by the caller
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from any of the supported weight files (see module docstring)."""
+    path = Path(path)
+    if path.is_dir():  # a tltrain export folder or run dir
+        for candidate in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+            if (path / candidate).is_file():
+                return read_state_dict(path / candidate)
+        from tltrain.engine.checkpoint import consolidate_checkpoint  # a run dir: latest checkpoint
+        return consolidate_checkpoint(path)
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt or foreign file: name it
+        raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("model", "state_dict", "module"):  # tltrain checkpoint / common wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load matching tensors from `path` into `model`; reset the head when the saved one has another shape."""
+    saved = read_state_dict(path)
+    own = model.state_dict()
+    report = LoadReport()
+    usable = {}
+    for key, tensor in saved.items():
+        if key not in own:
+            report.unused.append(key)
+        elif tuple(tensor.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(tensor.shape), tuple(own[key].shape)))
+        else:
+            usable[key] = tensor
+            report.matched.append(key)
+    report.new = [k for k in own if k not in usable]
+    head_keys = _classifier_keys(model)
+    if report.mismatched and not all(k in head_keys for k, _, _ in report.mismatched):
+        bad = [k for k, _, _ in report.mismatched if k not in head_keys][:5]
+        raise DataError(f"{path}: weights do not fit this architecture (shape mismatch in {', '.join(bad)})")
+    if any(k in head_keys for k, _, _ in report.mismatched) and hasattr(model, "reset_classifier"):
+        model.reset_classifier(model.num_classes)  # a fresh head for the task's classes
+    model.load_state_dict(usable, strict=False)
+    return report
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier, from timm's pretrained_cfg (e.g. 'fc', 'head.fc')."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
+    names = [names] if isinstance(names, str) else list(names)
+    return {k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)}
