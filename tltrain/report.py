@@ -46,12 +46,11 @@ def _load_yaml(path: Path) -> dict:
 
 
 def _final_metrics(metrics: dict) -> tuple[str, dict]:
-    """The evaluation the report shows: test if the run has it, else validation."""
-    final = metrics.get("final", metrics)
-    for split in ("test", "val"):
-        if isinstance(final.get(split), dict) and final[split]:
-            return split, final[split]
-    return "", {k: v for k, v in final.items() if not isinstance(v, (dict, list))}
+    """The evaluation the report shows: the test split (best checkpoint) if the run has it, else validation."""
+    if metrics.get("test"):
+        return "test", metrics["test"]
+    final = metrics.get("final", {})
+    return ("val", final) if final else ("", {})
 
 
 def collect_runs(sweep_dir: str | Path) -> list[dict]:
@@ -79,9 +78,9 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
         }
         for key in METRIC_COLUMNS:
             row[key] = final.get(key)
-        perf = metrics.get("final", metrics)
+        perf = metrics.get("perf", {})
         for key in PERF_COLUMNS:
-            row[key] = perf.get(key, final.get(key))
+            row[key] = perf.get(key)
         if status.get("error"):
             row["error"] = status["error"]
         rows.append(row)

@@ -24,8 +24,11 @@ def write_status(run_dir: str | Path, state: str, **fields) -> None:
     atomic_write_json(Path(run_dir) / "status.json", {"state": state, "updated": time.time(), **fields})
 
 
-def write_metrics(run_dir: str | Path, final: dict, history: list[dict]) -> None:
-    atomic_write_json(Path(run_dir) / "metrics.json", {"final": final, "history": history})
+def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
+                  perf: dict | None = None) -> None:
+    """metrics.json: final validation metrics, per-epoch history, test metrics of the best checkpoint, speed."""
+    atomic_write_json(Path(run_dir) / "metrics.json",
+                      {"final": final, "history": history, "test": test or {}, "perf": perf or {}})
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:

@@ -64,23 +64,28 @@ class _WholeModelSchedule:
 
 def train(cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_dir: str | Path, schedule=None, *,
           device: str = "auto", num_classes: int | None = None, batch_size: int | None = None,
-          config_to_save=None, hparams: dict | None = None) -> dict:
+          config_to_save=None, hparams: dict | None = None, test_loader=None) -> dict:
     """Train (or resume) a run in run_dir; returns {"status", "exit_code", "step", "epoch", "final", "best", ...}.
 
     status/exit_code: completed/0, preempted/75 (checkpoint written: requeue and call again to resume).
     A NaN/inf loss raises NonFiniteLoss (status.json says failed; the last good checkpoint is kept).
+    With a test_loader, the best checkpoint (by cfg.best_metric on validation) is evaluated on it at the end.
     """
     trainer = Trainer(cfg, model, train_loader, val_loader, run_dir, schedule, device=device,
-                      num_classes=num_classes, batch_size=batch_size, config_to_save=config_to_save, hparams=hparams)
+                      num_classes=num_classes, batch_size=batch_size, config_to_save=config_to_save, hparams=hparams,
+                      test_loader=test_loader)
     return trainer.fit()
 
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_dir, schedule=None, *,
                  device: str = "auto", num_classes: int | None = None, batch_size: int | None = None,
-                 config_to_save=None, hparams: dict | None = None):
+                 config_to_save=None, hparams: dict | None = None, test_loader=None):
         cfg.validate()
         self.cfg, self.train_loader, self.val_loader = cfg, train_loader, val_loader
+        self.test_loader = test_loader
+        self.test_metrics: dict = {}
+        self.started = time.time()
         self.run_dir = Path(run_dir)
         self.schedule = schedule or _WholeModelSchedule(cfg)
         self.env = D.read_env()
@@ -223,6 +228,8 @@ class Trainer:
                     self._enter_phase(phase)
                 self._train_epoch(stop)
                 self._end_epoch()
+            if self.test_loader is not None:
+                self.test_metrics = self._evaluate_best(self.test_loader)
             return self._finish()
         except _Preempted:
             self._status("preempted", signal=stop.requested)
@@ -360,13 +367,33 @@ class Trainer:
             metrics["thresholds"] = [float(t) for t in self.thresholds]
         return metrics
 
+    def _evaluate_best(self, loader) -> dict:
+        """Test metrics of the best checkpoint by validation (the weights a paper would report), on every rank."""
+        best = D.broadcast_object(self.checkpoints.index().get("best") if self.is_main else None)
+        if best and self.cfg.strategy != "deepspeed":  # ZeRO partitions: keep the final weights (documented)
+            from tltrain.engine.checkpoint import consolidate_checkpoint
+
+            state = consolidate_checkpoint(self.run_dir, "best")
+            target = self.ema.module if self.ema is not None else self.strategy.unwrap()
+            target.load_state_dict(state)
+        metrics = self.evaluate(loader)
+        metrics["checkpoint"] = best or "final"
+        if self.is_main:
+            self.tb.scalars({f"test/{k}": v for k, v in scalar_metrics(metrics).items()}, self.step)
+            self.progress.line("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()
+                                                     if k != "count"))
+        return metrics
+
     def _finish(self) -> dict:
         best = self.checkpoints.index() if self.is_main else {}
         best = D.broadcast_object({"name": best.get("best"), "value": best.get("best_value")})
+        perf = {"images_per_s": float(np.mean([h["images_per_s"] for h in self.history if "images_per_s" in h]))
+                if self.history else None, "wall_time_s": time.time() - self.started}
         result = {"status": "completed", "exit_code": 0, "step": self.step, "epoch": self.epoch,
-                  "run_dir": str(self.run_dir), "final": self.last_val, "best": best, "history": self.history}
+                  "run_dir": str(self.run_dir), "final": self.last_val, "test": self.test_metrics, "perf": perf,
+                  "best": best, "history": self.history}
         if self.is_main:
-            write_metrics(self.run_dir, self.last_val, self.history)
+            write_metrics(self.run_dir, self.last_val, self.history, test=self.test_metrics, perf=perf)
             self.tb.hparams({**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "deepspeed"},
                              **self.hparams}, self.last_val)
         self._status("completed")
