@@ -1,0 +1,117 @@
+"""One run, assembled: manifest -> model (timm, optional local weights) -> schedule -> loaders -> engine.
+
+Kept apart from the Hydra app so that the demo, the SLURM launcher and tests call the same assembly. The
+frozen-features + SVM/logistic-regression schedules take their own path here: no gradient steps, a
+scikit-learn classifier on cached features, and the same metrics files as a trained run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tltrain.errors import DataError
+
+
+def read_manifest(shards: str | Path) -> dict:
+    path = Path(shards) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (run `tltrain prepare` first)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _log(is_main: bool, message: str) -> None:
+    if is_main:
+        print(message, flush=True)
+
+
+def run_transfer(cfg) -> dict:
+    """Train (or resume) and evaluate one run described by a validated RunConfig."""
+    from tltrain.data.loaders import build_loader
+    from tltrain.engine import distributed as D
+    from tltrain.engine.losses import model_outputs
+    from tltrain.engine.trainer import train
+    from tltrain.models import create_model
+    from tltrain.transfer.schedule import build_schedule
+
+    run_dir = Path(cfg.run_dir)
+    env = D.read_env()
+    device = D.device_for(env, cfg.device)
+    manifest = read_manifest(cfg.data.shards)
+    num_classes = int(manifest["num_classes"])
+    model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
+                         drop_rate=cfg.model.drop_rate)
+    report = getattr(model, "tltrain_load_report", None)
+    if report is not None:
+        _log(env.is_main, f"weights {cfg.model.weights}: {report.summary()}")
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "weights_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+
+    def loader(split: str, train_mode: bool):
+        return build_loader(cfg.loader, cfg.data.shards, split, train=train_mode, rank=env.rank,
+                            world_size=env.world_size, device=str(device), seed=cfg.seed,
+                            fraction=cfg.data.fraction if train_mode else None)
+
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if cfg.schedule.name in ("features_svm", "features_logreg"):
+        return _run_features(cfg, model, loader, manifest, run_dir, env, device, config_yaml)
+
+    schedule = build_schedule(cfg.schedule, model)
+    hparams = {"arch": cfg.model.arch, "schedule": cfg.schedule.name, "fraction": cfg.data.fraction,
+               "data": cfg.data.name, "weights": cfg.model.weights or "none", "seed": cfg.seed}
+    test_loader = loader(cfg.data.test_split, False) if cfg.data.test_split else None
+    cfg.trainer.seed = cfg.seed
+    return train(cfg.trainer, model, loader(cfg.data.train_split, True), loader(cfg.data.val_split, False), run_dir,
+                 schedule, device=str(device), num_classes=num_classes, batch_size=cfg.loader.batch_size,
+                 config_to_save=config_yaml, hparams=hparams, test_loader=test_loader)
+
+
+def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, config_yaml: str) -> dict:
+    """Li et al. method 3: the pretrained CNN as a fixed feature extractor, a scikit-learn classifier on top."""
+    from tltrain.engine.checkpoint import atomic_write_json
+    from tltrain.engine.logging import write_status
+    from tltrain.metrics import compute_metrics
+    from tltrain.transfer.features import extract_features, fit_classifier
+
+    started = time.time()
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        write_status(run_dir, "running", step=0, epoch=0)
+    model = model.to(device).eval()
+    cache = run_dir / "features"
+    kind = "svm" if cfg.schedule.name == "features_svm" else "logreg"
+    splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
+    if cfg.data.test_split:
+        splits["test"] = cfg.data.test_split
+    feats = {}
+    for name, split in splits.items():
+        feats[name] = extract_features(model, loader(split, name == "train"), device, cache_dir=cache / name)
+    n_images = sum(len(f[1]) for f in feats.values())
+    classifier = fit_classifier(feats["train"][0], feats["train"][1], kind=kind, C=cfg.schedule.svm_c,
+                                seed=cfg.seed)
+    results = {}
+    for name in ("val", "test"):
+        if name in feats:
+            probs = classifier.predict_proba(feats[name][0])
+            results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
+    perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
+    if env.is_main:
+        import joblib
+
+        joblib.dump(classifier, run_dir / "classifier.joblib")
+        atomic_write_json(run_dir / "metrics.json", {"final": results.get("val", {}), "history": [],
+                                                     "test": results.get("test", {}), "perf": perf})
+        write_status(run_dir, "completed", step=0, epoch=0,
+                     metrics={k: v for k, v in results.get("val", {}).items() if k != "confusion"})
+    _log(env.is_main, f"{kind} on frozen {cfg.model.arch} features: " + ", ".join(
+        f"{split} kappa {m['kappa']:.3f} acc {m['accuracy']:.3f}" for split, m in results.items()))
+    return {"status": "completed", "exit_code": 0, "step": 0, "epoch": 0, "run_dir": str(run_dir),
+            "final": results.get("val", {}), "test": results.get("test", {}), "perf": perf}

@@ -1,0 +1,148 @@
+"""`tltrain train`: one run = data (shards) + model (timm) + transfer schedule + trainer, from one Hydra config.
+
+The Hydra app (configs/config.yaml) is what sweeps and the SLURM launcher call; `train_from_overrides` is the
+same run as a plain function (used by the demo, the launcher and tests). A run resumes by itself from the
+checkpoints in its run_dir, so a requeued job simply calls it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from tltrain.config import CONFIG_DIR, compose, to_typed
+from tltrain.data.loaders.config import LoaderConfig
+from tltrain.engine.config import TrainerConfig
+from tltrain.errors import ConfigError, DataError
+from tltrain.transfer.schedule import ScheduleConfig
+
+
+@dataclass
+class DataConfig:
+    """Which shards to train on (a folder written by `tltrain prepare`) and which part of them."""
+
+    name: str = "fundus"  # a label for reports (e.g. eyepacs, aptos, synthetic_fundus, target)
+    shards: str = MISSING  # folder holding manifest.json and the shards
+    fraction: float = 1.0  # nested training fraction recorded by prepare (0.1, 0.2, 0.4, 0.6, 0.8, 1.0 by default)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"  # "" skips the final test evaluation
+
+    def validate(self) -> None:
+        manifest = Path(self.shards) / "manifest.json"
+        if not manifest.is_file():
+            raise DataError(f"data.shards={self.shards!r}: no manifest.json there (run `tltrain prepare` first)")
+        fractions = sorted(float(f) for f in json.loads(manifest.read_text()).get("fractions", {}))
+        if fractions and not any(abs(self.fraction - f) < 1e-9 for f in fractions):
+            raise ConfigError(f"data.fraction={self.fraction!r} was not prepared in {manifest}; "
+                              f"choose one of: {', '.join(f'{f:g}' for f in fractions)}")
+
+
+@dataclass
+class ModelConfig:
+    """A timm architecture and, optionally, local weights to start from (file, tltrain run or export)."""
+
+    arch: str = "resnet18"
+    weights: str | None = None  # None = random init (from-scratch reference)
+    drop_rate: float = 0.0
+
+    def validate(self) -> None:
+        import timm
+
+        if self.arch not in timm.list_models():
+            close = timm.list_models(f"*{self.arch}*")[:10]
+            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
+            raise ConfigError(f"model.arch={self.arch!r} is not a timm model{hint}")
+        if self.weights and not Path(self.weights).exists():
+            raise DataError(f"model.weights={self.weights!r}: no such file or folder")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    run_dir: str = ""  # empty: Hydra's output folder (outputs/... or multirun/...)
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        for part in (self.data, self.model, self.loader, self.schedule, self.trainer):
+            part.validate()
+
+
+def load_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Typed, validated run config; Hydra's own `hydra` node is not part of it."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
+    if isinstance(node, DictConfig) and "hydra" in node:
+        node.pop("hydra")
+    return to_typed(node, RunConfig)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train (or resume) one run and evaluate it; returns the trainer's result with test metrics added."""
+    from tltrain.runner import run_transfer
+
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is empty: pass run_dir=... (the Hydra app sets it to its output folder)")
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = run_transfer(cfg)
+    result.setdefault("wall_time_s", time.time() - started)
+    return result
+
+
+def train_from_overrides(overrides: list[str]) -> dict:
+    """The whole run from Hydra-style overrides, without Hydra's app machinery (no output-dir change)."""
+    cfg = load_run_config(compose("config", overrides))
+    return run(cfg)
+
+
+def _exit_code(result: dict) -> int:
+    return int(result.get("exit_code", 0))
+
+
+def hydra_main() -> None:
+    """Entry of `tltrain train ...`: Hydra parses the command line (sweeps with -m, launchers, overrides)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+    def _app(dict_cfg: DictConfig) -> Any:
+        from tltrain.errors import TltrainError
+
+        try:
+            cfg = load_run_config(dict_cfg)
+            if not cfg.run_dir:
+                cfg.run_dir = HydraConfig.get().runtime.output_dir
+            result = run(cfg)
+        except TltrainError as exc:
+            # In a sweep the other runs go on; a single run exits non-zero with the message.
+            print(f"error: {exc}", flush=True)
+            if HydraConfig.get().mode.name == "MULTIRUN":
+                raise
+            raise SystemExit(getattr(exc, "exit_code", 2)) from None
+        code = _exit_code(result)
+        if code and HydraConfig.get().mode.name != "MULTIRUN":
+            raise SystemExit(code)
+        return {k: v for k, v in result.items() if k in ("status", "step", "epoch", "run_dir", "final", "test")}
+
+    _app()
+
+
+def dataclass_to_yaml_dict(cfg: RunConfig) -> dict:
+    """Plain dict of the resolved config (saved beside checkpoints and in exports)."""
+    return dataclasses.asdict(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    hydra_main()
