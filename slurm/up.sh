@@ -1,0 +1,268 @@
+#!/usr/bin/env bash
+# Start a real one-node SLURM cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd) on a Debian machine where we
+# are root and there is no systemd. Everything lives in one state dir, so it never touches a system-wide install.
+#
+#   bash slurm/up.sh                 # start (or confirm running) in /tmp/tltrain-slurm
+#   TLTRAIN_SLURM_DIR=/x bash slurm/up.sh
+#   source slurm/env.sh              # then sbatch / squeue / sacct talk to this cluster
+#
+# Idempotent: a daemon whose pid file points at a live process is left alone, so running it twice starts nothing.
+# Ports (override via env): slurmctld 6817, slurmd 6818, slurmdbd 6819, MariaDB 13306 on 127.0.0.1 only.
+set -euo pipefail
+
+START_NS=$(date +%s%N)
+STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
+CLUSTER=${TLTRAIN_SLURM_CLUSTER:-tltrain}
+CTLD_PORT=${TLTRAIN_SLURM_CTLD_PORT:-6817}
+SLURMD_PORT=${TLTRAIN_SLURM_SLURMD_PORT:-6818}
+DBD_PORT=${TLTRAIN_SLURM_DBD_PORT:-6819}
+DB_PORT=${TLTRAIN_SLURM_DB_PORT:-13306}
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+
+ETC=$STATE/etc RUN=$STATE/run LOG=$STATE/log
+MUNGE_SOCKET=$RUN/munge.socket.2
+DB_SOCKET=$RUN/mariadb.sock
+DB_DATA=$STATE/mariadb
+
+log() { printf '[slurm/up] %s\n' "$*"; }
+die() { printf '[slurm/up] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Show the end of a daemon's log when it fails: config mistakes are only visible there.
+die_with_log() {
+    local msg=$1 file=$2
+    printf '[slurm/up] ERROR: %s\n--- last lines of %s ---\n' "$msg" "$file" >&2
+    tail -n 25 "$file" >&2 2>/dev/null || true
+    exit 1
+}
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (the daemons run as root; use sudo)"
+
+# ---------------------------------------------------------------- packages
+install_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    log "installing ${missing[*]} (apt-get, once)"
+    # Keep package scripts from starting the system-wide daemons: we run our own copies.
+    local own_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}" >"$STATE/apt.log" 2>&1 || { ((own_policy)) && rm -f /usr/sbin/policy-rc.d; die_with_log "apt-get install failed" "$STATE/apt.log"; }
+    ((own_policy)) && rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
+# ---------------------------------------------------------------- process helpers
+# A pid counts as running when it exists and is not a zombie (PID 1 here reaps exited daemons only every ~2 s).
+pid_alive() {
+    local pid=$1 comm=${2:-} st
+    [[ -n $pid && -r /proc/$pid/stat ]] || return 1
+    st=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
+    [[ $st != Z && $st != X ]] || return 1
+    # A stale pid file may name a recycled pid: with COMM given, the process must also have that name.
+    [[ -z $comm || $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
+}
+
+# pidfile_alive FILE [COMM]: the daemon named in FILE is running.
+pidfile_alive() { [[ -s $1 ]] && pid_alive "$(tr -dc 0-9 <"$1")" "${2:-}"; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s until it succeeds.
+wait_for() {
+    local secs=$1 what=$2; shift 2
+    local deadline=$(($(date +%s) + secs))
+    until "$@" >/dev/null 2>&1; do
+        (($(date +%s) < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+# ---------------------------------------------------------------- configs
+host_short=$(hostname -s)
+
+write_configs() {
+    mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool" "$STATE/munge"
+    # slurm.conf must stay readable for every user who submits jobs; the secrets get 0600 / 0700 below.
+    chmod 755 "$ETC"
+    chmod 700 "$STATE/munge"
+
+    # Real topology from slurmd -C; leave 10% (at least 1 GiB) of the memory for the OS and the other processes.
+    local node_line mem_total real_mem cpus
+    node_line=$(slurmd -C | head -n 1)
+    mem_total=$(sed -E 's/.*RealMemory=([0-9]+).*/\1/' <<<"$node_line")
+    real_mem=$((mem_total - (mem_total / 10 > 1024 ? mem_total / 10 : 1024)))
+    cpus=$(sed -E 's/.*CPUs=([0-9]+).*/\1/' <<<"$node_line")
+    # OverSubscribe=FORCE:2 lets two jobs share a core, so default memory per CPU must leave room for both.
+    local def_mem_per_cpu=$((real_mem / (cpus * 2)))
+    node_line=$(sed -E "s/^NodeName=[^ ]+/NodeName=$host_short/; s/RealMemory=[0-9]+/RealMemory=$real_mem/" <<<"$node_line")
+
+    [[ -s $ETC/db.pass ]] || (umask 077; head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ETC/db.pass")
+    DB_PASS=$(cat "$ETC/db.pass")
+    local auth_info="socket=$MUNGE_SOCKET,cred_expire=10"
+
+    cat >"$ETC/slurm.conf" <<EOF
+# Written by slurm/up.sh; rewritten on every run (edit up.sh, not this file).
+ClusterName=$CLUSTER
+SlurmctldHost=$host_short
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire=10: a requeued job may start again after ~11 s instead of the default ~121 s.
+AuthInfo=$auth_info
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool
+SlurmctldPidFile=$RUN/slurmctld.pid
+SlurmdPidFile=$RUN/slurmd.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups without systemd: track processes by parent pid, no task binding.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$def_mem_per_cpu
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
+JobRequeue=1
+ReturnToService=2
+KillWait=5
+InactiveLimit=0
+MinJobAge=300
+MailProg=/bin/true
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+# For the slurmdbd connection, Slurm takes the munge socket from AccountingStoragePass, not from AuthInfo.
+AccountingStoragePass=$MUNGE_SOCKET
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+JobCompType=jobcomp/none
+$node_line State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
+EOF
+
+    chmod 644 "$ETC/slurm.conf"
+
+    rm -f "$ETC/slurmdbd.conf"
+    (umask 077; cat >"$ETC/slurmdbd.conf") <<EOF
+# Written by slurm/up.sh. slurmdbd finds it next to \$SLURM_CONF.
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$RUN/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+    chmod 600 "$ETC/slurmdbd.conf"   # it holds the DB password; slurmdbd also insists on 0600
+}
+
+# ---------------------------------------------------------------- daemons
+start_munge() {
+    local pidfile=$RUN/munged.pid
+    pidfile_alive "$pidfile" munged && { log "munged already running"; return; }
+    [[ -s $STATE/munge/munge.key ]] || mungekey --create --keyfile="$STATE/munge/munge.key" --bits=1024
+    chmod 400 "$STATE/munge/munge.key"
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    # --force: munged is wary of running as root and of sockets outside /run/munge; both are fine here.
+    munged --force --socket="$MUNGE_SOCKET" --key-file="$STATE/munge/munge.key" --pid-file="$pidfile" \
+        --log-file="$LOG/munged.log" --seed-file="$STATE/munge/munged.seed" ||
+        die_with_log "munged did not start" "$LOG/munged.log"
+    wait_for 10 munge bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET'" ||
+        die_with_log "munge does not answer on $MUNGE_SOCKET" "$LOG/munged.log"
+    log "munged started"
+}
+
+db_sql() { mariadb --no-defaults --socket="$DB_SOCKET" -u root -e "$1"; }
+
+start_mariadb() {
+    local pidfile=$RUN/mariadb.pid
+    if pidfile_alive "$pidfile" mariadbd; then
+        log "mariadb already running"
+    else
+        if [[ ! -d $DB_DATA/mysql ]]; then
+            mkdir -p "$DB_DATA"
+            mariadb-install-db --no-defaults --user=root --datadir="$DB_DATA" --skip-test-db \
+                >"$LOG/mariadb-install.log" 2>&1 || die_with_log "mariadb-install-db failed" "$LOG/mariadb-install.log"
+        fi
+        # --no-defaults: ignore /etc/mysql so a system-wide MariaDB config cannot interfere.
+        setsid mariadbd --no-defaults --user=root --datadir="$DB_DATA" --socket="$DB_SOCKET" \
+            --pid-file="$pidfile" --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
+            --log-error="$LOG/mariadb.log" --innodb-buffer-pool-size=1024M --innodb-log-file-size=64M \
+            --innodb-lock-wait-timeout=900 --max-allowed-packet=16M </dev/null >/dev/null 2>&1 &
+        wait_for 60 mariadb mariadb-admin --no-defaults --socket="$DB_SOCKET" -u root ping ||
+            die_with_log "mariadb does not answer on $DB_SOCKET" "$LOG/mariadb.log"
+        wait_for 10 "mariadb pid file" test -s "$pidfile" || die "mariadb wrote no pid file $pidfile"
+        log "mariadb started"
+    fi
+    db_sql "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+            CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+            ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+            GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || die "could not create slurm_acct_db / user"
+}
+
+# start_slurm_daemon NAME PIDFILE COMMAND...: slurm daemons fork and write their own pid file.
+start_slurm_daemon() {
+    local name=$1 pidfile=$2; shift 2
+    pidfile_alive "$pidfile" "$name" && { log "$name already running"; return; }
+    rm -f "$pidfile"
+    "$@" || die_with_log "$name did not start (run '$name -D -vvv' with SLURM_CONF=$ETC/slurm.conf to see why)" "$LOG/$name.log"
+    wait_for 15 "$name pid file" pidfile_alive "$pidfile" "$name" ||
+        die_with_log "$name exited right after starting" "$LOG/$name.log"
+    log "$name started"
+}
+
+register_accounting() {
+    # sacctmgr -i answers its own prompts; 'add' of an existing entity is a harmless no-op.
+    sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null 2>&1 || true
+    sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || die "cluster $CLUSTER is not in slurmdbd"
+    sacctmgr -i -Q add account tltrain Cluster="$CLUSTER" Description="tltrain jobs" Organization=tltrain >/dev/null 2>&1 || true
+    sacctmgr -i -Q add user root Account=tltrain Cluster="$CLUSTER" >/dev/null 2>&1 || true
+}
+
+# Ready = idle, or busy with jobs (a second up.sh while jobs run must not wait for them).
+node_ready() { [[ $(sinfo -h -N -n "$host_short" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing) ]]; }
+
+# ---------------------------------------------------------------- main
+mkdir -p "$STATE"
+install_packages
+write_configs
+export SLURM_CONF=$ETC/slurm.conf
+
+start_munge
+start_mariadb
+start_slurm_daemon slurmdbd "$RUN/slurmdbd.pid" slurmdbd
+wait_for 30 "slurmdbd" sacctmgr -n list cluster || die_with_log "slurmdbd does not answer" "$LOG/slurmdbd.log"
+register_accounting
+start_slurm_daemon slurmctld "$RUN/slurmctld.pid" slurmctld -f "$SLURM_CONF"
+wait_for 30 "slurmctld" scontrol ping || die_with_log "slurmctld does not answer" "$LOG/slurmctld.log"
+start_slurm_daemon slurmd "$RUN/slurmd.pid" slurmd -f "$SLURM_CONF"
+
+if ! node_ready; then
+    # A node left DOWN/DRAIN by an earlier run (e.g. a killed slurmd) comes back with RESUME.
+    wait_for 20 "node ready" node_ready || scontrol update NodeName="$host_short" State=RESUME >/dev/null 2>&1 || true
+    wait_for 30 "node ready" node_ready || die_with_log "node $host_short is not usable: $(sinfo -h -N -o '%T %E')" "$LOG/slurmd.log"
+fi
+
+elapsed=$((($(date +%s%N) - START_NS) / 1000000))
+log "cluster '$CLUSTER' up in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s; state in $STATE"
+log "use it with: source $(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/env.sh"
+sinfo
