@@ -1,0 +1,194 @@
+"""Dataset sources -> records (key, patient, label, path) plus every problem found, each naming its file.
+
+Why a list of problems instead of raising at the first one: a user fixing an 80k-image dataset wants the whole
+list in one go, and with `on_problem=skip` the good samples must still be written (a good image is never lost).
+Structural problems (a CSV with the wrong columns, an empty folder) are fatal: there is nothing sane to write.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from tltrain.errors import ConfigError, DataError, choices_error
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+DR_GRADES = ("0", "1", "2", "3", "4")
+DR_GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative DR")
+SOURCE_KINDS = ("eyepacs", "aptos", "imagefolder", "csv")
+
+
+@dataclass
+class SourceConfig:
+    """Where the raw dataset is and how to read it. Defaults per kind follow the Kaggle layouts."""
+
+    kind: str = "eyepacs"  # eyepacs | aptos | imagefolder | csv
+    root: str = MISSING  # dataset folder
+    labels_csv: str | None = None  # relative to root; eyepacs: trainLabels.csv, aptos: train.csv
+    image_dir: str | None = None  # relative to root; eyepacs: train, aptos: train_images, csv: root
+    key_column: str | None = None  # csv: column holding the image name without extension (the file is looked up)
+    label_column: str | None = None  # csv: column holding the label
+    patient_column: str | None = None  # csv: optional patient id column (default: one patient per image)
+    classes: list[str] | None = None  # label values in class order; None: DR grades 0-4 (imagefolder: folder names)
+
+    def validate(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise choices_error("source.kind", self.kind, SOURCE_KINDS)
+        if not Path(self.root).is_dir():
+            raise DataError(f"source.root={self.root!r}: no such folder")
+        if self.kind == "csv" and not (self.labels_csv and self.key_column and self.label_column):
+            raise ConfigError("source.kind=csv needs source.labels_csv, source.key_column and source.label_column")
+
+
+@dataclass
+class Record:
+    key: str  # unique sample key, the image name without extension (e.g. 10_left)
+    patient: str  # samples of one patient always land in the same split
+    label: int  # class index into the source's class list
+    path: str  # image file
+
+
+@dataclass
+class Problem:
+    file: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
+@dataclass
+class SourceData:
+    records: list[Record]
+    problems: list[Problem]
+    classes: list[str]
+    class_names: list[str]
+    description: dict = field(default_factory=dict)
+    candidates: set[str] = field(default_factory=set)  # every key seen (files and label rows): "found"
+
+
+def _index_images(folder: Path) -> dict[str, list[Path]]:
+    """Image files of a folder by key (name without extension); several files per key = a duplicate."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    by_key: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            by_key.setdefault(path.stem, []).append(path)
+    if not by_key:
+        raise DataError(f"{folder}: empty folder (no {'/'.join(IMAGE_EXTENSIONS)} images)")
+    return by_key
+
+
+def _read_label_rows(csv_path: Path, key_column: str, label_column: str) -> list[tuple[int, dict]]:
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: labels CSV not found")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in (key_column, label_column) if c not in columns]
+        if missing:
+            raise DataError(f"{csv_path}: wrong columns: expected {key_column!r} and {label_column!r}, "
+                            f"found {', '.join(map(repr, columns)) or 'no header'}")
+        return [(line, row) for line, row in enumerate(reader, start=2)]
+
+
+def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, label_column: str,
+          classes: list[str], patient_of) -> tuple[list[Record], list[Problem], set[str]]:
+    """Match labelled rows to image files; every mismatch becomes a Problem naming the file or CSV line."""
+    records, problems, seen = [], [], {}
+    labelled_keys = set()
+    for line, row in rows:
+        key = (row.get(key_column) or "").strip()
+        raw_label = (row.get(label_column) or "").strip()
+        where = f"{csv_path}:{line}"
+        if not key:
+            problems.append(Problem(where, "empty image name"))
+            continue
+        if key in seen:
+            problems.append(Problem(where, f"duplicate key {key!r} (first at line {seen[key]})"))
+            continue
+        seen[key] = line
+        labelled_keys.add(key)
+        files = by_key.get(key, [])
+        if not files:
+            problems.append(Problem(where, f"label row for {key!r} has no image file"))
+            continue
+        if len(files) > 1:
+            problems.append(Problem(str(files[1]), f"duplicate key {key!r}: also {files[0].name}"))
+            continue
+        if raw_label not in classes:
+            problems.append(Problem(where, f"unknown grade {raw_label!r} for {key!r} "
+                                           f"(valid: {', '.join(classes)})"))
+            continue
+        records.append(Record(key, patient_of(key, row), classes.index(raw_label), str(files[0])))
+    for key, files in by_key.items():
+        if key not in labelled_keys:
+            problems.append(Problem(str(files[0]), f"image has no label in {csv_path.name}"))
+    return records, problems, set(by_key) | labelled_keys
+
+
+def read_source(cfg: SourceConfig) -> SourceData:
+    root = Path(cfg.root)
+    if cfg.kind == "imagefolder":
+        return _read_imagefolder(root, cfg)
+    if cfg.kind == "eyepacs":
+        csv_name, image_dir, key_col, label_col = cfg.labels_csv or "trainLabels.csv", cfg.image_dir or "train", \
+            "image", "level"
+
+        def patient_of(key, row):  # 10_left / 10_right -> 10
+            return key.rsplit("_", 1)[0] if key.endswith(("_left", "_right")) else key
+    elif cfg.kind == "aptos":
+        csv_name, image_dir, key_col, label_col = cfg.labels_csv or "train.csv", cfg.image_dir or "train_images", \
+            "id_code", "diagnosis"
+
+        def patient_of(key, row):  # APTOS has one image per patient id
+            return key
+    else:
+        csv_name, image_dir, key_col, label_col = cfg.labels_csv, cfg.image_dir or ".", cfg.key_column, \
+            cfg.label_column
+
+        def patient_of(key, row):
+            return (row.get(cfg.patient_column) or key) if cfg.patient_column else key
+    classes = [str(c) for c in (cfg.classes or DR_GRADES)]
+    csv_path = root / csv_name
+    rows = _read_label_rows(csv_path, key_col, label_col)
+    by_key = _index_images(root / image_dir)
+    records, problems, candidates = _join(csv_path, rows, by_key, key_col, label_col, classes, patient_of)
+    names = list(DR_GRADE_NAMES) if classes == list(DR_GRADES) else classes
+    return SourceData(records, problems, classes, names, candidates=candidates,
+                      description={"kind": cfg.kind, "root": str(root.resolve()), "labels_csv": str(csv_path),
+                                   "image_dir": str(root / image_dir)})
+
+
+def _read_imagefolder(root: Path, cfg: SourceConfig) -> SourceData:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: empty folder (an ImageFolder dataset has one sub-folder per class)")
+    classes = [str(c) for c in cfg.classes] if cfg.classes else [p.name for p in class_dirs]
+    records, problems, candidates, seen = [], [], set(), {}
+
+    def key_of(folder: Path, path: Path) -> str:
+        return f"{folder.name}_{path.stem}".replace(".", "_")
+
+    for folder in class_dirs:
+        files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+        if folder.name not in classes:
+            problems += [Problem(str(p), f"class folder {folder.name!r} is not in source.classes") for p in files]
+            candidates.update(key_of(folder, p) for p in files)
+            continue
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise DataError(f"{folder}: empty folder (class {folder.name!r} has no images)")
+        for path in images:
+            key = key_of(folder, path)
+            candidates.add(key)
+            if key in seen:
+                problems.append(Problem(str(path), f"duplicate key {key!r}: also {seen[key]}"))
+                continue
+            seen[key] = path.name
+            records.append(Record(key, key, classes.index(folder.name), str(path)))
+    return SourceData(records, problems, classes, classes, candidates=candidates,
+                      description={"kind": "imagefolder", "root": str(root.resolve())})

@@ -1,0 +1,67 @@
+"""Patient-level stratified splits and nested stratified training fractions, deterministic by seed.
+
+Written by hand rather than with scikit-learn's splitters because two guarantees matter here and are easy to
+state exactly: both eyes of a patient land in the same split (no validation leak), and every training fraction
+contains every smaller one and matches the class mix within one sample per class.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from tltrain.data.sources import Record
+
+
+def split_by_patient(records: list[Record], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """key -> 'train' | 'val' | 'test'. Patients are stratified by their highest label (their worst eye)."""
+    patients: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        patients[record.patient].append(record)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for patient, recs in sorted(patients.items()):
+        by_class[max(r.label for r in recs)].append(patient)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5B1]))
+    assignment: dict[str, str] = {}
+    for label in sorted(by_class):
+        group = by_class[label]
+        order = rng.permutation(len(group))
+        n = len(group)
+        n_test = int(round(n * test_fraction))
+        n_val = int(round(n * val_fraction))
+        if n >= 3:  # every split sees every class when the class is big enough to share
+            n_test = max(n_test, 1) if test_fraction > 0 else 0
+            n_val = max(n_val, 1) if val_fraction > 0 else 0
+        for rank, index in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            for record in patients[group[index]]:
+                assignment[record.key] = split
+    return assignment
+
+
+def tier_name(fraction: float) -> str:
+    """0.1 -> 'f010', 1.0 -> 'f100': the shard-name tag of a training fraction."""
+    return f"f{int(round(fraction * 100)):03d}"
+
+
+def nested_fractions(train: list[Record], fractions: list[float], seed: int) -> dict[str, float]:
+    """key -> the smallest fraction that contains it. Fraction f = every key whose tier <= f.
+
+    Per class, samples are shuffled once and fraction f takes the first max(1, round(f * n_c)): nested by
+    construction, stratified within one sample per class, and no class vanishes from a small fraction.
+    """
+    fractions = sorted(set(float(f) for f in fractions))
+    if not fractions or fractions[-1] != 1.0:
+        fractions.append(1.0)
+    by_class: dict[int, list[Record]] = defaultdict(list)
+    for record in sorted(train, key=lambda r: r.key):
+        by_class[record.label].append(record)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF4AC]))
+    tier: dict[str, float] = {}
+    for label in sorted(by_class):
+        group = by_class[label]
+        order = rng.permutation(len(group))
+        limits = [max(1, int(round(f * len(group)))) for f in fractions]
+        for rank, index in enumerate(order):
+            tier[group[index].key] = next(f for f, limit in zip(fractions, limits) if rank < limit)
+    return tier

@@ -1,0 +1,90 @@
+"""`tltrain verify SHARDS`: re-read every shard and prove it matches its manifest.
+
+Checks, per shard: sha256 and size against the manifest, the DALI index against the tar's real member offsets,
+every sample complete (all members present), its image decodes, its two label encodings agree, and the counts per
+shard, split and class add up to the manifest's. Returns a report; raises DataError listing every problem.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from tltrain.data.shards import MEMBER_ORDER, read_index, sha256_file
+from tltrain.errors import DataError
+
+
+def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int, list[int]]:
+    tar_path, idx_path = shard_dir / entry["tar"], shard_dir / entry["index"]
+    if not tar_path.is_file():
+        problems.append(f"{tar_path}: missing")
+        return 0, []
+    if tar_path.stat().st_size != entry["bytes"] or sha256_file(tar_path) != entry["sha256"]:
+        problems.append(f"{tar_path}: sha256/size differ from manifest.json (file changed or corrupt)")
+    try:
+        index = read_index(idx_path)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{idx_path}: unreadable index ({exc})")
+        index = None
+    samples: dict[str, dict[str, bytes]] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                offsets[member.name] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as exc:
+        problems.append(f"{tar_path}: unreadable tar ({exc})")
+        return 0, []
+    if index is not None:
+        indexed = {name: (off, size) for sample in index for off, size, name in sample.values()}
+        if indexed != offsets:
+            problems.append(f"{idx_path}: offsets do not match {tar_path.name}")
+    labels = []
+    for key, members in samples.items():
+        missing = [m for m in MEMBER_ORDER if m not in members]
+        if missing:
+            problems.append(f"{tar_path}:{key}: missing members {missing}")
+            continue
+        label_text, label_bin = int(members["cls"]), struct.unpack("<i", members["lbl"])[0]
+        if label_text != label_bin or json.loads(members["json"])["label"] != label_text:
+            problems.append(f"{tar_path}:{key}: label encodings disagree ({label_text}, {label_bin})")
+        try:
+            with Image.open(io.BytesIO(members["jpg"])) as img:
+                img.load()
+        except Exception as exc:
+            problems.append(f"{tar_path}:{key}: image does not decode ({type(exc).__name__}: {exc})")
+        labels.append(label_text)
+    if len(samples) != entry["count"]:
+        problems.append(f"{tar_path}: {len(samples)} samples, manifest says {entry['count']}")
+    return len(samples), labels
+
+
+def verify_shards(shard_dir: str | Path) -> dict:
+    shard_dir = Path(shard_dir)
+    manifest_path = shard_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: not found (is this a folder written by `tltrain prepare`?)")
+    manifest = json.loads(manifest_path.read_text())
+    problems: list[str] = []
+    per_split: dict[str, list[int]] = {}
+    for entry in manifest["shards"]:
+        count, labels = _check_shard(shard_dir, entry, problems)
+        counts = per_split.setdefault(entry["split"], [0] * manifest["num_classes"])
+        for label in labels:
+            counts[label] += 1
+    for split, info in manifest["splits"].items():
+        if per_split.get(split) != info["class_counts"]:
+            problems.append(f"{manifest_path}: split {split!r} class counts {info['class_counts']} "
+                            f"but shards hold {per_split.get(split)}")
+    report = {"shards": len(manifest["shards"]), "samples": sum(sum(c) for c in per_split.values()),
+              "per_split": per_split, "problems": problems, "ok": not problems}
+    if problems:
+        raise DataError(f"{shard_dir}: verification failed with {len(problems)} problem(s):\n"
+                        + "\n".join(f"  - {p}" for p in problems), problems)
+    return report
