@@ -1,0 +1,20 @@
+"""Loader backends behind one call: build_loader(cfg, shard_dir, split, ...) -> iterable of Batch."""
+from __future__ import annotations
+
+from tltrain.data.loaders.batch import Batch
+from tltrain.data.loaders.config import LoaderConfig
+
+
+def build_loader(cfg: LoaderConfig, shard_dir, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
+                 device: str = "cpu", seed: int = 0, fraction: float | None = None):
+    """A loader for one rank: `len()` batches per epoch (equal on all ranks), `set_epoch`, `stats()`."""
+    cfg.validate()
+    if cfg.backend == "dali":
+        from tltrain.data.loaders.dali_loader import DaliLoader as Loader
+    else:
+        from tltrain.data.loaders.torch_loader import TorchLoader as Loader
+    return Loader(cfg, shard_dir, split, train=train, rank=rank, world_size=world_size, device=device, seed=seed,
+                  fraction=fraction)
+
+
+__all__ = ["Batch", "LoaderConfig", "build_loader"]

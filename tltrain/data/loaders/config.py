@@ -1,0 +1,51 @@
+"""LoaderConfig: which backend, batch geometry, decoding and preprocessing options."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tltrain.errors import ConfigError, choices_error
+from tltrain.preprocess import AugmentConfig, PreprocessConfig, validate_dtype
+
+BACKENDS = ("torch", "dali")
+DECODE_ERRORS = ("skip", "fail")
+DALI_DEVICES = ("auto", "gpu", "cpu")
+FILTER_KERNELS = ("auto", "torch", "triton", "dali")
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "torch"  # torch (PIL decode in DataLoader workers) | dali (nvJPEG on GPU, or DALI CPU ops)
+    batch_size: int = 32  # per rank
+    size: int = 512  # model input side; the disc fills it (radius = size / 2)
+    workers: int = 4  # torch: DataLoader worker processes; dali: CPU threads
+    shuffle_buffer: int = 1000  # dali: reader initial_fill (the torch backend shuffles the whole epoch by index)
+    balanced: bool = False  # training: draw samples with inverse class frequency (Sallam et al.); torch backend
+    on_decode_error: str = "skip"  # skip: log the key, count it, pad the slot (valid=False) | fail: stop
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 model input
+    channels_last: bool = False
+    pin_memory: bool = True  # torch backend, when the device is CUDA
+    prefetch_factor: int = 2  # torch backend: batches prefetched per worker
+    draft_decode: bool = True  # torch backend: let libjpeg decode at a reduced scale when the crop allows it
+    dali_device: str = "auto"  # auto (gpu when CUDA is available) | gpu | cpu
+    hw_decoder_load: float = 0.65  # dali on GPU: share of images sent to the hardware JPEG decoder (A100/H100)
+    filter_kernel: str = "auto"  # where the Ben Graham filter runs: auto | torch | triton (CUDA) | dali
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        for key, value, valid in (("backend", self.backend, BACKENDS),
+                                  ("on_decode_error", self.on_decode_error, DECODE_ERRORS),
+                                  ("dali_device", self.dali_device, DALI_DEVICES),
+                                  ("filter_kernel", self.filter_kernel, FILTER_KERNELS)):
+            if value not in valid:
+                raise choices_error(f"loader.{key}", value, valid)
+        validate_dtype(self.dtype)
+        if self.batch_size < 1 or self.size < 8 or self.workers < 0:
+            raise ConfigError("loader.batch_size >= 1, loader.size >= 8 and loader.workers >= 0 are required")
+        if self.backend == "dali" and self.balanced:
+            raise ConfigError("loader.balanced=true needs loader.backend=torch (DALI's reader cannot weight samples); "
+                              "with DALI use trainer.class_weights instead")
+        if self.filter_kernel == "dali" and self.backend != "dali":
+            raise ConfigError("loader.filter_kernel=dali needs loader.backend=dali")
+        self.preprocess.validate()
+        self.augment.validate()

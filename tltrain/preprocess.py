@@ -1,0 +1,172 @@
+"""Ben Graham's preprocessing, the torch reference: the one definition every loader backend is tested against.
+
+Per image (docs/architecture.md): crop the square around the disc (black outside the photo) and resize it to
+size x size, so the disc radius becomes R = size / 2; then out = 4*img - 4*gauss(img, sigma = R * sigma_ratio)
++ 128, rounded and saturated to [0, 255] like OpenCV's addWeighted on uint8; pixels farther than mask_ratio * R
+from the centre become 128; finally (x / 255 - mean) / std in the configured dtype and memory format.
+Gaussian: 2*ceil(3*sigma)+1 normalised taps, border reflect-101 (OpenCV's and DALI's default).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tltrain.errors import ConfigError, choices_error
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class PreprocessConfig:
+    enabled: bool = True  # Ben Graham filter on; off = crop + resize + normalize only
+    applied_offline: bool = False  # the shards already hold filtered images (skip the filter here)
+    crop_to_disc: bool = True  # crop the disc square before resizing (off: resize the whole photo)
+    sigma_ratio: float = 1.0 / 30.0  # blur sigma as a fraction of the disc radius (Ben Graham: scale / 30)
+    gain: float = 4.0  # out = gain * img - gain * blur + offset
+    offset: float = 128.0
+    mask_ratio: float = 0.9  # outside mask_ratio * radius -> offset grey; 0 disables the mask
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def validate(self) -> None:
+        if not 0 < self.sigma_ratio < 1:
+            raise ConfigError(f"loader.preprocess.sigma_ratio={self.sigma_ratio!r} must be in (0, 1)")
+        if not 0 <= self.mask_ratio <= 1.5:
+            raise ConfigError(f"loader.preprocess.mask_ratio={self.mask_ratio!r} must be in [0, 1.5]")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("loader.preprocess.mean/std need 3 values each, std > 0")
+
+    @property
+    def filter_on(self) -> bool:
+        return self.enabled and not self.applied_offline
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (evaluation is deterministic: none of this applies)."""
+
+    hflip: float = 0.5  # probability
+    vflip: float = 0.0
+    rotate_deg: float = 180.0  # uniform in [-rotate_deg, rotate_deg]; fundus photos have no canonical rotation
+    crop_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])  # disc-square side kept (random crop)
+    brightness: float = 0.2  # multiplicative jitter range
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+    def validate(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"loader.augment.crop_scale={list(self.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+
+
+def gaussian_taps(sigma: float, dtype=torch.float64) -> torch.Tensor:
+    """Normalised 1-D Gaussian with 2*ceil(3*sigma)+1 taps (the OpenCV / DALI window rule)."""
+    half = int(math.ceil(3 * sigma))
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (taps / taps.sum()).to(dtype)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable blur of (N, C, H, W) float images, reflect-101 border; the window may not exceed the image."""
+    taps = gaussian_taps(sigma, images.dtype).to(images.device)
+    half = (len(taps) - 1) // 2
+    n, c, h, w = images.shape
+    if half >= min(h, w):
+        raise ValueError(f"blur window {len(taps)} taps is larger than the {h}x{w} image (sigma {sigma:g})")
+    x = images.reshape(n * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (half, half, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, half, half), mode="reflect"), taps.view(1, 1, -1, 1))
+    return x.reshape(n, c, h, w)
+
+
+def circle_mask(size: int, ratio: float, device=None) -> torch.Tensor:
+    """(size, size) bool: True inside ratio * radius of the centre (pixel centres at i + 0.5)."""
+    coords = torch.arange(size, device=device, dtype=torch.float32) + 0.5 - size / 2
+    dist2 = coords.view(-1, 1) ** 2 + coords.view(1, -1) ** 2
+    return dist2 <= (ratio * size / 2) ** 2
+
+
+def ben_graham_filter(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """(N, C, S, S) float in [0, 255] with the disc filling the square -> filtered, rounded, masked, [0, 255]."""
+    size = images.shape[-1]
+    radius = size / 2
+    work = images.to(torch.float64) if images.dtype == torch.float64 else images.float()
+    blurred = gaussian_blur(work, radius * cfg.sigma_ratio)
+    out = torch.round(cfg.gain * work - cfg.gain * blurred + cfg.offset).clamp_(0, 255)
+    if cfg.mask_ratio > 0:
+        inside = circle_mask(size, cfg.mask_ratio, images.device)
+        out = torch.where(inside, out, torch.full_like(out, cfg.offset))
+    return out
+
+
+def disc_box(disc, width: int, height: int, crop_to_disc: bool = True, scale: float = 1.0,
+             shift=(0.0, 0.0)) -> tuple[int, int, int]:
+    """Integer square (x0, y0, side) around the disc, possibly reaching outside the photo (padded black)."""
+    if not crop_to_disc:
+        side = max(width, height)
+        return (width - side) // 2, (height - side) // 2, side
+    cx, cy, r = (float(v) for v in disc)
+    side = max(2, _round_half_up(2 * r * scale))
+    x0 = _round_half_up(cx + shift[0] * r - side / 2)
+    y0 = _round_half_up(cy + shift[1] * r - side / 2)
+    return x0, y0, side
+
+
+def _round_half_up(value: float) -> int:
+    """floor(v + 0.5): the rounding DALI's graph uses for the crop box (Python's round() is half-to-even)."""
+    return int(math.floor(value + 0.5))
+
+
+def crop_square(image: torch.Tensor, x0: int, y0: int, side: int) -> torch.Tensor:
+    """(H, W, C) uint8 -> (side, side, C), zero (black) where the square leaves the photo."""
+    h, w, c = image.shape
+    out = torch.zeros((side, side, c), dtype=image.dtype)
+    sx0, sy0 = max(0, x0), max(0, y0)
+    sx1, sy1 = min(w, x0 + side), min(h, y0 + side)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    return out
+
+
+def resize_square(square_hwc: torch.Tensor, size: int) -> torch.Tensor:
+    """(S, S, C) uint8 -> (C, size, size) uint8: antialiased bilinear (DALI: linear + antialias), rounded."""
+    x = square_hwc.permute(2, 0, 1).unsqueeze(0).float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+def crop_resize(image_hwc: torch.Tensor, disc, size: int, cfg: PreprocessConfig) -> torch.Tensor:
+    """Evaluation geometry: the disc square resized to size x size, (C, size, size) uint8."""
+    x0, y0, side = disc_box(disc, image_hwc.shape[1], image_hwc.shape[0], cfg.crop_to_disc)
+    return resize_square(crop_square(image_hwc, x0, y0, side), size)
+
+
+def finish(batch_uint8: torch.Tensor, cfg: PreprocessConfig, dtype: str = "fp32",
+           channels_last: bool = False) -> torch.Tensor:
+    """(N, C, S, S) uint8 crops -> model input: filter (unless off or offline), normalize, dtype, layout."""
+    x = batch_uint8.float()
+    if cfg.filter_on:
+        x = ben_graham_filter(x, cfg)
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
+    x = ((x - mean) / std).to(DTYPES[dtype])
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def reference(images_hwc: list[torch.Tensor], discs, size: int, cfg: PreprocessConfig, dtype: str = "fp32",
+              channels_last: bool = False) -> torch.Tensor:
+    """The whole evaluation recipe for a list of decoded (H, W, 3) uint8 images: the definition."""
+    crops = torch.stack([crop_resize(img, disc, size, cfg) for img, disc in zip(images_hwc, discs)])
+    return finish(crops, cfg, dtype, channels_last)
+
+
+def validate_dtype(name: str) -> None:
+    if name not in DTYPES:
+        raise choices_error("loader.dtype", name, DTYPES)
