@@ -106,10 +106,10 @@ def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
             img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.BICUBIC, reducing_gap=2.0)
         new_disc = (cx * scale, cy * scale, r * scale)
     else:  # radius: scale the disc radius to `size` and crop the square around it (black outside the photo)
-        scale = size / r
-        box = (cx - r, cy - r, cx + r, cy + r)
-        img = img.resize((2 * size, 2 * size), Image.BICUBIC, box=box, reducing_gap=2.0) if scale < 1 else \
-            img.crop(tuple(round(v) for v in box)).resize((2 * size, 2 * size), Image.BICUBIC)
+        from tltrain.preprocess import disc_box
+
+        x0, y0, side = disc_box(disc, *img.size)
+        img = img.crop((x0, y0, x0 + side, y0 + side)).resize((2 * size, 2 * size), Image.BICUBIC, reducing_gap=2.0)
         new_disc = (float(size), float(size), float(size))
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=quality)

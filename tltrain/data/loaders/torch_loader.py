@@ -38,7 +38,7 @@ def _decode(data: bytes, disc, size: int, draft: bool) -> tuple[np.ndarray, tupl
         img.draft("RGB", (max(1, int(math.ceil(w * keep))), max(1, int(math.ceil(h * keep)))))
         factor = img.size[0] / w
     img = img.convert("RGB")
-    array = np.asarray(img)
+    array = np.array(img)  # writable: torch warns on read-only buffers
     if disc is None:
         disc = estimate_disc(array)
         factor = 1.0
@@ -83,7 +83,7 @@ class _ShardSamples(Dataset):
                 raise DataError(message) from None
             crop = torch.zeros((3, self.cfg.size, self.cfg.size), dtype=torch.uint8)
             return crop, label, ref.key, False, message
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = torch.from_numpy(image)
         pre = self.cfg.preprocess
         if self.train:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, slot, 0xA06]))

@@ -1,0 +1,140 @@
+"""synth -> prepare -> read back with the webdataset library and with DALI's reader (CPU) on our index files."""
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tltrain.data.prepare import PrepareConfig, run_prepare
+from tltrain.data.sources import SourceConfig
+from tltrain.data.verify import verify_shards
+from tltrain.errors import DataError
+
+
+def _labels_csv(raw):
+    import csv
+
+    return {r["image"]: int(r["level"]) for r in csv.DictReader(open(raw / "trainLabels.csv"))}
+
+
+def test_webdataset_library_reads_every_sample_once(fundus_raw, fundus_shards):
+    import webdataset as wds
+
+    manifest = json.loads((fundus_shards / "manifest.json").read_text())
+    urls = [str(fundus_shards / s["tar"]) for s in manifest["shards"]]
+    seen = Counter()
+    truth = _labels_csv(fundus_raw)
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
+        seen[sample["__key__"]] += 1
+        assert sample["cls"] == truth[sample["__key__"]]
+        assert sample["json"]["label"] == sample["cls"]
+        assert sample["jpg"].size[0] > 0
+    assert set(seen) == set(truth) and set(seen.values()) == {1}
+    assert manifest["counts"] == {"found": len(truth), "written": len(truth), "skipped": 0, "problems": 0}
+
+
+def test_dali_reader_with_project_index_files(fundus_raw, fundus_shards):
+    from nvidia.dali import fn, pipeline_def, types
+
+    manifest = json.loads((fundus_shards / "manifest.json").read_text())
+    tars = [str(fundus_shards / s["tar"]) for s in manifest["shards"]]
+    n = sum(s["count"] for s in manifest["shards"])
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def pipe():
+        jpg, lbl, disc = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                               ext=["jpg", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
+                                               name="reader", pad_last_batch=False)
+        return fn.decoders.image(jpg, device="cpu"), lbl, fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0)
+
+    p = pipe()
+    p.build()
+    truth = _labels_csv(fundus_raw)
+    seen = Counter()
+    while sum(seen.values()) < n:
+        images, labels, info = p.run()
+        for i in range(len(labels)):
+            key = bytes(np.asarray(info.at(i))).rstrip(b"\0").decode().rsplit(":", 1)[-1].rsplit(".", 1)[0]
+            if sum(seen.values()) < n:
+                seen[key] += 1
+                assert int(np.asarray(labels.at(i))[0]) == truth[key]
+                assert np.asarray(images.at(i)).ndim == 3
+    assert set(seen) == set(truth) and set(seen.values()) == {1}
+
+
+def test_index_matches_dalis_wds2idx(fundus_shards, tmp_path):
+    tool = Path(sys.executable).parent / "wds2idx"
+    tar = next(fundus_shards.glob("val-*.tar"))
+    subprocess.run([str(tool), str(tar), str(tmp_path / "x.idx")], check=True, capture_output=True)
+    assert (tmp_path / "x.idx").read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_no_patient_in_two_splits_and_nested_stratified_fractions(fundus_shards):
+    import webdataset as wds
+
+    manifest = json.loads((fundus_shards / "manifest.json").read_text())
+    split_of_patient, train_tier = {}, {}
+    for shard in manifest["shards"]:
+        for sample in wds.WebDataset(str(fundus_shards / shard["tar"]), shardshuffle=False, empty_check=False):
+            meta = json.loads(sample["json"])
+            split_of_patient.setdefault(meta["patient"], set()).add(shard["split"])
+            if shard["split"] == "train":
+                train_tier[sample["__key__"]] = (shard["tier"], meta["label"])
+    assert all(len(s) == 1 for s in split_of_patient.values())
+    assert set(manifest["splits"]) == {"train", "val", "test"}
+    train_counts = np.array(manifest["splits"]["train"]["class_counts"])
+    previous = set()
+    for fraction, info in sorted(manifest["fractions"].items(), key=lambda kv: float(kv[0])):
+        keys = {k for k, (tier, _) in train_tier.items() if tier <= info["tier"]}
+        assert previous <= keys  # nested
+        previous = keys
+        counts = np.bincount([train_tier[k][1] for k in keys], minlength=5)
+        assert counts.tolist() == info["class_counts"] and len(keys) == info["count"]
+        expected = np.maximum(1, np.round(float(fraction) * train_counts))
+        assert np.all(np.abs(counts - expected) <= 1)  # stratified within one sample per class
+
+
+def test_same_seed_same_bytes_and_interrupted_run_resumes(fundus_raw, fundus_shards, tmp_path):
+    cfg = PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)), out=str(tmp_path / "s"),
+                        shard_samples=12, workers=2, progress=False)
+    first = run_prepare(cfg)
+    reference = json.loads((fundus_shards / "manifest.json").read_text())
+    assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in reference["shards"]]
+    # simulate a crash: two shards gone, one half-written temp file left behind
+    out = tmp_path / "s"
+    for shard in first["shards"][:2]:
+        (out / shard["tar"]).unlink()
+        (out / f"{shard['name']}.done.json").unlink()
+    (out / ".train-f100-000000.tar.tmp").write_bytes(b"partial")
+    resumed = run_prepare(cfg)
+    strip = lambda m: {k: v for k, v in m.items() if k != "created"}  # noqa: E731
+    assert strip(resumed) == strip(first)
+    assert not list(out.glob(".*.tmp"))
+    assert verify_shards(out)["ok"]
+
+
+def test_verify_catches_a_flipped_byte(fundus_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(fundus_shards, copy)
+    tar = next(copy.glob("train-*.tar"))
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=tar.name):
+        verify_shards(copy)
+
+
+def test_offline_radius_resize_shrinks_and_centres_disc(fundus_raw, tmp_path):
+    manifest = run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)),
+                                         out=str(tmp_path / "r"), resize="radius:32", workers=2, progress=False))
+    import webdataset as wds
+
+    sample = next(iter(wds.WebDataset(str(tmp_path / "r" / manifest["shards"][0]["tar"]), shardshuffle=False,
+                                      empty_check=False).decode("pil")))
+    assert sample["jpg"].size == (64, 64)
+    assert sample["json"]["disc"] == [32.0, 32.0, 32.0]
+    assert verify_shards(tmp_path / "r")["ok"]
