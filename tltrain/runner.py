@@ -70,7 +70,7 @@ def run_transfer(cfg) -> dict:
     cfg.trainer.seed = cfg.seed
     return train(cfg.trainer, model, loader(cfg.data.train_split, True), loader(cfg.data.val_split, False), run_dir,
                  schedule, device=str(device), num_classes=num_classes, batch_size=cfg.loader.batch_size,
-                 config_to_save=config_yaml, hparams=hparams, test_loader=test_loader)
+                 config_to_save=cfg, hparams=hparams, test_loader=test_loader)
 
 
 def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, config_yaml: str) -> dict:
@@ -100,7 +100,7 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
     results = {}
     for name in ("val", "test"):
         if name in feats:
-            probs = classifier.predict_proba(feats[name][0])
+            probs = classifier.predict_proba(feats[name][0], num_classes=int(manifest["num_classes"]))
             results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
     perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
     if env.is_main:

@@ -77,6 +77,9 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.data, self.model, self.loader, self.schedule, self.trainer):
             part.validate()
+        if self.schedule.name == "scratch" and self.model.weights:
+            raise ConfigError("schedule=scratch is the random-init reference: set model.weights=null "
+                              f"(got {self.model.weights!r}) or choose finetune_all")
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:

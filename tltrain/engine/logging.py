@@ -7,6 +7,7 @@ Files other tools read (report, jobs, export):
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -117,14 +118,17 @@ def confusion_figure(confusion: np.ndarray):
 
 
 class Progress:
-    """Rank-0 tqdm bar per epoch with ETA and images/s; a summary line per epoch through tqdm.write."""
+    """Rank-0 tqdm bar per epoch with ETA and images/s; a summary line per epoch through tqdm.write.
 
-    def __init__(self, enabled: bool):
+    `bar=False` (batch jobs, CI logs) keeps the summary lines and drops only the bar."""
+
+    def __init__(self, enabled: bool, bar: bool = True):
         self.enabled = enabled
+        self.show_bar = bar
         self.bar = None
 
     def start(self, total: int, description: str, initial: int = 0) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.show_bar):
             return
         from tqdm.auto import tqdm
 
@@ -145,3 +149,4 @@ class Progress:
             from tqdm.auto import tqdm
 
             tqdm.write(text)
+            sys.stdout.flush()

@@ -111,7 +111,7 @@ class Trainer:
         self.ema = build_ema(self.raw_model, cfg.ema_decay)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last, cfg.best_metric, cfg.best_mode, self.is_main)
         self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=self.is_main)
-        self.progress = Progress(enabled=self.is_main and cfg.progress)
+        self.progress = Progress(enabled=self.is_main, bar=cfg.progress)
         self.config_to_save, self.hparams = config_to_save, hparams or {}
 
         self.phase = -1
