@@ -52,6 +52,48 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2, default=str))
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from tltrain.report import write_report
+
+    result = write_report(args.sweep_dir, args.out)
+    print(Path(result["markdown"]).read_text())
+    print(f"written: {result['csv']}, {result['markdown']}" + (f", {result['plot']}" if result["plot"] else ""))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from tltrain.export import export_run
+
+    meta = export_run(args.run_dir, args.out_dir, which=args.which, license=args.license,
+                      description=args.description)
+    print(f"exported {meta['architecture']} ({meta['num_classes']} classes) to {args.out_dir}")
+    print(f"weights sha256 {meta['weights']['sha256']}")
+    print(f"load it with: tltrain.load_pretrained('{args.out_dir}')  (see {args.out_dir}/README.md)")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from tltrain.export import evaluate
+
+    out = args.out or str(Path(args.checkpoint) / f"evaluation_{args.split}.json")
+    metrics = evaluate(args.checkpoint, args.shards, split=args.split, batch_size=args.batch_size,
+                       device=args.device, out=out, backend=args.backend)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}, indent=2, default=str))
+    print("confusion (rows: true, columns: predicted):")
+    for row in metrics["confusion"]:
+        print("  " + " ".join(f"{v:6d}" for v in row))
+    print(f"saved: {out}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from tltrain.export import predict
+
+    result = predict(args.checkpoint, args.image_dir, args.out, batch_size=args.batch_size, device=args.device)
+    print(f"{result['predicted']} images predicted -> {result['csv']}")
+    if result["skipped"]:
+        print(f"{len(result['skipped'])} images skipped:")
+        for item in result["skipped"]:
+            print(f"  - {item['file']}: {item['reason']}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tltrain.demo import run_demo
 
@@ -78,9 +120,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="e.g. source=eyepacs source.root=/data/eyepacs out=/shards")
     p.set_defaults(func=_cmd_prepare)
 
+    sub.add_parser("train", help="train one run or a sweep (Hydra: overrides, -m, hydra/launcher=slurm; "
+                   "see configs/config.yaml)", add_help=False)
+
     p = sub.add_parser("verify", help="re-read shards: checksums, decoding, counts vs manifest")
     p.add_argument("shards", help="folder with manifest.json and the shards")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("report", help="aggregate a sweep's runs into CSV, Markdown and a metric-vs-fraction plot")
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="write a run's weights as a pretrained package (safetensors + metadata + card)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to export")
+    p.add_argument("--license", default="CC-BY-4.0")
+    p.add_argument("--description", default="")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("evaluate", help="metrics of a pretrained package on a prepared split")
+    p.add_argument("checkpoint", help="package folder written by `tltrain export`")
+    p.add_argument("shards")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["torch", "dali"], default="torch")
+    p.add_argument("--out", default=None, help="JSON file (default: <checkpoint>/evaluation_<split>.json)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="grade probabilities for every image in a folder, as CSV")
+    p.add_argument("checkpoint")
+    p.add_argument("image_dir")
+    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled synthetic data")
     p.add_argument("--out", default="demo", help="working folder (default: ./demo)")

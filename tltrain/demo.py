@@ -86,13 +86,12 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     return {"report": report, "export": export_info, "manifests": manifests}
 
 
-def _export_step1(run_dir: Path, export_dir: Path) -> dict | None:
-    """Export step 1 as a pretrained package when the export module is available."""
-    try:
-        from tltrain.export import export_run
-    except ImportError:
-        return None
-    info = export_run(run_dir, export_dir)
+def _export_step1(run_dir: Path, export_dir: Path) -> dict:
+    """Export step 1 (the fundus model) as a pretrained package others can load."""
+    from tltrain.export import export_run
+
+    info = export_run(run_dir, export_dir, description="Synthetic-fundus intermediate-domain checkpoint from "
+                      "`tltrain demo` (layer-wise schedule); a demonstration, not a clinical model.")
     print(f"pretrained fundus checkpoint: {export_dir}")
     print(f"load it with:  tltrain.load_pretrained('{export_dir}')  or plain timm (see {export_dir}/README.md)")
     return info
