@@ -41,3 +41,20 @@ def target_shards(tmp_path_factory) -> Path:
     run_prepare(PrepareConfig(source=SourceConfig(kind="imagefolder", root=str(raw)), out=str(out),
                               val_fraction=0.2, test_fraction=0.2, shard_samples=16, workers=2, progress=False))
     return out
+
+
+def tiny_run_overrides(shards, run_dir, *extra):
+    """A fast real training run (resnet10t at 32 px, CPU): the base of end-to-end tests."""
+    return [f"data.shards={shards}", "model.arch=resnet10t", "loader.size=32", "loader.batch_size=8",
+            "loader.workers=0", "trainer=cpu", "trainer.progress=false", "schedule=finetune_all",
+            "schedule.epochs_per_phase=2", f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(fundus_shards, tmp_path_factory) -> Path:
+    from tltrain.train_app import train_from_overrides
+
+    run_dir = tmp_path_factory.mktemp("run") / "fundus"
+    result = train_from_overrides(tiny_run_overrides(fundus_shards, run_dir))
+    assert result["status"] == "completed"
+    return run_dir

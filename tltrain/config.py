@@ -20,16 +20,31 @@ T = TypeVar("T")
 CONFIG_DIR = str(resources.files("tltrain.configs"))
 
 
+def register_schemas() -> None:
+    """Give Hydra the typed dataclasses as schemas (configs name them first in their defaults list), so every
+    field can be overridden from the command line and a misspelt key fails before anything runs."""
+    from hydra.core.config_store import ConfigStore
+
+    from tltrain.data.prepare import PrepareConfig
+    from tltrain.train_app import RunConfig
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(name="prepare_schema", node=PrepareConfig)
+
+
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose configs/<config_name>.yaml with Hydra-style overrides (`key=value`, `group=option`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
+    register_schemas()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    except HydraException as exc:  # unknown group option, bad override syntax: Hydra lists the choices
+    except (HydraException, OmegaConfBaseException) as exc:  # unknown option or key: Hydra lists the choices
         raise ConfigError(str(exc)) from None
 
 

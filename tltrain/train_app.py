@@ -118,6 +118,9 @@ def hydra_main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from tltrain.config import register_schemas
+
+    register_schemas()
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
     def _app(dict_cfg: DictConfig) -> Any:
         from tltrain.errors import TltrainError
