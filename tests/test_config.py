@@ -57,3 +57,9 @@ def test_cli_prints_errors_without_traceback(tmp_path):
     assert done.returncode == 2 and "choose one of: fail, skip" in done.stderr and "Traceback" not in done.stderr
     done = subprocess.run([TOOL, "train", f"data.shards={tmp_path}"], capture_output=True, text=True)
     assert done.returncode == 2 and "no manifest.json" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", ["li2017", "cheng_malhi", "hulman", "thtl_step1", "thtl_step2", "alzubaidi", "sallam"])
+def test_paper_experiment_configs_validate(name, fundus_shards):
+    run = load_run_config(compose("config", [f"+experiment={name}", f"data.shards={fundus_shards}"]))
+    assert run.schedule.name and run.model.arch
