@@ -128,6 +128,10 @@ def hydra_main() -> None:
         try:
             cfg = load_run_config(dict_cfg)
             if not cfg.run_dir:
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
+                    # each rank's Hydra would pick its own timestamped folder: they must share one
+                    raise ConfigError("multi-process runs (torchrun/srun) need an explicit run_dir=... shared by "
+                                      "all ranks")
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
             result = run(cfg)
         except TltrainError as exc:

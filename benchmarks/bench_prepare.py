@@ -1,0 +1,72 @@
+"""Images per second of `tltrain prepare` on synthetic camera-size JPEGs, 1 vs 2 processes, pass-through vs
+resize, and peak memory. Ratios are against the 1-process pass-through run of the same invocation.
+
+  python benchmarks/bench_prepare.py --images 48 --out results/prepare.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tltrain.data.prepare import PrepareConfig, run_prepare
+from tltrain.data.sources import SourceConfig
+from tltrain.data.synth import generate_eyepacs
+
+
+def _peak_mb() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"self_peak_mb": round(own, 1), "worker_peak_mb": round(children, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=48, help="images (two per patient)")
+    parser.add_argument("--width", type=int, default=2592)
+    parser.add_argument("--height", type=int, default=1944)
+    parser.add_argument("--out", default=None, help="JSON results file")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    try:
+        t = time.perf_counter()
+        generate_eyepacs(work / "raw", n_patients=max(1, args.images // 2), width=args.width, height=args.height,
+                         seed=0, min_per_class=2, progress=False)
+        synth_s = time.perf_counter() - t
+        raw_mb = sum(p.stat().st_size for p in (work / "raw" / "train").glob("*")) / 1e6
+        results = []
+        for resize in ("none", "radius:256"):
+            for workers in (1, 2):
+                out = work / f"shards_{resize.replace(':', '')}_{workers}"
+                cfg = PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(work / "raw")), out=str(out),
+                                    resize=resize, workers=workers, progress=False)
+                t = time.perf_counter()
+                manifest = run_prepare(cfg)
+                seconds = time.perf_counter() - t
+                n = manifest["counts"]["written"]
+                results.append({"resize": resize, "workers": workers, "images": n, "seconds": round(seconds, 2),
+                                "images_per_s": round(n / seconds, 2),
+                                "shard_mb": round(sum(s["bytes"] for s in manifest["shards"]) / 1e6, 1),
+                                **_peak_mb()})
+                print(json.dumps(results[-1]), flush=True)
+        base = results[0]["images_per_s"]
+        for r in results:
+            r["ratio_vs_1proc_passthrough"] = round(r["images_per_s"] / base, 2)
+        report = {"benchmark": "prepare", "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+                  "source": f"{args.images} synthetic {args.width}x{args.height} JPEGs, {raw_mb:.1f} MB",
+                  "synth_seconds": round(synth_s, 1), "results": results}
+        print(json.dumps(report, indent=1))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
