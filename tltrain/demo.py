@@ -59,7 +59,8 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     steps = [
         ("3/6 step 1: fundus, layer-wise fine-tuning", runs / "step1_fundus_layerwise",
          ["data=synthetic_fundus", f"data.shards={shards / 'fundus'}", "schedule=layerwise",
-          f"schedule.epochs_per_phase={sizes['epochs']}"]),
+          f"schedule.epochs_per_phase={sizes['epochs']}",
+          "loader.balanced=true"]),  # 73 % grade 0: without the sampler the model predicts grade 0 (Sallam et al.)
         ("4/6 step 2: target domain, step-wise fine-tuning (SWFT) from step 1", runs / "step2_target_swft",
          ["data=synthetic_target", f"data.shards={shards / 'target'}", "schedule=swft",
           f"model.weights={runs / 'step1_fundus_layerwise'}", f"schedule.epochs_per_phase={sizes['epochs']}"]),
