@@ -167,6 +167,11 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config(micro_batch_size))
+        dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
+        if dtype is not None:  # DeepSpeed casts parameters, not buffers: BatchNorm statistics must follow
+            for buffer in self.model.module.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(dtype)
 
     @property
     def param_groups(self) -> list[dict]:
