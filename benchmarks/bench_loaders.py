@@ -87,6 +87,7 @@ def main() -> None:
                 _rate(loader, args.device)
                 rate = _rate(loader, args.device)
                 row[f"{backend}_img_s"] = round(rate, 1)
+                row[f"{backend}_wait_fraction"] = round(loader.stats()["wait_fraction"], 3)
                 row[f"{backend}_vs_pil"] = round(rate / base, 2)
             report["results"].append(row)
             print(json.dumps(row), flush=True)

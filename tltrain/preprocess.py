@@ -1,9 +1,10 @@
 """Ben Graham's preprocessing, the torch reference: the one definition every loader backend is tested against.
 
 Per image (docs/architecture.md): crop the square around the disc (black outside the photo) and resize it to
-size x size, so the disc radius becomes R = size / 2; then out = 4*img - 4*gauss(img, sigma = R * sigma_ratio)
-+ 128, rounded and saturated to [0, 255] like OpenCV's addWeighted on uint8; pixels farther than mask_ratio * R
-from the centre become 128; finally (x / 255 - mean) / std in the configured dtype and memory format.
+2R x 2R, so the disc radius becomes the configured R (`radius`, 0 = size / 2); then out = 4*img - 4*gauss(img,
+sigma = R * sigma_ratio) + 128, rounded and saturated to [0, 255] like OpenCV's addWeighted on uint8; pixels
+farther than mask_ratio * R from the centre become 128; then resize to the model's size x size (identity when
+2R == size), and (x / 255 - mean) / std in the configured dtype and memory format.
 Gaussian: 2*ceil(3*sigma)+1 normalised taps, border reflect-101 (OpenCV's and DALI's default).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ class PreprocessConfig:
     enabled: bool = True  # Ben Graham filter on; off = crop + resize + normalize only
     applied_offline: bool = False  # the shards already hold filtered images (skip the filter here)
     crop_to_disc: bool = True  # crop the disc square before resizing (off: resize the whole photo)
+    radius: int = 0  # disc radius R in px at which the filter runs (Ben Graham: 300); 0 = half the model size
     sigma_ratio: float = 1.0 / 30.0  # blur sigma as a fraction of the disc radius (Ben Graham: scale / 30)
     gain: float = 4.0  # out = gain * img - gain * blur + offset
     offset: float = 128.0
@@ -38,12 +40,18 @@ class PreprocessConfig:
             raise ConfigError(f"loader.preprocess.sigma_ratio={self.sigma_ratio!r} must be in (0, 1)")
         if not 0 <= self.mask_ratio <= 1.5:
             raise ConfigError(f"loader.preprocess.mask_ratio={self.mask_ratio!r} must be in [0, 1.5]")
+        if self.radius < 0 or 0 < self.radius < 4:
+            raise ConfigError(f"loader.preprocess.radius={self.radius!r} must be 0 (= size / 2) or >= 4 pixels")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("loader.preprocess.mean/std need 3 values each, std > 0")
 
     @property
     def filter_on(self) -> bool:
         return self.enabled and not self.applied_offline
+
+    def work_size(self, size: int) -> int:
+        """Side of the square the filter runs on: 2R, or the model size when radius is 0 or the filter is off."""
+        return 2 * self.radius if (self.radius and self.filter_on) else size
 
 
 @dataclass
@@ -143,17 +151,26 @@ def resize_square(square_hwc: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def crop_resize(image_hwc: torch.Tensor, disc, size: int, cfg: PreprocessConfig) -> torch.Tensor:
-    """Evaluation geometry: the disc square resized to size x size, (C, size, size) uint8."""
+    """Evaluation geometry: the disc square resized to size x size (pass cfg.work_size(model size)), uint8 CHW."""
     x0, y0, side = disc_box(disc, image_hwc.shape[1], image_hwc.shape[0], cfg.crop_to_disc)
     return resize_square(crop_square(image_hwc, x0, y0, side), size)
 
 
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, S, S) float -> (N, C, size, size), antialiased bilinear, not rounded (the filtered image is float)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def finish(batch_uint8: torch.Tensor, cfg: PreprocessConfig, dtype: str = "fp32",
-           channels_last: bool = False) -> torch.Tensor:
-    """(N, C, S, S) uint8 crops -> model input: filter (unless off or offline), normalize, dtype, layout."""
+           channels_last: bool = False, size: int | None = None) -> torch.Tensor:
+    """(N, C, 2R, 2R) uint8 crops -> model input: filter (unless off or offline), resize to size, normalize,
+    dtype, layout. size=None keeps the crops' size."""
     x = batch_uint8.float()
     if cfg.filter_on:
         x = ben_graham_filter(x, cfg)
+    x = resize_batch(x, size or x.shape[-1])
     mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
     x = ((x - mean) / std).to(DTYPES[dtype])
@@ -163,8 +180,9 @@ def finish(batch_uint8: torch.Tensor, cfg: PreprocessConfig, dtype: str = "fp32"
 def reference(images_hwc: list[torch.Tensor], discs, size: int, cfg: PreprocessConfig, dtype: str = "fp32",
               channels_last: bool = False) -> torch.Tensor:
     """The whole evaluation recipe for a list of decoded (H, W, 3) uint8 images: the definition."""
-    crops = torch.stack([crop_resize(img, disc, size, cfg) for img, disc in zip(images_hwc, discs)])
-    return finish(crops, cfg, dtype, channels_last)
+    work = cfg.work_size(size)
+    crops = torch.stack([crop_resize(img, disc, work, cfg) for img, disc in zip(images_hwc, discs)])
+    return finish(crops, cfg, dtype, channels_last, size)
 
 
 def validate_dtype(name: str) -> None:

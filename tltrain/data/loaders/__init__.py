@@ -10,9 +10,9 @@ def build_loader(cfg: LoaderConfig, shard_dir, split: str, *, train: bool, rank:
     """A loader for one rank: `len()` batches per epoch (equal on all ranks), `set_epoch`, `stats()`."""
     cfg.validate()
     if cfg.backend == "dali":
-        from tltrain.data.loaders.dali_loader import DaliLoader as Loader
+        from tltrain.data.loaders.dali import DaliLoader as Loader
     else:
-        from tltrain.data.loaders.torch_loader import TorchLoader as Loader
+        from tltrain.data.loaders.torch_wds import TorchWdsLoader as Loader
     return Loader(cfg, shard_dir, split, train=train, rank=rank, world_size=world_size, device=device, seed=seed,
                   fraction=fraction)
 

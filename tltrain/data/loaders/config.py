@@ -18,9 +18,9 @@ class LoaderConfig:
     batch_size: int = 32  # per rank
     size: int = 512  # model input side; the disc fills it (radius = size / 2)
     workers: int = 4  # torch: DataLoader worker processes; dali: CPU threads
-    shuffle_buffer: int = 1000  # dali: reader initial_fill (the torch backend shuffles the whole epoch by index)
+    shuffle_buffer: int = 1000  # training shuffle buffer in samples (dali: reader initial_fill; torch: wds.shuffle)
     balanced: bool = False  # training: draw samples with inverse class frequency (Sallam et al.); torch backend
-    on_decode_error: str = "skip"  # skip: log the key, count it, pad the slot (valid=False) | fail: stop
+    on_decode_error: str = "skip"  # torch: skip = log the key, count it, drop the sample | fail: stop (dali: fails)
     dtype: str = "fp32"  # fp32 | fp16 | bf16 model input
     channels_last: bool = False
     pin_memory: bool = True  # torch backend, when the device is CUDA
@@ -40,8 +40,9 @@ class LoaderConfig:
             if value not in valid:
                 raise choices_error(f"loader.{key}", value, valid)
         validate_dtype(self.dtype)
-        if self.batch_size < 1 or self.size < 8 or self.workers < 0:
-            raise ConfigError("loader.batch_size >= 1, loader.size >= 8 and loader.workers >= 0 are required")
+        if self.batch_size < 1 or self.size < 8 or self.workers < 0 or self.shuffle_buffer < 1:
+            raise ConfigError("loader.batch_size >= 1, loader.size >= 8, loader.workers >= 0 and "
+                              "loader.shuffle_buffer >= 1 are required")
         if self.backend == "dali" and self.balanced:
             raise ConfigError("loader.balanced=true needs loader.backend=torch (DALI's reader cannot weight samples); "
                               "with DALI use trainer.class_weights instead")

@@ -1,14 +1,9 @@
-"""Which samples a rank reads in an epoch: the part every backend must agree on.
-
-Evaluation: every sample exactly once over all ranks; each rank gets ceil(N / world) slots, the last ones padded
-(valid=False), so all ranks run the same number of batches and metrics never count a sample twice.
-Training: an epoch-seeded permutation (or an inverse-class-frequency draw) cut into equal per-rank blocks of
-whole batches; the few samples left over change from epoch to epoch.
+"""The shards and samples of a split, read from manifest.json and the DALI index files, and how training shards
+are dealt to ranks. Both backends use these; the per-rank rules are described in torch_wds.py and dali.py.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,31 +67,13 @@ def read_labels(refs: list[SampleRef]) -> np.ndarray:
     return labels
 
 
-def eval_slots(n_total: int, world: int, rank: int, batch: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(sample indices, valid mask, batches) of this rank for an evaluation epoch."""
-    per_rank = math.ceil(n_total / world)
-    n_batches = max(1, math.ceil(per_rank / batch))
-    start, stop = min(n_total, rank * per_rank), min(n_total, (rank + 1) * per_rank)
-    real = np.arange(start, stop)
-    slots = n_batches * batch
-    pad = slots - len(real)
-    filler = np.full(pad, real[-1] if len(real) else 0)
-    return np.concatenate([real, filler]), np.concatenate([np.ones(len(real), bool), np.zeros(pad, bool)]), n_batches
-
-
-def train_slots(n_total: int, world: int, rank: int, batch: int, epoch: int, seed: int,
-                labels: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(sample indices, batches) of this rank for a training epoch; labels given = class-balanced draw."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x7EA1]))
-    if labels is not None:
-        counts = np.bincount(labels)
-        weights = 1.0 / counts[labels]
-        order = rng.choice(n_total, size=n_total, replace=True, p=weights / weights.sum())
-    else:
-        order = rng.permutation(n_total)
-    n_batches = (n_total // world) // batch
-    if n_batches < 1:
-        raise ConfigError(f"{n_total} training samples cannot fill one batch of {batch} on each of {world} ranks; "
-                          "lower loader.batch_size")
-    block = n_batches * batch
-    return order[rank * block:(rank + 1) * block], n_batches
+def assign_shards(shards: list[dict], world: int, epoch: int, seed: int) -> list[list[dict]]:
+    """Training: a per-epoch shuffle of whole shards dealt to ranks, each shard to the least-loaded rank so far."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5A4D]))
+    per_rank: list[list[dict]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for i in rng.permutation(len(shards)):
+        target = loads.index(min(loads))
+        per_rank[target].append(shards[i])
+        loads[target] += int(shards[i]["count"])
+    return per_rank

@@ -1,10 +1,13 @@
 """The `dali` backend: webdataset reader -> JPEG decode (nvJPEG 'mixed' on a GPU, CPU otherwise) -> disc crop
 -> resize -> Ben Graham filter -> normalise, all inside one DALI pipeline; the same numbers as tltrain.preprocess.
 
-Ranks read disjoint contiguous parts of the shards (DALI's shard_id/num_shards); evaluation pads each rank to
-the same batch count with valid=False rows, training drops the few samples that would make counts differ.
-A sample that fails to decode stops the pipeline (DALI's decoders cannot skip one): the error names the shards
-and points at `tltrain verify`, which finds the damaged sample.
+Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards, pad_last_batch); evaluation
+pads each rank to the same batch count with valid=False rows, training drops the few samples that would make
+counts differ (LastBatchPolicy.DROP). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
+filter runs on the torch batch (the Triton kernel on CUDA, the torch reference on the CPU).
+Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says
+(DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
+damaged sample. Class-balanced sampling is not offered (the reader cannot weight samples; config rejects it).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
+from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards
 from tltrain.errors import DataError
 from tltrain.preprocess import DTYPES, circle_mask
@@ -49,7 +53,8 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
     y0 = dmath.floor(cy + shift_y * r - side / 2.0 + 0.5)
     images = fn.slice(images, fn.stack(y0, x0), fn.stack(side, side), axis_names="HW", normalized_anchor=False,
                       normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
-    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    work = pre.work_size(size)  # 2R: the filter runs at the configured disc radius, then resizes to the model size
+    images = fn.resize(images, size=[work, work], interp_type=types.INTERP_LINEAR, antialias=True)
 
     mirror = 0
     if train:
@@ -64,20 +69,22 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
             images = fn.saturation(images, saturation=fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]))
         mirror = fn.random.coin_flip(probability=aug.hflip)
 
-    if not filter_in_dali:  # uint8 CHW crops; the filter runs in torch (Triton on CUDA)
+    if not filter_in_dali:  # uint8 CHW crops at 2R; filter, resize, normalise in torch (Triton on CUDA)
         images = fn.flip(images, horizontal=mirror) if train else images
         return fn.transpose(images, perm=[2, 0, 1]), labels, source_info
 
     x = fn.cast(images, dtype=types.FLOAT)
-    if pre.filter_on:
-        sigma = size / 2 * pre.sigma_ratio
+    if pre.filter_on:  # out = round(clamp(4 img - 4 blur + 128)), then grey outside 0.9 R: tltrain.preprocess
+        sigma = work / 2 * pre.sigma_ratio
         window = 2 * math.ceil(3 * sigma) + 1
         blurred = fn.gaussian_blur(x, sigma=sigma, window_size=window)
         x = dmath.floor(dmath.clamp(pre.gain * x - pre.gain * blurred + pre.offset, 0.0, 255.0) + 0.5)
         if pre.mask_ratio > 0:
-            inside = circle_mask(size, pre.mask_ratio).numpy().astype(np.float32)[..., None]
+            inside = circle_mask(work, pre.mask_ratio).numpy().astype(np.float32)[..., None]
             mask = types.Constant(inside, device="gpu" if gpu else "cpu")
             x = x * mask + pre.offset * (1.0 - mask)
+    if work != size:
+        x = fn.resize(x, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
                                       mean=[m * 255 for m in pre.mean], std=[s * 255 for s in pre.std])
     return images, labels, source_info
@@ -129,7 +136,8 @@ class DaliLoader:
             self.iterator = DALIGenericIterator([self.pipe], ["images", "labels", "info"], reader_name="reader",
                                                 last_batch_policy=policy, auto_reset=True)
         except RuntimeError as exc:
-            raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed: {exc}") from None
+            raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({exc}); run `tltrain verify` "
+                            "on the shard folder to find a damaged sample") from None
         self._images, self._seconds, self._wait = 0, 0.0, 0.0
 
     def __len__(self) -> int:
@@ -151,9 +159,9 @@ class DaliLoader:
     def _to_batch(self, data: dict) -> Batch:
         images = data["images"]
         if not self.filter_in_dali:
-            from tltrain.data.loaders.torch_loader import finish_on_device
-
-            images = finish_on_device(images.to(self.device), self.cfg)
+            images = finish_batch(images.to(self.device), self.cfg.preprocess, size=self.cfg.size,
+                                  dtype=self.cfg.dtype, channels_last=self.cfg.channels_last,
+                                  filter_kernel=self.cfg.filter_kernel)
         images = images.to(self.device, DTYPES[self.cfg.dtype], non_blocking=True)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,283 @@
+"""The `torch` backend: the webdataset library streams the tars in DataLoader workers, PIL decodes, the disc is
+cropped and resized in the workers; the Ben Graham filter runs on the GPU batch (Triton) when there is one, in
+the workers (torch reference) otherwise.
+
+Which samples a rank reads (plan.py):
+- evaluation: the sample list, in shard order, is cut into equal contiguous blocks, one per rank; a rank streams
+  only the shards its block touches and keeps the block's keys, so every sample is seen exactly once in all;
+  the last batches are padded with valid=False rows so every rank runs ceil(N / world / batch) batches.
+- training: whole shards are dealt to ranks per epoch (fewer shards than ranks: every rank streams all shards and
+  keeps its block of an epoch-seeded permutation); each rank loops its stream until it has the same number of
+  full batches as every other rank. Samples are shuffled in a buffer (loader.shuffle_buffer).
+- balanced training (Sallam et al.): each streamed sample is repeated Poisson(N / (C * count[label])) times, the
+  streaming form of drawing with replacement at inverse class frequency, so every class is drawn equally often.
+Workers split shards with wds.split_by_worker; the ranks are given explicitly (build_loader's rank), not read from
+the environment. Labels come from each sample's own `.cls` member, so a skipped sample never shifts labels.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tltrain import preprocess as P
+from tltrain.data.disc import estimate_disc
+from tltrain.data.loaders.batch import Batch
+from tltrain.data.loaders.config import LoaderConfig
+from tltrain.data.loaders.filtering import finish_batch
+from tltrain.data.loaders.plan import assign_shards, read_labels, sample_refs, select_shards
+from tltrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def decode_fundus(data: bytes, disc, work_size: int, draft: bool) -> tuple[torch.Tensor, tuple]:
+    """RGB (H, W, 3) uint8 and the disc in its pixels; with draft, libjpeg decodes at 1/2, 1/4 or 1/8 scale as
+    long as the disc square keeps at least work_size pixels (so the final resize still only shrinks)."""
+    img = Image.open(io.BytesIO(data))
+    factor = 1.0
+    if draft and img.format == "JPEG" and disc is not None:
+        w, h = img.size
+        keep = max(work_size / max(2 * disc[2], 1.0), 1e-3)
+        img.draft("RGB", (max(1, math.ceil(w * keep)), max(1, math.ceil(h * keep))))
+        factor = img.size[0] / w
+    array = np.array(img.convert("RGB"))  # a writable copy: torch warns on read-only buffers
+    if disc is None:
+        return torch.from_numpy(array), estimate_disc(array)
+    return torch.from_numpy(array), tuple(v * factor for v in disc)
+
+
+def augment_crop(crop: torch.Tensor, a: P.AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Flips, rotation about the disc centre, brightness/contrast/saturation jitter of a (3, S, S) uint8 crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if rng.uniform() < a.hflip:
+        crop = crop.flip(-1)
+    if rng.uniform() < a.vflip:
+        crop = crop.flip(-2)
+    if a.rotate_deg:
+        crop = TF.rotate(crop, float(rng.uniform(-a.rotate_deg, a.rotate_deg)), fill=0)
+    if a.brightness:
+        crop = TF.adjust_brightness(crop, float(rng.uniform(1 - a.brightness, 1 + a.brightness)))
+    if a.contrast:
+        crop = TF.adjust_contrast(crop, float(rng.uniform(1 - a.contrast, 1 + a.contrast)))
+    if a.saturation:
+        crop = TF.adjust_saturation(crop, float(rng.uniform(1 - a.saturation, 1 + a.saturation)))
+    return crop
+
+
+class _RankStream(IterableDataset):
+    """One rank's samples as worker-side batches: dicts of uint8 crops (or finished images), labels, keys, errors."""
+
+    def __init__(self, loader: "TorchWdsLoader", urls: list[str], keep: set | None, finish_in_worker: bool):
+        self.cfg, self.train, self.seed, self.epoch, self.rank = loader.cfg, loader.train, loader.seed, loader.epoch, \
+            loader.rank
+        self.urls, self.keep, self.finish_in_worker = urls, keep, finish_in_worker
+        self.repeats = loader.balance_rates
+        self.work_size = loader.cfg.preprocess.work_size(loader.cfg.size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0xDA7A]))
+        while True:  # training loops its stream: the loader stops after its batch count
+            produced = 0
+            for batch in self._pipeline(rng):
+                produced += 1
+                yield batch
+            if not self.train or produced == 0:
+                return
+
+    def _pipeline(self, rng: np.random.Generator):
+        stages = [wds.SimpleShardList(self.urls), wds.split_by_worker,
+                  wds.tarfile_to_samples(handler=self._tar_error)]
+        if self.keep is not None:
+            stages.append(wds.select(lambda sample: sample["__key__"] in self.keep))
+        if self.train and self.repeats is not None:
+            stages.append(lambda src: self._oversample(src, rng))
+        if self.train:
+            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer),
+                                      rng=random.Random(int(rng.integers(1 << 62)))))
+        stages += [wds.map(lambda sample: self._prepare(sample, rng)),
+                   wds.batched(self.cfg.batch_size, collation_fn=self._collate, partial=True)]
+        return iter(wds.DataPipeline(*stages))
+
+    def _tar_error(self, exc: Exception) -> bool:
+        if self.cfg.on_decode_error == "fail":
+            raise DataError(f"cannot read a shard ({type(exc).__name__}: {exc})") from None
+        log.warning("skipped unreadable tar data: %s", exc)
+        return True
+
+    def _oversample(self, src, rng: np.random.Generator):
+        for sample in src:
+            for _ in range(rng.poisson(self.repeats[int(sample["cls"])])):
+                yield sample
+
+    def _prepare(self, sample: dict, rng: np.random.Generator):
+        """One sample -> (uint8 crop or None, label, key, error message or None)."""
+        key, url = sample["__key__"], sample.get("__url__", "?")
+        if "cls" not in sample or "jpg" not in sample:
+            raise DataError(f"{url}: sample {key} lacks its .jpg or .cls member (not a tltrain shard?)")
+        label = int(sample["cls"])
+        try:
+            disc = np.frombuffer(sample["disc"], "<f4").tolist() if "disc" in sample else None
+            image, disc = decode_fundus(sample["jpg"], disc, self.work_size, self.cfg.draft_decode)
+        except Exception as exc:  # a corrupt member: skip it loudly (counted by the loader) or stop, by config
+            message = f"{url}:{key}: cannot decode ({type(exc).__name__}: {exc})"
+            if self.cfg.on_decode_error == "fail":
+                raise DataError(message) from None
+            return None, label, key, message
+        pre = self.cfg.preprocess
+        if self.train:
+            scale = rng.uniform(*self.cfg.augment.crop_scale)
+            shift = tuple(rng.uniform(-(1 - scale), 1 - scale, size=2))
+            x0, y0, side = P.disc_box(disc, image.shape[1], image.shape[0], pre.crop_to_disc, scale, shift)
+            crop = P.resize_square(P.crop_square(image, x0, y0, side), self.work_size)
+            return augment_crop(crop, self.cfg.augment, rng), label, key, None
+        return P.crop_resize(image, disc, self.work_size, pre), label, key, None
+
+    def _collate(self, rows) -> dict:
+        good = [r for r in rows if r[0] is not None]
+        crops = torch.stack([r[0] for r in good]) if good else \
+            torch.zeros((0, 3, self.work_size, self.work_size), dtype=torch.uint8)
+        if self.finish_in_worker:
+            crops = P.finish(crops, self.cfg.preprocess, self.cfg.dtype, self.cfg.channels_last, self.cfg.size)
+        return {"images": crops, "labels": torch.tensor([r[1] for r in good], dtype=torch.int64),
+                "keys": [r[2] for r in good], "errors": [r[3] for r in rows if r[3]]}
+
+
+class TorchWdsLoader:
+    """Iterable over Batch for one rank; the same batch count on every rank; set_epoch() reshuffles training."""
+
+    def __init__(self, cfg: LoaderConfig, shard_dir, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
+                 device: str = "cpu", seed: int = 0, fraction: float | None = None):
+        self.cfg, self.train, self.rank, self.world_size, self.seed = cfg, train, rank, world_size, seed
+        self.device = torch.device(device)
+        self.manifest, self.shards = select_shards(shard_dir, split, fraction)
+        self.refs = sample_refs(shard_dir, self.shards)
+        for shard in self.shards:
+            shard["url"] = str(Path(shard_dir) / shard["tar"])
+        self.num_classes = int(self.manifest["num_classes"])
+        labels = read_labels(self.refs)
+        self.class_counts = np.bincount(labels, minlength=self.num_classes).tolist()
+        self.balance_rates = self._balance_rates(labels) if (train and cfg.balanced) else None
+        self.batch_size, self.epoch = cfg.batch_size, 0
+        self.decode_errors: list[str] = []
+        self._images, self._seconds, self._wait = 0, 0.0, 0.0
+        self._finish_on_device = self.device.type == "cuda"
+        self._plan()
+
+    def _balance_rates(self, labels: np.ndarray) -> dict[int, float]:
+        """Expected draws per sample of each class: N / (classes present * class count)."""
+        present = [c for c, n in enumerate(self.class_counts) if n]
+        return {c: len(labels) / (len(present) * self.class_counts[c]) for c in present}
+
+    def _plan(self) -> None:
+        n, world, batch = len(self.refs), self.world_size, self.batch_size
+        keys = [ref.key for ref in self.refs]
+        if not self.train:
+            per_rank = math.ceil(n / world)
+            start, stop = min(n, self.rank * per_rank), min(n, (self.rank + 1) * per_rank)
+            self.keep = set(keys[start:stop])
+            self.urls = sorted({ref.tar for ref in self.refs[start:stop]}, key=[s["url"] for s in self.shards].index)
+            self.n_batches = max(1, math.ceil(per_rank / batch))
+            return
+        if len(self.shards) >= world:
+            dealt = assign_shards(self.shards, world, self.epoch, self.seed)
+            self.urls, self.keep = [s["url"] for s in dealt[self.rank]], None
+            self.n_batches = min(sum(int(s["count"]) for s in mine) for mine in dealt) // batch
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, 0x7EA1]))
+            block = n // world
+            order = rng.permutation(n)[self.rank * block:(self.rank + 1) * block]
+            self.urls, self.keep = [s["url"] for s in self.shards], {keys[i] for i in order}
+            self.n_batches = block // batch
+        if self.n_batches < 1:
+            raise ConfigError(f"{n} training samples cannot fill one batch of {batch} on each of {world} ranks; "
+                              "lower loader.batch_size")
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._plan()
+
+    def stats(self) -> dict:
+        return {"images_per_s": self._images / self._seconds if self._seconds else 0.0,
+                "wait_fraction": self._wait / self._seconds if self._seconds else 0.0,
+                "decode_errors": len(self.decode_errors)}
+
+    def _worker_batches(self):
+        workers = self.cfg.workers
+        if not self.urls:
+            return iter(())
+        stream = _RankStream(self, self.urls, self.keep, finish_in_worker=not self._finish_on_device)
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers,
+                               pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
+                               prefetch_factor=self.cfg.prefetch_factor if workers else None))
+
+    def _rebatch(self, source):
+        """The workers' partial batches re-cut into chunks of exactly batch_size rows (the last one may be short)."""
+        size = self.batch_size
+        images, labels, keys = [], [], []
+        for item in source:
+            for message in item["errors"]:
+                self.decode_errors.append(message)
+                log.warning("skipped sample: %s", message)
+            if not item["keys"]:
+                continue
+            images.append(item["images"])
+            labels.append(item["labels"])
+            keys += item["keys"]
+            while len(keys) >= size:
+                all_images, all_labels = torch.cat(images), torch.cat(labels)
+                yield all_images[:size], all_labels[:size], keys[:size]
+                images, labels, keys = [all_images[size:]], [all_labels[size:]], keys[size:]
+        if keys:
+            yield torch.cat(images), torch.cat(labels), keys
+
+    def _to_batch(self, chunk) -> Batch:
+        """Move to the device, filter there if not done in the workers, pad to a full batch with valid=False."""
+        out_dtype = P.DTYPES[self.cfg.dtype]
+        if chunk is None:
+            images = torch.zeros((0, 3, self.cfg.size, self.cfg.size), dtype=out_dtype, device=self.device)
+            labels, keys = torch.zeros(0, dtype=torch.int64), []
+        else:
+            images, labels, keys = chunk
+            images = images.to(self.device, non_blocking=True)
+            if self._finish_on_device:
+                images = finish_batch(images, self.cfg.preprocess, size=self.cfg.size, dtype=self.cfg.dtype,
+                                      channels_last=self.cfg.channels_last, filter_kernel=self.cfg.filter_kernel)
+        valid = torch.ones(len(keys), dtype=torch.bool)
+        missing = self.batch_size - len(keys)
+        if missing:
+            pad = torch.zeros((missing, 3, self.cfg.size, self.cfg.size), dtype=out_dtype, device=self.device)
+            images = torch.cat([images, pad])
+            labels = torch.cat([labels, torch.zeros(missing, dtype=torch.int64)])
+            valid = torch.cat([valid, torch.zeros(missing, dtype=torch.bool)])
+            keys = keys + [""] * missing
+        layout = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        return Batch(images.contiguous(memory_format=layout), labels.to(self.device), keys, valid.to(self.device))
+
+    def __iter__(self):
+        """Exactly n_batches batches; ranks whose stream ends early pad with valid=False rows."""
+        started = last = time.perf_counter()
+        chunks = self._rebatch(self._worker_batches())
+        for _ in range(self.n_batches):
+            batch = self._to_batch(next(chunks, None))
+            self._wait += time.perf_counter() - last
+            yield batch
+            self._images += int(batch.valid.sum())
+            last = time.perf_counter()
+        chunks.close()  # a looping training stream: stops its DataLoader workers
+        self._seconds += time.perf_counter() - started
