@@ -7,6 +7,7 @@ scikit-learn classifier on cached features, and the same metrics files as a trai
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -54,10 +55,11 @@ def run_transfer(cfg) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "weights_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
 
-    def loader(split: str, train_mode: bool):
+    def loader(split: str, train_mode: bool, fraction: float | None = None):
+        """Training loaders read the chosen nested fraction; evaluation loaders a whole split (or `fraction`)."""
         return build_loader(cfg.loader, cfg.data.shards, split, train=train_mode, rank=env.rank,
                             world_size=env.world_size, device=str(device), seed=cfg.seed,
-                            fraction=cfg.data.fraction if train_mode else None)
+                            fraction=cfg.data.fraction if train_mode else fraction)
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if cfg.schedule.name in ("features_svm", "features_logreg"):
@@ -92,11 +94,16 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
     if cfg.data.test_split:
         splits["test"] = cfg.data.test_split
     feats = {}
+    manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     for name, split in splits.items():
-        feats[name] = extract_features(model, loader(split, name == "train"), device, cache_dir=cache / name)
+        # every image once, unaugmented: frozen features are a deterministic function of the image
+        fraction = cfg.data.fraction if name == "train" else None
+        data_key = f"{manifest_hash}:{split}:{fraction}:{cfg.loader.size}"
+        feats[name] = extract_features(model, loader(split, False, fraction=fraction), device,
+                                       cache_dir=cache / name, data_key=data_key)
     n_images = sum(len(f[1]) for f in feats.values())
     classifier = fit_classifier(feats["train"][0], feats["train"][1], kind=kind, C=cfg.schedule.svm_c,
-                                seed=cfg.seed)
+                                seed=cfg.seed, kernel=cfg.schedule.svm_kernel)
     results = {}
     for name in ("val", "test"):
         if name in feats:

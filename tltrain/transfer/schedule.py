@@ -13,20 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from tltrain.errors import ConfigError, choices_error
+from tltrain.transfer.features import SVM_KERNELS
 from tltrain.transfer.groups import LayerGroup, layer_groups
 
-PRESETS = ("scratch", "finetune_all", "linear_probe", "head_then_all", "layerwise", "gradual_unfreeze", "swft",
-           "layer_decay", "features_svm", "features_logreg", "custom")
 FEATURE_PRESETS = ("features_svm", "features_logreg")
 BN_MODES = ("freeze", "train")
 
 
 @dataclass
-class PhaseConfig:
-    """One phase: `train` is all | head | top:N (head + the N highest backbone groups)."""
+class Phase:
+    """One phase. `train`: all | head | top:N (the head plus the N backbone groups right below it)."""
 
     epochs: int = 1
     train: str = "all"
@@ -35,81 +34,118 @@ class PhaseConfig:
     name: str = ""
 
 
+PhaseConfig = Phase  # the name used for explicit phases in configs (schedule.name=custom)
+
+
 @dataclass
 class ScheduleConfig:
     name: str = "finetune_all"  # a preset (see PRESETS) or custom (then `phases` says everything)
     lr: float = 1e-3  # head / top LR of the preset's phases
-    epochs_per_phase: int = 2  # epochs of each phase (finetune_all/scratch/linear_probe: the whole run)
+    epochs_per_phase: int = 2  # epochs of each phase (finetune_all/scratch/linear_probe/layer_decay: the whole run)
     head_epochs: int = 1  # head_then_all: epochs of the head-only phase
     finetune_lr_factor: float = 0.1  # head_then_all: LR of the whole-network phase relative to lr
     groups_per_phase: int = 1  # layerwise: backbone groups unfrozen per phase
     max_steps: int = 0  # layerwise/gradual_unfreeze/swft: phases after the head-only one (0 = until all train)
-    step_epochs: list[int] | None = None  # swft: epochs per step (overrides epochs_per_phase)
-    step_lrs: list[float] | None = None  # swft: LR per step (overrides lr)
+    step_epochs: list[int] | None = None  # swft: epochs per step, head step first (overrides epochs_per_phase)
+    step_lrs: list[float] | None = None  # swft: LR per step, head step first (overrides lr)
     lr_ratio: float = 2.6  # gradual_unfreeze: LR ratio between neighbouring groups (ULMFiT)
     layer_decay: float = 0.75  # layer_decay: LR multiplier per group going down
-    bn: str = "freeze"  # BatchNorm of frozen groups: freeze (eval mode, statistics fixed) | train
+    bn: str = "freeze"  # normalisation layers of frozen groups: freeze (eval mode, statistics fixed) | train
     svm_c: float = 1.0  # features_svm / features_logreg: regularisation C
-    phases: list[PhaseConfig] = field(default_factory=list)  # custom: explicit phases
+    svm_kernel: str = "rbf"  # features_svm: rbf (SVC) | linear (LinearSVC, scales to large N)
+    phases: list[Phase] = field(default_factory=list)  # custom: explicit phases
 
     def validate(self) -> None:
         if self.name not in PRESETS:
             raise choices_error("schedule.name", self.name, PRESETS)
         if self.bn not in BN_MODES:
             raise choices_error("schedule.bn", self.bn, BN_MODES)
+        if self.svm_kernel not in SVM_KERNELS:
+            raise choices_error("schedule.svm_kernel", self.svm_kernel, SVM_KERNELS)
         if self.name == "custom" and not self.phases:
-            raise ConfigError("schedule.name=custom needs schedule.phases")
-        for phase in self.phases:
-            _parse_train(phase.train)
-            if phase.epochs < 1:
-                raise ConfigError(f"schedule.phases: epochs must be >= 1 (phase {phase.name or phase.train})")
-        if self.epochs_per_phase < 1 or self.groups_per_phase < 1:
-            raise ConfigError("schedule.epochs_per_phase and schedule.groups_per_phase must be >= 1")
+            raise ConfigError("schedule.name=custom needs schedule.phases, e.g. [{epochs: 2, train: head, lr: 0.01}]")
+        for key in ("epochs_per_phase", "head_epochs", "groups_per_phase"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"schedule.{key}={getattr(self, key)} must be >= 1")
+        for key in ("lr", "finetune_lr_factor", "lr_ratio", "layer_decay", "svm_c"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"schedule.{key}={getattr(self, key)} must be > 0")
+        if self.max_steps < 0:
+            raise ConfigError(f"schedule.max_steps={self.max_steps} must be >= 0 (0 = until every group trains)")
+        if any(e < 1 for e in self.step_epochs or []) or any(not lr > 0 for lr in self.step_lrs or []):
+            raise ConfigError("schedule.step_epochs entries must be >= 1 and schedule.step_lrs entries > 0")
+        for index, phase in enumerate(self.phases):
+            _parse_train(phase.train, f"schedule.phases[{index}].train")
+            if phase.epochs < 1 or not phase.lr > 0 or not phase.layer_decay > 0:
+                raise ConfigError(f"schedule.phases[{index}]: epochs must be >= 1, lr and layer_decay > 0")
 
 
-def _parse_train(spec: str) -> int | None:
-    """'all' -> None (everything), 'head' -> 0, 'top:N' -> N backbone groups plus the head."""
+def _parse_train(spec: str, key: str = "train") -> int | None:
+    """'all' -> None (everything), 'head' -> 0, 'top:N' -> N backbone groups below the head."""
     if spec == "all":
         return None
     if spec == "head":
         return 0
     if spec.startswith("top:") and spec[4:].isdigit():
         return int(spec[4:])
-    raise ConfigError(f"schedule phase train={spec!r}: use all, head or top:N")
+    raise ConfigError(f"{key}={spec!r} is not valid: use all, head or top:N (N backbone groups below the head)")
 
 
-def build_phases(cfg: ScheduleConfig, n_backbone: int) -> list[PhaseConfig]:
-    """The preset's phases for a model with n_backbone groups below the head."""
-    e, lr = cfg.epochs_per_phase, cfg.lr
+# -- presets: cfg + number of backbone groups -> phases ---------------------------------------------------------
+def _all_layers(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    return [Phase(cfg.epochs_per_phase, "all", cfg.lr, 1.0, "all layers")]
+
+
+def _linear_probe(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    return [Phase(cfg.epochs_per_phase, "head", cfg.lr, 1.0, "head only")]
+
+
+def _head_then_all(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    return [Phase(cfg.head_epochs, "head", cfg.lr, 1.0, "head only"),
+            Phase(cfg.epochs_per_phase, "all", cfg.lr * cfg.finetune_lr_factor, 1.0, "all layers")]
+
+
+def _layer_decay(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    return [Phase(cfg.epochs_per_phase, "all", cfg.lr, cfg.layer_decay, f"all layers, layer decay {cfg.layer_decay:g}")]
+
+
+def _unfreeze_top_down(cfg: ScheduleConfig, n_backbone: int, per_phase: int, decay: float) -> list[Phase]:
+    """Head only, then `per_phase` more groups per phase from the top, for max_steps phases or until all train."""
     steps = cfg.max_steps or n_backbone
-    if cfg.name == "custom":
-        return list(cfg.phases)
-    if cfg.name in FEATURE_PRESETS:
-        return []
-    if cfg.name in ("scratch", "finetune_all"):
-        return [PhaseConfig(e, "all", lr, 1.0, "all layers")]
-    if cfg.name == "linear_probe":
-        return [PhaseConfig(e, "head", lr, 1.0, "head only")]
-    if cfg.name == "head_then_all":
-        return [PhaseConfig(cfg.head_epochs, "head", lr, 1.0, "head only"),
-                PhaseConfig(e, "all", lr * cfg.finetune_lr_factor, 1.0, "all layers")]
-    if cfg.name == "layer_decay":
-        return [PhaseConfig(e, "all", lr, cfg.layer_decay, f"all layers, layer decay {cfg.layer_decay:g}")]
-    if cfg.name == "swft":
-        n = min(steps, n_backbone)
-        epochs = list(cfg.step_epochs or [e] * (n + 1))
-        lrs = list(cfg.step_lrs or [lr] * (n + 1))
-        if len(epochs) < n + 1 or len(lrs) < n + 1:
-            raise ConfigError(f"schedule.step_epochs/step_lrs need {n + 1} entries (head + {n} steps)")
-        return [PhaseConfig(epochs[k], "head" if k == 0 else f"top:{k}", lrs[k], 1.0,
-                            "step 0: head" if k == 0 else f"step {k}: head + {k} top group(s)") for k in range(n + 1)]
-    per = 1 if cfg.name == "gradual_unfreeze" else cfg.groups_per_phase
-    decay = 1.0 / cfg.lr_ratio if cfg.name == "gradual_unfreeze" else 1.0
-    phases, k = [PhaseConfig(e, "head", lr, decay, "head only")], 0
-    while k < min(steps * per, n_backbone):
-        k = min(k + per, n_backbone)
-        phases.append(PhaseConfig(e, f"top:{k}", lr, decay, f"head + {k} top group(s)"))
+    phases, unfrozen = [Phase(cfg.epochs_per_phase, "head", cfg.lr, decay, "head only")], 0
+    while unfrozen < n_backbone and len(phases) <= steps:
+        unfrozen = min(unfrozen + per_phase, n_backbone)
+        phases.append(Phase(cfg.epochs_per_phase, f"top:{unfrozen}", cfg.lr, decay, f"head + {unfrozen} top group(s)"))
     return phases
+
+
+def _layerwise(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    return _unfreeze_top_down(cfg, n_backbone, cfg.groups_per_phase, 1.0)
+
+
+def _gradual_unfreeze(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    return _unfreeze_top_down(cfg, n_backbone, 1, 1.0 / cfg.lr_ratio)
+
+
+def _swft(cfg: ScheduleConfig, n_backbone: int) -> list[Phase]:
+    """Step 0 trains the head; step k the head + k top groups; per-step epochs/LRs from step_epochs/step_lrs."""
+    n_steps = min(cfg.max_steps or n_backbone, n_backbone) + 1
+    epochs = list(cfg.step_epochs or [cfg.epochs_per_phase] * n_steps)
+    lrs = list(cfg.step_lrs or [cfg.lr] * n_steps)
+    for key, values in (("step_epochs", epochs), ("step_lrs", lrs)):
+        if len(values) < n_steps:
+            raise ConfigError(f"schedule.{key} has {len(values)} entries; this model needs {n_steps} "
+                              f"(the head step + {n_steps - 1} unfreezing steps)")
+    return [Phase(epochs[k], "head" if k == 0 else f"top:{k}", lrs[k], 1.0,
+                  "step 0: head" if k == 0 else f"step {k}: head + {k} top group(s)") for k in range(n_steps)]
+
+
+PHASE_BUILDERS = {
+    "scratch": _all_layers, "finetune_all": _all_layers, "linear_probe": _linear_probe,
+    "head_then_all": _head_then_all, "layerwise": _layerwise, "gradual_unfreeze": _gradual_unfreeze,
+    "swft": _swft, "layer_decay": _layer_decay, "custom": lambda cfg, n: list(cfg.phases),
+}
+PRESETS = (*PHASE_BUILDERS, *FEATURE_PRESETS)
 
 
 class Schedule:
@@ -119,11 +155,12 @@ class Schedule:
         cfg.validate()
         self.cfg = cfg
         self.groups: list[LayerGroup] = layer_groups(model)
-        self.phases = build_phases(cfg, len(self.groups) - 1)
+        self.phases: list[Phase] = PHASE_BUILDERS[cfg.name](cfg, len(self.groups) - 1)
         self.total_epochs = sum(p.epochs for p in self.phases)
         self._group_of = {name: i for i, g in enumerate(self.groups) for name in g.params}
 
     def phase_index(self, epoch: int) -> int:
+        """The phase that trains 0-based `epoch` (epochs past the end stay in the last phase)."""
         for index, phase in enumerate(self.phases):
             epoch -= phase.epochs
             if epoch < 0:
@@ -131,55 +168,74 @@ class Schedule:
         return len(self.phases) - 1
 
     def trainable_groups(self, phase_index: int) -> list[int]:
+        """Indices (0 = stem, last = head) of the groups that train in this phase: always a block ending at the head."""
         top = _parse_train(self.phases[phase_index].train)
         n = len(self.groups)
         return list(range(n)) if top is None else list(range(max(0, n - 1 - top), n))
 
+    def trainable_param_names(self, phase_index: int) -> set[str]:
+        """Parameter names that train in this phase; the ones shared with the previous phase keep optimizer state."""
+        return {name for i in self.trainable_groups(phase_index) for name in self.groups[i].params}
+
     def group_lr(self, phase_index: int, group_index: int) -> float:
+        """lr * layer_decay^depth, depth counted from the head (0) down to the stem."""
         phase = self.phases[phase_index]
-        depth = len(self.groups) - 1 - group_index  # 0 for the head
+        depth = len(self.groups) - 1 - group_index
         return phase.lr * phase.layer_decay ** depth
 
     def apply(self, model: nn.Module, phase_index: int) -> list[dict]:
-        """Freeze/unfreeze every parameter; return optimizer groups (trainable only), no decay on 1-D tensors."""
+        """Set requires_grad on every parameter; return optimizer groups of the trainable ones (one per layer group,
+        1-D tensors split off with weight_decay 0 as timm does; the others take the optimizer's weight decay)."""
+        model = getattr(model, "_orig_mod", model)  # torch.compile wraps names in _orig_mod.
         trainable = set(self.trainable_groups(phase_index))
         params = dict(model.named_parameters())
+        if set(params) != set(self._group_of):
+            raise ConfigError(f"{type(model).__name__}: parameters differ from the model this schedule was built for")
         for name, p in params.items():
             p.requires_grad_(self._group_of[name] in trainable)
-        out = []
+            if not p.requires_grad:
+                p.grad = None  # a stale gradient would still count in clip_grad_norm over model.parameters()
+        optimizer_groups = []
         for index in sorted(trainable):
             group, lr = self.groups[index], self.group_lr(phase_index, index)
             tensors = [params[n] for n in group.params]
             decay = [p for p in tensors if p.ndim > 1]
             no_decay = [p for p in tensors if p.ndim <= 1]
             if decay:
-                out.append({"params": decay, "lr": lr, "name": group.name})
+                optimizer_groups.append({"params": decay, "lr": lr, "name": group.name})
             if no_decay:
-                out.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{group.name}.no_decay"})
-        return out
+                optimizer_groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0,
+                                         "name": f"{group.name}.no_decay"})
+        return optimizer_groups
 
     def set_train_mode(self, model: nn.Module, phase_index: int) -> None:
-        """After model.train(): BatchNorm layers whose parameters are frozen keep their running statistics."""
+        """Call after model.train(): with bn=freeze, normalisation layers of frozen groups go to eval mode so their
+        running statistics stay those of the pretrained weights (their affine parameters are frozen by apply)."""
         if self.cfg.bn != "freeze":
             return
+        model = getattr(model, "_orig_mod", model)
         trainable = set(self.trainable_groups(phase_index))
         for module_name, module in model.named_modules():
-            if isinstance(module, _BatchNorm):
-                names = [f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+            if isinstance(module, _NormBase) and module.track_running_stats:
+                prefix = f"{module_name}." if module_name else ""
+                names = [prefix + n for n, _ in module.named_parameters(recurse=False)]
                 if names and all(self._group_of.get(n) not in trainable for n in names):
                     module.eval()
 
     def describe(self, phase_index: int) -> str:
+        """One log line: which groups train at which LR, which stay frozen."""
         phase = self.phases[phase_index]
         trainable = self.trainable_groups(phase_index)
-        names = [self.groups[i].name for i in trainable]
-        lrs = sorted({round(self.group_lr(phase_index, i), 12) for i in trainable})
-        lr_text = f"lr {lrs[0]:g}" if len(lrs) == 1 else f"lr {lrs[0]:g}..{lrs[-1]:g}"
-        return (f"{self.cfg.name} phase {phase_index + 1}/{len(self.phases)} ({phase.name}, {phase.epochs} epochs): "
-                f"training {len(trainable)}/{len(self.groups)} groups [{', '.join(names)}], {lr_text}")
+        lrs = ", ".join(f"{self.groups[i].name} {self.group_lr(phase_index, i):.3g}" for i in reversed(trainable))
+        frozen = [g.name for i, g in enumerate(self.groups) if i not in trainable]
+        frozen_text = f"; frozen: {', '.join(frozen)}" if frozen else ""
+        return (f"{self.cfg.name} phase {phase_index + 1}/{len(self.phases)} ({phase.name or phase.train}, "
+                f"{phase.epochs} epochs): training {len(trainable)}/{len(self.groups)} groups, lr {lrs}{frozen_text}")
 
 
 def build_schedule(cfg: ScheduleConfig, model: nn.Module) -> Schedule:
+    """The schedule of a gradient-trained preset bound to `model` (feature presets fit a classifier instead)."""
     if cfg.name in FEATURE_PRESETS:
-        raise ConfigError(f"schedule.name={cfg.name} trains no phases: the runner fits a classifier on features")
+        raise ConfigError(f"schedule.name={cfg.name} trains no phases: use tltrain.transfer.features "
+                          "(extract_features + fit_classifier)")
     return Schedule(cfg, model)
