@@ -7,6 +7,7 @@ from PIL import Image
 
 from tltrain.data.prepare import PrepareConfig, run_prepare
 from tltrain.data.sources import SourceConfig
+from tltrain.data.verify import verify_shards
 from tltrain.errors import DataError
 
 
@@ -84,7 +85,7 @@ def test_csv_with_wrong_columns(raw, tmp_path):
         run_prepare(_cfg(raw, tmp_path / "out", on_problem="skip"))
 
 
-def test_every_problem_listed_at_once_and_skip_mode_counts_add_up(raw, tmp_path):
+def test_every_problem_listed_at_once_and_skip_mode_counts_add_up(raw, fundus_raw, tmp_path):
     victim = sorted((raw / "train").glob("*.jpeg"))[5]
     victim.write_bytes(b"not a jpeg")
     _append(raw, "99999_right,1")
@@ -98,9 +99,17 @@ def test_every_problem_listed_at_once_and_skip_mode_counts_add_up(raw, tmp_path)
     problems = json.loads((tmp_path / "skip" / "problems.json").read_text())
     assert {p["file"].rsplit("/", 1)[-1] for p in problems} >= {victim.name, "88888_left.jpeg"}
     assert (tmp_path / "skip" / "problems.csv").exists()
+    # fix the input and run again into the same folder: every image written, the old report gone
+    shutil.copy(fundus_raw / "train" / victim.name, victim)
+    (raw / "train" / "88888_left.jpeg").unlink()
+    shutil.copy(fundus_raw / "trainLabels.csv", raw / "trainLabels.csv")
+    fixed = run_prepare(_cfg(raw, tmp_path / "skip", on_problem="skip"))
+    assert fixed["counts"]["skipped"] == 0 and fixed["counts"]["written"] == counts["written"] + 1
+    assert not (tmp_path / "skip" / "problems.json").exists()
+    assert verify_shards(tmp_path / "skip")["samples"] == fixed["counts"]["written"]
 
 
-def test_imagefolder_and_aptos_sources(tmp_path):
+def test_aptos_source(tmp_path):
     from tltrain.data.synth import render_fundus
 
     aptos = tmp_path / "aptos"
@@ -113,3 +122,40 @@ def test_imagefolder_and_aptos_sources(tmp_path):
     manifest = run_prepare(PrepareConfig(source=SourceConfig(kind="aptos", root=str(aptos)), out=str(tmp_path / "o"),
                                          workers=1, progress=False))
     assert manifest["counts"]["written"] == 24 and manifest["num_classes"] == 5
+
+
+def test_imagefolder_source_classes_from_folders(tmp_path):
+    from tltrain.data.synth import generate_target_domain
+
+    generate_target_domain(tmp_path / "target", n_per_class=6, size=64, seed=1, workers=1, progress=False)
+    class_dirs = sorted(p.name for p in (tmp_path / "target").iterdir() if p.is_dir())
+    manifest = run_prepare(PrepareConfig(source=SourceConfig(kind="imagefolder", root=str(tmp_path / "target")),
+                                         out=str(tmp_path / "o"), workers=1, progress=False))
+    assert manifest["classes"] == class_dirs
+    assert manifest["counts"]["written"] == 6 * len(class_dirs)
+    assert sum(manifest["splits"]["train"]["class_counts"]) == manifest["splits"]["train"]["count"]
+
+
+def test_generic_csv_source_groups_patients(fundus_raw, tmp_path):
+    """Custom columns; the patient column keeps both eyes together even though keys do not say so."""
+    import csv
+
+    rows = list(csv.DictReader(open(fundus_raw / "trainLabels.csv")))
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "grade", "subject"])
+        writer.writerows((r["image"], r["level"], "p" + r["image"].rsplit("_", 1)[0]) for r in rows)
+    source = SourceConfig(kind="csv", root=str(fundus_raw), labels_csv=str(tmp_path / "labels.csv"),
+                          image_dir="train", key_column="file", label_column="grade", patient_column="subject")
+    manifest = run_prepare(PrepareConfig(source=source, out=str(tmp_path / "o"), workers=1, progress=False))
+    assert manifest["counts"]["written"] == len(rows)
+    patients = {r["image"].rsplit("_", 1)[0] for r in rows}
+    assert sum(info["patients"] for info in manifest["splits"].values()) == len(patients)
+
+
+def test_generic_csv_with_wrong_columns_names_the_expected_ones(fundus_raw, tmp_path):
+    source = SourceConfig(kind="csv", root=str(fundus_raw), labels_csv="trainLabels.csv", image_dir="train",
+                          key_column="file", label_column="grade")
+    with pytest.raises(DataError, match="trainLabels.csv: wrong columns: expected 'file' and 'grade'"):
+        run_prepare(PrepareConfig(source=source, out=str(tmp_path / "o"), workers=1, progress=False,
+                                  on_problem="skip"))

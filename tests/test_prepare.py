@@ -138,3 +138,28 @@ def test_offline_radius_resize_shrinks_and_centres_disc(fundus_raw, tmp_path):
     assert sample["jpg"].size == (64, 64)
     assert sample["json"]["disc"] == [32.0, 32.0, 32.0]
     assert verify_shards(tmp_path / "r")["ok"]
+
+
+def test_prepare_crop_box_equals_the_training_crop_box():
+    """prepare's torch-free disc_square must cut exactly the square the loaders cut (tltrain.preprocess.disc_box)."""
+    from tltrain.data.disc import disc_square
+    from tltrain.preprocess import disc_box
+
+    rng = np.random.default_rng(0)
+    discs = [(10.5, 20.5, 7.25), (0.0, 0.0, 1.0)] + [tuple(rng.uniform(0, 3000, 3)) for _ in range(200)]
+    for disc in discs:
+        assert disc_square(disc) == disc_box(disc, 2592, 1944), disc
+
+
+def test_prepare_workers_do_not_import_torch(fundus_raw, tmp_path):
+    """Each prepare process would otherwise carry ~400 MB of torch; the radius resize path is the one at risk."""
+    code = (
+        "import sys\n"
+        "from tltrain.data.prepare import PrepareConfig, run_prepare\n"
+        "from tltrain.data.sources import SourceConfig\n"
+        f"run_prepare(PrepareConfig(source=SourceConfig(kind='eyepacs', root={str(fundus_raw)!r}), "
+        f"out={str(tmp_path / 'o')!r}, resize='radius:32', workers=1, progress=False))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"

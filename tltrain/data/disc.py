@@ -7,6 +7,8 @@ in which case the image centre is used. Computed once at `prepare` time and stor
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -36,3 +38,14 @@ def estimate_disc(image: np.ndarray) -> tuple[float, float, float]:
 def disc_found(disc: tuple[float, float, float], width: int, height: int) -> bool:
     """A radius under 5 % of the shorter side means the thresholding found no eye (a black or foreign image)."""
     return disc[2] >= 0.05 * min(width, height)
+
+
+def disc_square(disc: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(x0, y0, side) of the square around the disc, rounded half up like DALI's crop box.
+
+    The same box as tltrain.preprocess.disc_box (crop to disc, no scale or shift), kept here without torch so
+    `prepare` workers stay small (importing torch costs each process about 400 MB); a test holds the two equal.
+    """
+    cx, cy, r = (float(v) for v in disc)
+    side = max(2, math.floor(2 * r + 0.5))
+    return math.floor(cx - side / 2 + 0.5), math.floor(cy - side / 2 + 0.5), side

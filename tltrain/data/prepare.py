@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.disc import disc_found, estimate_disc
+from tltrain.data.disc import disc_found, disc_square, estimate_disc
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -106,9 +106,7 @@ def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
             img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.BICUBIC, reducing_gap=2.0)
         new_disc = (cx * scale, cy * scale, r * scale)
     else:  # radius: scale the disc radius to `size` and crop the square around it (black outside the photo)
-        from tltrain.preprocess import disc_box
-
-        x0, y0, side = disc_box(disc, *img.size)
+        x0, y0, side = disc_square(disc)
         img = img.crop((x0, y0, x0 + side, y0 + side)).resize((2 * size, 2 * size), Image.BICUBIC, reducing_gap=2.0)
         new_disc = (float(size), float(size), float(size))
     buffer = io.BytesIO()
@@ -161,16 +159,17 @@ def _plan_shards(groups: dict[str, list[dict]], cfg: PrepareConfig) -> list[tupl
         digest = int(hashlib.sha256(group_name.encode()).hexdigest()[:8], 16)
         order = np.random.default_rng(np.random.SeedSequence([cfg.seed, digest])).permutation(len(entries))
         limit_bytes = cfg.shard_mb * 1e6 if cfg.shard_mb > 0 else float("inf")
-        current, current_bytes = [], 0
+        shards, current, current_bytes = [], [], 0
         for index in order:
             entry = entries[index]
             if current and (len(current) >= cfg.shard_samples or current_bytes + entry["bytes"] > limit_bytes):
-                plan.append((f"{group_name}-{len([p for p in plan if p[0].startswith(group_name)]):06d}", current))
+                shards.append(current)
                 current, current_bytes = [], 0
             current.append(entry)
             current_bytes += entry["bytes"]
         if current:
-            plan.append((f"{group_name}-{len([p for p in plan if p[0].startswith(group_name)]):06d}", current))
+            shards.append(current)
+        plan += [(f"{group_name}-{number:06d}", shard) for number, shard in enumerate(shards)]
     return plan
 
 
@@ -182,6 +181,11 @@ def _plan_hash(entries: list[dict], cfg: PrepareConfig) -> str:
 
 
 def _write_problems(out: Path, problems: list[Problem]) -> None:
+    """problems.json/.csv beside the manifest; removed on a clean run so an old report never lingers."""
+    if not problems:
+        for name in ("problems.json", "problems.csv"):
+            (out / name).unlink(missing_ok=True)
+        return
     (out / "problems.json").write_text(json.dumps([asdict(p) for p in problems], indent=1))
     with open(out / "problems.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -246,8 +250,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         done[record["name"]] = record
 
     manifest = _manifest(cfg, source, plan, done, problems, fractions)
-    if problems:
-        _write_problems(out, problems)
+    _write_problems(out, problems)
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
