@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train one run or a sweep (Hydra: overrides, -m, hydra/launcher=slurm; "
                    "see configs/config.yaml)", add_help=False)
 
+    sub.add_parser("submit", help="submit a run or a two-step chain to SLURM without blocking (local executor "
+                   "without SLURM); `tltrain submit --help`", add_help=False)
+    sub.add_parser("jobs", help="submitted runs with SLURM state, progress, last metrics, failures with log tail",
+                   add_help=False)
+
     p = sub.add_parser("verify", help="re-read shards: checksums, decoding, counts vs manifest")
     p.add_argument("shards", help="folder with manifest.json and the shards")
     p.set_defaults(func=_cmd_verify)
@@ -174,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"{Path(sys.argv[0]).name} train", *argv[1:]]
         hydra_main()
         return 0
+    if argv and argv[0] in ("submit", "jobs"):
+        # the launcher parses its own options (SLURM resources, then Hydra overrides)
+        from tltrain.launch import jobs, submit
+
+        try:
+            return (submit.cli_submit if argv[0] == "submit" else jobs.cli_jobs)(argv[1:])
+        except TltrainError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
