@@ -1,1 +1,8 @@
-"""Triton preprocessing kernels (installed as tltrain.kernels), each with a torch reference beside it."""
+"""Triton preprocessing kernels (installed as tltrain.kernels), each with a torch reference beside it.
+
+- ben_graham: the fused Ben Graham filter (ben_graham_triton, ben_graham_batch); reference tltrain.preprocess.finish
+- disc: batched disc centre/radius (estimate_discs); reference tltrain.data.disc.estimate_disc
+
+Nothing is imported here on purpose: importing triton decides once whether kernels run compiled or under
+TRITON_INTERPRET, so callers (and the CPU tests) choose that moment by importing the submodule.
+"""

@@ -1,0 +1,154 @@
+"""Ben Graham preprocessing throughput: the Triton kernels vs the torch reference vs DALI's blur chain, all in one
+process on the same batch, with the device's copy bandwidth measured in the same run as the yardstick.
+
+Minimal traffic per pixel is 3 B in (uint8 RGB) + 6 B out (fp16 RGB); achieved bandwidth = that / time, so the
+ratio to copy bandwidth says how far a variant is from memory-bound.
+
+  GPU:   python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json
+  smoke: TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --device cpu --small --out /tmp/k.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import numpy as np
+import torch
+
+from tltrain import preprocess as P
+
+BYTES_PER_PIXEL = 3 + 6  # uint8 RGB in, fp16 RGB out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds_per_call(fn, device: str, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):  # first calls compile (Triton, DALI graph build, cuDNN algorithm choice)
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def copy_bandwidth(device: str, mib: int) -> float:
+    """Bytes read + written per second by a plain device-to-device copy (the practical memory ceiling)."""
+    src = torch.empty(mib * 2 ** 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = _seconds_per_call(lambda: dst.copy_(src), device, repeats=10, warmup=2)
+    return 2 * src.numel() / seconds
+
+
+def dali_chain(batch_nhwc: torch.Tensor, cfg: P.PreprocessConfig, device: str):
+    """The DALI loader's filter chain (tltrain/data/loaders/dali.py) fed one resident batch; None without DALI."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import math as dmath
+    except ImportError:
+        return None
+    n, size = batch_nhwc.shape[0], batch_nhwc.shape[1]
+    gpu = device == "cuda"
+    sigma = size / 2 * cfg.sigma_ratio
+    inside = P.circle_mask(size, cfg.mask_ratio).numpy().astype(np.float32)[..., None]
+    feed = batch_nhwc if gpu else batch_nhwc.numpy()
+
+    @pipeline_def(batch_size=n, num_threads=4, device_id=0 if gpu else None, prefetch_queue_depth=1)
+    def pipe():
+        images = fn.external_source(source=lambda: feed, batch=True, layout="HWC", device="gpu" if gpu else "cpu")
+        x = fn.cast(images, dtype=types.FLOAT)
+        blurred = fn.gaussian_blur(x, sigma=sigma, window_size=2 * math.ceil(3 * sigma) + 1)
+        x = dmath.floor(dmath.clamp(cfg.gain * x - cfg.gain * blurred + cfg.offset, 0.0, 255.0) + 0.5)
+        mask = types.Constant(inside, device="gpu" if gpu else "cpu")
+        x = x * mask + cfg.offset * (1.0 - mask)
+        return fn.crop_mirror_normalize(x, dtype=types.FLOAT16, output_layout="CHW",
+                                        mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+
+    p = pipe()
+    p.build()
+    return p.run
+
+
+def grey_error(crops: torch.Tensor, cfg: P.PreprocessConfig) -> tuple[float, float]:
+    """Max |kernel - float64 reference| in grey levels before normalisation, and the fraction that differs."""
+    from tltrain.kernels.ben_graham import ben_graham_triton
+
+    sample = crops[:2]
+    side = sample.shape[-1]
+    got = ben_graham_triton(sample, torch.full((len(sample), 2), side / 2), side / 2, side / 2 * cfg.sigma_ratio,
+                            cfg.gain, cfg.offset, cfg.mask_ratio, out_dtype=torch.uint8).double().cpu()
+    want = P.ben_graham_filter(sample.double().cpu(), cfg)
+    diff = (got - want).abs()
+    return diff.max().item(), (diff > 0).double().mean().item()
+
+
+def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib: int) -> dict:
+    from tltrain.kernels.ben_graham import ben_graham_batch, ben_graham_triton
+
+    cfg = P.PreprocessConfig()
+    gen = torch.Generator().manual_seed(0)
+    nhwc = torch.randint(0, 256, (batch, size, size, 3), generator=gen, dtype=torch.uint8).to(device)
+    crops = nhwc.permute(0, 3, 1, 2).contiguous()
+    side = size
+    centers = torch.full((batch, 2), side / 2)
+    sigma = side / 2 * cfg.sigma_ratio
+
+    variants = {
+        "triton_direct": lambda: ben_graham_batch(crops, cfg, "fp16"),
+        "triton_direct_nhwc_in_channels_last_out": lambda: ben_graham_triton(
+            nhwc, centers, side / 2, sigma, cfg.gain, cfg.offset, cfg.mask_ratio, cfg.mean, cfg.std,
+            torch.float16, True, layout="NHWC"),
+        "torch_reference": lambda: P.finish(crops, cfg, "fp16"),
+    }
+    dali_run = dali_chain(nhwc.cpu() if device == "cpu" else nhwc, cfg, device)
+    if dali_run is not None:
+        variants["dali_" + ("gpu" if device == "cuda" else "cpu")] = dali_run
+
+    copy_bw = copy_bandwidth(device, copy_mib)
+    results = {}
+    for name, fn in variants.items():
+        seconds = _seconds_per_call(fn, device, repeats, warmup)
+        bandwidth = batch * size * size * BYTES_PER_PIXEL / seconds
+        results[name] = {"seconds_per_batch": seconds, "images_per_s": batch / seconds,
+                         "minimal_traffic_GB_per_s": bandwidth / 1e9, "fraction_of_copy_bandwidth": bandwidth / copy_bw}
+    max_err, off_fraction = grey_error(crops, cfg)
+    results["triton_direct"].update(max_grey_error_vs_reference=max_err, off_by_one_fraction=off_fraction)
+    return {
+        "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "batch": batch, "size": size, "sigma": sigma, "taps": 2 * math.ceil(3 * sigma) + 1,
+        "out_dtype": "fp16", "bytes_per_pixel": BYTES_PER_PIXEL, "copy_bandwidth_GB_per_s": copy_bw / 1e9,
+        "torch": torch.__version__, "variants": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--small", action="store_true", help="batch 2 of 48x48, one repeat: a seconds-long smoke run")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU (use --device cpu --small with TRITON_INTERPRET=1)")
+    if args.small:
+        args.batch, args.size, args.repeats = 2, 48, 1
+    result = run(args.device, args.batch, args.size, args.repeats, warmup=1 if args.small else 3,
+                 copy_mib=16 if args.small else 1024)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    for name, r in result["variants"].items():
+        print(f"{name:42s} {r['images_per_s']:12,.0f} img/s  {r['minimal_traffic_GB_per_s']:8.1f} GB/s  "
+              f"{100 * r['fraction_of_copy_bandwidth']:5.1f} % of copy")
+
+
+if __name__ == "__main__":
+    main()

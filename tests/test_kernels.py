@@ -1,0 +1,229 @@
+"""Triton preprocessing kernels against float64 / torch references, on the CPU through Triton's interpreter.
+
+How the interpreter is switched on: Triton reads TRITON_INTERPRET whenever a function is decorated with
+@triton.jit, including its own library functions (tl.zeros, ...) when triton is first imported. So on a machine
+without CUDA this file sets the variable before it imports triton, if nothing imported triton earlier in this
+pytest process, and leaves it set for the process (other test files do not use triton on a CPU). If triton was
+already imported without the interpreter, the in-process tests skip and one test reruns this file in a
+subprocess with the interpreter on, so the checks still run.
+
+Bounds: grey levels (before normalisation) within 1 of a float64 reference, and at most 1 % of pixels off by one
+(float32 sums landing on the other side of a .5 rounding boundary); bf16 within one bf16 ulp on the interpreter
+(its float32 -> bf16 cast truncates; the GPU rounds to nearest even, checked exactly by the gpu tests).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tltrain import preprocess as P
+from tltrain.data.disc import estimate_disc
+from tltrain.errors import ConfigError
+from tltrain.kernels.disc import estimate_discs
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+MAX_OFF_BY_ONE = 0.01  # fraction of grey levels allowed to differ by exactly 1 from the float64 reference
+
+
+def _import_kernels():
+    """The kernel module, interpreted when there is no GPU; None if triton was already imported compiled."""
+    if not HAS_CUDA and "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not HAS_CUDA and not isinstance(triton.language.standard.zeros, InterpretedFunction):
+        return None
+    return importlib.import_module("tltrain.kernels.ben_graham")
+
+
+K = _import_kernels()
+in_process = pytest.mark.skipif(K is None, reason="kernels imported compiled on a CPU: checked in a subprocess")
+
+
+def _batch(n, h, w, seed, layout="NCHW"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, h, w, 3), generator=gen, dtype=torch.uint8)
+    x = x if layout == "NHWC" else x.permute(0, 3, 1, 2).contiguous()
+    return x.to(DEVICE)
+
+
+def _reference_grey(images, centers, radii, sigmas, gain=4.0, offset=128.0, mask_ratio=0.9, layout="NCHW"):
+    """float64 definition for any H x W, per-sample disc and sigma: the numbers the kernel must reproduce."""
+    x = images.cpu().double()
+    x = x.permute(0, 3, 1, 2) if layout == "NHWC" else x
+    n, _, h, w = x.shape
+    out = []
+    for i in range(n):
+        blurred = P.gaussian_blur(x[i:i + 1], float(sigmas[i]))
+        grey = torch.round(gain * x[i:i + 1] - gain * blurred + offset).clamp(0, 255)
+        yy = torch.arange(h, dtype=torch.float64).view(-1, 1) + 0.5 - float(centers[i][1])
+        xx = torch.arange(w, dtype=torch.float64).view(1, -1) + 0.5 - float(centers[i][0])
+        if mask_ratio > 0:
+            grey = torch.where(yy ** 2 + xx ** 2 <= (mask_ratio * float(radii[i])) ** 2, grey, offset)
+        out.append(grey)
+    return torch.cat(out)
+
+
+def _assert_grey_close(got, want):
+    diff = (got.cpu().double() - want).abs()
+    assert diff.max().item() <= 1, f"max grey-level error {diff.max().item()}"
+    assert (diff > 0).double().mean().item() <= MAX_OFF_BY_ONE
+
+
+def _poisoned(shape, dtype, channels_last=False, value=float("nan")):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.full(shape, value, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+
+
+@in_process
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_grey_levels_match_float64_reference_with_per_sample_disc_and_sigma(layout):
+    images = _batch(2, 37, 45, seed=1, layout=layout)
+    centers = [[20.5, 17.0], [24.0, 19.5]]
+    radii, sigmas = [18.0, 15.5], [1.7, 3.2]
+    for sentinel in (7, 201):  # two sentinels: an element left unwritten cannot match the reference both times
+        out = _poisoned((2, 3, 37, 45), torch.uint8, value=sentinel)
+        got = K.ben_graham_triton(images, centers, radii, sigmas, out_dtype=torch.uint8, layout=layout, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        _assert_grey_close(got, _reference_grey(images, centers, radii, sigmas, layout=layout))
+
+
+@in_process
+@pytest.mark.parametrize("sigma", [0.3, 12.0])
+def test_sigma_extremes_three_taps_and_window_nearly_the_image(sigma):
+    images = _batch(1, 37, 45, seed=2)  # 12.0 -> 73 taps: half-window 36 on a 37-row image
+    got = K.ben_graham_triton(images, [[22.5, 18.5]], [40.0], sigma, gain=3.0, offset=100.0, mask_ratio=0.0,
+                              out_dtype=torch.uint8, out=_poisoned((1, 3, 37, 45), torch.uint8, value=3))
+    _assert_grey_close(got, _reference_grey(images, [[22.5, 18.5]], [40.0], [sigma], 3.0, 100.0, 0.0))
+
+
+@in_process
+@pytest.mark.parametrize("dtype,channels_last", [("fp32", False), ("fp16", True), ("bf16", False)])
+def test_batch_wrapper_equals_torch_finish(dtype, channels_last):
+    crops = _batch(2, 41, 41, seed=3)
+    cfg = P.PreprocessConfig(sigma_ratio=0.2)
+    got = K.ben_graham_batch(crops, cfg, dtype, channels_last)
+    want = P.finish(crops.cpu(), cfg, dtype, channels_last)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    one_grey = 1.0 / (255 * min(cfg.std))
+    diff = (got.cpu().float() - want.float()).abs()
+    if dtype == "bf16" and not HAS_CUDA:  # interpreter truncates to bf16: within one ulp of the fp32 value
+        exact = P.finish(crops.cpu(), cfg, "fp32", channels_last)
+        assert ((got.cpu().float() - exact).abs() <= exact.abs() * 2.0 ** -7 + 1e-6).all()
+        return
+    assert diff.max().item() <= one_grey * 1.001
+    assert (diff > 0).double().mean().item() <= MAX_OFF_BY_ONE
+
+
+@in_process
+def test_every_normalised_element_written_in_both_layouts():
+    images = _batch(2, 23, 31, seed=4, layout="NHWC")
+    args = ([[15.5, 11.5], [15.5, 11.5]], [11.5, 11.5], 1.1)
+    plain = K.ben_graham_triton(images, *args, layout="NHWC", out=_poisoned((2, 3, 23, 31), torch.float32))
+    strided = K.ben_graham_triton(images, *args, layout="NHWC", channels_last=True, out_dtype=torch.float16,
+                                  out=_poisoned((2, 3, 23, 31), torch.float16, channels_last=True))
+    assert not torch.isnan(plain.float()).any() and not torch.isnan(strided.float()).any()
+    assert plain.dtype == torch.float32 and strided.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(plain.half().float(), strided.float(), atol=0, rtol=0)
+
+
+@in_process
+def test_per_sample_flip_mirrors_only_flipped_samples():
+    images = _batch(2, 19, 27, seed=5)
+    args = ([[10.0, 9.0], [16.0, 8.5]], [9.0, 8.0], 0.9)
+    plain = K.ben_graham_triton(images, *args, out_dtype=torch.uint8)
+    flipped = K.ben_graham_triton(images, *args, out_dtype=torch.uint8, flip=torch.tensor([True, False]))
+    assert torch.equal(flipped[0], plain[0].flip(-1))
+    assert torch.equal(flipped[1], plain[1])
+    assert not torch.equal(flipped[0], plain[0])
+
+
+@in_process
+def test_batch_of_one_off_centre_disc_masks_to_offset():
+    images = _batch(1, 21, 29, seed=6)
+    got = K.ben_graham_triton(images, [[8.0, 12.0]], [6.0], 0.6, out_dtype=torch.uint8)
+    assert got[0, :, 0, -1].tolist() == [128, 128, 128]  # far corner: outside 0.9 * 6 px of (8, 12)
+    _assert_grey_close(got, _reference_grey(images, [[8.0, 12.0]], [6.0], [0.6]))
+
+
+@in_process
+def test_bad_input_names_the_problem():
+    images = _batch(1, 16, 16, seed=7)
+    with pytest.raises(ConfigError, match="layout"):
+        K.ben_graham_triton(images, [[8, 8]], [8], 1.0, layout="CHW")
+    with pytest.raises(ConfigError, match="larger than the 16x16 image"):
+        K.ben_graham_triton(images, [[8, 8]], [8], 6.0)
+    with pytest.raises(ValueError, match="uint8"):
+        K.ben_graham_triton(images.float(), [[8, 8]], [8], 1.0)
+    with pytest.raises(ValueError, match="centers"):
+        K.ben_graham_triton(images, [[8, 8], [8, 8]], [8], 1.0)
+    with pytest.raises(ValueError, match="out must be"):
+        K.ben_graham_triton(images, [[8, 8]], [8], 1.0, out=torch.empty(1, 3, 16, 15, device=DEVICE))
+
+
+def test_in_subprocess_when_kernels_were_imported_compiled():
+    if K is not None:
+        pytest.skip("the in-process tests ran with the interpreter (or on a GPU)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
+
+
+def test_disc_estimate_matches_per_image_rule():
+    from tltrain.data.synth import render_fundus
+
+    photos = [render_fundus(seed, seed % 5, width=96, height=72) for seed in range(5)]
+    photos.append(np.zeros((72, 96, 3), np.uint8))  # no eye: r == 0, image centre
+    tall = render_fundus(11, 2, width=96, height=72).copy()
+    tall[:, :] = tall[36:37, :]  # every row equals the middle row: the column span touches top and bottom
+    photos.append(tall)
+    batch = torch.from_numpy(np.stack(photos))
+    want = torch.tensor([estimate_disc(p) for p in photos], dtype=torch.float32)
+    assert torch.equal(estimate_discs(batch), want)
+    assert torch.equal(estimate_discs(batch.permute(0, 3, 1, 2), layout="NCHW"), want)
+    assert want[-2].tolist() == [48.0, 36.0, 0.0] and want[-1, 1].item() == 36.0
+    with pytest.raises(ConfigError, match="layout"):
+        estimate_discs(batch, layout="HWC")
+
+
+def test_benchmark_smoke_mode_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--device", "cpu",
+                           "--small", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["batch"] >= 1
+    for name in ("triton_direct", "torch_reference"):
+        assert result["variants"][name]["images_per_s"] > 0
+    assert result["variants"]["triton_direct"]["max_grey_error_vs_reference"] <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_gpu_full_size_equals_finish(dtype):
+    crops = _batch(4, 512, 512, seed=8)
+    cfg = P.PreprocessConfig(radius=256)
+    got = K.ben_graham_batch(crops, cfg, dtype, channels_last=True)
+    want = P.finish(crops, cfg, dtype, channels_last=True)
+    diff = (got.float() - want.float()).abs()
+    assert diff.max().item() <= 1.001 / (255 * min(cfg.std))
+    assert (diff > 0).double().mean().item() <= 1e-3
+    assert math.isfinite(got.float().sum().item())
