@@ -47,6 +47,9 @@ setup(
         "tqdm",
         "rich",
         "matplotlib",
+        "pandas",
+        "scipy",
+        "joblib",
     ],
     extras_require={
         # DALI is published per CUDA major version; the default build is CUDA 13 (its CPU ops run anywhere).
