@@ -36,6 +36,7 @@ def test_metadata_describes_the_model(package, fundus_shards):
 def test_tltrain_and_plain_timm_give_identical_outputs(package):
     model, preprocess = load_pretrained(package)
     meta = read_metadata(package)
+    # pretrained=True with a local `file` overlay: timm reads the package's file, no hub download
     plain = timm.create_model("resnet10t", pretrained=True, num_classes=5,
                               pretrained_cfg_overlay=dict(file=str(package / "model.safetensors"), num_classes=5)).eval()
     x = torch.randn(3, 3, 32, 32)

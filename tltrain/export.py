@@ -11,7 +11,6 @@ classes and silently drops the classifier).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import dataclass
@@ -22,19 +21,12 @@ import torch
 from omegaconf import OmegaConf
 
 import tltrain
+from tltrain.data.shards import sha256_file
 from tltrain.errors import ConfigError, DataError
 
 WEIGHTS = "model.safetensors"
 METADATA = "tltrain.json"
 FORMAT = "tltrain-pretrained/1"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
@@ -80,7 +72,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         "preprocessing": {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
                           "size": config["loader"]["size"], **config["loader"]["preprocess"]},
         "training_data": {
-            "name": config["data"].get("name"), "manifest_sha256": _sha256(manifest_path) if manifest else None,
+            "name": config["data"].get("name"), "manifest_sha256": sha256_file(manifest_path) if manifest else None,
             "source": manifest.get("source"), "fraction": fraction,
             "class_counts": manifest.get("fractions", {}).get(f"{fraction:g}", {}).get("class_counts"),
             "splits": {k: {"count": v["count"], "class_counts": v["class_counts"]}
@@ -96,7 +88,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
                      "python": platform.python_version()},
         "license": license,
         "description": description,
-        "weights": {"file": WEIGHTS, "sha256": _sha256(weights_path), "bytes": weights_path.stat().st_size},
+        "weights": {"file": WEIGHTS, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size},
     }
     (out_dir / METADATA).write_text(json.dumps(metadata, indent=1, default=str))
     (out_dir / "README.md").write_text(model_card(metadata, out_dir))
@@ -199,7 +191,7 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
     weights = path / meta["weights"]["file"]
     if not weights.is_file():
         raise DataError(f"{weights}: weights file missing")
-    if _sha256(weights) != meta["weights"]["sha256"]:
+    if sha256_file(weights) != meta["weights"]["sha256"]:
         raise DataError(f"{weights}: sha256 does not match {METADATA} (corrupt or replaced file)")
     arch = meta["architecture"]
     if arch not in timm.list_models():
