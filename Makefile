@@ -23,9 +23,10 @@ demo: install
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# Slow tests (multi-process training, SLURM): CI runs them after `make test`.
+# Slow tests (multi-process training, SLURM): CI runs them after `make test`. slurm/env.sh points the SLURM
+# clients at the local cluster of slurm/up.sh (the SLURM tests skip with a reason when it is not running).
 test-slow: install
-	$(VENV)/bin/pytest -m "slow or slurm" $(PYTEST_ARGS)
+	bash -c 'source slurm/env.sh 2>/dev/null; exec $(VENV)/bin/pytest -m "slow or slurm" $(PYTEST_ARGS)'
 
 slurm-up:
 	bash slurm/up.sh

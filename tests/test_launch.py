@@ -6,15 +6,17 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_run_overrides
 from tltrain.errors import ConfigError, DataError
-from tltrain.launch.jobs import (REGISTRY_NAME, cli_jobs, combined_state, list_jobs, read_registry, record_job,
-                                 registry_files)
-from tltrain.launch.submit import LaunchConfig, TrainJob, cli_submit, job_run_dir, submit
+from tltrain.launch import LaunchConfig, TrainJob, cli_jobs, cli_submit, job_run_dir, list_jobs, submit
+from tltrain.launch.config import parse_mem_gb, parse_time_min
+from tltrain.launch.jobs import REGISTRY_NAME, combined_state, read_registry, record_job, registry_files
 
 
 def _without_sbatch_path() -> str:
@@ -90,8 +92,8 @@ def test_combined_state(slurm, run, expected):
 
 
 def test_registry_round_trip_and_damaged_line(tmp_path):
-    record_job(tmp_path, {"job_id": "1", "run_dir": "a"})
-    record_job(tmp_path / "sweep", {"job_id": "2_0", "run_dir": "b"})
+    record_job(tmp_path / REGISTRY_NAME, {"job_id": "1", "run_dir": "a"})
+    record_job(tmp_path / "sweep" / REGISTRY_NAME, {"job_id": "2_0", "run_dir": "b"})
     assert [e["job_id"] for e in read_registry(tmp_path / REGISTRY_NAME)] == ["1"]
     assert len(registry_files(tmp_path)) == 2  # a root finds the sweeps' registries below it too
     with open(tmp_path / REGISTRY_NAME, "a") as handle:
@@ -116,4 +118,103 @@ def test_hydra_launcher_configs_compose():
     assert slurm.launcher.partition == "debug" and slurm.launcher.max_num_timeout == 3
     assert local.launcher._target_.endswith("LocalLauncher")
     for cfg in (slurm, local):
-        assert cfg.callbacks.tltrain_submitit._target_ == "tltrain.launch.submit.SweepJobCallback"
+        assert cfg.callbacks.tltrain_submitit._target_ == "tltrain.launch.sweep.SweepJobCallback"
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("2-00:00:00", 2880), ("45:40", 46),
+                                           ("0:00:10", 1)])
+def test_time_limit_forms(text, minutes):
+    assert parse_time_min(text) == minutes
+
+
+@pytest.mark.parametrize("text, gb", [("16", 16), ("16G", 16), ("16gb", 16), ("1500M", 2), ("1T", 1024)])
+def test_memory_forms(text, gb):
+    assert parse_mem_gb(text) == gb
+
+
+def test_bad_time_and_memory_name_the_option():
+    with pytest.raises(ConfigError, match=r"--time='1h'"):
+        parse_time_min("1h")
+    with pytest.raises(ConfigError, match=r"--mem='lots'"):
+        parse_mem_gb("lots")
+    with pytest.raises(ConfigError, match="signal_delay_s=120 must be shorter"):
+        LaunchConfig(time_min=2).validate()
+
+
+def _all_reduce_ranks() -> dict:
+    """A job function: join the process group from the exported variables and sum the ranks with gloo."""
+    import torch
+    import torch.distributed as dist
+
+    from tltrain.launch.env import export_distributed_env
+
+    env = export_distributed_env()
+    dist.init_process_group("gloo")
+    try:
+        total = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(total)
+        return {**env, "sum": total.item()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_local_tasks_get_a_working_torch_distributed_env(tmp_path):
+    """submitit's local executor starts 2 real processes; the exported variables let them all_reduce."""
+    import cloudpickle
+    import submitit
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job process cannot import tests/
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
+    executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=2)
+    job = executor.submit(_all_reduce_ranks)
+    results = sorted(job.results(), key=lambda r: r["RANK"])
+    assert [r["RANK"] for r in results] == ["0", "1"] and [r["LOCAL_RANK"] for r in results] == ["0", "1"]
+    assert {r["WORLD_SIZE"] for r in results} == {"2"} and len({r["MASTER_PORT"] for r in results}) == 1
+    assert [r["sum"] for r in results] == [3.0, 3.0]  # 1 + 2 on both ranks
+
+
+@pytest.mark.timeout(120)
+def test_failed_local_run_is_reported_with_its_error(tmp_path, monkeypatch, capsys):
+    """`tltrain submit --local --wait` of a run that raises: exit 1, and `tltrain jobs` shows FAILED with the
+    error from status.json and the tail of submitit's stderr log; the registry goes where --registry says."""
+    registry = tmp_path / "home" / "jobs.jsonl"
+    code = cli_submit(["--local", "--wait", "--root", str(tmp_path / "runs"), "--registry", str(registry),
+                       "--name", "broken", "data.shards=/nonexistent"])
+    assert code == 1
+    assert "failed" in capsys.readouterr().err
+    [row] = list_jobs(registry)
+    assert row["state"] == "FAILED" and Path(row["run_dir"]).name.endswith("broken")
+    assert "no manifest.json" in row["error"] and "/nonexistent" in row["error"]
+    assert any("DataError" in line for line in row["log_tail"])
+    assert cli_jobs([str(registry), "--tail", "5"]) == 1
+    shown = capsys.readouterr().out
+    assert "FAILED" in shown and "no manifest.json" in shown
+
+
+def _sweep(shards, sweep_dir, launcher, path_env, *extra):
+    overrides = [o for o in tiny_run_overrides(shards, "unused") if not o.startswith("run_dir=")]
+    cmd = [sys.executable, "-m", "tltrain.cli", "train", "-m", f"hydra/launcher={launcher}",
+           f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}", *overrides, *extra]
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=170, env={**os.environ, "PATH": path_env})
+
+
+def test_slurm_sweep_without_slurm_says_to_use_the_local_launcher(fundus_shards, tmp_path):
+    done = _sweep(fundus_shards, tmp_path / "sweep", "slurm", _without_sbatch_path(), "seed=0,1")
+    assert done.returncode != 0
+    assert "SLURM is not available here" in done.stderr and "hydra/launcher=local" in done.stderr
+    assert not (tmp_path / "sweep" / "0").exists()  # nothing ran
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_local_sweep_runs_every_job_through_submitit(fundus_shards, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _sweep(fundus_shards, sweep, "local", os.environ["PATH"], "schedule.epochs_per_phase=1", "seed=0,1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = list_jobs(sweep)
+    assert len(rows) == 2 and [r["state"] for r in rows] == ["COMPLETED", "COMPLETED"]
+    assert sorted(Path(r["run_dir"]).name for r in rows) == ["0", "1"]
+    for row in rows:
+        assert json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["final"]["count"] > 0

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_run_overrides
-from tltrain.launch.jobs import list_jobs, read_registry, slurm_states
-from tltrain.launch.submit import job_run_dir, submit, submit_chain
+from tltrain.launch import job_run_dir, list_jobs, submit, submit_chain
+from tltrain.launch.jobs import read_registry, slurm_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(170)]
 
@@ -90,6 +90,22 @@ def test_hydra_sweep_is_one_array_and_every_run_completes(fundus_shards, tmp_pat
     rows = _settled_rows(sweep)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 3
     assert {r["slurm_state"] for r in rows} == {"COMPLETED"}
+
+
+def test_two_slurm_tasks_get_a_working_torch_distributed_env(tmp_path):
+    """2 tasks of one SLURM job (srun) join one gloo process group from the variables exported from SLURM's."""
+    import cloudpickle
+    import submitit
+    import test_launch
+
+    cloudpickle.register_pickle_by_value(test_launch)  # the job process cannot import tests/
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=3)
+    job = executor.submit(test_launch._all_reduce_ranks)
+    results = sorted(job.results(), key=lambda r: r["RANK"])
+    assert [r["RANK"] for r in results] == ["0", "1"] and {r["WORLD_SIZE"] for r in results} == {"2"}
+    assert len({r["MASTER_ADDR"] + ":" + r["MASTER_PORT"] for r in results}) == 1
+    assert [r["sum"] for r in results] == [3.0, 3.0]
 
 
 def test_two_slurm_tasks_train_with_ddp_and_agree(fundus_shards, tmp_path):

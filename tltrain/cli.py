@@ -181,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] in ("submit", "jobs"):
         # the launcher parses its own options (SLURM resources, then Hydra overrides)
-        from tltrain.launch import jobs, submit
+        from tltrain.launch import cli_jobs, cli_submit
 
         try:
-            return (submit.cli_submit if argv[0] == "submit" else jobs.cli_jobs)(argv[1:])
+            return (cli_submit if argv[0] == "submit" else cli_jobs)(argv[1:])
         except TltrainError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

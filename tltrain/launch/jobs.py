@@ -16,17 +16,22 @@ import time
 from pathlib import Path
 
 from tltrain.errors import DataError
+from tltrain.launch.config import DEFAULT_ROOT
 
-DEFAULT_ROOT = "runs"
 REGISTRY_NAME = ".tltrain_jobs.jsonl"
 #: SLURM end states that mean the job did not finish its work.
 SLURM_BAD_STATES = ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                     "PREEMPTED")
 
 
-def record_job(root: str | Path, entry: dict) -> Path:
-    """Append one submission to <root>/.tltrain_jobs.jsonl (one short write: safe from parallel array tasks)."""
-    path = Path(root) / REGISTRY_NAME
+def registry_path(root: str | Path, registry: str | Path | None = None) -> Path:
+    """The registry file: the one configured (e.g. ~/.tltrain/jobs.jsonl), else <root>/.tltrain_jobs.jsonl."""
+    return Path(registry).expanduser() if registry else Path(root) / REGISTRY_NAME
+
+
+def record_job(path: str | Path, entry: dict) -> Path:
+    """Append one submission to the registry file (one short write: safe from parallel array tasks)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(entry, sort_keys=True) + "\n"
     with open(path, "a") as handle:
