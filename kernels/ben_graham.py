@@ -1,130 +1,85 @@
-"""Ben Graham's filter as two Triton kernels: the GPU twin of tltrain.preprocess.finish (the torch reference).
+"""Ben Graham's filter on the GPU with Triton: the public entry points, argument checks and launch planning.
 
-Why two passes: the 2-D Gaussian is separable, so a horizontal pass writes a float32 row-blurred image and a
-vertical pass reads it back and does everything else in registers (gain, round half-to-even, clamp to [0, 255],
-disc mask, normalisation, dtype, optional per-sample horizontal flip, NCHW or channels_last store). Every output
-element is one direct sum over 2*ceil(3*sigma)+1 normalised taps with reflect-101 borders, accumulated in float32:
-the same numbers as the reference up to float32 summation order (a rare one-grey-level flip at a .5 boundary).
+The GPU twin of tltrain.preprocess.finish (the torch reference): out = gain*img - gain*gauss(img) + offset,
+rounded half-to-even and clamped to [0, 255], offset outside the disc, then (v/255 - mean)/std in fp32/fp16/bf16
+(or the grey levels as uint8), NCHW or channels_last, optionally mirrored per sample. Gaussian: 2*ceil(3*sigma)+1
+normalised taps, reflect-101 border.
 
-Input is the uint8 batch as decoded (NHWC) or as cropped (NCHW); each sample has its own disc centre and radius
-(the mask), its own sigma if wanted (per-sample tap tables, zero-padded to the widest) and its own flip bit.
-out_dtype=torch.uint8 returns the filtered grey levels before normalisation (for offline shards and for tests).
+Two kernels compute it (method=):
+- "dot" (kernels/blur_dot.py): one pass, the blur as banded matrix products on the tensor cores with hi/lo fp16
+  splits; for windows up to 2*56+1 taps (sigma <= 18.6).
+- "direct" (kernels/blur_direct.py): two passes of float32 multiply-adds, any window that fits the image.
+- "auto": dot where its tile fits and the device has tensor cores (or under the interpreter), else direct.
+Both give the float64 definition's grey levels except rare float32 .5-boundary flips (tests/test_kernels.py).
+
+Planning never waits for the GPU: scalar parameters (one sigma, one centre, one radius: the loaders' case) become
+small device tables cached per value and read with stride 0; per-sample parameters that are already on the device
+(a GPU disc estimate) are used where they are. Only a per-sample sigma on the device costs one sync (the window
+width must be known on the host); sequences on the host are copied.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from triton.runtime.interpreter import InterpretedFunction
 
 from tltrain import preprocess as P
 from tltrain.errors import ConfigError, choices_error
 
+from . import blur_direct, blur_dot
+
 LAYOUTS = ("NCHW", "NHWC")
+METHODS = ("auto", "direct", "dot")
 OUT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "uint8"}
-BLOCK_ROWS = 16  # GPU tile: 16 rows x 64 columns per program (coalesced 64-wide row segments)
-BLOCK_COLS = 64
 
 
-@triton.jit
-def _reflect101(idx, size):
-    """Mirror an index about the first/last pixel without repeating it (OpenCV's BORDER_REFLECT_101)."""
-    idx = tl.where(idx < 0, -idx, idx)
-    return tl.where(idx > size - 1, 2 * (size - 1) - idx, idx)
+@dataclass(frozen=True)
+class LaunchParams:
+    """Device tables and scalars both kernels read. A stride of 0 means one row shared by the whole batch."""
+
+    taps: torch.Tensor  # (rows, n_taps) float32, each row a centred, zero-padded Gaussian
+    taps_stride: int
+    n_taps: int  # 2 * half + 1, half = the widest window's half-width
+    geom: torch.Tensor  # (rows, 4) float32: cx, cy, (mask_ratio * r)^2, unused
+    geom_stride: int
+    norm: torch.Tensor  # (6,) float32: 255 * mean, 255 * std
+    flip: torch.Tensor  # (rows,) int32
+    flip_stride: int
+    gain: float
+    offset: float
+    normalize: bool  # False: uint8 grey levels
 
 
-@triton.jit
-def _round_half_even(v):
-    """torch.round semantics; written out because libdevice.rint has no interpreter (CPU test) implementation."""
-    f = tl.floor(v)
-    frac = v - f
-    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    up = (frac > 0.5) | ((frac == 0.5) & f_is_odd)
-    return tl.where(up, f + 1.0, f)
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1
+                                               and value.device.type == "cpu")
 
 
-@triton.jit
-def _u8_to_f32(pixels):
-    """uint8 -> float32 as 2^23 + x (exponent bits OR-ed in) minus 2^23: exact for 0..255, and two full-rate
-    ALU ops instead of an int-to-float conversion, which Hopper issues at 1/8 of the FMA rate (once per tap)."""
-    biased = (pixels.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
-    return biased - 8388608.0
+def _on_device(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
 
 
-@triton.jit
-def _blur_rows_kernel(img_ptr, taps_ptr, tmp_ptr, H, W, n_taps, half,
-                      s_n, s_c, s_h, s_w,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Horizontal pass: tmp[n, c, y, x] = sum_k taps[n, k] * img[n, c, y, reflect(x + k - half)] (float32).
-
-    A sample's three planes are stacked into one 3H-row image (row g = c * H + y), so a tile never pads a
-    channel dimension and the CPU interpreter runs one program per sample."""
-    n = tl.program_id(0)
-    g = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = g // H
-    y = g % H
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    inside = (g[:, None] < 3 * H) & (cols[None, :] < W)
-    src = img_ptr + n.to(tl.int64) * s_n + (c * s_c + y * s_h)[:, None]
-    tap_row = taps_ptr + n * n_taps
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for k in range(0, n_taps):
-        x = _reflect101(cols + (k - half), W)
-        pixels = tl.load(src + x[None, :] * s_w, mask=inside, other=0)
-        acc += tl.load(tap_row + k) * _u8_to_f32(pixels)
-    dst = tmp_ptr + n.to(tl.int64) * 3 * H * W + g[:, None] * W + cols[None, :]
-    tl.store(dst, acc, mask=inside)
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant table on the device, made once per distinct value (no copy, no sync on later calls)."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
-@triton.jit
-def _blur_cols_finish_kernel(img_ptr, taps_ptr, tmp_ptr, out_ptr, geom_ptr, norm_ptr, flip_ptr,
-                             H, W, n_taps, half, gain, offset,
-                             s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w,
-                             NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Vertical pass + epilogue: blur, gain/round/clamp, disc mask, normalise (or keep grey levels), flip, store."""
-    n = tl.program_id(0)
-    g = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = g // H
-    y = g % H
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    inside = (g[:, None] < 3 * H) & (cols[None, :] < W)
-    src = tmp_ptr + n.to(tl.int64) * 3 * H * W + (c * H * W)[:, None] + cols[None, :]
-    tap_row = taps_ptr + n * n_taps
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for k in range(0, n_taps):
-        y_k = _reflect101(y + (k - half), H)
-        acc += tl.load(tap_row + k) * tl.load(src + (y_k * W)[:, None], mask=inside, other=0.0)
-
-    pixel_ptr = img_ptr + n.to(tl.int64) * s_n + (c * s_c + y * s_h)[:, None] + cols[None, :] * s_w
-    pixels = tl.load(pixel_ptr, mask=inside, other=0).to(tl.float32)
-    value = gain * pixels - gain * acc + offset
-    value = tl.minimum(tl.maximum(_round_half_even(value), 0.0), 255.0)
-
-    # Disc mask: pixel centres at (x + 0.5, y + 0.5); geom[n] = (cx, cy, (mask_ratio * r)^2, unused).
-    dx = cols.to(tl.float32) + 0.5 - tl.load(geom_ptr + n * 4)
-    dy = y.to(tl.float32) + 0.5 - tl.load(geom_ptr + n * 4 + 1)
-    outside = (dy[:, None] * dy[:, None] + dx[None, :] * dx[None, :]) > tl.load(geom_ptr + n * 4 + 2)
-    value = tl.where(outside, offset, value)
-
-    if NORMALIZE:
-        mean255 = tl.load(norm_ptr + c, mask=c < 3, other=0.0)
-        std255 = tl.load(norm_ptr + 3 + c, mask=c < 3, other=1.0)
-        value = (value - mean255[:, None]) / std255[:, None]
-    else:
-        value = tl.minimum(tl.maximum(_round_half_even(value), 0.0), 255.0)
-
-    flip = tl.load(flip_ptr + n) != 0
-    out_cols = tl.where(flip, W - 1 - cols, cols)
-    dst = out_ptr + n.to(tl.int64) * o_n + (c * o_c + y * o_h)[:, None] + out_cols[None, :] * o_w
-    tl.store(dst, value.to(out_ptr.dtype.element_ty), mask=inside)
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
+    """(6,) 255*mean, 255*std, multiplied in float32 exactly as tltrain.preprocess.finish does."""
+    return (torch.tensor(mean + std, dtype=torch.float32) * 255).to(device)
 
 
-def _per_sample(value, n: int, name: str) -> torch.Tensor:
-    """A float or a length-n sequence/tensor -> float64 tensor (n,) on the CPU (host-side planning)."""
-    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(-1)
+def _per_sample(value, n: int, name: str, device: torch.device) -> torch.Tensor:
+    """A length-n sequence or tensor -> float64 (n,) on the device (kept there when it already is)."""
+    t = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64).reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
@@ -132,29 +87,61 @@ def _per_sample(value, n: int, name: str) -> torch.Tensor:
     return t
 
 
-def _tap_table(sigmas: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, int]:
-    """(N, 2*half_max+1) float32 taps, each row centred and zero-padded: per-sample sigma in one launch.
-    Built once per distinct sigma (a batch usually has one), so planning stays cheap next to the kernels."""
-    if not bool((sigmas > 0).all()):
-        raise ConfigError(f"blur sigma must be > 0, got {sigmas.min().item():g}")
-    distinct, which = torch.unique(sigmas, return_inverse=True)
-    halves = [int(math.ceil(3 * float(s))) for s in distinct]
-    half_max = max(halves)
-    if half_max >= min(height, width):
-        raise ConfigError(f"blur sigma {float(distinct[-1]):g} needs a {2 * half_max + 1}-tap window, larger than "
-                          f"the {height}x{width} image (reflect-101 border); lower loader.preprocess.sigma_ratio")
-    rows = torch.zeros((len(halves), 2 * half_max + 1), dtype=torch.float32)
-    for i, (sigma, half) in enumerate(zip(distinct, halves)):
-        rows[i, half_max - half:half_max + half + 1] = P.gaussian_taps(float(sigma), torch.float32)
-    return rows[which].contiguous(), half_max
+def _half_width(sigma: float) -> int:
+    return int(math.ceil(3 * sigma))
 
 
-def _tile(height: int, width: int) -> tuple[int, int]:
-    """GPU: small tiles, many programs. CPU interpreter (tests): one tile per sample, since each program and each
-    tile operation costs interpreter overhead regardless of its size."""
-    if isinstance(_blur_rows_kernel, InterpretedFunction):
-        return min(256, triton.next_power_of_2(3 * height)), min(128, triton.next_power_of_2(width))
-    return BLOCK_ROWS, BLOCK_COLS
+def _check_window(sigma_min: float, sigma_max: float, height: int, width: int) -> int:
+    if not sigma_min > 0:
+        raise ConfigError(f"blur sigma must be > 0, got {sigma_min:g}")
+    half = _half_width(sigma_max)
+    if half >= min(height, width):
+        raise ConfigError(f"blur sigma {sigma_max:g} needs a {2 * half + 1}-tap window, larger than the "
+                          f"{height}x{width} image (reflect-101 border); lower loader.preprocess.sigma_ratio")
+    return half
+
+
+def _tap_table(sigma, n: int, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(taps, stride, n_taps): a cached shared row for one sigma, else one zero-padded row per sample."""
+    if _is_scalar(sigma):
+        sigma = float(sigma)
+        half = _check_window(sigma, sigma, height, width)
+        row = tuple(P.gaussian_taps(sigma, torch.float32).tolist())
+        return _constant(row, torch.float32, device).view(1, -1), 0, 2 * half + 1
+    sigmas = _per_sample(sigma, n, "sigma", device)
+    low, high = torch.stack([sigmas.min(), sigmas.max()]).tolist()  # the one sync: the window width
+    half = _check_window(low, high, height, width)
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=device)
+    taps = torch.exp(-0.5 * (offsets / sigmas[:, None]) ** 2)
+    taps = taps * (offsets.abs() <= torch.ceil(3 * sigmas)[:, None])  # each sample's own window, zero-padded
+    taps = (taps / taps.sum(dim=1, keepdim=True)).float().contiguous()
+    return taps, taps.stride(0), 2 * half + 1
+
+
+def _geometry(centers, radii, mask_ratio: float, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(geom, stride): cx, cy, (mask_ratio * r)^2 per sample, or one cached row when every sample shares them."""
+    shared_center = not _on_device(centers) and torch.as_tensor(centers).numel() == 2
+    if shared_center and _is_scalar(radii):
+        cx, cy = (float(v) for v in torch.as_tensor(centers, dtype=torch.float64).reshape(2))
+        limit2 = (mask_ratio * float(radii)) ** 2 if mask_ratio > 0 else math.inf
+        return _constant((cx, cy, limit2, 0.0), torch.float32, device).view(1, 4), 0
+    centers = torch.as_tensor(centers).detach().to(device=device, dtype=torch.float64)
+    centers = centers.reshape(1, 2).expand(n, 2) if centers.numel() == 2 else centers.reshape(-1, 2)
+    if centers.shape[0] != n:
+        raise ValueError(f"centers must be (N, 2) or one (x, y) pair with N={n}, got {tuple(centers.shape)}")
+    radii = _per_sample(radii, n, "radii", device)
+    limit2 = (mask_ratio * radii) ** 2 if mask_ratio > 0 else torch.full_like(radii, math.inf)
+    geom = torch.stack([centers[:, 0], centers[:, 1], limit2, torch.zeros_like(radii)], dim=1)
+    return geom.float().contiguous(), 4
+
+
+def _flips(flip, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    if flip is None:
+        return _constant((0,), torch.int32, device), 0
+    flips = torch.as_tensor(flip).detach().to(device=device, dtype=torch.int32).reshape(-1).contiguous()
+    if flips.numel() != n:
+        raise ValueError(f"flip needs one value per sample ({n}), got {flips.numel()}")
+    return flips, 1
 
 
 def _check_batch(images: torch.Tensor, layout: str) -> tuple[int, int, int]:
@@ -168,17 +155,56 @@ def _check_batch(images: torch.Tensor, layout: str) -> tuple[int, int, int]:
     return n, h, w
 
 
+def _has_tensor_cores(device: torch.device) -> bool:
+    if isinstance(blur_dot._ben_graham_dot_kernel, InterpretedFunction):
+        return True  # the interpreter runs tl.dot as a float32 matmul: the path is testable on a CPU
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _choose_method(method: str, n_taps: int, device: torch.device, tile) -> tuple[str, tuple[int, int] | None]:
+    if method not in METHODS:
+        raise choices_error("method", method, METHODS)
+    tile = tile or blur_dot.choose_tile(n_taps // 2)
+    if method == "dot" and tile is None:
+        raise ConfigError(f"method='dot' has no tensor-core tile for a {n_taps}-tap window (at most "
+                          f"{2 * ((max(blur_dot.SPANS) - min(blur_dot.BLOCKS)) // 2) + 1}); use method='direct'")
+    if method == "auto":
+        method = "dot" if tile is not None and _has_tensor_cores(device) else "direct"
+    return method, tile
+
+
+_warned_fallback = False
+
+
+def _launch_dot_or_fall_back(nchw, out, params, tile, num_warps, method_was_auto: bool) -> None:
+    """A tile that does not fit this GPU's registers/shared memory is a compile-time error: under method='auto'
+    the direct kernel takes over (once warned); an explicit method='dot' raises it."""
+    global _warned_fallback
+    try:
+        blur_dot.launch(nchw, out, params, tile, num_warps)
+    except OutOfResources as error:
+        if not method_was_auto:
+            raise
+        if not _warned_fallback:
+            warnings.warn(f"Ben Graham tensor-core kernel does not fit this GPU ({error}); using the direct kernel",
+                          RuntimeWarning, stacklevel=3)
+            _warned_fallback = True
+        blur_direct.launch(nchw, out, params)
+
+
 def ben_graham_triton(images: torch.Tensor, centers, radii, sigma, gain: float = 4.0, offset: float = 128.0,
                       mask_ratio: float = 0.9, mean: Sequence[float] = P.IMAGENET_MEAN,
                       std: Sequence[float] = P.IMAGENET_STD, out_dtype: torch.dtype = torch.float32,
                       channels_last: bool = False, flip=None, layout: str = "NCHW",
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, *, method: str = "auto",
+                      tile: tuple[int, int] | None = None, num_warps: int | None = None) -> torch.Tensor:
     """uint8 batch (N,3,H,W) or (N,H,W,3) -> (N,3,H,W) out_dtype: 4*img - 4*gauss(img) + 128, masked, normalised.
 
-    centers (N,2) = disc centre (x, y) in pixels, radii (N,): mask where the distance exceeds mask_ratio * r
-    (mask_ratio 0 disables it). sigma: a float or one per sample. flip: None or (N,) bools, mirrors the output
-    horizontally. mean/std are in [0, 1] units like torchvision; out_dtype uint8 skips normalisation.
+    centers: one (x, y) disc centre in pixels for all, or (N, 2); radii: one or (N,): mask where the distance
+    exceeds mask_ratio * r (mask_ratio 0 disables it). sigma: one or (N,). flip: None or (N,) bools, mirrors the
+    output horizontally. mean/std are in [0, 1] units like torchvision; out_dtype uint8 skips normalisation.
     out: an optional preallocated (N,3,H,W) out_dtype tensor to write into (any strides, e.g. a reused buffer).
+    method: auto | direct | dot (module docstring); tile (BLOCK, SPAN) and num_warps tune the dot kernel.
     """
     n, h, w = _check_batch(images, layout)
     if out_dtype not in OUT_DTYPES:
@@ -188,53 +214,42 @@ def ben_graham_triton(images: torch.Tensor, centers, radii, sigma, gain: float =
     device = images.device
     if n == 0:
         return torch.empty((0, 3, h, w), dtype=out_dtype, device=device)
-    centers = torch.as_tensor(centers, dtype=torch.float64).detach().cpu().reshape(-1, 2)
-    if centers.shape[0] != n:
-        raise ValueError(f"centers must be (N, 2) with N={n}, got {tuple(centers.shape)}")
-    radii = _per_sample(radii, n, "radii")
-    taps, half = _tap_table(_per_sample(sigma, n, "sigma"), h, w)
+    taps, taps_stride, n_taps = _tap_table(sigma, n, h, w, device)
+    geom, geom_stride = _geometry(centers, radii, mask_ratio, n, device)
+    flips, flip_stride = _flips(flip, n, device)
+    norm = _normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std), device)
+    params = LaunchParams(taps, taps_stride, n_taps, geom, geom_stride, norm, flips, flip_stride, float(gain),
+                          float(offset), out_dtype != torch.uint8)
+    chosen, tile = _choose_method(method, n_taps, device, tile)
 
-    # geom row: cx, cy, (mask_ratio * r)^2 rounded once to float32 (as circle_mask's comparison does), pad.
-    limit2 = (mask_ratio * radii) ** 2 if mask_ratio > 0 else torch.full((n,), math.inf, dtype=torch.float64)
-    geom = torch.stack([centers[:, 0], centers[:, 1], limit2, torch.zeros(n, dtype=torch.float64)], 1)
-    norm = torch.cat([torch.tensor(mean, dtype=torch.float32) * 255, torch.tensor(std, dtype=torch.float32) * 255])
-    flips = torch.zeros(n, dtype=torch.int32) if flip is None else torch.as_tensor(flip).to(torch.int32).reshape(-1)
-    if flips.numel() != n:
-        raise ValueError(f"flip needs one value per sample ({n}), got {flips.numel()}")
-    taps, geom, norm, flips = (t.to(device, non_blocking=True) for t in (taps, geom.float(), norm, flips))
-
-    nchw = images if layout == "NCHW" else images.permute(0, 3, 1, 2)  # a view: strides carry the layout
-    tmp = torch.empty((n, 3, h, w), dtype=torch.float32, device=device)
     if out is None:
         out = torch.empty((n, 3, h, w), dtype=out_dtype, device=device,
                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     elif out.shape != (n, 3, h, w) or out.dtype != out_dtype or out.device != device:
         raise ValueError(f"out must be a ({n}, 3, {h}, {w}) {out_dtype} tensor on {device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    block_r, block_c = _tile(h, w)
-    grid = (n, triton.cdiv(3 * h, block_r), triton.cdiv(w, block_c))
-    _blur_rows_kernel[grid](nchw, taps, tmp, h, w, taps.shape[1], half, *nchw.stride(),
-                            BLOCK_R=block_r, BLOCK_C=block_c)
-    _blur_cols_finish_kernel[grid](nchw, taps, tmp, out, geom, norm, flips, h, w, taps.shape[1], half,
-                                   float(gain), float(offset), *nchw.stride(), *out.stride(),
-                                   NORMALIZE=out_dtype != torch.uint8, BLOCK_R=block_r, BLOCK_C=block_c)
+    nchw = images if layout == "NCHW" else images.permute(0, 3, 1, 2)  # a view: strides carry the layout
+    if chosen == "dot":
+        _launch_dot_or_fall_back(nchw, out, params, tile, num_warps, method == "auto")
+    else:
+        blur_direct.launch(nchw, out, params)
     return out
 
 
 def ben_graham_batch(crops: torch.Tensor, cfg: P.PreprocessConfig, dtype: str = "fp32",
-                     channels_last: bool = False) -> torch.Tensor:
+                     channels_last: bool = False, method: str = "auto") -> torch.Tensor:
     """Drop-in for P.finish(crops, cfg, dtype, channels_last) on (N, 3, S, S) uint8 disc crops (disc = square)."""
     P.validate_dtype(dtype)
     if not cfg.filter_on:  # normalisation alone: nothing for a blur kernel to fuse
         return P.finish(crops, cfg, dtype, channels_last)
-    n, side = crops.shape[0], crops.shape[-1]
-    centers = torch.full((n, 2), side / 2, dtype=torch.float64)
-    return ben_graham_triton(crops, centers, side / 2, side / 2 * cfg.sigma_ratio, cfg.gain, cfg.offset,
-                             cfg.mask_ratio, cfg.mean, cfg.std, P.DTYPES[dtype], channels_last, layout="NCHW")
+    side = crops.shape[-1]
+    return ben_graham_triton(crops, (side / 2, side / 2), side / 2, side / 2 * cfg.sigma_ratio, cfg.gain,
+                             cfg.offset, cfg.mask_ratio, cfg.mean, cfg.std, P.DTYPES[dtype], channels_last,
+                             layout="NCHW", method=method)
 
 
 def ben_graham(images_nhwc: torch.Tensor, centers, radii, sigma, mean, std, out_dtype: torch.dtype,
-               channels_last: bool, flip=None) -> torch.Tensor:
-    """Ben Graham's own constants (gain 4, offset 128, mask 0.9 r) on an NHWC batch: the loaders' call."""
+               channels_last: bool, flip=None, method: str = "auto") -> torch.Tensor:
+    """Ben Graham's own constants (gain 4, offset 128, mask 0.9 r) on an NHWC batch as decoded."""
     return ben_graham_triton(images_nhwc, centers, radii, sigma, 4.0, 128.0, 0.9, mean, std, out_dtype,
-                             channels_last, flip, layout="NHWC")
+                             channels_last, flip, layout="NHWC", method=method)

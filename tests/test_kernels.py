@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 MAX_OFF_BY_ONE = 0.01  # fraction of grey levels allowed to differ by exactly 1 from the float64 reference
+METHODS = ["direct", "dot"]  # every correctness test runs both kernels: float32 taps vs tensor-core hi/lo splits
 
 
 def _import_kernels():
@@ -88,33 +89,38 @@ def _poisoned(shape, dtype, channels_last=False, value=float("nan")):
 
 
 @in_process
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_grey_levels_match_float64_reference_with_per_sample_disc_and_sigma(layout):
+def test_grey_levels_match_float64_reference_with_per_sample_disc_and_sigma(layout, method):
     images = _batch(2, 37, 45, seed=1, layout=layout)
     centers = [[20.5, 17.0], [24.0, 19.5]]
     radii, sigmas = [18.0, 15.5], [1.7, 3.2]
     for sentinel in (7, 201):  # two sentinels: an element left unwritten cannot match the reference both times
         out = _poisoned((2, 3, 37, 45), torch.uint8, value=sentinel)
-        got = K.ben_graham_triton(images, centers, radii, sigmas, out_dtype=torch.uint8, layout=layout, out=out)
+        got = K.ben_graham_triton(images, centers, radii, sigmas, out_dtype=torch.uint8, layout=layout, out=out,
+                                  method=method)
         assert got.data_ptr() == out.data_ptr()
         _assert_grey_close(got, _reference_grey(images, centers, radii, sigmas, layout=layout))
 
 
 @in_process
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sigma", [0.3, 12.0])
-def test_sigma_extremes_three_taps_and_window_nearly_the_image(sigma):
+def test_sigma_extremes_three_taps_and_window_nearly_the_image(sigma, method):
     images = _batch(1, 37, 45, seed=2)  # 12.0 -> 73 taps: half-window 36 on a 37-row image
     got = K.ben_graham_triton(images, [[22.5, 18.5]], [40.0], sigma, gain=3.0, offset=100.0, mask_ratio=0.0,
-                              out_dtype=torch.uint8, out=_poisoned((1, 3, 37, 45), torch.uint8, value=3))
+                              out_dtype=torch.uint8, out=_poisoned((1, 3, 37, 45), torch.uint8, value=3),
+                              method=method)
     _assert_grey_close(got, _reference_grey(images, [[22.5, 18.5]], [40.0], [sigma], 3.0, 100.0, 0.0))
 
 
 @in_process
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype,channels_last", [("fp32", False), ("fp16", True), ("bf16", False)])
-def test_batch_wrapper_equals_torch_finish(dtype, channels_last):
+def test_batch_wrapper_equals_torch_finish(dtype, channels_last, method):
     crops = _batch(2, 41, 41, seed=3)
     cfg = P.PreprocessConfig(sigma_ratio=0.2)
-    got = K.ben_graham_batch(crops, cfg, dtype, channels_last)
+    got = K.ben_graham_batch(crops, cfg, dtype, channels_last, method=method)
     want = P.finish(crops.cpu(), cfg, dtype, channels_last)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -129,32 +135,37 @@ def test_batch_wrapper_equals_torch_finish(dtype, channels_last):
 
 
 @in_process
-def test_every_normalised_element_written_in_both_layouts():
+@pytest.mark.parametrize("method", METHODS)
+def test_every_normalised_element_written_in_both_layouts(method):
     images = _batch(2, 23, 31, seed=4, layout="NHWC")
     args = ([[15.5, 11.5], [15.5, 11.5]], [11.5, 11.5], 1.1)
-    plain = K.ben_graham_triton(images, *args, layout="NHWC", out=_poisoned((2, 3, 23, 31), torch.float32))
+    plain = K.ben_graham_triton(images, *args, layout="NHWC", out=_poisoned((2, 3, 23, 31), torch.float32),
+                                method=method)
     strided = K.ben_graham_triton(images, *args, layout="NHWC", channels_last=True, out_dtype=torch.float16,
-                                  out=_poisoned((2, 3, 23, 31), torch.float16, channels_last=True))
+                                  out=_poisoned((2, 3, 23, 31), torch.float16, channels_last=True), method=method)
     assert not torch.isnan(plain.float()).any() and not torch.isnan(strided.float()).any()
     assert plain.dtype == torch.float32 and strided.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(plain.half().float(), strided.float(), atol=0, rtol=0)
 
 
 @in_process
-def test_per_sample_flip_mirrors_only_flipped_samples():
+@pytest.mark.parametrize("method", METHODS)
+def test_per_sample_flip_mirrors_only_flipped_samples(method):
     images = _batch(2, 19, 27, seed=5)
     args = ([[10.0, 9.0], [16.0, 8.5]], [9.0, 8.0], 0.9)
-    plain = K.ben_graham_triton(images, *args, out_dtype=torch.uint8)
-    flipped = K.ben_graham_triton(images, *args, out_dtype=torch.uint8, flip=torch.tensor([True, False]))
+    plain = K.ben_graham_triton(images, *args, out_dtype=torch.uint8, method=method)
+    flipped = K.ben_graham_triton(images, *args, out_dtype=torch.uint8, flip=torch.tensor([True, False]),
+                                  method=method)
     assert torch.equal(flipped[0], plain[0].flip(-1))
     assert torch.equal(flipped[1], plain[1])
     assert not torch.equal(flipped[0], plain[0])
 
 
 @in_process
-def test_batch_of_one_off_centre_disc_masks_to_offset():
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_one_off_centre_disc_masks_to_offset(method):
     images = _batch(1, 21, 29, seed=6)
-    got = K.ben_graham_triton(images, [[8.0, 12.0]], [6.0], 0.6, out_dtype=torch.uint8)
+    got = K.ben_graham_triton(images, [[8.0, 12.0]], [6.0], 0.6, out_dtype=torch.uint8, method=method)
     assert got[0, :, 0, -1].tolist() == [128, 128, 128]  # far corner: outside 0.9 * 6 px of (8, 12)
     _assert_grey_close(got, _reference_grey(images, [[8.0, 12.0]], [6.0], [0.6]))
 
@@ -172,6 +183,54 @@ def test_bad_input_names_the_problem():
         K.ben_graham_triton(images, [[8, 8], [8, 8]], [8], 1.0)
     with pytest.raises(ValueError, match="out must be"):
         K.ben_graham_triton(images, [[8, 8]], [8], 1.0, out=torch.empty(1, 3, 16, 15, device=DEVICE))
+    with pytest.raises(ConfigError, match="sigma must be > 0"):
+        K.ben_graham_triton(images, [[8, 8]], [8], [0.0])
+    with pytest.raises(ValueError, match="flip"):
+        K.ben_graham_triton(images, [[8, 8]], [8], 1.0, flip=[True, False])
+
+
+@in_process
+@pytest.mark.parametrize("method,tile", [("direct", None), ("dot", None), ("dot", (16, 128)), ("dot", (32, 128))])
+def test_production_window_53_taps_across_several_tiles(method, tile):
+    """sigma 8.53 = 256/30, the default at 512 px: the dot kernel's (64, 128) tile and two narrower ones, on an
+    image that is not a multiple of any tile (several tiles each way, ragged last ones)."""
+    images = _batch(2, 97, 83, seed=9)
+    centers, radii = [[41.5, 48.0], [40.0, 50.5]], [41.0, 44.0]
+    out = _poisoned((2, 3, 97, 83), torch.uint8, value=251)
+    got = K.ben_graham_triton(images, centers, radii, 8.53, out_dtype=torch.uint8, out=out, method=method, tile=tile)
+    diff = (got.cpu().double() - _reference_grey(images, centers, radii, [8.53, 8.53])).abs()
+    assert diff.max().item() <= 1 and (diff > 0).double().mean().item() <= 1e-3
+
+
+@in_process
+def test_auto_takes_the_dot_kernel_where_its_tile_fits_and_direct_beyond():
+    cpu = torch.device("cpu")
+    assert K._choose_method("auto", 2 * 26 + 1, cpu, None) == ("dot", (64, 128))
+    assert K._choose_method("auto", 2 * 8 + 1, cpu, None) == ("dot", (16, 32))
+    assert K._choose_method("auto", 2 * 57 + 1, cpu, None) == ("direct", None)
+    with pytest.raises(ConfigError, match="method='direct'"):
+        K._choose_method("dot", 2 * 57 + 1, cpu, None)
+    with pytest.raises(ConfigError, match="method"):
+        K._choose_method("fft", 5, cpu, None)
+    images = _batch(1, 121, 118, seed=10)  # sigma 19: 115 taps, wider than any tensor-core tile
+    got = K.ben_graham_triton(images, [[59.0, 60.5]], [58.0], 19.0, out_dtype=torch.uint8)
+    _assert_grey_close(got, _reference_grey(images, [[59.0, 60.5]], [58.0], [19.0]))
+
+
+@in_process
+def test_shared_parameters_come_from_cached_device_tables_and_equal_per_sample_ones():
+    """The loaders' call (one sigma, one centred disc) builds no table after the first batch, so it never waits
+    for a host-to-device copy; the same values given per sample, as tensors, give the same output."""
+    crops = _batch(3, 33, 33, seed=11)
+    cfg = P.PreprocessConfig(sigma_ratio=0.1)
+    first = K.ben_graham_batch(crops, cfg, "fp16")
+    misses = K._constant.cache_info().misses
+    again = K.ben_graham_batch(crops, cfg, "fp16")
+    assert K._constant.cache_info().misses == misses and torch.equal(first, again)
+    per_sample = K.ben_graham_triton(crops, torch.full((3, 2), 16.5, device=DEVICE), torch.full((3,), 16.5),
+                                     torch.full((3,), 1.65, device=DEVICE), cfg.gain, cfg.offset, cfg.mask_ratio,
+                                     out_dtype=torch.float16)
+    assert torch.equal(per_sample, first)
 
 
 def test_in_subprocess_when_kernels_were_imported_compiled():
@@ -213,15 +272,43 @@ def test_benchmark_smoke_mode_writes_json(tmp_path):
     for name in ("triton_direct", "torch_reference"):
         assert result["variants"][name]["images_per_s"] > 0
     assert result["variants"]["triton_direct"]["max_grey_error_vs_reference"] <= 1
+    dot = [name for name in result["variants"] if name.startswith("triton_dot_") and "nhwc" not in name]
+    assert dot and all(result["variants"][name]["max_grey_error_vs_reference"] <= 1 for name in dot)
+
+
+@pytest.mark.parametrize("arch,only", [(90, "dot_b64_s128_w8"), (80, "dot_b32_s64_w4")])
+def test_kernels_compile_for_hopper_and_ampere_without_spills(tmp_path, arch, only):
+    """An ahead-of-time compile to PTX and ptxas (no GPU needed) catches what the interpreter lets through, and
+    keeps the default tile's register budget honest: no spills, and tensor-core instructions on Hopper."""
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_resources.py"), "--arch", str(arch),
+                           "--only", only, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    assert set(kernels) == {only}
+    report = kernels[only]
+    assert report["registers"] <= 255 and report["spill_store_bytes"] == 0 and report["spill_load_bytes"] == 0
+    assert (report["wgmma"] > 0) if arch == 90 else (report["mma_sync"] > 0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_gpu_full_size_equals_finish(dtype):
+def test_gpu_full_size_matches_float64_reference_and_finish(dtype, method):
+    """512 px, the production window (53 taps): grey levels against float64, normalised output against the
+    torch reference run on the same GPU (float32 cuDNN, TF32 off)."""
     crops = _batch(4, 512, 512, seed=8)
     cfg = P.PreprocessConfig(radius=256)
-    got = K.ben_graham_batch(crops, cfg, dtype, channels_last=True)
+    half = [256.0] * 4
+    grey = K.ben_graham_triton(crops, [[256.0, 256.0]] * 4, half, 256 * cfg.sigma_ratio, out_dtype=torch.uint8,
+                               method=method, out=_poisoned((4, 3, 512, 512), torch.uint8, value=7))
+    diff = (grey.cpu().double() - _reference_grey(crops, [[256.0, 256.0]] * 4, half, [256 * cfg.sigma_ratio] * 4)).abs()
+    assert diff.max().item() <= 1 and (diff > 0).double().mean().item() <= 1e-4
+
+    got = K.ben_graham_batch(crops, cfg, dtype, channels_last=True, method=method)
     want = P.finish(crops, cfg, dtype, channels_last=True)
     diff = (got.float() - want.float()).abs()
     assert diff.max().item() <= 1.001 / (255 * min(cfg.std))

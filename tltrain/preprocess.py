@@ -88,8 +88,13 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     if half >= min(h, w):
         raise ValueError(f"blur window {len(taps)} taps is larger than the {h}x{w} image (sigma {sigma:g})")
     x = images.reshape(n * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (half, half, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, half, half), mode="reflect"), taps.view(1, 1, -1, 1))
+    tf32 = torch.backends.cudnn.allow_tf32  # on by default: cuDNN would blur with 10-bit mantissas on a GPU,
+    torch.backends.cudnn.allow_tf32 = False  # ~0.5 grey level after the x4 gain; the reference stays float32
+    try:
+        x = F.conv2d(F.pad(x, (half, half, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
+        x = F.conv2d(F.pad(x, (0, 0, half, half), mode="reflect"), taps.view(1, 1, -1, 1))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     return x.reshape(n, c, h, w)
 
 
