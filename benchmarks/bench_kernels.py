@@ -4,7 +4,7 @@ process on the same batch, with the device's copy bandwidth measured in the same
 Minimal traffic per pixel is 3 B in (uint8 RGB) + 6 B out (fp16 RGB); achieved bandwidth = that / time, so the
 ratio to copy bandwidth says how far a variant is from memory-bound.
 
-  GPU:   python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json
+  GPU:   python benchmarks/bench_kernels.py --sweep --out benchmarks/results/kernels_h100.json
   smoke: TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --device cpu --small --out /tmp/k.json
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from tltrain import preprocess as P
+
+from kernel_errors import grey_error  # benchmarks/ is on sys.path when run as a script
 
 BYTES_PER_PIXEL = 3 + 6  # uint8 RGB in, fp16 RGB out
 
@@ -76,20 +78,19 @@ def dali_chain(batch_nhwc: torch.Tensor, cfg: P.PreprocessConfig, device: str):
     return p.run
 
 
-def grey_error(crops: torch.Tensor, cfg: P.PreprocessConfig) -> tuple[float, float]:
-    """Max |kernel - float64 reference| in grey levels before normalisation, and the fraction that differs."""
-    from tltrain.kernels.ben_graham import ben_graham_triton
+def dot_tiles(half: int, sweep: bool) -> list[tuple[int, int, int]]:
+    """(BLOCK, SPAN, num_warps) for the tensor-core kernel: the planner's choice, or every fitting one (--sweep)."""
+    from tltrain.kernels import blur_dot
 
-    sample = crops[:2]
-    side = sample.shape[-1]
-    got = ben_graham_triton(sample, torch.full((len(sample), 2), side / 2), side / 2, side / 2 * cfg.sigma_ratio,
-                            cfg.gain, cfg.offset, cfg.mask_ratio, out_dtype=torch.uint8).double().cpu()
-    want = P.ben_graham_filter(sample.double().cpu(), cfg)
-    diff = (got - want).abs()
-    return diff.max().item(), (diff > 0).double().mean().item()
+    chosen = blur_dot.choose_tile(half)
+    if chosen is None:
+        return []
+    if not sweep:
+        return [(*chosen, 8 if chosen[1] >= 128 else 4)]
+    return [(b, s, w) for s in blur_dot.SPANS for b in blur_dot.BLOCKS if b + 2 * half <= s for w in (4, 8)]
 
 
-def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib: int) -> dict:
+def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib: int, sweep: bool) -> dict:
     from tltrain.kernels.ben_graham import ben_graham_batch, ben_graham_triton
 
     cfg = P.PreprocessConfig()
@@ -97,35 +98,61 @@ def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib:
     nhwc = torch.randint(0, 256, (batch, size, size, 3), generator=gen, dtype=torch.uint8).to(device)
     crops = nhwc.permute(0, 3, 1, 2).contiguous()
     side = size
-    centers = torch.full((batch, 2), side / 2)
     sigma = side / 2 * cfg.sigma_ratio
+    half = math.ceil(3 * sigma)
 
-    variants = {
-        "triton_direct": lambda: ben_graham_batch(crops, cfg, "fp16"),
-        "triton_direct_nhwc_in_channels_last_out": lambda: ben_graham_triton(
-            nhwc, centers, side / 2, sigma, cfg.gain, cfg.offset, cfg.mask_ratio, cfg.mean, cfg.std,
-            torch.float16, True, layout="NHWC"),
-        "torch_reference": lambda: P.finish(crops, cfg, "fp16"),
+    def nhwc_to_channels_last(method, **kw):
+        return lambda: ben_graham_triton(nhwc, (side / 2, side / 2), side / 2, sigma, cfg.gain, cfg.offset,
+                                         cfg.mask_ratio, cfg.mean, cfg.std, torch.float16, True, layout="NHWC",
+                                         method=method, **kw)
+
+    variants = {  # name -> (callable, kernel arguments for the error check; None = not a Triton kernel)
+        "triton_direct": (lambda: ben_graham_batch(crops, cfg, "fp16", method="direct"), {"method": "direct"}),
+        "triton_direct_nhwc_in_channels_last_out": (nhwc_to_channels_last("direct"), None),
     }
+    for block, span, warps in dot_tiles(half, sweep):
+        tuning = {"method": "dot", "tile": (block, span), "num_warps": warps}
+        name = f"triton_dot_b{block}_s{span}_w{warps}"
+        variants[name] = (lambda t=tuning: ben_graham_triton(
+            crops, (side / 2, side / 2), side / 2, sigma, cfg.gain, cfg.offset, cfg.mask_ratio, cfg.mean, cfg.std,
+            torch.float16, **t), tuning)
+        variants[name + "_nhwc_in_channels_last_out"] = (nhwc_to_channels_last(**tuning), None)
+    variants["torch_reference"] = (lambda: P.finish(crops, cfg, "fp16"), None)
     dali_run = dali_chain(nhwc.cpu() if device == "cpu" else nhwc, cfg, device)
     if dali_run is not None:
-        variants["dali_" + ("gpu" if device == "cuda" else "cpu")] = dali_run
+        variants["dali_" + ("gpu" if device == "cuda" else "cpu")] = (dali_run, None)
 
     copy_bw = copy_bandwidth(device, copy_mib)
     results = {}
-    for name, fn in variants.items():
-        seconds = _seconds_per_call(fn, device, repeats, warmup)
+    for name, (fn, kernel_args) in variants.items():
+        try:
+            seconds = _seconds_per_call(fn, device, repeats, warmup)
+        except Exception as error:  # a tile that does not fit this GPU is a result too, not the end of the run
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            continue
         bandwidth = batch * size * size * BYTES_PER_PIXEL / seconds
         results[name] = {"seconds_per_batch": seconds, "images_per_s": batch / seconds,
                          "minimal_traffic_GB_per_s": bandwidth / 1e9, "fraction_of_copy_bandwidth": bandwidth / copy_bw}
-    max_err, off_fraction = grey_error(crops, cfg)
-    results["triton_direct"].update(max_grey_error_vs_reference=max_err, off_by_one_fraction=off_fraction)
+        if kernel_args is not None:
+            stats = grey_error(crops[:2], sigma, cfg, **kernel_args)
+            results[name].update(max_grey_error_vs_reference=stats["max_grey_error"],
+                                 off_by_one_fraction=stats["pixels_off"] / stats["pixels"])
+    reference = results["torch_reference"]["images_per_s"]
+    for r in results.values():
+        if "images_per_s" in r:
+            r["speedup_vs_torch_reference"] = r["images_per_s"] / reference
     return {
         "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
-        "batch": batch, "size": size, "sigma": sigma, "taps": 2 * math.ceil(3 * sigma) + 1,
+        "batch": batch, "size": size, "sigma": sigma, "taps": 2 * half + 1,
         "out_dtype": "fp16", "bytes_per_pixel": BYTES_PER_PIXEL, "copy_bandwidth_GB_per_s": copy_bw / 1e9,
-        "torch": torch.__version__, "variants": results,
+        "torch": torch.__version__, "triton": _triton_version(), "variants": results,
     }
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def main() -> None:
@@ -135,6 +162,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="batch 2 of 48x48, one repeat: a seconds-long smoke run")
+    parser.add_argument("--sweep", action="store_true", help="time every tensor-core tile that fits the window")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -142,12 +170,17 @@ def main() -> None:
     if args.small:
         args.batch, args.size, args.repeats = 2, 48, 1
     result = run(args.device, args.batch, args.size, args.repeats, warmup=1 if args.small else 3,
-                 copy_mib=16 if args.small else 1024)
+                 copy_mib=16 if args.small else 1024, sweep=args.sweep)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    print(f"copy bandwidth {result['copy_bandwidth_GB_per_s']:.0f} GB/s, {result['taps']} taps")
     for name, r in result["variants"].items():
-        print(f"{name:42s} {r['images_per_s']:12,.0f} img/s  {r['minimal_traffic_GB_per_s']:8.1f} GB/s  "
-              f"{100 * r['fraction_of_copy_bandwidth']:5.1f} % of copy")
+        if "error" in r:
+            print(f"{name:48s} failed: {r['error']}")
+            continue
+        print(f"{name:48s} {r['images_per_s']:12,.0f} img/s  {r['minimal_traffic_GB_per_s']:8.1f} GB/s  "
+              f"{100 * r['fraction_of_copy_bandwidth']:5.1f} % of copy  x{r['speedup_vs_torch_reference']:.1f}  "
+              f"max err {r.get('max_grey_error_vs_reference', '-')}")
 
 
 if __name__ == "__main__":
