@@ -9,7 +9,7 @@ from tltrain.preprocess import AugmentConfig, PreprocessConfig, validate_dtype
 BACKENDS = ("torch", "dali")
 DECODE_ERRORS = ("skip", "fail")
 DALI_DEVICES = ("auto", "gpu", "cpu")
-FILTER_KERNELS = ("auto", "torch", "triton", "dali")
+FILTER_KERNELS = ("auto", "torch", "triton", "triton_dot", "triton_direct", "dali")
 
 
 @dataclass
@@ -28,7 +28,9 @@ class LoaderConfig:
     draft_decode: bool = True  # torch backend: let libjpeg decode at a reduced scale when the crop allows it
     dali_device: str = "auto"  # auto (gpu when CUDA is available) | gpu | cpu
     hw_decoder_load: float = 0.65  # dali on GPU: share of images sent to the hardware JPEG decoder (A100/H100)
-    filter_kernel: str = "auto"  # where the Ben Graham filter runs: auto | torch | triton (CUDA) | dali
+    # where the Ben Graham filter runs: auto | torch | dali | triton (CUDA; tensor-core kernel where the window fits,
+    # else direct) | triton_dot | triton_direct (force one Triton kernel; kernels/ben_graham.py)
+    filter_kernel: str = "auto"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

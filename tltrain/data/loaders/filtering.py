@@ -8,8 +8,11 @@ import torch
 from tltrain import preprocess as P
 
 
+TRITON_METHODS = {"auto": "auto", "triton": "auto", "triton_dot": "dot", "triton_direct": "direct"}
+
+
 def use_triton(filter_kernel: str, pre: P.PreprocessConfig, device: torch.device) -> bool:
-    return device.type == "cuda" and filter_kernel in ("auto", "triton") and pre.filter_on
+    return device.type == "cuda" and filter_kernel in TRITON_METHODS and pre.filter_on
 
 
 def finish_batch(crops: torch.Tensor, pre: P.PreprocessConfig, *, size: int, dtype: str, channels_last: bool,
@@ -19,7 +22,7 @@ def finish_batch(crops: torch.Tensor, pre: P.PreprocessConfig, *, size: int, dty
         return P.finish(crops, pre, dtype, channels_last, size)
     from tltrain.kernels.ben_graham import ben_graham_batch
 
-    out = ben_graham_batch(crops, pre, dtype, channels_last)
+    out = ben_graham_batch(crops, pre, dtype, channels_last, method=TRITON_METHODS[filter_kernel])
     if out.shape[-1] != size:  # resizing is linear, so resizing after normalisation equals resizing before it
         out = P.resize_batch(out.float(), size).to(P.DTYPES[dtype])
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
