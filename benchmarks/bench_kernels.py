@@ -78,16 +78,19 @@ def dali_chain(batch_nhwc: torch.Tensor, cfg: P.PreprocessConfig, device: str):
     return p.run
 
 
-def dot_tiles(half: int, sweep: bool) -> list[tuple[int, int, int]]:
-    """(BLOCK, SPAN, num_warps) for the tensor-core kernel: the planner's choice, or every fitting one (--sweep)."""
+def dot_tiles(half: int, sweep: bool, device: str) -> list[tuple[int, int, int]]:
+    """(BLOCK, SPAN, num_warps) for the tensor-core kernel: the planner's choice, or every fitting one (--sweep)
+    that this Triton can compile for this GPU."""
     from tltrain.kernels import blur_dot
 
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
     chosen = blur_dot.choose_tile(half)
     if chosen is None:
         return []
     if not sweep:
-        return [(*chosen, 8 if chosen[1] >= 128 else 4)]
-    return [(b, s, w) for s in blur_dot.SPANS for b in blur_dot.BLOCKS if b + 2 * half <= s for w in (4, 8)]
+        return [(*chosen, blur_dot.default_num_warps(chosen, capability))]
+    return [(b, s, w) for s in blur_dot.SPANS for b in blur_dot.BLOCKS if b + 2 * half <= s for w in (4, 8)
+            if not blur_dot.unsupported((b, s), w, capability)]
 
 
 def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib: int, sweep: bool) -> dict:
@@ -110,7 +113,7 @@ def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib:
         "triton_direct": (lambda: ben_graham_batch(crops, cfg, "fp16", method="direct"), {"method": "direct"}),
         "triton_direct_nhwc_in_channels_last_out": (nhwc_to_channels_last("direct"), None),
     }
-    for block, span, warps in dot_tiles(half, sweep):
+    for block, span, warps in dot_tiles(half, sweep, device):
         tuning = {"method": "dot", "tile": (block, span), "num_warps": warps}
         name = f"triton_dot_b{block}_s{span}_w{warps}"
         variants[name] = (lambda t=tuning: ben_graham_triton(

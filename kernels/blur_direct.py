@@ -20,12 +20,9 @@ BLOCK_COLS = 64
 
 
 @triton.jit
-def _stacked_tile(H, W, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile of the 3H-row stacked image: rows g (channel c, row y), columns, and the in-bounds mask."""
-    g = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    inside = (g[:, None] < 3 * H) & (cols[None, :] < W)
-    return g, g // H, g % H, cols, inside
+def _stacked_rows(g, cols, H, W):
+    """Rows g of the 3H-row stacked image -> channel, row within it, and the tile's in-bounds mask."""
+    return g // H, g % H, (g[:, None] < 3 * H) & (cols[None, :] < W)
 
 
 @triton.jit
@@ -38,7 +35,9 @@ def _blur_rows_kernel(img_ptr, taps_ptr, tmp_ptr, H, W, n_taps, taps_stride,
     channel dimension and the CPU interpreter runs one program per sample."""
     n = tl.program_id(0)
     half = n_taps // 2
-    g, c, y, cols, inside = _stacked_tile(H, W, BLOCK_R, BLOCK_C)
+    g = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # aranges stay here: triton 3.0 helpers lose constexpr
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c, y, inside = _stacked_rows(g, cols, H, W)
     src = img_ptr + n.to(tl.int64) * s_n + (c * s_c + y * s_h)[:, None]
     tap_row = taps_ptr + n * taps_stride
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -58,7 +57,9 @@ def _blur_cols_finish_kernel(img_ptr, taps_ptr, tmp_ptr, out_ptr, geom_ptr, norm
     """Vertical pass + epilogue: blur the row-blurred buffer down the columns, then finish_and_store."""
     n = tl.program_id(0)
     half = n_taps // 2
-    g, c, y, cols, inside = _stacked_tile(H, W, BLOCK_R, BLOCK_C)
+    g = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # aranges stay here: triton 3.0 helpers lose constexpr
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c, y, inside = _stacked_rows(g, cols, H, W)
     src = tmp_ptr + n.to(tl.int64) * 3 * H * W + (c * H * W)[:, None] + cols[None, :]
     tap_row = taps_ptr + n * taps_stride
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)

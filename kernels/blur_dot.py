@@ -24,10 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tltrain.errors import ConfigError
+
 from .epilogue import TAP_SCALE, finish_and_store, reflect101
 
 SPANS = (32, 64, 128)  # window sides: one dot operand is SPAN x SPAN fp16 (32 KiB at 128)
 BLOCKS = (16, 32, 64)  # output tile sides (tl.dot needs every dimension >= 16)
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 def choose_tile(half: int) -> tuple[int, int] | None:
@@ -40,6 +43,27 @@ def choose_tile(half: int) -> tuple[int, int] | None:
         return None
     _, block, span = min(fitting)
     return block, span
+
+
+def default_num_warps(tile: tuple[int, int], capability: tuple[int, int] | None,
+                      triton_version: tuple[int, int] = TRITON_VERSION) -> int:
+    """8 warps for SPAN 128 (with 4 the accumulators spill: 21.8 KB a thread on sm_80, benchmarks/kernel_notes.md),
+    4 below; but 4 for the 64/128 tile on Hopper under triton < 3.2, which cannot compile it with 8."""
+    if tile[1] < 128:
+        return 4
+    return 4 if unsupported(tile, 8, capability, triton_version) else 8
+
+
+def unsupported(tile: tuple[int, int], num_warps: int, capability: tuple[int, int] | None,
+                triton_version: tuple[int, int] = TRITON_VERSION) -> str | None:
+    """Why this Triton cannot compile the tile for this GPU, or None. Checked before launching because the
+    failure is a C++ assertion that kills the process, not an exception (measured with kernel_resources.py)."""
+    if (tuple(tile) == (64, 128) and num_warps == 8 and capability is not None and capability >= (9, 0)
+            and triton_version < (3, 2)):
+        return (f"triton {'.'.join(map(str, triton_version))} cannot compile the 8-warp 64/128 tensor-core tile for "
+                f"sm_{capability[0]}{capability[1]} (mma -> mma layout conversion); use num_warps=4 or triton >= 3.2 "
+                f"(torch >= 2.6)")
+    return None
 
 
 @triton.jit
@@ -101,9 +125,13 @@ def launch(nchw: torch.Tensor, out: torch.Tensor, params, tile: tuple[int, int],
     block, span = tile
     if block + 2 * (params.n_taps // 2) > span:
         raise ValueError(f"tile {tile} is too small for a {params.n_taps}-tap window")
+    capability = torch.cuda.get_device_capability(nchw.device) if nchw.device.type == "cuda" else None
+    num_warps = num_warps or default_num_warps(tile, capability)
+    problem = unsupported(tile, num_warps, capability)
+    if problem:
+        raise ConfigError(problem)
     grid = (3 * n, triton.cdiv(h, block), triton.cdiv(w, block))
     _ben_graham_dot_kernel[grid](nchw, params.taps, out, params.geom, params.norm, params.flip, h, w,
                                  params.n_taps, params.taps_stride, params.geom_stride, params.flip_stride,
                                  params.gain, params.offset, *nchw.stride(), *out.stride(),
-                                 NORMALIZE=params.normalize, BLOCK=block, SPAN=span,
-                                 num_warps=num_warps or (8 if span >= 128 else 4))
+                                 NORMALIZE=params.normalize, BLOCK=block, SPAN=span, num_warps=num_warps)

@@ -217,6 +217,21 @@ def test_auto_takes_the_dot_kernel_where_its_tile_fits_and_direct_beyond():
     _assert_grey_close(got, _reference_grey(images, [[59.0, 60.5]], [58.0], [19.0]))
 
 
+def test_dot_warps_avoid_the_tile_old_triton_cannot_compile_for_hopper():
+    """triton 3.0/3.1 (torch 2.4/2.5) abort in a C++ assertion on the 8-warp 64/128 tile for sm_90, measured with
+    benchmarks/kernel_resources.py: the default drops to 4 warps there and an explicit 8 is a clear error."""
+    blur_dot = importlib.import_module("tltrain.kernels.blur_dot")
+    hopper, ampere = (9, 0), (8, 0)
+    assert blur_dot.default_num_warps((64, 128), hopper, (3, 8)) == 8
+    assert blur_dot.default_num_warps((64, 128), hopper, (3, 1)) == 4
+    assert blur_dot.default_num_warps((64, 128), ampere, (3, 0)) == 8
+    assert blur_dot.default_num_warps((32, 64), hopper, (3, 8)) == 4
+    assert blur_dot.default_num_warps((64, 128), None, (3, 0)) == 8  # the interpreter compiles nothing
+    assert "num_warps=4" in blur_dot.unsupported((64, 128), 8, hopper, (3, 0))
+    assert blur_dot.unsupported((64, 128), 4, hopper, (3, 0)) is None
+    assert blur_dot.unsupported((64, 128), 8, hopper, (3, 2)) is None
+
+
 @in_process
 def test_shared_parameters_come_from_cached_device_tables_and_equal_per_sample_ones():
     """The loaders' call (one sigma, one centred disc) builds no table after the first batch, so it never waits
