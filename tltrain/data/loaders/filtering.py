@@ -3,6 +3,9 @@ otherwise. Both backends call this when the filter is not done inside the data p
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from tltrain import preprocess as P
@@ -12,7 +15,16 @@ TRITON_METHODS = {"auto": "auto", "triton": "auto", "triton_dot": "dot", "triton
 
 
 def use_triton(filter_kernel: str, pre: P.PreprocessConfig, device: torch.device) -> bool:
+    if filter_kernel.startswith("triton") and device.type != "cuda":
+        _warn_no_cuda(filter_kernel, device.type)
     return device.type == "cuda" and filter_kernel in TRITON_METHODS and pre.filter_on
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_cuda(filter_kernel: str, device_type: str) -> None:
+    """Once per process: an explicit Triton choice on a CPU batch runs the torch reference (same numbers)."""
+    warnings.warn(f"loader.filter_kernel={filter_kernel} needs CUDA; batches on {device_type} use the torch "
+                  f"reference filter instead (same numbers)", RuntimeWarning, stacklevel=3)
 
 
 def finish_batch(crops: torch.Tensor, pre: P.PreprocessConfig, *, size: int, dtype: str, channels_last: bool,
