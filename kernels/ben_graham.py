@@ -77,6 +77,12 @@ def _normalisation(mean: tuple, std: tuple, device: torch.device) -> torch.Tenso
     return (torch.tensor(mean + std, dtype=torch.float32) * 255).to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_taps(sigma: float, device: torch.device) -> torch.Tensor:
+    """(1, n_taps) float32 Gaussian for one sigma, built once per value (the loaders call with the same sigma)."""
+    return P.gaussian_taps(sigma, torch.float32).view(1, -1).to(device)
+
+
 def _per_sample(value, n: int, name: str, device: torch.device) -> torch.Tensor:
     """A length-n sequence or tensor -> float64 (n,) on the device (kept there when it already is)."""
     t = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64).reshape(-1)
@@ -106,8 +112,7 @@ def _tap_table(sigma, n: int, height: int, width: int, device: torch.device) -> 
     if _is_scalar(sigma):
         sigma = float(sigma)
         half = _check_window(sigma, sigma, height, width)
-        row = tuple(P.gaussian_taps(sigma, torch.float32).tolist())
-        return _constant(row, torch.float32, device).view(1, -1), 0, 2 * half + 1
+        return _shared_taps(sigma, device), 0, 2 * half + 1
     sigmas = _per_sample(sigma, n, "sigma", device)
     low, high = torch.stack([sigmas.min(), sigmas.max()]).tolist()  # the one sync: the window width
     half = _check_window(low, high, height, width)
@@ -173,22 +178,21 @@ def _choose_method(method: str, n_taps: int, device: torch.device, tile) -> tupl
     return method, tile
 
 
-_warned_fallback = False
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"Ben Graham tensor-core kernel does not fit this GPU ({reason}); using the direct kernel",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _launch_dot_or_fall_back(nchw, out, params, tile, num_warps, method_was_auto: bool) -> None:
     """A tile that does not fit this GPU's registers/shared memory is a compile-time error: under method='auto'
-    the direct kernel takes over (once warned); an explicit method='dot' raises it."""
-    global _warned_fallback
+    the direct kernel takes over (warned once per reason); an explicit method='dot' raises it."""
     try:
         blur_dot.launch(nchw, out, params, tile, num_warps)
     except OutOfResources as error:
         if not method_was_auto:
             raise
-        if not _warned_fallback:
-            warnings.warn(f"Ben Graham tensor-core kernel does not fit this GPU ({error}); using the direct kernel",
-                          RuntimeWarning, stacklevel=3)
-            _warned_fallback = True
+        _warn_fallback(str(error))
         blur_direct.launch(nchw, out, params)
 
 
