@@ -184,4 +184,5 @@ def test_imagefolder_same_stem_is_a_problem_and_lookalike_paths_get_distinct_key
     source = read_source(SourceConfig(kind="imagefolder", root=str(root)))
     keys = {r.file: r.key for r in source.records}
     assert keys["a/b_c.png"] != keys["a_b/c.png"] and keys["a_b/ok.png"] == "a_b_ok"
+    assert len(source.records) == len(source.candidates) == 4  # manifest counts: found = written + skipped
     assert [(Path(p.file).name, "x.jpg" in p.reason) for p in source.problems] == [("x.png", True)]

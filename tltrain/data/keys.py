@@ -50,8 +50,8 @@ def is_safe_key(key: str) -> bool:
 def make_keys(names: list[str], files: list[str]) -> list[str]:
     """One key per (name, file relative to the source root), in order; distinct ignoring case when the files are.
 
-    Two equal names must not reach here (the sources report them as duplicates): their keys would differ only by
-    hash, hiding a real duplicate.
+    Equal names of distinct files (imagefolder's `a/b_c.png` and `a_b/c.png` are both `a_b_c`) are both hashed.
+    A real duplicate (one name, two files of one folder) must be reported by the source before this point.
     """
     bases = [slug(name) for name in names]
     safe_folded: dict[str, int] = defaultdict(int)  # names usable as they are, by lower case

@@ -181,14 +181,14 @@ def _read_imagefolder(root: Path, cfg: SourceConfig) -> SourceData:
         files = [p for p in sorted(folder.iterdir()) if p.is_file()]
         if folder.name not in classes:
             problems += [Problem(str(p), f"class folder {folder.name!r} is not in source.classes") for p in files]
-            candidates.update(key_of(folder, p) for p in files)
+            candidates.update(f"{folder.name}/{p.stem}" for p in files)
             continue
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
             raise DataError(f"{folder}: empty folder (class {folder.name!r} has no images)")
         for path in images:
             key = key_of(folder, path)
-            candidates.add(key)
+            candidates.add(f"{folder.name}/{path.stem}")
             if (folder.name, path.stem) in seen:  # x.jpg and x.png in one folder: which one is the sample?
                 problems.append(Problem(str(path), f"duplicate key {key!r}: also {seen[folder.name, path.stem]}"))
                 continue
