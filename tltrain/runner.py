@@ -46,7 +46,7 @@ def run_transfer(cfg) -> dict:
     device = D.device_for(env, cfg.device)
     manifest = read_manifest(cfg.data.shards)
     if cfg.data.verify_checksums:  # before the first epoch: a shard changed since prepare stops the run (exit 2)
-        _check_shard_checksums(cfg, env, device, run_dir)
+        _check_shard_checksums(cfg, env, device)
     num_classes = int(manifest["num_classes"])
     model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
                          drop_rate=cfg.model.drop_rate)
@@ -126,14 +126,13 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
             "final": results.get("val", {}), "test": results.get("test", {}), "perf": perf}
 
 
-def _check_shard_checksums(cfg, env, device, run_dir: Path) -> None:
-    """Each rank hashes its slice of the run's shards (tltrain.data.integrity); all ranks stop on any mismatch,
-    rank 0 marks the run failed."""
+def _check_shard_checksums(cfg, env, device) -> None:
+    """Each rank hashes its slice of the run's shards (tltrain.data.integrity); every rank raises the same
+    DataError on any mismatch (train_app.run marks the run failed, the CLI exits 2)."""
     import torch.distributed as dist
 
     from tltrain.data.integrity import check_checksums, checksum_error, run_shards
     from tltrain.engine import distributed as D
-    from tltrain.engine.logging import write_status
 
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s]
     shards = run_shards(cfg.data.shards, splits, cfg.data.fraction)
@@ -145,10 +144,6 @@ def _check_shard_checksums(cfg, env, device, run_dir: Path) -> None:
         dist.all_gather_object(gathered, problems)
         problems = sorted(p for rank_problems in gathered for p in rank_problems)
     if problems:
-        message = checksum_error(problems)
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_status(run_dir, "failed", step=0, epoch=0, error=f"DataError: {message}")
-        raise DataError(message)
+        raise DataError(checksum_error(problems))
     _log(env.is_main, f"checked size and sha256 of {len(shards)} shards against manifest.json "
                       f"({time.time() - started:.1f} s; data.verify_checksums=false skips this)")
