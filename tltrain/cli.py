@@ -42,7 +42,10 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     cfg = to_typed(compose("prepare", args.overrides), PrepareConfig, where="prepare")
     manifest = run_prepare(cfg)
-    print(manifest_summary(manifest))
+    if manifest is None:  # phase=check or write: one task of a split prepare, no manifest yet
+        print(f"prepare phase={cfg.phase} task={cfg.task}: done", flush=True)
+    else:
+        print(manifest_summary(manifest))
 
 
 def _cmd_verify(args: argparse.Namespace) -> None:

@@ -32,6 +32,8 @@ from tltrain.errors import ConfigError, DataError, choices_error
 
 MANIFEST_FORMAT = "tltrain-shards/1"
 ON_PROBLEM = ("fail", "skip")
+PHASES = ("all", "check", "write", "finish")
+WORK_DIR = ".prepare"  # per-task inspection results of a split prepare (removed by the finish phase)
 SHARD_NAME = re.compile(r"^(train|val|test)-(f\d{3}|all)-\d{6}$")
 
 
@@ -50,6 +52,8 @@ class PrepareConfig:
     on_problem: str = "fail"  # fail: stop before writing, listing every problem | skip: write good samples + report
     workers: int = 0  # processes; 0 = all cores
     progress: bool = True
+    phase: str = "all"  # all | check | write | finish: the steps of a prepare split across cluster tasks
+    task: str = "0/1"  # i/K: this process is task i of K (check and write phases); see run_prepare
 
     def validate(self) -> None:
         self.source.validate()
@@ -62,6 +66,9 @@ class PrepareConfig:
         if self.shard_samples < 1:
             raise ConfigError("prepare.shard_samples must be >= 1")
         parse_resize(self.resize)
+        if self.phase not in PHASES:
+            raise choices_error("prepare.phase", self.phase, PHASES)
+        parse_task(self.task)
 
 
 def parse_resize(spec: str) -> tuple[str, int]:
@@ -72,6 +79,14 @@ def parse_resize(spec: str) -> tuple[str, int]:
     if mode in ("longest", "radius") and size.isdigit() and int(size) > 0:
         return mode, int(size)
     raise ConfigError(f"prepare.resize={spec!r} is not valid; choose one of: none, longest:N, radius:N")
+
+
+def parse_task(spec: str) -> tuple[int, int]:
+    """'i/K' -> (i, K) with 0 <= i < K."""
+    index, _, count = str(spec).partition("/")
+    if index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
+        return int(index), int(count)
+    raise ConfigError(f"prepare.task={spec!r} is not valid; expected i/K with 0 <= i < K, e.g. task=0/4")
 
 
 # -- per-image work (runs in worker processes) ------------------------------------------------------------------
@@ -114,41 +129,64 @@ def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
     return buffer.getvalue(), new_disc, img.size
 
 
-def _write_one_shard(job) -> dict:
-    out_dir, name, plan_hash, entries, resize, quality = job
+def _encode_image(job):
+    """One stored image (bytes, disc, size): the original bytes, or decoded, resized and re-encoded."""
+    path, disc, width, height, resize, quality = job
     mode, size = parse_resize(resize)
-    samples = []
-    for e in entries:
-        if mode == "none":
-            image, disc, (w, h) = Path(e["path"]).read_bytes(), e["disc"], (e["width"], e["height"])
-        else:
-            image, disc, (w, h) = _resized_sample(e["path"], e["disc"], mode, size, quality)
-        meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
-                "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
-                "disc": [round(v, 3) for v in disc]}
-        samples.append(ShardSample(e["key"], e["label"], image, tuple(disc), meta))
-    return write_shard(Path(out_dir), name, samples, plan_hash)
+    if mode == "none":
+        return Path(path).read_bytes(), disc, (width, height)
+    return _resized_sample(path, disc, mode, size, quality)
+
+
+def _shard_sample(entry: dict, encoded) -> ShardSample:
+    image, disc, (w, h) = encoded
+    e = entry
+    meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
+            "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
+            "disc": [round(v, 3) for v in disc]}
+    return ShardSample(e["key"], e["label"], image, tuple(disc), meta)
+
+
+def _pool_map(fn, jobs, workers: int):
+    """fn over jobs in order, per item across a process pool (lazy: results stream back as they finish in order)."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+        yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 4))))
 
 
 def _parallel(fn, jobs, workers: int, progress: bool, desc: str) -> list:
     from tqdm import tqdm
 
-    workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(jobs), desc=desc, disable=None if progress else True)
     results = []
-    try:
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                results.append(fn(job))
-                bar.update()
-        else:
-            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-                for result in pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 4)))):
-                    results.append(result)
-                    bar.update()
-    finally:
-        bar.close()
+    with tqdm(total=len(jobs), desc=desc, disable=None if progress else True) as bar:
+        for result in _pool_map(fn, jobs, workers):
+            results.append(result)
+            bar.update()
     return results
+
+
+def _write_shards(out: Path, todo: list[tuple[str, str, list[dict]]], cfg: "PrepareConfig") -> list[dict]:
+    """Write the shards of `todo` [(name, plan_hash, entries)]: images are decoded/resized/encoded per image
+    across the pool, and each tar is written here in plan order once its samples are in, so one shard's images
+    are in memory at a time whatever the worker count."""
+    from tqdm import tqdm
+
+    mode, _ = parse_resize(cfg.resize)
+    jobs = [(e["path"], e["disc"], e["width"], e["height"], cfg.resize, cfg.jpeg_quality)
+            for _, _, entries in todo for e in entries]
+    encoded = map(_encode_image, jobs) if mode == "none" else _pool_map(_encode_image, jobs, cfg.workers)
+    records = []
+    with tqdm(total=len(jobs), desc="writing shards", disable=None if cfg.progress else True) as bar:
+        for name, plan_hash, entries in todo:
+            samples = []
+            for entry in entries:
+                samples.append(_shard_sample(entry, next(encoded)))
+                bar.update()
+            records.append(write_shard(out, name, samples, plan_hash))
+    return records
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
@@ -194,23 +232,74 @@ def _write_problems(out: Path, problems: list[Problem]) -> None:
         writer.writerows((p.file, p.reason) for p in problems)
 
 
-def _clean_stale(out: Path, planned: set[str]) -> None:
-    """Temporary files of an interrupted run, and shards of an older plan, must not be mistaken for data."""
+def _clean_stale(out: Path, planned: set[str], own: set[str] | None = None) -> None:
+    """Temporary files of an interrupted run, and shards of an older plan, must not be mistaken for data.
+    own: in a split prepare, only this task's shards' temporary files (the other tasks are writing theirs)."""
     for path in out.glob(".*.tmp"):
-        path.unlink()
+        if own is None or path.name[1:].split(".", 1)[0] in own:
+            path.unlink(missing_ok=True)
     for path in out.iterdir():
         stem = path.name.split(".", 1)[0]
         if SHARD_NAME.match(stem) and stem not in planned:
-            path.unlink()
+            path.unlink(missing_ok=True)
 
 
-def run_prepare(cfg: PrepareConfig) -> dict:
-    """Write shards + manifest.json for cfg.source into cfg.out; returns the manifest."""
+def _check_file(out: Path, index: int, count: int) -> Path:
+    return out / WORK_DIR / f"check-{index:05d}-of-{count:05d}.json"
+
+
+def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list[dict]:
+    """Every record's inspection, in record order: computed here (phase all), by this task for records i::K
+    (phase check: saved and returned), or read back from the K tasks' files (phases write and finish)."""
+    index, count = parse_task(cfg.task)
+    paths = [r.path for r in records]
+    if cfg.phase == "all":
+        return _parallel(inspect_image, paths, cfg.workers, cfg.progress, "checking images")
+    if cfg.phase == "check":
+        mine = _parallel(inspect_image, paths[index::count], cfg.workers, cfg.progress, "checking images")
+        target = _check_file(out, index, count)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps({"paths": paths[index::count], "results": mine}))
+        os.replace(tmp, target)
+        return mine
+    if cfg.phase == "finish":  # one process after the K tasks: K is read off their file names
+        counts = {int(p.stem.rsplit("-", 1)[1]) for p in (out / WORK_DIR).glob("check-*-of-*.json")}
+        if len(counts) != 1:
+            raise DataError(f"{out / WORK_DIR}: expected the check files of one split prepare, found task counts "
+                            f"{sorted(counts) or 'none'}; run the check and write phases first")
+        count = counts.pop()
+    inspected: list[dict | None] = [None] * len(records)
+    for task in range(count):
+        target = _check_file(out, task, count)
+        try:
+            saved = json.loads(target.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise DataError(f"{target}: missing or unreadable; run `tltrain prepare ... phase=check task={task}/{count}`"
+                            " first (every check task must finish before the write phase)") from None
+        if saved["paths"] != paths[task::count]:
+            raise DataError(f"{target}: written for another source listing; run the check phase again")
+        inspected[task::count] = saved["results"]
+    return inspected
+
+
+def run_prepare(cfg: PrepareConfig) -> dict | None:
+    """Write shards + manifest.json for cfg.source into cfg.out; returns the manifest.
+
+    phase=all does everything in this process. On a cluster the same work is split over K tasks (`task=i/K`):
+    check (task i inspects records i, i+K, ...), write (every task computes the same plan from all the check
+    results, and task i writes planned shards i, i+K, ...), finish (one process: all shards present, manifest,
+    verify). The plan and the shards depend only on the source and the options, never on K, so the shards are
+    byte-identical to a one-process prepare. check and write return None.
+    """
     cfg.validate()
     source = read_source(cfg.source)
+    out = Path(cfg.out)
     problems = list(source.problems)
     records = source.records
-    inspected = _parallel(inspect_image, [r.path for r in records], cfg.workers, cfg.progress, "checking images")
+    inspected = _inspect(cfg, records, out)
+    if cfg.phase == "check":
+        return None
     good: list[tuple[Record, dict]] = []
     for record, info in zip(records, inspected):
         if "problem" in info:
@@ -224,6 +313,41 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     if not good:
         raise DataError(f"{source.description.get('root')}: no usable samples ({len(problems)} problems)", problems)
 
+    plan, fractions = _plan(cfg, source, good)
+    out.mkdir(parents=True, exist_ok=True)
+    hashes = {name: _plan_hash(entries, cfg) for name, entries in plan}
+    index, count = parse_task(cfg.task)
+    mine = plan if cfg.phase == "all" else plan[index::count]
+    if cfg.phase != "finish":
+        _clean_stale(out, {name for name, _ in plan}, None if cfg.phase == "all" else {name for name, _ in mine})
+        todo = [(name, hashes[name], entries) for name, entries in mine if finished(out, name, hashes[name]) is None]
+        if len(todo) < len(mine):
+            print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written", flush=True)
+        _write_shards(out, todo, cfg)
+        if cfg.phase == "write":
+            return None
+    done = {name: finished(out, name, hashes[name]) for name, _ in plan}
+    missing = [name for name, record in done.items() if record is None]
+    if missing:
+        raise DataError(f"{out}: {len(missing)} of {len(plan)} planned shards are missing or stale "
+                        f"(e.g. {missing[0]}); run the write phase (all its tasks) again")
+    manifest = _manifest(cfg, source, plan, done, problems, fractions)
+    _write_problems(out, problems)
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    if cfg.phase == "finish":
+        import shutil
+
+        from tltrain.data.verify import verify_shards
+
+        verify_shards(out)
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return manifest
+
+
+def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, dict]]):
+    """(plan, fractions): patient-level splits, nested train tiers, then shards: a pure function of the inputs."""
     splits = split_by_patient([r for r, _ in good], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     tiers = nested_fractions([r for r, _ in good if splits[r.key] == "train"], list(cfg.fractions), cfg.seed)
     fractions = sorted(set(tiers.values()))
@@ -237,26 +361,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             "label": record.label, "path": record.path,
             "grade_name": source.class_names[record.label], "width": info["width"], "height": info["height"],
             "disc": info["disc"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": split})
-    plan = _plan_shards(groups, cfg)
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out, {name for name, _ in plan})
-    hashes = {name: _plan_hash(entries, cfg) for name, entries in plan}
-    done = {name: finished(out, name, hashes[name]) for name, _ in plan}
-    todo = [(str(out), name, hashes[name], entries, cfg.resize, cfg.jpeg_quality)
-            for name, entries in plan if done[name] is None]
-    if len(todo) < len(plan):
-        print(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already written", flush=True)
-    for record in _parallel(_write_one_shard, todo, cfg.workers, cfg.progress, "writing shards"):
-        done[record["name"]] = record
-
-    manifest = _manifest(cfg, source, plan, done, problems, fractions)
-    _write_problems(out, problems)
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
-    return manifest
+    return _plan_shards(groups, cfg), fractions
 
 
 def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
@@ -290,7 +395,7 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
         "tool": {"name": "tltrain", "version": tltrain.__version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source.description,
-        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "workers", "progress")},
+        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "workers", "progress", "phase", "task")},
         "num_classes": n_classes,
         "classes": source.classes,
         "class_names": source.class_names,

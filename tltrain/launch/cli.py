@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--local", dest="local", action="store_true", default=None,
                        help="run with submitit's local executor even where SLURM is available")
     where.add_argument("--slurm", dest="local", action="store_false", help="fail unless SLURM is available")
+    parser.add_argument("--prepare", action="store_true",
+                        help="the overrides are those of `tltrain prepare`: run it as check/write arrays of "
+                             "--tasks tasks and a finish job (shards identical to a one-process prepare)")
+    parser.add_argument("--tasks", type=int, default=1, help="array tasks of --prepare (default %(default)s)")
     parser.add_argument("--wait", action="store_true", help="wait for the job(s); exit 1 if one failed")
     return parser
 
@@ -58,7 +62,10 @@ def cli_submit(argv: list[str]) -> int:
     set to step 1's run dir, and it starts only after step 1 succeeded). Prints the job ids; returns the exit code."""
     step1, step2 = (argv[:argv.index("--chain")], argv[argv.index("--chain") + 1:]) if "--chain" in argv else (argv, None)
     args = _parser().parse_args(step1)
-    launch = {key: value for key, value in vars(args).items() if key not in ("overrides", "name", "after", "wait")}
+    launch = {key: value for key, value in vars(args).items()
+              if key not in ("overrides", "name", "after", "wait", "prepare", "tasks")}
+    if args.prepare:
+        return _submit_prepare(args, launch)
     if step2 is not None:
         if args.after:
             print("tltrain submit: --after and --chain cannot be combined (step 2 already waits for step 1)",
@@ -77,3 +84,15 @@ def cli_submit(argv: list[str]) -> int:
             print(f"job {job.job_id} failed: {error}", file=sys.stderr)
             code = 1
     return code
+
+
+def _submit_prepare(args: argparse.Namespace, launch: dict) -> int:
+    """`tltrain submit --prepare --tasks K OVERRIDE...`: prints the finish job's id (it runs last)."""
+    from tltrain.launch.prepare_job import submit_prepare
+
+    jobs = submit_prepare(args.overrides, tasks=args.tasks, name=args.name, **launch)
+    print(jobs[-1].job_id, flush=True)
+    if args.wait and jobs[-1].exception() is not None:
+        print(f"job {jobs[-1].job_id} failed: {jobs[-1].exception()}", file=sys.stderr)
+        return 1
+    return 0
