@@ -165,3 +165,22 @@ def test_failed_run_is_reported_with_its_error(tmp_path):
     assert row["state"] == "FAILED" and row["slurm_state"] == "FAILED"
     assert "/nonexistent" in row["error"] and "no manifest.json" in row["error"]
     assert any("DataError" in line for line in row["log_tail"])
+
+
+def test_prepare_as_three_array_tasks_matches_one_process(fundus_raw, tmp_path):
+    """`submit_prepare` with K=3: check and write as arrays, finish after them; shards byte-identical."""
+    from test_prepare_tasks import same_result
+
+    from tltrain.data.prepare import PrepareConfig, run_prepare
+    from tltrain.data.sources import SourceConfig
+    from tltrain.launch.prepare_job import submit_prepare
+
+    run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)), out=str(tmp_path / "one"),
+                              shard_samples=7, resize="radius:24", workers=2, progress=False))
+    jobs = submit_prepare([f"source.root={fundus_raw}", f"out={tmp_path / 'split'}", "shard_samples=7",
+                           "resize=radius:24", "workers=1"], tasks=3, root=str(tmp_path), local=False, time_min=5)
+    assert len(jobs) == 7 and len({str(j.job_id).split("_")[0] for j in jobs}) == 3
+    assert jobs[-1].result()["shards"] == 15
+    same_result(tmp_path / "one", tmp_path / "split")
+    states = {str(j.job_id): _accounting(str(j.job_id)).get("state") for j in jobs}
+    assert set(states.values()) == {"COMPLETED"}, states

@@ -1,0 +1,203 @@
+"""EyePACS at scale: synth -> prepare -> verify -> loader start-up -> one epoch (torch and DALI CPU), per N.
+
+    .venv/bin/python benchmarks/bench_scale.py --n 1000 10000 --out /tmp/scale --json benchmarks/results/scale.json
+
+Layout `kaggle` (default) mirrors the Kaggle release: train/ + trainLabels.csv (35,126 of 88,702 images) and
+test/ + retinopathy_solution.csv (image,level,Usage; 53,576), scaled to N. tltrain's eyepacs source reads one
+image folder and one label CSV, so the two parts are prepared as two sources into two shard folders
+(shards/train: train/val/test by patient; shards/test: the Kaggle test set, prepared with
+val_fraction=test_fraction=0, so it is the 'train' split of its own manifest). Loaders and the epoch use shards/train. Images are 128 px wide so 88,702 fit a small disk.
+
+Reports per N and stage: seconds, images/s, the peak RSS of every process of the stage (this one and its
+children, sampled every 0.1 s with psutil), plus the shard count and the manifest size. Every generated file is
+deleted after each N unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+KAGGLE_TRAIN, KAGGLE_TEST = 35_126, 53_576
+
+
+class PeakRss:
+    """Peak RSS per process (this one and all descendants) while the block runs."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peaks, self._stop = interval, {}, threading.Event()
+
+    def _sample(self):
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                key = f"{proc.pid}:{proc.name()}"
+                self.peaks[key] = max(self.peaks.get(key, 0), proc.memory_info().rss)
+            except psutil.Error:
+                pass
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def report(self) -> dict:
+        values = sorted(self.peaks.values(), reverse=True)
+        main = self.peaks.get(f"{os.getpid()}:{psutil.Process().name()}", 0)
+        return {"main_mb": round(main / 2**20, 1), "max_child_mb": round(max([v for k, v in self.peaks.items()
+                if not k.startswith(f"{os.getpid()}:")] or [0]) / 2**20, 1),
+                "processes": len(values), "all_mb": [round(v / 2**20, 1) for v in values]}
+
+
+def stage(results: dict, name: str, images: int, fn):
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        extra = fn() or {}
+        seconds = time.perf_counter() - start
+    results[name] = {"seconds": round(seconds, 2), "images": images,
+                     "images_per_s": round(images / seconds, 1) if seconds else None, "rss": rss.report(), **extra}
+    print(f"  {name:14s} {images:7d} images {seconds:8.1f} s {results[name]['images_per_s']:9.1f} img/s  "
+          f"main {rss.report()['main_mb']} MB, largest child {rss.report()['max_child_mb']} MB", flush=True)
+
+
+def kaggle_split(n: int) -> tuple[int, int]:
+    """(train, test) image counts in Kaggle's proportion, each even (two eyes per patient)."""
+    train = 2 * round(n * KAGGLE_TRAIN / (KAGGLE_TRAIN + KAGGLE_TEST) / 2)
+    return train, 2 * ((n - train) // 2)
+
+
+def synth(root: Path, n: int, layout: str, width: int, workers: int) -> dict:
+    from tltrain.data.synth import generate_eyepacs
+
+    n_train, n_test = kaggle_split(n) if layout == "kaggle" else (2 * (n // 2), 0)
+    generate_eyepacs(root, n_patients=n_train // 2, width=width, seed=1, workers=workers, progress=False)
+    if n_test:
+        tmp = root / ".test_part"
+        generate_eyepacs(tmp, n_patients=n_test // 2, width=width, seed=2, workers=workers, progress=False)
+        os.replace(tmp / "train", root / "test")
+        with open(tmp / "trainLabels.csv") as src, open(root / "retinopathy_solution.csv", "w", newline="") as dst:
+            rows = list(csv.reader(src))[1:]
+            writer = csv.writer(dst)
+            writer.writerow(["image", "level", "Usage"])
+            writer.writerows([image, level, "Private" if i % 2 else "Public"] for i, (image, level) in enumerate(rows))
+        shutil.rmtree(tmp)
+    return {"train_images": n_train, "test_images": n_test}
+
+
+def prepare_parts(root: Path, shards: Path, layout: str, workers: int, shard_samples: int) -> dict:
+    from tltrain.data.prepare import PrepareConfig, run_prepare
+    from tltrain.data.sources import SourceConfig
+
+    parts = {"train": (SourceConfig(kind="eyepacs", root=str(root)), {})}
+    if layout == "kaggle":
+        parts["test"] = (SourceConfig(kind="eyepacs", root=str(root), labels_csv="retinopathy_solution.csv",
+                                      image_dir="test"), {"val_fraction": 0.0, "test_fraction": 0.0})
+    info = {}
+    for part, (source, options) in parts.items():
+        manifest = run_prepare(PrepareConfig(source=source, out=str(shards / part), workers=workers, progress=False,
+                                             shard_samples=shard_samples, **options))
+        info[part] = {"shards": len(manifest["shards"]), "written": manifest["counts"]["written"],
+                      "manifest_bytes": (shards / part / "manifest.json").stat().st_size,
+                      "shard_bytes": sum(s["bytes"] for s in manifest["shards"])}
+    return {"parts": info}
+
+
+def verify_parts(shards: Path) -> dict:
+    from tltrain.data.verify import verify_shards
+
+    return {"verified": {p.name: verify_shards(p)["samples"] for p in sorted(shards.iterdir())}}
+
+
+def _import_loaders(backends) -> None:
+    import tltrain.data.loaders.torch_wds  # noqa: F401
+    if "dali" in backends:
+        import tltrain.data.loaders.dali  # noqa: F401
+        import nvidia.dali.pipeline  # noqa: F401
+
+
+def loader_start(shards: Path, backend: str) -> dict:
+    """build_loader + the first batch: the time a run waits before its first step."""
+    from tltrain.data.loaders import LoaderConfig, build_loader
+
+    cfg = LoaderConfig(backend=backend, batch_size=64, size=32, workers=2, dtype="fp32")
+    if backend == "dali":
+        cfg.dali_device = "cpu"
+    loader = build_loader(cfg, shards / "train", "train", train=True)
+    next(iter(loader))
+    return {"batches_per_epoch": len(loader)}
+
+
+def epoch(shards: Path, run_dir: Path, backend: str) -> dict:
+    from tltrain.train_app import train_from_overrides
+
+    result = train_from_overrides([
+        f"data.shards={shards / 'train'}", f"loader={backend}", "model.arch=resnet10t", "loader.size=32",
+        "loader.batch_size=64", "loader.workers=2", "trainer=cpu", "trainer.progress=false",
+        "schedule=finetune_all", "schedule.epochs_per_phase=1", f"run_dir={run_dir}",
+        *(["loader.dali_device=cpu", "loader.dtype=fp32"] if backend == "dali" else [])])
+    return {"status": result.get("status")}
+
+
+def run_n(n: int, args) -> dict:
+    work = Path(args.out) / f"n{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    raw, shards = work / "raw", work / "shards"
+    results: dict = {"n": n, "layout": args.layout}
+    print(f"N = {n}", flush=True)
+    try:
+        stage(results, "synth", n, lambda: synth(raw, n, args.layout, args.width, args.workers))
+        stage(results, "prepare", n, lambda: prepare_parts(raw, shards, args.layout, args.workers, args.shard_samples))
+        stage(results, "verify", n, lambda: verify_parts(shards))
+        n_train = json.loads((shards / "train" / "manifest.json").read_text())["splits"]["train"]["count"]
+        _import_loaders(args.backends)  # torch/DALI imports are paid once per process, not per loader
+        for backend in args.backends:
+            stage(results, f"loader_start_{backend}", 64, lambda b=backend: loader_start(shards, b))
+            stage(results, f"epoch_{backend}", n_train, lambda b=backend: epoch(shards, work / f"run_{b}", b))
+        results["shards"] = sum(p["shards"] for p in results["prepare"]["parts"].values())
+        results["manifest_bytes"] = sum(p["manifest_bytes"] for p in results["prepare"]["parts"].values())
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[KAGGLE_TRAIN + KAGGLE_TEST], help="dataset sizes")
+    parser.add_argument("--layout", choices=("kaggle", "train"), default="kaggle")
+    parser.add_argument("--width", type=int, default=128, help="synthetic image width in px")
+    parser.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
+    parser.add_argument("--shard-samples", type=int, default=1000)
+    parser.add_argument("--backends", nargs="+", default=["torch", "dali"], choices=("torch", "dali"))
+    parser.add_argument("--out", default="/tmp/tltrain_bench_scale", help="work folder (emptied per N)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0], "runs": [run_n(n, args) for n in args.n]}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
