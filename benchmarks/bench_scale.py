@@ -156,6 +156,35 @@ def epoch(shards: Path, run_dir: Path, backend: str) -> dict:
     return {"status": result.get("status")}
 
 
+def camera_costs(images: int, out: Path) -> dict:
+    """Seconds per image in one process at camera size (2592 x 1944 JPEG, ~5 MP like EyePACS): prepare's check
+    (full decode + disc) and its write (decode, disc crop, resize to radius 256 or longest 1024, re-encode)."""
+    from tltrain.data.prepare import _encode_image, inspect_image
+    from tltrain.data.synth import generate_eyepacs
+
+    root = out / "camera"
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        generate_eyepacs(root, n_patients=max(1, images // 2), width=2592, seed=5, workers=1, progress=False)
+        paths = sorted(str(p) for p in (root / "train").iterdir())
+        costs = {"images": len(paths), "mean_jpeg_bytes": round(sum(os.path.getsize(p) for p in paths) / len(paths))}
+        # CPU seconds (process_time) as well as wall seconds: on a shared, loaded machine the CPU time is the
+        # per-image cost that carries over to an idle node
+        start, cpu = time.perf_counter(), time.process_time()
+        infos = [inspect_image(p) for p in paths]
+        costs["check"] = {"wall_s": round((time.perf_counter() - start) / len(paths), 4),
+                          "cpu_s": round((time.process_time() - cpu) / len(paths), 4)}
+        for resize in ("none", "radius:256", "longest:1024"):
+            start, cpu = time.perf_counter(), time.process_time()
+            for p, info in zip(paths, infos):
+                _encode_image((p, info["disc"], info["width"], info["height"], resize, 90))
+            costs[f"write[{resize}]"] = {"wall_s": round((time.perf_counter() - start) / len(paths), 4),
+                                         "cpu_s": round((time.process_time() - cpu) / len(paths), 4)}
+        return costs
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_n(n: int, args) -> dict:
     work = Path(args.out) / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)
@@ -181,7 +210,7 @@ def run_n(n: int, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[KAGGLE_TRAIN + KAGGLE_TEST], help="dataset sizes")
+    parser.add_argument("--n", type=int, nargs="*", default=[KAGGLE_TRAIN + KAGGLE_TEST], help="dataset sizes")
     parser.add_argument("--layout", choices=("kaggle", "train"), default="kaggle")
     parser.add_argument("--width", type=int, default=128, help="synthetic image width in px")
     parser.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
@@ -189,10 +218,15 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", default=["torch", "dali"], choices=("torch", "dali"))
     parser.add_argument("--out", default="/tmp/tltrain_bench_scale", help="work folder (emptied per N)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--camera", type=int, default=0,
+                        help="also time prepare per image on this many 2592x1944 JPEGs in one process")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0], "runs": [run_n(n, args) for n in args.n]}
+    if args.camera:
+        report["camera"] = camera_costs(args.camera, Path(args.out))
+        print(f"camera size, one process: {report['camera']}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
