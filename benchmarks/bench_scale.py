@@ -199,7 +199,8 @@ def run_n(n: int, args) -> dict:
         _import_loaders(args.backends)  # torch/DALI imports are paid once per process, not per loader
         for backend in args.backends:
             stage(results, f"loader_start_{backend}", 64, lambda b=backend: loader_start(shards, b))
-            stage(results, f"epoch_{backend}", n_train, lambda b=backend: epoch(shards, work / f"run_{b}", b))
+            if not args.skip_epoch:
+                stage(results, f"epoch_{backend}", n_train, lambda b=backend: epoch(shards, work / f"run_{b}", b))
         results["shards"] = sum(p["shards"] for p in results["prepare"]["parts"].values())
         results["manifest_bytes"] = sum(p["manifest_bytes"] for p in results["prepare"]["parts"].values())
     finally:
@@ -220,6 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--camera", type=int, default=0,
                         help="also time prepare per image on this many 2592x1944 JPEGs in one process")
+    parser.add_argument("--skip-epoch", action="store_true", help="stop after the loader start-up")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

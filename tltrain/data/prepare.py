@@ -50,7 +50,7 @@ class PrepareConfig:
     resize: str = "none"  # none (original bytes) | longest:N | radius:N (Ben Graham radius scaling + disc crop)
     jpeg_quality: int = 90  # re-encoding quality when resizing
     on_problem: str = "fail"  # fail: stop before writing, listing every problem | skip: write good samples + report
-    workers: int = 0  # processes; 0 = all cores
+    workers: int = 0  # processes; 0 = every core this process may use (a SLURM task: its --cpus-per-task)
     progress: bool = True
     phase: str = "all"  # all | check | write | finish: the steps of a prepare split across cluster tasks
     task: str = "0/1"  # i/K: this process is task i of K (check and write phases); see run_prepare
@@ -149,7 +149,7 @@ def _shard_sample(entry: dict, encoded) -> ShardSample:
 
 def _pool_map(fn, jobs, workers: int):
     """fn over jobs in order, per item across a process pool (lazy: results stream back as they finish in order)."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))  # the cores SLURM gave this task, not the whole node's
     if workers == 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
