@@ -64,8 +64,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from tltrain.export import export_run
 
     meta = export_run(args.run_dir, args.out_dir, which=args.which, license=args.license,
-                      description=args.description)
-    print(f"exported {meta['architecture']} ({meta['num_classes']} classes) to {args.out_dir}")
+                      description=args.description, shards=args.shards)
+    checkpoint = meta["checkpoint"]
+    print(f"exported {meta['architecture']} ({meta['num_classes']} classes) to {args.out_dir}: checkpoint "
+          f"{checkpoint['name']} (step {checkpoint['step']}), {checkpoint['chosen_by']}")
     print(f"weights sha256 {meta['weights']['sha256']}")
     print(f"load it with: tltrain.load_pretrained('{args.out_dir}')  (see {args.out_dir}/README.md)")
 
@@ -80,7 +82,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print("confusion (rows: true, columns: predicted):")
     for row in metrics["confusion"]:
         print("  " + " ".join(f"{v:6d}" for v in row))
-    print(f"saved: {out}")
+    print(f"saved: {out} and per-image predictions {metrics['predictions']}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint to export")
     p.add_argument("--license", default="CC-BY-4.0")
     p.add_argument("--description", default="")
+    p.add_argument("--shards", default=None, help="the run's shard folder, if it moved since the run")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics of a pretrained package on a prepared split")
@@ -152,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=["torch", "dali"], default="torch")
-    p.add_argument("--out", default=None, help="JSON file (default: <checkpoint>/evaluation_<split>.json)")
+    p.add_argument("--out", default=None, help="JSON file (default: <checkpoint>/evaluation_<split>.json); per-image "
+                   "predictions go beside it as <name>_predictions.csv")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="grade probabilities for every image in a folder, as CSV")

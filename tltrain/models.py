@@ -88,12 +88,34 @@ def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
     report.new = [k for k in own if k not in usable]
     head_keys = _classifier_keys(model)
     if report.mismatched and not all(k in head_keys for k, _, _ in report.mismatched):
-        bad = [k for k, _, _ in report.mismatched if k not in head_keys][:5]
-        raise DataError(f"{path}: weights do not fit this architecture (shape mismatch in {', '.join(bad)})")
+        bad = [m for m in report.mismatched if m[0] not in head_keys]
+        raise DataError(f"{path}: weights do not fit this architecture ({_shape_list(bad)})")
     if any(k in head_keys for k, _, _ in report.mismatched) and hasattr(model, "reset_classifier"):
         model.reset_classifier(model.num_classes)  # a fresh head for the task's classes
     model.load_state_dict(usable, strict=False)
     return report
+
+
+def _shape_list(mismatched: list[tuple[str, tuple, tuple]], first: int = 5) -> str:
+    shown = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:first])
+    more = f"; and {len(mismatched) - first} more" if len(mismatched) > first else ""
+    return f"{len(mismatched)} shape mismatches: {shown}{more}"
+
+
+def describe_mismatch(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor], first: int = 5) -> str:
+    """One line naming the first keys whose shapes differ (with both shapes), and missing/unexpected keys;
+    "" when the state dict fits the model exactly."""
+    parts = []
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in saved.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        parts.append(_shape_list(mismatched, first))
+    for label, keys in (("missing from the file", [k for k in own if k not in saved]),
+                        ("not in the model", [k for k in saved if k not in own])):
+        if keys:
+            more = f" and {len(keys) - first} more" if len(keys) > first else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:first])}{more}")
+    return "; ".join(parts)
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:

@@ -159,7 +159,9 @@ class CheckpointManager:
 def consolidate_checkpoint(run_dir: str | Path, which: str = "latest") -> dict[str, torch.Tensor]:
     """A plain fp32 state dict of the model from a run's latest (or best) checkpoint, for any strategy.
 
-    DeepSpeed ZeRO partitions are merged with deepspeed.utils.zero_to_fp32 (works on CPU, no process group).
+    These are the weights the run evaluated: the EMA average when trainer.ema_decay > 0 (validation and test use
+    it), else the trained weights. DeepSpeed ZeRO partitions are merged with deepspeed.utils.zero_to_fp32 (works
+    on CPU, no process group).
     """
     manager = CheckpointManager(run_dir, is_main=False)
     entry = manager.best() if which == "best" else manager.latest()
@@ -170,6 +172,7 @@ def consolidate_checkpoint(run_dir: str | Path, which: str = "latest") -> dict[s
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(manager.dir), tag=entry["name"])
     else:
-        state = manager.read(entry)["model"]
+        content = manager.read(entry)
+        state = content.get("ema") or content["model"]  # ModelEmaV3's keys carry a "module." prefix, removed below
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v
             for k, v in state.items()}
