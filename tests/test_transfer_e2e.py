@@ -37,4 +37,5 @@ def test_fraction_sweep_report(fundus_shards, tmp_path):
     report = write_report(sweep)
     assert len(report["rows"]) == 2 and {r["fraction"] for r in report["rows"]} == {0.4, 1.0}
     text = (sweep / "report.md").read_text()
-    assert "| finetune_all | resnet10t |" in text and report["plot"] and (sweep / "report.csv").exists()
+    assert "| finetune_all | resnet10t | scratch |" in text and report["plot"] and (sweep / "report.csv").exists()
+    assert list(report["charts"].values()) == ["vs_fraction"]  # two fractions: metric against fraction
