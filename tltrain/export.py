@@ -3,11 +3,12 @@
 A package is a folder:
   model.safetensors   consolidated fp32 weights (single, DDP or DeepSpeed ZeRO runs alike)
   tltrain.json        architecture, classes, input size, the exact preprocessing, training data (manifest hash,
-                      counts, fraction), schedule and resolved config, metrics, versions, licence, weights sha256
-  README.md           model card: intended use, data, metrics, how to load it (tltrain or plain timm)
-`load_pretrained` checks the sha256 before trusting the weights; plain timm loads the same file through
-`pretrained_cfg_overlay=dict(file=..., num_classes=N)` (without num_classes timm compares against ImageNet's 1000
-classes and silently drops the classifier).
+                      counts, fraction), schedule and resolved config, which checkpoint and how it was chosen, its
+                      validation and test metrics with bootstrap intervals, versions, licence, weights sha256
+  config.json         timm's config: `timm.create_model("local-dir:PKG", pretrained=True)` loads the package
+  README.md           model card: intended use, data, test set, checkpoint choice, metrics with 95 % intervals,
+                      what referable means, how to load it (tltrain or plain timm)
+`load_pretrained` checks the sha256 before trusting the weights.
 """
 from __future__ import annotations
 
