@@ -25,6 +25,10 @@ def test_features_svm_path(trained_run, target_shards, tmp_path):
                                                      f"model.weights={trained_run}"))
     assert result["status"] == "completed" and 0 <= result["test"]["accuracy"] <= 1
     assert (tmp_path / "svm" / "classifier.joblib").exists()
+    from tltrain.metrics import read_predictions_csv
+
+    keys, labels, probs = read_predictions_csv(tmp_path / "svm" / "predictions_test.csv")
+    assert len(keys) == result["test"]["count"] and probs.shape[1] == 2
     assert list((tmp_path / "svm" / "features" / "train").glob("features-*.npz"))
 
 

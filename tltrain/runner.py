@@ -79,7 +79,7 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
     """Li et al. method 3: the pretrained CNN as a fixed feature extractor, a scikit-learn classifier on top."""
     from tltrain.engine.checkpoint import atomic_write_json
     from tltrain.engine.logging import write_status
-    from tltrain.metrics import compute_metrics
+    from tltrain.metrics import compute_metrics, write_predictions_csv
     from tltrain.transfer.features import extract_features, fit_classifier
 
     started = time.time()
@@ -109,6 +109,8 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
         if name in feats:
             probs = classifier.predict_proba(feats[name][0], num_classes=int(manifest["num_classes"]))
             results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
+            if name == "test" and env.is_main:
+                write_predictions_csv(run_dir / "predictions_test.csv", feats[name][2], feats[name][1], probs)
     perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
     if env.is_main:
         import joblib
