@@ -116,6 +116,7 @@ def test_cli_export_evaluate_predict(trained_run, fundus_shards, tmp_path):
     assert done.returncode == 0 and "load_pretrained" in done.stdout
     done = subprocess.run([tool, "evaluate", str(out), str(fundus_shards)], capture_output=True, text=True)
     assert done.returncode == 0 and "kappa" in done.stdout and (out / "evaluation_test.json").exists()
+    assert (out / "evaluation_test_predictions.csv").exists() and "evaluation_test_predictions.csv" in done.stdout
     done = subprocess.run([tool, "evaluate", str(tmp_path), str(fundus_shards)], capture_output=True, text=True)
     assert done.returncode == 2 and "tltrain.json: not found" in done.stderr
 
