@@ -68,3 +68,6 @@ def test_mean_ci_and_weights_names(tmp_path):
     assert initial_weights(None) == "scratch" and initial_weights("/models/imagenet_resnet18.pth") == "imagenet"
     assert initial_weights(str(package)) == "package:fundus_pkg"
     assert initial_weights("/runs/step1_fundus") == "run:step1_fundus"
+    assert initial_weights(str(package / "model.safetensors")) == "package:fundus_pkg"
+    assert initial_weights("/runs/step1/checkpoints/step-00000040.pt") == "run:step1"
+    assert initial_weights("/models/resnet50_foo.pth") == "file:resnet50_foo"

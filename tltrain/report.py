@@ -82,6 +82,10 @@ def initial_weights(weights: str | None) -> str:
         if (path / "tltrain.json").is_file():
             return f"package:{path.name}"
         return f"run:{path.name}"
+    if (path.parent / "tltrain.json").is_file():  # a package's weights file
+        return f"package:{path.parent.name}"
+    if path.parent.name == "checkpoints":  # a checkpoint file inside a run folder
+        return f"run:{path.parent.parent.name}"
     lowered = path.name.lower()
     if any(tag in lowered for tag in ("imagenet", "in1k", "in21k", "in22k", "in12k")):
         return "imagenet"
