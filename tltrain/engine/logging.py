@@ -29,9 +29,9 @@ def write_status(run_dir: str | Path, state: str, **fields) -> None:
 
 def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
                   perf: dict | None = None, best: dict | None = None) -> None:
-    """metrics.json: last validation metrics ("final"), per-epoch history, the best checkpoint ("best": name,
-    metric, step, epoch, its validation metrics), test metrics ("test", with the checkpoint they were computed on),
-    speed."""
+    """metrics.json: last validation metrics ("final"), per-epoch history (0-based "epoch"), the best checkpoint
+    ("best": name, metric, mode, value, step, "epoch" = epochs completed, its validation metrics), test metrics
+    ("test", with the checkpoint they were computed on), speed."""
     atomic_write_json(Path(run_dir) / "metrics.json",
                       {"final": final, "best": best or {}, "history": history, "test": test or {},
                        "perf": perf or {}})
