@@ -94,6 +94,23 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             print(f"  - {item['file']}: {item['reason']}")
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> None:
+    from safetensors.torch import save
+
+    from tltrain.engine.checkpoint import atomic_write_bytes
+    from tltrain.errors import ConfigError
+    from tltrain.models import read_state_dict
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the output must be a .safetensors file")
+    state = read_state_dict(args.weights, trust_pickle=args.trust_pickle)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}  # no shared storage
+    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "converted_from": Path(args.weights).name}))
+    print(f"wrote {len(tensors)} tensors to {out}" + (" (read with plain pickle: --trust-pickle)"
+                                                      if args.trust_pickle else ""))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tltrain.demo import run_demo
 
@@ -162,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("convert-weights", help="rewrite weights (a .pth/.pt/.bin file, run folder or package) as "
+                       "one .safetensors file that loads without running code")
+    p.add_argument("weights", help="weights file, tltrain run folder or export package")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a legacy file that holds pickled Python objects with plain pickle; loading it can run "
+                        "code, so only for files whose author you trust")
+    p.set_defaults(func=_cmd_convert_weights)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled synthetic data")
     p.add_argument("--out", default="demo", help="working folder (default: ./demo)")

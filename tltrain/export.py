@@ -182,9 +182,8 @@ def read_metadata(path: str | Path) -> dict:
 def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | None = None):
     """(model in eval mode, Preprocessing). num_classes differing from the package's gives a fresh head."""
     import timm
-    from safetensors.torch import load_file
 
-    from tltrain.models import load_weights
+    from tltrain.models import load_weights, read_state_dict
 
     path = Path(path)
     meta = read_metadata(path)
@@ -199,7 +198,7 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
     outputs = num_classes or meta["num_outputs"]
     model = timm.create_model(arch, pretrained=False, num_classes=outputs)
     if outputs == meta["num_outputs"]:
-        state = load_file(str(weights))
+        state = read_state_dict(weights)  # safetensors; any other file only weights-only (a package is data)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

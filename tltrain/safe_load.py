@@ -15,6 +15,7 @@ import contextlib
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,15 +47,18 @@ def _refused_detail(message: str) -> str | None:
     found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported class ([\w.]+)", message)
     if found:
         return f"global {found.group(1)}"
-    operand = re.search(r"Unsupported operand \d+", message)
-    return operand.group(0).lower() if operand else "objects other than tensors and plain containers"
+    operand = re.search(r"Unsupported operand (\d+)", message)
+    if operand:
+        return f"pickle opcode {operand.group(1)}, outside torch's weights-only subset"
+    return "objects other than tensors and plain containers"
 
 
 def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "weights"):
     """torch.load on CPU with weights_only=True (plain pickle only with trust_pickle); errors name the file."""
     path = Path(path)
     try:
-        with _no_forced_pickle():
+        with _no_forced_pickle(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)  # refused anyway
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         detail = None if trust_pickle else _refused_detail(str(exc))
