@@ -40,17 +40,30 @@ def refusal(path: str | Path, detail: str = "", source: str | Path | None = None
         f"{source.with_suffix('.safetensors').name} --trust-pickle` and use the .safetensors file")
 
 
-def _refused_detail(message: str) -> str | None:
-    """What torch's weights-only unpickler refused, or None when the error is not such a refusal."""
+def _refused_detail(message: str, path: Path | None = None) -> str | None:
+    """What torch's weights-only unpickler refused, or None when the error is not such a refusal (e.g. junk)."""
     if "Weights only load failed" not in message:
         return None
     found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported class ([\w.]+)", message)
     if found:
         return f"global {found.group(1)}"
     operand = re.search(r"Unsupported operand (\d+)", message)
-    if operand:
-        return f"pickle opcode {operand.group(1)}, outside torch's weights-only subset"
+    if operand:  # a pickle (protocol >= 2 opening, or torch's zip) using opcodes outside the weights-only subset
+        return f"pickle opcode {operand.group(1)}, outside torch's weights-only subset" if _looks_pickled(path) \
+            else None
     return "objects other than tensors and plain containers"
+
+
+def _looks_pickled(path: Path | None) -> bool:
+    """True for a torch zip file or a pickle stream with a protocol opcode; False for other bytes (junk)."""
+    if path is None:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return head[:2] == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "weights"):
@@ -61,10 +74,11 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "wei
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)  # refused anyway
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        detail = None if trust_pickle else _refused_detail(str(exc))
+        detail = None if trust_pickle else _refused_detail(str(exc), path)
         if detail is not None:
             raise refusal(path, detail) from None
-        raise DataError(f"{path}: cannot read {what} ({type(exc).__name__}: {_first_line(exc)})") from None
+        why = "not a PyTorch or safetensors file" if "Weights only load failed" in str(exc) else _first_line(exc)
+        raise DataError(f"{path}: cannot read {what} ({why})") from None
     except Exception as exc:  # corrupt, truncated or foreign file
         raise DataError(f"{path}: cannot read {what} ({type(exc).__name__}: {_first_line(exc)})") from None
 
