@@ -338,3 +338,29 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = consolidate_checkpoint(straight), consolidate_checkpoint(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+@pytest.mark.slow  # two 2-rank DeepSpeed runs (torchrun, gloo, DS_ACCELERATOR=cpu)
+def test_deepspeed_resume_and_consolidation_run_weights_only(tmp_path):
+    """DeepSpeed's own load_checkpoint (resume) and zero_to_fp32 (consolidation) read real ZeRO-2 files with
+    torch.load forced weights-only: both still work."""
+    import socket
+
+    def torchrun(epochs):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port, "-m",
+               "tltrain.engine.synthetic", "--run-dir", str(tmp_path), "--epochs", str(epochs), "--batch-size", "8",
+               "--strategy", "deepspeed", "--precision", "bf16", "--zero-stage", "2"]
+        return subprocess.run(cmd, cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True,
+                              text=True, timeout=600)
+
+    first = torchrun(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step-00000020" in second.stdout + second.stderr
+    assert CheckpointManager(tmp_path, is_main=False).latest()["step"] == 40
+    state = consolidate_checkpoint(tmp_path)
+    assert set(state) == {"features.0.weight", "features.0.bias", "fc.weight", "fc.bias"}
