@@ -261,12 +261,13 @@ def definition_float64(image_hwc: torch.Tensor, disc, size: int, cfg: Preprocess
 
 def rotate_batch(x: torch.Tensor, degrees, cfg: PreprocessConfig) -> torch.Tensor:
     """Rotate each image of a finished (N, 3, S, S) batch about its centre by its own angle (bilinear); the
-    corners that come in are the offset grey (normalised). Training rotates after the filter, which is rotation
-    invariant, so the filter always sees the crop's separable valid map."""
-    angles = torch.as_tensor(degrees, dtype=torch.float32, device=x.device).reshape(-1)
-    if not bool(angles.ne(0).any()):
+    corners that come in are the offset grey (black with the filter off), normalised. Training rotates after the
+    filter, which is rotation invariant, so the filter always sees the crop's separable valid map."""
+    angles = torch.as_tensor(degrees, dtype=torch.float32).to(x.device).reshape(-1)
+    if len(angles) == 0 or not bool(angles.ne(0).any()):
         return x
-    grey = (cfg.offset / 255 - torch.tensor(cfg.mean, device=x.device)) / torch.tensor(cfg.std, device=x.device)
+    level = cfg.offset if cfg.filter_on else 0.0
+    grey = (level / 255 - torch.tensor(cfg.mean, device=x.device)) / torch.tensor(cfg.std, device=x.device)
     grey = grey.view(1, 3, 1, 1)
     theta = torch.deg2rad(angles)
     cos, sin, zero = torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)
