@@ -85,7 +85,7 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
 
     x = fn.cast(images, dtype=types.FLOAT)
     if pre.filter_on:  # tltrain.preprocess: B = gauss0(P) / gauss0(V); round(clamp(4 (P - V B) + 128)); mask
-        x = _normalised_filter(fn, types, dmath, x, valid_y * valid_x, pre, work, gpu)
+        x = normalised_filter(x, valid_y * valid_x, pre, work, gpu)
     if angle is not None:
         x = fn.rotate(x, angle=angle, keep_size=True, fill_value=pre.offset if pre.filter_on else 0.0)
     if work != size:
@@ -112,9 +112,12 @@ def _valid_profiles(fn, types, images, x0, y0, side, work):
     return valid_y, valid_x
 
 
-def _normalised_filter(fn, types, dmath, x, valid, pre, work: int, gpu: bool):
-    """Ben Graham on float HWC x (the uint8 crop P) with the valid map V: a 4-channel blur of [P, V] with a zero
-    halo (DALI's blur mirrors at the border; the halo makes it zero padding), then B = blur(P) / blur(V)."""
+def normalised_filter(x, valid, pre, work: int, gpu: bool):
+    """Ben Graham (definition version 2) inside a DALI graph, on float HWC x (the uint8 crop P, work x work) with
+    the valid map V (work x work x 1, or broadcastable to it): a 4-channel blur of [P, V] with a zero halo (DALI's
+    blur mirrors at its border; the halo makes that zero padding), then B = blur(P) / blur(V) and the output."""
+    from nvidia.dali import fn
+    from nvidia.dali import math as dmath
     from nvidia.dali import types as T
 
     sigma = work / 2 * pre.sigma_ratio
