@@ -64,7 +64,8 @@ def dali_chain(batch_nhwc: torch.Tensor, cfg: P.PreprocessConfig, device: str):
     def pipe():
         images = fn.external_source(source=lambda: feed, batch=True, layout="HWC", device="gpu" if gpu else "cpu")
         x = fn.cast(images, dtype=types.FLOAT)
-        x = normalised_filter(x, x[:, :, 0:1] * 0.0 + 1.0, cfg, size, gpu)  # every pixel photo (uncut crops)
+        # every pixel photo (uncut crops): profiles of ones
+        x = normalised_filter(x, x[:, 0:1, 0:1] * 0.0 + 1.0, x[0:1, :, 0:1] * 0.0 + 1.0, cfg, size, gpu)
         return fn.crop_mirror_normalize(x, dtype=types.FLOAT16, output_layout="CHW",
                                         mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
 

@@ -85,7 +85,7 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
 
     x = fn.cast(images, dtype=types.FLOAT)
     if pre.filter_on:  # tltrain.preprocess: B = gauss0(P) / gauss0(V); round(clamp(4 (P - V B) + 128)); mask
-        x = normalised_filter(x, valid_y * valid_x, pre, work, gpu)
+        x = normalised_filter(x, valid_y, valid_x, pre, work, gpu)
     if angle is not None:
         x = fn.rotate(x, angle=angle, keep_size=True, fill_value=pre.offset if pre.filter_on else 0.0)
     if work != size:
@@ -112,25 +112,29 @@ def _valid_profiles(fn, types, images, x0, y0, side, work):
     return valid_y, valid_x
 
 
-def normalised_filter(x, valid, pre, work: int, gpu: bool):
+def normalised_filter(x, valid_y, valid_x, pre, work: int, gpu: bool):
     """Ben Graham (definition version 2) inside a DALI graph, on float HWC x (the uint8 crop P, work x work) with
-    the valid map V (work x work x 1, or broadcastable to it): a 4-channel blur of [P, V] with a zero halo (DALI's
-    blur mirrors at its border; the halo makes that zero padding), then B = blur(P) / blur(V) and the output."""
+    the valid profiles vy (work, 1, 1) and vx (1, work, 1): B = gauss0(P) / (gauss0(vy) gauss0(vx)). DALI's blur
+    mirrors at its border, so each blur runs on a zero halo (which makes it zero padding); the normaliser's blurs
+    are 1-D, on the profiles."""
     from nvidia.dali import fn
     from nvidia.dali import math as dmath
     from nvidia.dali import types as T
 
     sigma = work / 2 * pre.sigma_ratio
     half = math.ceil(3 * sigma)
-    stacked = fn.cat(x, valid, axis=2)
-    padded = fn.slice(stacked, [-half, -half], [work + 2 * half, work + 2 * half], axis_names="HW",
-                      normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
-    blurred = fn.gaussian_blur(padded, sigma=sigma, window_size=2 * half + 1)
-    blurred = fn.slice(blurred, [half, half], [work, work], axis_names="HW", normalized_anchor=False,
-                       normalized_shape=False)
-    den = blurred[:, :, 3:4]
-    mean_blur = blurred[:, :, 0:3] / dmath.max(den, 1e-30)  # where den is 0 so is blur(P): B = 0
-    x = dmath.floor(dmath.clamp(pre.gain * (x - valid * mean_blur) + pre.offset, 0.0, 255.0) + 0.5)
+
+    def gauss0(node, extent_h: int, extent_w: int):
+        pad_h, pad_w = (half if extent_h > 1 else 0), (half if extent_w > 1 else 0)
+        padded = fn.slice(node, start=[-pad_h, -pad_w], shape=[extent_h + 2 * pad_h, extent_w + 2 * pad_w],
+                          axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+        blurred = fn.gaussian_blur(padded, sigma=[sigma if pad_h else 1.0, sigma if pad_w else 1.0],
+                                   window_size=[2 * pad_h + 1, 2 * pad_w + 1])
+        return fn.slice(blurred, start=[pad_h, pad_w], shape=[extent_h, extent_w], axis_names="HW")
+
+    den = gauss0(valid_y, work, 1) * gauss0(valid_x, 1, work)
+    mean_blur = gauss0(x, work, work) / dmath.max(den, 1e-30)  # where den is 0 so is gauss0(P): B = 0
+    x = dmath.floor(dmath.clamp(pre.gain * (x - valid_y * valid_x * mean_blur) + pre.offset, 0.0, 255.0) + 0.5)
     if pre.mask_ratio > 0:
         inside = circle_mask(work, pre.mask_ratio).numpy().astype(np.float32)[..., None]
         mask = T.Constant(inside, device="gpu" if gpu else "cpu")
