@@ -108,3 +108,17 @@ def test_bad_config_values_name_the_key():
         P.AugmentConfig(crop_scale=[0.9, 0.5]).validate()
     with pytest.raises(ConfigError, match="fp8"):
         P.validate_dtype("fp8")
+
+
+def test_rotate_batch_turns_each_image_by_its_angle_and_fills_offset_grey():
+    """Training rotates after the filter: 90 degrees is an exact quarter turn, 0 leaves the image alone, and the
+    corners a 45-degree turn brings in are the normalised offset grey."""
+    cfg = P.PreprocessConfig()
+    x = torch.randn(3, 3, 16, 16)
+    out = P.rotate_batch(x, [0.0, 90.0, 45.0], cfg)
+    assert torch.allclose(out[0], x[0], atol=1e-5)
+    quarter = torch.rot90(x[1], 1, dims=(-2, -1))
+    assert torch.allclose(out[1], quarter, atol=1e-5) or torch.allclose(out[1], torch.rot90(x[1], -1, (-2, -1)),
+                                                                        atol=1e-5)
+    grey = (cfg.offset / 255 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    assert torch.allclose(out[2, :, 0, 0], grey, atol=1e-5)
