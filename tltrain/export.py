@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 import tltrain
 from tltrain.data.shards import sha256_file
 from tltrain.errors import ConfigError, DataError
+from tltrain.preprocess import FILTER_VERSION
 
 WEIGHTS = "model.safetensors"
 METADATA = "tltrain.json"
@@ -70,6 +72,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         "class_names": manifest.get("class_names") or manifest.get("classes"),
         "input_size": [3, config["loader"]["size"], config["loader"]["size"]],
         "preprocessing": {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
+                          "filter_version": FILTER_VERSION,  # tltrain.preprocess: 2 = normalised masked blur
                           "size": config["loader"]["size"], **config["loader"]["preprocess"]},
         "training_data": {
             "name": config["data"].get("name"), "manifest_sha256": sha256_file(manifest_path) if manifest else None,
@@ -165,6 +168,9 @@ class Preprocessing:
         from tltrain.preprocess import PreprocessConfig
 
         fields = PreprocessConfig.__dataclass_fields__
+        if self.config.get("filter_version", 1) != FILTER_VERSION:  # packages before it was recorded: version 1
+            warnings.warn(f"package preprocessing is filter version {self.config.get('filter_version', 1)}; this "
+                          f"tltrain applies version {FILTER_VERSION} (differs near photo edges)", RuntimeWarning)
         return PreprocessConfig(**{k: v for k, v in self.config.items() if k in fields})
 
 
