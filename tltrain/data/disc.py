@@ -35,6 +35,7 @@ EDGE_LEVEL = 0.25  # the edge lies where the colour distance falls through 1/4 o
 MIN_RADIUS = 0.15  # of the shorter image side: a smaller round region is not a fundus photograph
 MIN_INLIERS = 0.4  # share of edge points on the circle (coarse), of profiles (fine)
 MIN_ARC_DEG = 90.0  # the circle must be seen over at least this much of its circumference (10-degree bins)
+STRAIGHT_RUN = 0.2  # of the shorter side: an image row or column with more edge points holds a straight edge
 MIN_FILL = 0.85  # IoU of the region with the fitted circle (inside the image)
 PROFILES = 180  # radial profiles of the fine step
 PROFILE_SAMPLES = 32
@@ -199,11 +200,16 @@ def find_disc(image: np.ndarray) -> DiscFit:
         return _no_disc(w_full, h_full, "the largest region is too small for a retina")
 
     edge = region & ~ndimage.binary_erosion(region, border_value=1)
+    edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = False, False, False, False  # the image border: cuts
+    # Long horizontal or vertical runs are frames, axis lines, legend boxes or a camera mask's straight cut; a
+    # circle is that flat only over about sqrt(2 r) pixels at its extremes, a few points the fit can spare.
+    straight = max(6, STRAIGHT_RUN * min(h, w))
+    edge[edge.sum(axis=1) > straight] = False
+    edge[:, edge.sum(axis=0) > straight] = False
     ys, xs = np.nonzero(edge)
-    away = (xs >= 2) & (xs < w - 2) & (ys >= 2) & (ys < h - 2)  # points on the image border are cuts
-    x, y = xs[away] + 0.5, ys[away] + 0.5
+    x, y = xs + 0.5, ys + 0.5
     if len(x) < 12:
-        return _no_disc(w_full, h_full, "the region has no edge inside the image")
+        return _no_disc(w_full, h_full, "the region has no round edge inside the image")
     fit = _robust_circle(x, y, tol=1.5, r_range=(min_r, 2.0 * max(h, w)))
     if fit is None:
         return _no_disc(w_full, h_full, "no circle fits the region's edge")

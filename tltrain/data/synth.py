@@ -10,6 +10,7 @@ Every image is a pure function of (seed, patient, eye): results do not depend on
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -265,7 +266,7 @@ def _sample_grades(seed: int, n_patients: int, class_mix, pair_same_grade: float
     return grades
 
 
-def _write_eye(job) -> tuple[str, int]:
+def _write_eye(job) -> tuple[str, int, dict]:
     path, seed, patient, eye, grade, width, height, mirror_fraction, quality, defect_fraction, exif = job
     rng = _rng(seed, patient, eye)
     mirrored = bool(rng.uniform() < mirror_fraction)
@@ -286,7 +287,8 @@ def _write_eye(job) -> tuple[str, int]:
         save_with_orientation(img, path, orientation, quality)
     else:
         Image.fromarray(img).save(path, format="JPEG", quality=quality)
-    return Path(path).stem, grade
+    truth = {"defects": [str(k) for k in kinds], "orientation": orientation, "disc": [float(v) for v in disc]}
+    return Path(path).stem, grade, truth
 
 
 def _pool_map(fn, jobs, workers, progress, desc):
@@ -333,10 +335,14 @@ def generate_eyepacs(out_dir, n_patients: int, width: int = 512, height: int | N
     with open(out / "trainLabels.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "level"])
-        writer.writerows(rows)
-    counts = np.bincount([g for _, g in rows], minlength=5).tolist()
+        writer.writerows(row[:2] for row in rows)
+    counts = np.bincount([row[1] for row in rows], minlength=5).tolist()
+    # Per image: its defects, EXIF orientation and true disc (cx, cy, r) in the pixels of the oriented image.
+    truth = {stem: info for stem, _, info in rows}
+    (out / "truth.json").write_text(json.dumps(truth, indent=0))
     return {"root": str(out), "labels_csv": str(out / "trainLabels.csv"), "images": len(rows),
-            "patients": n_patients, "per_grade": dict(enumerate(counts)), "width": width, "height": height}
+            "patients": n_patients, "per_grade": dict(enumerate(counts)), "width": width, "height": height,
+            "with_defects": sum(bool(info["defects"]) for info in truth.values()), "truth": str(out / "truth.json")}
 
 
 def render_target(seed, label: int, size: int = 256) -> np.ndarray:
