@@ -5,7 +5,10 @@ downloads. A fundus image here is a lit disc on black with vignetting, an optic 
 vessel tree; the DR grade is carried by lesions whose number and kind grow with it (microaneurysms from grade 1,
 haemorrhages and hard exudates from 2, many more at 3, new vessels at 4). Camera colour, exposure, blur, disc
 size and position vary per image, and some images are mirrored, so the grade is learnable but not trivial.
-Every image is a pure function of (seed, patient, eye): results do not depend on the number of workers.
+A share of the eyes (`defect_fraction`) carries what real photographs bring and tests must meet: discs cut at the
+top and bottom (EyePACS) or a side, frames, axis lines, a notch, a legend box, stray pixels, EXIF orientation
+tags (pixels stored turned, so only the oriented image is the eye). `truth.json` records each eye's defects and
+true disc. Every image is a pure function of (seed, patient, eye): results do not depend on the number of workers.
 """
 from __future__ import annotations
 
