@@ -37,7 +37,7 @@ MIN_INLIERS = 0.4  # share of edge points on the circle (coarse), of profiles (f
 MIN_ARC_DEG = 90.0  # the circle must be seen over at least this much of its circumference (10-degree bins)
 STRAIGHT_RUN = 0.2  # of the shorter side: an image row or column with more edge points holds a straight edge
 MIN_FILL = 0.85  # IoU of the region with the fitted circle (inside the image)
-PROFILES = 180  # radial profiles of the fine step
+PROFILES = 120  # radial profiles of the fine step
 PROFILE_SAMPLES = 32
 PROFILE_HALF_WIDTH = 0.05  # of r: the fine step looks this far inside and outside the coarse circle
 
@@ -72,9 +72,9 @@ def _geometric(x: np.ndarray, y: np.ndarray, start, steps: int = 8) -> tuple[flo
         dx, dy = x - cx, y - cy
         d = np.maximum(np.hypot(dx, dy), 1e-9)
         jac = np.stack([-dx / d, -dy / d, -np.ones_like(d)], axis=1)
-        delta, *_ = np.linalg.lstsq(jac, -(d - r), rcond=None)
+        delta = np.linalg.solve(jac.T @ jac, jac.T @ (r - d))  # normal equations of the 3-parameter step
         cx, cy, r = cx + delta[0], cy + delta[1], r + delta[2]
-        if abs(delta).max() < 1e-4:
+        if abs(delta).max() < 1e-3:
             break
     return float(cx), float(cy), float(abs(r))
 
@@ -98,21 +98,23 @@ def _ransac(x: np.ndarray, y: np.ndarray, tol: float, r_range, hypotheses: int =
     cx, cy, r = cx[plausible], cy[plausible], r[plausible]
     step = max(1, len(x) // scored)  # scoring on an evenly spread subset is as good and much cheaper
     sx, sy = x[::step], y[::step]
-    residual = np.abs(np.hypot(sx[None] - cx[:, None], sy[None] - cy[:, None]) - r[:, None])
-    best = int(np.argmax((residual < tol).sum(axis=1)))
+    d2 = (sx[None] - cx[:, None]) ** 2 + (sy[None] - cy[:, None]) ** 2  # |d - r| < tol, without square roots
+    inside, outside = (np.maximum(r - tol, 0) ** 2)[:, None], ((r + tol) ** 2)[:, None]
+    best = int(np.argmax(((d2 > inside) & (d2 < outside)).sum(axis=1)))
     return float(cx[best]), float(cy[best]), float(r[best])
 
 
-def _robust_circle(x, y, tol: float, r_range):
-    """RANSAC, then least squares on the inliers, twice; -> (circle, inlier mask) or None."""
-    circle = _ransac(x, y, tol, r_range)
+def _robust_circle(x, y, tol: float, r_range, hypotheses: int = 128, geometric: bool = True):
+    """RANSAC, then least squares on the inliers (geometric, or the cheaper algebraic fit), thrice;
+    -> (circle, inlier mask) or None."""
+    circle = _ransac(x, y, tol, r_range, hypotheses)
     if circle is None:
         return None
     for _ in range(3):
         inliers = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) < tol
         if inliers.sum() < 5:
             return None
-        circle = _geometric(x[inliers], y[inliers], circle)
+        circle = _geometric(x[inliers], y[inliers], circle) if geometric else _kasa(x[inliers], y[inliers])
     inliers = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) < tol
     return circle, inliers
 
@@ -182,7 +184,7 @@ def find_disc(image: np.ndarray) -> DiscFit:
     if differs.sum() < 0.5 * math.pi * min_r ** 2:
         return _no_disc(w_full, h_full, "what differs from the surround is too small for a retina")
     # The median over everything that differs is the retina's (overlays are a small share of those pixels).
-    retina_level = float(np.median(dist[differs]))
+    retina_level = float(np.median(dist[differs][::4]))
     level = background + max(EDGE_LEVEL * (retina_level - background), 0.5 * MIN_CONTRAST)
 
     # Opening removes thin structures that differ from the surround (frame and axis lines, stray pixels);
@@ -210,7 +212,7 @@ def find_disc(image: np.ndarray) -> DiscFit:
     x, y = xs + 0.5, ys + 0.5
     if len(x) < 12:
         return _no_disc(w_full, h_full, "the region has no round edge inside the image")
-    fit = _robust_circle(x, y, tol=1.5, r_range=(min_r, 2.0 * max(h, w)))
+    fit = _robust_circle(x, y, tol=1.5, r_range=(min_r, 2.0 * max(h, w)), geometric=False)
     if fit is None:
         return _no_disc(w_full, h_full, "no circle fits the region's edge")
     (cx, cy, r), inliers = fit
@@ -273,7 +275,7 @@ def _refine(img: np.ndarray, coarse, surround: np.ndarray, level: float):
     if keep.sum() < 24:
         return None
     ex, ey = ex[keep], ey[keep]
-    fit = _robust_circle(ex, ey, tol=max(1.0, 0.005 * r), r_range=(0.9 * r, 1.1 * r))
+    fit = _robust_circle(ex, ey, tol=max(1.0, 0.005 * r), r_range=(0.9 * r, 1.1 * r), hypotheses=64)
     if fit is None:
         return None
     circle, inliers = fit
