@@ -131,6 +131,15 @@ def test_notch_and_straight_cut_inside_the_image_are_ignored():
     assert max(abs(a - b) for a, b in zip(fit.disc, truth)) < 0.01 * truth[2], (fit, truth)
 
 
+def test_dark_photo_on_a_noisy_surround():
+    """An underexposed photo (typical retina ~30 grey levels, rim ~15) on a noisy black surround is still found."""
+    img, truth = render_fundus_disc(_rng(13, 777), 1, W, H)
+    noise = np.random.default_rng(0).normal(3, 2, img.shape)
+    dark = np.clip(img * 0.2 + noise, 0, 255).astype(np.uint8)
+    fit = find_disc(dark)
+    assert max(abs(a - b) for a, b in zip(fit.disc, truth)) < 0.01 * truth[2], (fit, truth)
+
+
 def test_thumbnail_estimate_matches_full_image(tmp_path):
     """prepare finds the disc on a reduced thumbnail; predict and load_pretrained on the full image."""
     from tltrain.data.prepare import inspect_image

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 WORK_SIDE = 160  # the coarse step's longest side, px
-MIN_CONTRAST = 20.0  # colour distance (0-441) between surround and retina below which an image is blank
+MIN_CONTRAST = 10.0  # colour distance (0-441) between surround and typical retina below which there is none
 EDGE_LEVEL = 0.25  # the edge lies where the colour distance falls through 1/4 of the surround->retina step
 MIN_RADIUS = 0.15  # of the shorter image side: a smaller round region is not a fundus photograph
 MIN_INLIERS = 0.4  # share of edge points on the circle (coarse), of profiles (fine)
@@ -176,8 +176,11 @@ def find_disc(image: np.ndarray) -> DiscFit:
                               small[-patch:, -patch:]]).reshape(-1, small.shape[2])
     surround = np.median(corners, axis=0)
     dist = _colour_distance(small, surround)
-    background = float(np.median(_colour_distance(corners, surround)))
-    differs = dist > background + MIN_CONTRAST
+    corner_dist = _colour_distance(corners, surround)
+    background = float(np.median(corner_dist))
+    # The surround's noise (JPEG, sensor): a robust spread, so a legend box in one corner does not count.
+    ceiling = background + max(4 * 1.4826 * float(np.median(np.abs(corner_dist - background))), 2.0)
+    differs = dist > ceiling + MIN_CONTRAST / 2
     min_r = MIN_RADIUS * min(h, w)
     if not differs.any():
         return _no_disc(w_full, h_full, "nothing differs from the surround (a blank image)")
@@ -185,7 +188,9 @@ def find_disc(image: np.ndarray) -> DiscFit:
         return _no_disc(w_full, h_full, "what differs from the surround is too small for a retina")
     # The median over everything that differs is the retina's (overlays are a small share of those pixels).
     retina_level = float(np.median(dist[differs][::4]))
-    level = background + max(EDGE_LEVEL * (retina_level - background), 0.5 * MIN_CONTRAST)
+    if retina_level - background < MIN_CONTRAST:
+        return _no_disc(w_full, h_full, "nothing differs clearly from the surround (too dark or faint)")
+    level = max(background + EDGE_LEVEL * (retina_level - background), ceiling + 2)
 
     # Opening removes thin structures that differ from the surround (frame and axis lines, stray pixels);
     # closing then mends the retina where a thin line of surround colour crosses it. Square windows: fast.
@@ -279,7 +284,8 @@ def _refine(img: np.ndarray, coarse, surround: np.ndarray, level: float):
     if fit is None:
         return None
     circle, inliers = fit
-    if inliers.sum() < 24 or _arc_degrees(ex[inliers], ey[inliers], circle[0], circle[1]) < MIN_ARC_DEG:
+    if (inliers.sum() < 24 or inliers.mean() < MIN_INLIERS
+            or _arc_degrees(ex[inliers], ey[inliers], circle[0], circle[1]) < MIN_ARC_DEG):
         return None
     return circle
 
