@@ -5,13 +5,13 @@ photographs break that rule: a frame, an axis line or a legend box in the middle
 the left or right edge gives a short span, and a plain white image passes. Here the retina is the region that
 differs from the surround, and its edge is fitted with a circle by a robust fit that ignores what is not circle:
 
-1. Coarse, on a copy of at most WORK_SIDE px a side: the surround colour is the median of the four corner patches
-   (black or bright, whatever the camera left there); every pixel's colour distance to it is thresholded at a
-   level 1/4 of the way from the surround to the typical retina (Otsu's split tells the two apart). An opening
-   removes thin lines (frames, axes, stray pixels), the largest component is kept and its holes filled. Its edge
-   points, except those on the image border (where the photo is cut), get a circle by RANSAC on three-point
-   circles, then a geometric least-squares fit of the inliers: a notch, a straight cut or an attached legend box
-   are outliers.
+1. Coarse, on a strided copy of at most WORK_SIDE px a side: the surround colour is the median of the four corner
+   patches (black or bright, whatever the camera left there); pixels whose colour distance to it exceeds a level
+   1/4 of the way to the typical retina (and the surround's noise) form the region. An opening removes thin
+   lines (frames, axes, stray pixels), a closing mends thin surround-coloured lines across the retina, the
+   largest component is kept and its holes filled. Its edge points, except those on the image border (where the
+   photo is cut) and on long horizontal or vertical runs (frames, legend boxes, a mask's straight cut), get a
+   circle by RANSAC on three-point circles and a least-squares fit of the inliers: a notch is an outlier.
 2. Fine, on the image as given: radial colour profiles across the coarse circle give the edge where the profile
    drops through the same level, to a fraction of a pixel (profiles that leave the image are cut edges and are
    dropped); RANSAC and least squares again.
@@ -19,7 +19,8 @@ differs from the surround, and its edge is fitted with a circle by a robust fit 
 An image is rejected (r == 0 with the reason in DiscFit.problem) when nothing differs from the surround, when
 the region is small, or when its edge is not a circle (few edge points on the fit, a short arc, or a region that
 does not fill its circle). Coordinates are continuous: pixel i covers [i, i+1), so a disc found on an image
-reduced by a factor f is the full image's disc divided by f. numpy/scipy only: `prepare` workers stay torch-free.
+reduced by a factor f is the full image's disc divided by f. numpy/scipy only: `prepare` workers stay torch-free
+(the circle fits and RANSAC are written here: scikit-image has them, but is not worth a dependency for 40 lines).
 """
 from __future__ import annotations
 
