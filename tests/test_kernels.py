@@ -26,9 +26,7 @@ import pytest
 import torch
 
 from tltrain import preprocess as P
-from tltrain.data.disc import estimate_disc
 from tltrain.errors import ConfigError
-from tltrain.kernels.disc import estimate_discs
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -309,23 +307,6 @@ def test_in_subprocess_when_kernels_were_imported_compiled():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout
-
-
-def test_disc_estimate_matches_per_image_rule():
-    from tltrain.data.synth import render_fundus
-
-    photos = [render_fundus(seed, seed % 5, width=96, height=72) for seed in range(5)]
-    photos.append(np.zeros((72, 96, 3), np.uint8))  # no eye: r == 0, image centre
-    tall = render_fundus(11, 2, width=96, height=72).copy()
-    tall[:, :] = tall[36:37, :]  # every row equals the middle row: the column span touches top and bottom
-    photos.append(tall)
-    batch = torch.from_numpy(np.stack(photos))
-    want = torch.tensor([estimate_disc(p) for p in photos], dtype=torch.float32)
-    assert torch.equal(estimate_discs(batch), want)
-    assert torch.equal(estimate_discs(batch.permute(0, 3, 1, 2), layout="NCHW"), want)
-    assert want[-2].tolist() == [48.0, 36.0, 0.0] and want[-1, 1].item() == 36.0
-    with pytest.raises(ConfigError, match="layout"):
-        estimate_discs(batch, layout="HWC")
 
 
 def test_benchmark_smoke_mode_writes_json(tmp_path):

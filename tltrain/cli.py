@@ -31,6 +31,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
             seed=args.seed,
             workers=args.workers,
             min_per_class=args.min_per_class,
+            defect_fraction=args.defect_fraction,
+            exif_orientation=not args.no_exif,
         )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -182,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--min-per-class", type=int, default=0, help="guarantee at least this many images per grade")
+    p.add_argument("--defect-fraction", type=float, default=0.3,
+                   help="share of eyes with defects of real photographs (cuts, frames, notches, legends, EXIF)")
+    p.add_argument("--no-exif", action="store_true", help="no EXIF orientation tags among the defects")
     p.add_argument("--target-domain", action="store_true", help="write the ImageFolder target domain instead")
     p.add_argument("--per-class", type=int, default=100, help="target domain: images per class")
     p.set_defaults(func=_cmd_synth)

@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.disc import disc_found, disc_square, estimate_disc
+from tltrain.data.disc import disc_square, find_disc
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -89,11 +89,10 @@ def inspect_image(path: str) -> dict:
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
     factor = max(1, min(img.size) // 256)
     thumb = np.asarray(img.reduce(factor) if factor > 1 else img)
-    cx, cy, r = estimate_disc(thumb)
-    disc = (cx * factor, cy * factor, r * factor)
-    if not disc_found(disc, *img.size):
-        return {"problem": "no fundus disc found (image too dark or not a fundus photograph)"}
-    return {"width": img.size[0], "height": img.size[1], "disc": disc}
+    fit = find_disc(thumb)  # continuous pixel coordinates: the thumbnail's disc times the factor is the image's
+    if fit.problem:
+        return {"problem": f"no fundus disc found ({fit.problem})"}
+    return {"width": img.size[0], "height": img.size[1], "disc": tuple(v * factor for v in fit.disc)}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
