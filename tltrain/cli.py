@@ -31,6 +31,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
             seed=args.seed,
             workers=args.workers,
             min_per_class=args.min_per_class,
+            defect_fraction=args.defect_fraction,
+            exif_orientation=not args.no_exif,
         )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -96,10 +98,80 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             print(f"  - {item['file']}: {item['reason']}")
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> None:
+    from safetensors.torch import save
+
+    from tltrain.engine.checkpoint import atomic_write_bytes
+    from tltrain.errors import ConfigError
+    from tltrain.models import read_state_dict
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the output must be a .safetensors file")
+    state = read_state_dict(args.weights, trust_pickle=args.trust_pickle)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}  # no shared storage
+    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "converted_from": Path(args.weights).name}))
+    print(f"wrote {len(tensors)} tensors to {out}" + (" (read with plain pickle: --trust-pickle)"
+                                                      if args.trust_pickle else ""))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tltrain.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick)
+
+
+# Hydra's flags that take no value, and those that take one; moved before the overrides (argparse would
+# otherwise reject `tltrain train model=resnet50 -m seed=0,1` as "unrecognized arguments").
+_HYDRA_FLAGS = {"-m", "--multirun", "-r", "--run", "--resolve", "--hydra-help", "-h", "--help", "--version",
+                "--shell-completion", "-sc"}
+_HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                           "-cd", "--config-dir", "--experimental-rerun"}
+
+
+def _hydra_argv(args: list[str]) -> list[str]:
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += [arg, args[i + 1]]
+            i += 2
+            continue
+        (flags if arg in _HYDRA_FLAGS or arg.startswith("--info") else overrides).append(arg)
+        i += 1
+    return flags + overrides
+
+
+def _train(args: list[str]) -> int:
+    """`tltrain train`: Hydra owns the command line (multirun, launchers, sweeps); its errors become one line.
+
+    HYDRA_FULL_ERROR makes Hydra raise instead of printing its multi-line report, so the composition errors
+    (unknown option, unknown key, unparsable value) reach config_error_line. A sweep's failed runs were listed
+    by tltrain.launch.summary; the command then exits 1.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tltrain.config import config_error_line
+    from tltrain.launch import summary
+    from tltrain.train_app import hydra_main
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *_hydra_argv(args)]
+    try:
+        hydra_main()
+    except SystemExit as exc:  # a single run's own exit status (its error line is already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except TltrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {config_error_line(exc)}", file=sys.stderr)
+        return 2
+    if summary.last_summary and summary.last_summary["failed"]:
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--min-per-class", type=int, default=0, help="guarantee at least this many images per grade")
+    p.add_argument("--defect-fraction", type=float, default=0.3,
+                   help="share of eyes with defects of real photographs (cuts, frames, notches, legends, EXIF)")
+    p.add_argument("--no-exif", action="store_true", help="no EXIF orientation tags among the defects")
     p.add_argument("--target-domain", action="store_true", help="write the ImageFolder target domain instead")
     p.add_argument("--per-class", type=int, default=100, help="target domain: images per class")
     p.set_defaults(func=_cmd_synth)
@@ -167,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("convert-weights", help="rewrite weights (a .pth/.pt/.bin file, run folder or package) as "
+                       "one .safetensors file that loads without running code")
+    p.add_argument("weights", help="weights file, tltrain run folder or export package")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a legacy file that holds pickled Python objects with plain pickle; loading it can run "
+                        "code, so only for files whose author you trust")
+    p.set_defaults(func=_cmd_convert_weights)
+
     p = sub.add_parser("demo", help="the main job end to end on bundled synthetic data")
     p.add_argument("--out", default="demo", help="working folder (default: ./demo)")
     p.add_argument("--quick", action="store_true", help="smallest sizes, for smoke tests")
@@ -177,12 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        # Hydra owns the command line of `train` (multirun, launchers, sweeps).
-        from tltrain.train_app import hydra_main
-
-        sys.argv = [f"{Path(sys.argv[0]).name} train", *argv[1:]]
-        hydra_main()
-        return 0
+        return _train(argv[1:])
     if argv and argv[0] in ("submit", "jobs"):
         # the launcher parses its own options (SLURM resources, then Hydra overrides)
         from tltrain.launch import cli_jobs, cli_submit

@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.disc import disc_found, disc_square, estimate_disc
+from tltrain.data.disc import disc_square, find_disc
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -89,11 +89,10 @@ def inspect_image(path: str) -> dict:
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
     factor = max(1, min(img.size) // 256)
     thumb = np.asarray(img.reduce(factor) if factor > 1 else img)
-    cx, cy, r = estimate_disc(thumb)
-    disc = (cx * factor, cy * factor, r * factor)
-    if not disc_found(disc, *img.size):
-        return {"problem": "no fundus disc found (image too dark or not a fundus photograph)"}
-    return {"width": img.size[0], "height": img.size[1], "disc": disc}
+    fit = find_disc(thumb)  # continuous pixel coordinates: the thumbnail's disc times the factor is the image's
+    if fit.problem:
+        return {"problem": f"no fundus disc found ({fit.problem})"}
+    return {"width": img.size[0], "height": img.size[1], "disc": tuple(v * factor for v in fit.disc)}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
@@ -105,10 +104,16 @@ def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
         if scale < 1.0:
             img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.BICUBIC, reducing_gap=2.0)
         new_disc = (cx * scale, cy * scale, r * scale)
-    else:  # radius: scale the disc radius to `size` and crop the square around it (black outside the photo)
+    else:  # radius: scale the disc radius to `size` and keep the part of the disc square inside the photo: the
+        # loaders' crop then knows where the photo ends (zero weight beyond, tltrain.preprocess), as with originals
         x0, y0, side = disc_square(disc)
-        img = img.crop((x0, y0, x0 + side, y0 + side)).resize((2 * size, 2 * size), Image.BICUBIC, reducing_gap=2.0)
-        new_disc = (float(size), float(size), float(size))
+        left, top = max(0, x0), max(0, y0)
+        right, bottom = min(img.size[0], x0 + side), min(img.size[1], y0 + side)
+        scale = 2 * size / side
+        width, height = max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))
+        img = img.crop((left, top, right, bottom)).resize((width, height), Image.BICUBIC, reducing_gap=2.0)
+        sx, sy = width / (right - left), height / (bottom - top)
+        new_disc = ((x0 - left) * sx + size, (y0 - top) * sy + size, float(size))
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue(), new_disc, img.size
@@ -123,8 +128,9 @@ def _write_one_shard(job) -> dict:
             image, disc, (w, h) = Path(e["path"]).read_bytes(), e["disc"], (e["width"], e["height"])
         else:
             image, disc, (w, h) = _resized_sample(e["path"], e["disc"], mode, size, quality)
-        meta = {"key": e["key"], "patient": e["patient"], "label": e["label"], "grade_name": e["grade_name"],
-                "source": e["path"], "width": w, "height": h, "disc": [round(v, 3) for v in disc]}
+        meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
+                "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
+                "disc": [round(v, 3) for v in disc]}
         samples.append(ShardSample(e["key"], e["label"], image, tuple(disc), meta))
     return write_shard(Path(out_dir), name, samples, plan_hash)
 
@@ -232,7 +238,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         group = f"train-{tier_name(tiers[record.key])}" if split == "train" else f"{split}-all"
         stat = Path(record.path).stat()
         groups.setdefault(group, []).append({
-            "key": record.key, "patient": record.patient, "label": record.label, "path": record.path,
+            "key": record.key, "name": record.name, "file": record.file, "patient": record.patient,
+            "label": record.label, "path": record.path,
             "grade_name": source.class_names[record.label], "width": info["width"], "height": info["height"],
             "disc": info["disc"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": split})
     plan = _plan_shards(groups, cfg)
@@ -296,7 +303,8 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
                    "problems": len(problems)},
         "splits": splits,
         "fractions": fraction_info,
-        "members": {"jpg": "encoded image", "cls": "label, ASCII decimal", "lbl": "label, int32 little-endian",
+        "members": {"jpg": "encoded image", "cls": "label, ASCII decimal (webdataset convention)",
+                    "lbl": "label, int32 little-endian (read by every tltrain loader)",
                     "disc": "disc cx, cy, r: 3 x float32 little-endian", "json": "sample metadata"},
         "shards": shards,
         "problems": [asdict(p) for p in problems],
