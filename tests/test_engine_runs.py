@@ -206,3 +206,8 @@ def test_ordinal_regression_with_ema_and_grad_accum_learns(tmp_path):
     assert result["step"] == 6 * STEPS_PER_EPOCH // 2  # two micro-batches per optimizer step
     assert result["final"]["kappa"] > KAPPA_ABOVE_CHANCE
     assert len(result["final"]["thresholds"]) == 4
+    # the evaluated weights are the EMA average: consolidation (export, test pass) takes those, not the raw ones
+    manager = CheckpointManager(run_dir, is_main=False)
+    ema = {k.removeprefix("module."): v for k, v in manager.read(manager.best())["ema"].items()}
+    best = consolidate_checkpoint(run_dir, "best")
+    assert best.keys() == ema.keys() and all(torch.equal(best[k], ema[k].float()) for k in ema)

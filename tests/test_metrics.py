@@ -103,3 +103,40 @@ def test_gather_across_two_ranks_matches_sklearn_on_full_set():
         for key in ("accuracy", "top2_accuracy", "kappa", "auc", "cross_entropy", "sensitivity", "specificity"):
             assert got[key] == pytest.approx(expected[key]), key
     assert expected["kappa"] == pytest.approx(cohen_kappa_score(labels, probs.argmax(1), weights="quadratic"))
+
+
+def test_bootstrap_resample_metrics_equal_scikit_learn_on_the_resampled_set():
+    """The numpy resample metrics (weights = how often each image was drawn) are scikit-learn's metrics of the
+    resampled set, ties in the scores included."""
+    from tltrain.metrics import _WeightedMetrics
+
+    rng = np.random.default_rng(7)
+    for n in (15, 80, 400):
+        labels = rng.integers(0, 5, n)
+        probs = np.round(rng.dirichlet(np.ones(5), n), 1) + 1e-3  # rounded: many tied scores
+        probs /= probs.sum(axis=1, keepdims=True)
+        weighted = _WeightedMetrics(probs, labels, 2)
+        for _ in range(3):
+            index = rng.integers(0, n, n)
+            fast = weighted(np.bincount(index, minlength=n).astype(float))
+            reference = compute_metrics(probs[index], labels[index], 2)
+            for name, value in fast.items():
+                assert value == pytest.approx(reference[name], abs=1e-12), (n, name)
+
+
+def test_bootstrap_ci_is_seeded_stratified_and_brackets_the_estimate():
+    from tltrain.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(5), [60, 20, 20, 10, 10])
+    logits = rng.normal(size=(120, 5)) + 2.0 * np.eye(5)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    first, again = bootstrap_ci(probs, labels, resamples=300, seed=1), bootstrap_ci(probs, labels, resamples=300, seed=1)
+    assert first == again and first != bootstrap_ci(probs, labels, resamples=300, seed=2)
+    point = compute_metrics(probs, labels)
+    for name in ("kappa", "auc", "sensitivity", "specificity", "referable_auc"):
+        assert first[name]["value"] == point[name]
+        assert first[name]["low"] < point[name] < first[name]["high"], name
+    two_class = bootstrap_ci(probs[:, :2] / probs[:, :2].sum(1, keepdims=True), (labels > 0).astype(int), None,
+                             resamples=50)
+    assert "sensitivity" not in two_class and two_class["auc"]["low"] <= two_class["auc"]["value"]

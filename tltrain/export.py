@@ -3,16 +3,18 @@
 A package is a folder:
   model.safetensors   consolidated fp32 weights (single, DDP or DeepSpeed ZeRO runs alike)
   tltrain.json        architecture, classes, input size, the exact preprocessing, training data (manifest hash,
-                      counts, fraction), schedule and resolved config, metrics, versions, licence, weights sha256
-  README.md           model card: intended use, data, metrics, how to load it (tltrain or plain timm)
-`load_pretrained` checks the sha256 before trusting the weights; plain timm loads the same file through
-`pretrained_cfg_overlay=dict(file=..., num_classes=N)` (without num_classes timm compares against ImageNet's 1000
-classes and silently drops the classifier).
+                      counts, fraction), schedule and resolved config, which checkpoint and how it was chosen, its
+                      validation and test metrics with bootstrap intervals, versions, licence, weights sha256
+  config.json         timm's config: `timm.create_model("local-dir:PKG", pretrained=True)` loads the package
+  README.md           model card: intended use, data, test set, checkpoint choice, metrics with 95 % intervals,
+                      what referable means, how to load it (tltrain or plain timm)
+`load_pretrained` checks the sha256 before trusting the weights.
 """
 from __future__ import annotations
 
 import json
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from omegaconf import OmegaConf
 import tltrain
 from tltrain.data.shards import sha256_file
 from tltrain.errors import ConfigError, DataError
+from tltrain.preprocess import FILTER_VERSION
 
 WEIGHTS = "model.safetensors"
 METADATA = "tltrain.json"
@@ -36,53 +39,156 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _shards_of(config: dict, run_dir: Path, shards: str | Path | None) -> Path:
+    """The run's shard folder: `shards` if given, else config.yaml's data.shards (absolute since runs record it so).
+
+    An older run may hold a path relative to the folder it was launched from: it is tried from the current folder
+    and otherwise refused with a message saying how to point at the shards."""
+    path = Path(shards if shards is not None else config["data"]["shards"]).expanduser()
+    if not (path / "manifest.json").is_file():
+        how = ("it is relative to the folder the run was started from; export from there or pass --shards DIR"
+               if not path.is_absolute() else "pass --shards DIR if the shards moved")
+        raise DataError(f"{run_dir / 'config.yaml'}: data.shards={str(path)!r}: no manifest.json there ({how})")
+    return path.resolve()
+
+
+def _checkpoint_entry(run_dir: Path, which: str) -> dict:
+    from tltrain.engine.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(run_dir, is_main=False)
+    entry = manager.best() if which == "best" else manager.latest()
+    if entry is None:
+        raise DataError(f"{manager.dir}: no {which} checkpoint (is this a finished tltrain run folder?)")
+    return entry
+
+
+def _checkpoint_record(entry: dict, which: str, config: dict, metrics: dict) -> dict:
+    """Which checkpoint a package holds and how it was chosen, in words a model card can quote."""
+    trainer = config.get("trainer", {})
+    metric, mode = trainer.get("best_metric", "kappa"), trainer.get("best_mode", "max")
+    best = metrics.get("best") or {}
+    record = {"which": which, "name": entry["name"], "step": entry["step"], "epoch": entry["epoch"],
+              "metric": metric, "value": entry.get(metric)}
+    if which == "best":
+        record["chosen_by"] = (f"{'highest' if mode == 'max' else 'lowest'} validation {metric} over the "
+                               f"checkpoints written at validated epoch ends")
+    else:
+        record["chosen_by"] = "the run's latest checkpoint (not selected by a metric)"
+    if best.get("checkpoint") and best["checkpoint"] != entry["name"]:
+        record["best_checkpoint"] = best["checkpoint"]
+    return record
+
+
+def _validation_of(entry: dict, metrics: dict) -> dict:
+    """The validation metrics recorded at the checkpoint's step ({} when it was not written after a validation)."""
+    for record in reversed(metrics.get("history", [])):
+        if record.get("step") == entry["step"] and record.get("val"):
+            return record["val"]
+    best = metrics.get("best") or {}
+    return best.get("val", {}) if best.get("checkpoint") == entry["name"] else {}
+
+
+def _head_outputs(arch: str, state: dict) -> tuple[str, tuple]:
+    """The classifier's state-dict key and shape, found by timm's own answer (`get_classifier`), not by guessing."""
+    import timm
+
+    probe = timm.create_model(arch, pretrained=False, num_classes=7)
+    head = probe.get_classifier()
+    name = next((n for n, m in probe.named_modules() if m is head), None)
+    key = f"{name}.weight"
+    if name is None or key not in state:
+        raise DataError(f"checkpoint has no classifier weight for {arch} (expected {key!r})")
+    return key, tuple(state[key].shape)
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", license: str = "CC-BY-4.0",
-               description: str = "") -> dict:
-    """Write a pretrained package for a finished run; returns its metadata."""
+               description: str = "", shards: str | Path | None = None, resamples: int = 1000) -> dict:
+    """Write a pretrained package for a finished run; returns its metadata.
+
+    Everything the metadata says is of the exported checkpoint: its validation metrics, the test metrics the run
+    computed on it (with bootstrap intervals from its per-image predictions), and how it was chosen. Export refuses
+    (DataError) when the class names, num_classes and the head's output size disagree."""
     import timm
     from safetensors.torch import save_file
 
     from tltrain.engine.checkpoint import consolidate_checkpoint
+    from tltrain.metrics import bootstrap_ci, read_predictions_csv
+    from tltrain.models import describe_mismatch
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir}: no config.yaml (is this a tltrain run folder?)")
     config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    entry = _checkpoint_entry(run_dir, which)
     state = consolidate_checkpoint(run_dir, which)
     arch = config["model"]["arch"]
-    manifest_path = Path(config["data"]["shards"]) / "manifest.json"
+    shard_dir = _shards_of(config, run_dir, shards)
+    manifest_path = shard_dir / "manifest.json"
     manifest = _read_json(manifest_path)
-    num_classes = int(manifest.get("num_classes") or next(v.shape[0] for k, v in state.items() if k.endswith("bias")))
+    loss = config.get("trainer", {}).get("loss", "cross_entropy")
+
+    # classes: the manifest's names, its num_classes and the head must tell one story
+    num_classes = int(manifest.get("num_classes") or 0)
+    classes = [str(c) for c in (manifest.get("classes") or [])]
+    class_names = [str(c) for c in (manifest.get("class_names") or classes)]
+    outputs = 1 if loss == "ordinal" else num_classes
+    head_key, head_shape = _head_outputs(arch, state)
+    if not num_classes or len(classes) != num_classes or len(class_names) != num_classes or head_shape[0] != outputs:
+        raise DataError(f"{run_dir}: cannot export: {manifest_path} says num_classes={num_classes} with "
+                        f"{len(classes)} classes {classes} and {len(class_names)} names, loss={loss} needs "
+                        f"{outputs} outputs, but the checkpoint's head {head_key} has shape {list(head_shape)}")
+    model = timm.create_model(arch, pretrained=False, num_classes=outputs)
+    problem = describe_mismatch(state, model.state_dict())
+    if problem:
+        raise DataError(f"{run_dir}: checkpoint {entry['name']} does not fit {arch}: {problem}")
+
     metrics = _read_json(run_dir / "metrics.json")
+    validation = _validation_of(entry, metrics)
+    test = metrics.get("test") or {}
+    test_of_this = test.get("checkpoint") == entry["name"]
+    test_set, ci = {}, {}
+    predictions = run_dir / "predictions_test.csv"
+    referable = config.get("trainer", {}).get("referable_threshold", 2) if num_classes == 5 else None
+    if test_of_this and predictions.is_file():
+        _, labels, probs = read_predictions_csv(predictions)
+        counts = np.bincount(labels, minlength=num_classes)
+        test_set = {"split": config["data"].get("test_split", "test"), "count": int(len(labels)),
+                    "class_counts": [int(c) for c in counts]}
+        ci = bootstrap_ci(probs, labels, referable, resamples=resamples, seed=0)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / WEIGHTS
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights_path), metadata={"format": "pt", "arch": arch})
-    loss = config.get("trainer", {}).get("loss", "cross_entropy")
     fraction = config["data"].get("fraction", 1.0)
+    size = config["loader"]["size"]
+    preprocessing = {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
+                     "filter_version": FILTER_VERSION,  # tltrain.preprocess: 2 = normalised masked blur
+                     "size": size, **config["loader"]["preprocess"]}
     metadata = {
         "format": FORMAT,
         "architecture": arch,
         "num_classes": num_classes,
-        "num_outputs": 1 if loss == "ordinal" else num_classes,
+        "num_outputs": outputs,
         "loss": loss,
-        "thresholds": metrics.get("final", {}).get("thresholds"),
-        "classes": manifest.get("classes") or [str(i) for i in range(num_classes)],
-        "class_names": manifest.get("class_names") or manifest.get("classes"),
-        "input_size": [3, config["loader"]["size"], config["loader"]["size"]],
-        "preprocessing": {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
-                          "size": config["loader"]["size"], **config["loader"]["preprocess"]},
+        "thresholds": validation.get("thresholds"),
+        "classes": classes,
+        "class_names": class_names,
+        "referable_threshold": referable,
+        "input_size": [3, size, size],
+        "preprocessing": preprocessing,
         "training_data": {
-            "name": config["data"].get("name"), "manifest_sha256": sha256_file(manifest_path) if manifest else None,
-            "source": manifest.get("source"), "fraction": fraction,
+            "name": config["data"].get("name"), "shards": str(shard_dir),
+            "manifest_sha256": sha256_file(manifest_path), "source": manifest.get("source"), "fraction": fraction,
             "class_counts": manifest.get("fractions", {}).get(f"{fraction:g}", {}).get("class_counts"),
             "splits": {k: {"count": v["count"], "class_counts": v["class_counts"]}
                        for k, v in manifest.get("splits", {}).items()},
         },
         "schedule": config.get("schedule"),
         "initial_weights": config["model"].get("weights"),
-        "checkpoint": which,
-        "metrics": {"validation": {k: v for k, v in metrics.get("final", {}).items() if k != "confusion"},
-                    "test": {k: v for k, v in metrics.get("test", {}).items() if k != "confusion"}},
+        "checkpoint": _checkpoint_record(entry, which, config, metrics),
+        "metrics": {"validation": {k: v for k, v in validation.items() if k != "confusion"},
+                    "test": {k: v for k, v in test.items() if k != "confusion"} if test_of_this else {},
+                    "test_set": test_set, "test_ci": ci},
         "config": config,
         "versions": {"tltrain": tltrain.__version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
@@ -91,15 +197,77 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         "weights": {"file": WEIGHTS, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size},
     }
     (out_dir / METADATA).write_text(json.dumps(metadata, indent=1, default=str))
-    (out_dir / "README.md").write_text(model_card(metadata, out_dir))
+    (out_dir / TIMM_CONFIG).write_text(json.dumps(timm_config(model, metadata), indent=1))
+    (out_dir / "README.md").write_text(model_card(metadata, out_dir.resolve()))
     return metadata
 
 
-def model_card(meta: dict, out_dir: Path) -> str:
-    test = meta["metrics"]["test"] or meta["metrics"]["validation"]
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items() if isinstance(v, (int, float)) and k != "count")
-    data = meta["training_data"]
+TIMM_CONFIG = "config.json"
+
+
+def timm_config(model, meta: dict) -> dict:
+    """timm's config.json, so `timm.create_model("local-dir:PKG", pretrained=True)` builds the model and loads
+    model.safetensors from the package. Written by hand (a handful of keys) rather than with
+    timm.models.save_config_for_hf, whose signature changes between timm releases.
+
+    timm's data config then gives the input size, mean/std, bilinear interpolation and crop_pct 1.0 (the disc
+    square already fills the image); it cannot express the Ben Graham filter, whose parameters sit beside it
+    under "tltrain_preprocessing" (timm ignores that key; tltrain.load_pretrained applies them)."""
     pre = meta["preprocessing"]
+    dropped = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag", "label_names",
+               "label_descriptions", "label_offset", "test_input_size", "test_crop_pct", "pool_size", "origin_url",
+               "paper_ids", "paper_name", "notes", "description")
+    pretrained_cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k not in dropped and v is not None}
+    pretrained_cfg.update({"input_size": list(meta["input_size"]), "interpolation": "bilinear", "crop_pct": 1.0,
+                           "crop_mode": "center", "mean": list(pre["mean"]), "std": list(pre["std"]),
+                           "num_classes": meta["num_outputs"], "license": meta["license"]})
+    config = {"architecture": meta["architecture"], "num_classes": meta["num_outputs"],
+              "num_features": int(getattr(model, "num_features", 0)) or None, "pretrained_cfg": pretrained_cfg,
+              "tltrain_preprocessing": pre, "tltrain_metadata": METADATA}
+    if meta["num_outputs"] == meta["num_classes"]:
+        config["label_names"] = meta["class_names"]
+    return config
+
+
+def _ci_text(ci: dict, name: str, fallback) -> str:
+    entry = ci.get(name)
+    if entry:
+        return f"{entry['value']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})"
+    return "-" if fallback is None or (isinstance(fallback, float) and fallback != fallback) else f"{fallback:.3f}"
+
+
+def model_card(meta: dict, out_dir: Path) -> str:
+    data, pre, checkpoint = meta["training_data"], meta["preprocessing"], meta["checkpoint"]
+    metrics = meta["metrics"]
+    test, val, ci, test_set = metrics["test"], metrics["validation"], metrics.get("test_ci") or {}, metrics.get("test_set")
+    referable = meta.get("referable_threshold")
+    names = [str(n) for n in (meta["class_names"] or meta["classes"])]
+    value = checkpoint.get("value")
+    chosen = (f"checkpoint `{checkpoint['name']}` (optimizer step {checkpoint['step']}, after epoch "
+              f"{checkpoint['epoch']}), the {checkpoint['chosen_by']}"
+              + (f" ({checkpoint['metric']} {value:.4f})" if isinstance(value, (int, float)) else "") + ".")
+    rows = [("quadratic kappa", "kappa"), ("macro one-vs-rest AUC", "auc")]
+    if referable is not None:
+        rows += [("referable sensitivity", "sensitivity"), ("referable specificity", "specificity"),
+                 ("referable AUC", "referable_auc")]
+    rows += [("accuracy", "accuracy"), ("top-2 accuracy", "top2_accuracy"), ("cross-entropy", "cross_entropy")]
+    table = "\n".join(f"| {label} | {_ci_text(ci, key, test.get(key)) if test else '-'} | "
+                      f"{_ci_text({}, key, val.get(key))} |" for label, key in rows)
+    if test_set:
+        counts = ", ".join(f"{name}: {count}" for name, count in zip(names, test_set["class_counts"]))
+        test_text = f"test split `{test_set['split']}`: {test_set['count']} images ({counts})."
+    elif test:
+        test_text = f"test split: {test.get('count')} images (no per-image predictions, so no intervals)."
+    else:
+        test_text = ("no test metrics of this checkpoint: the run tested another one "
+                     "(run `tltrain evaluate` on this package for its own).")
+    ci_text = (f"Intervals: 95 % {ci['method']}; {ci['resamples']} resamples, seed {ci['seed']}." if ci else
+               "No intervals (no per-image test predictions of this checkpoint).")
+    referable_text = (f"Referable DR means grade >= {referable} ({', '.join(names[referable:])}): moderate "
+                      f"non-proliferative DR or worse, the usual threshold for referral to an ophthalmologist. "
+                      f"Sensitivity and specificity count the predicted grade (argmax) against that threshold; "
+                      f"referable AUC ranks images by P(grade >= {referable})." if referable is not None else
+                      "Referable-DR metrics do not apply: the label set is not the 5-grade DR scale.")
     return f"""# {meta['architecture']} pretrained on {data['name']} (tltrain)
 
 {meta['description'] or 'An intermediate-domain checkpoint for transfer learning on fundus photographs.'}
@@ -111,19 +279,26 @@ Initialisation for fine-tuning on retinal (fundus) tasks or as the intermediate 
 ## Data
 - training data: {data['name']} ({data['fraction'] * 100:g} % of the training split), manifest sha256
   `{data['manifest_sha256']}`
-- classes ({meta['num_classes']}): {', '.join(map(str, meta['class_names'] or meta['classes']))}
+- classes ({meta['num_classes']}): {', '.join(names)}
 - class counts in training: {data['class_counts']}
+- {test_text}
+
+## Checkpoint
+{chosen}
+
+## Metrics
+| metric | test (95 % CI) | validation |
+|---|---|---|
+{table}
+
+{ci_text}
+{referable_text}
 
 ## Preprocessing (applied by `tltrain.load_pretrained` and `tltrain predict`)
 Ben Graham: disc crop resized to {pre['size']} px (radius {pre['size'] // 2}), out = {pre['gain']:g}*img -
 {pre['gain']:g}*gauss(sigma = radius * {pre['sigma_ratio']:.4f}) + {pre['offset']:g}, outside {pre['mask_ratio']:g} *
 radius set to {pre['offset']:g}; normalise with mean {pre['mean']} and std {pre['std']}. Recipe enabled:
 {pre['enabled']}.
-
-## Metrics ({'test' if meta['metrics']['test'] else 'validation'} split, checkpoint: {meta['checkpoint']})
-| metric | value |
-|---|---|
-{rows}
 
 ## How to load
 ```python
@@ -132,11 +307,11 @@ model, preprocess = tltrain.load_pretrained("{out_dir}")   # checks the sha256
 x = preprocess(pil_image)[None]                             # (1, 3, {pre['size']}, {pre['size']})
 probabilities = model(x).softmax(-1)
 ```
-Plain timm:
+Plain timm (reads `{TIMM_CONFIG}` and `{WEIGHTS}`; timm's own transforms resize and normalise but do not apply
+the Ben Graham filter, whose parameters are in `{TIMM_CONFIG}` under `tltrain_preprocessing`):
 ```python
 import timm
-model = timm.create_model("{meta['architecture']}", pretrained=True, num_classes={meta['num_outputs']},
-                          pretrained_cfg_overlay=dict(file="{out_dir}/{WEIGHTS}", num_classes={meta['num_outputs']}))
+model = timm.create_model("local-dir:{out_dir}", pretrained=True)
 ```
 Weights: `{WEIGHTS}`, sha256 `{meta['weights']['sha256']}`. Licence: {meta['license']}.
 Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.
@@ -165,6 +340,9 @@ class Preprocessing:
         from tltrain.preprocess import PreprocessConfig
 
         fields = PreprocessConfig.__dataclass_fields__
+        if self.config.get("filter_version", 1) != FILTER_VERSION:  # packages before it was recorded: version 1
+            warnings.warn(f"package preprocessing is filter version {self.config.get('filter_version', 1)}; this "
+                          f"tltrain applies version {FILTER_VERSION} (differs near photo edges)", RuntimeWarning)
         return PreprocessConfig(**{k: v for k, v in self.config.items() if k in fields})
 
 
@@ -182,9 +360,8 @@ def read_metadata(path: str | Path) -> dict:
 def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | None = None):
     """(model in eval mode, Preprocessing). num_classes differing from the package's gives a fresh head."""
     import timm
-    from safetensors.torch import load_file
 
-    from tltrain.models import load_weights
+    from tltrain.models import describe_mismatch, load_weights, read_state_dict
 
     path = Path(path)
     meta = read_metadata(path)
@@ -199,11 +376,11 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
     outputs = num_classes or meta["num_outputs"]
     model = timm.create_model(arch, pretrained=False, num_classes=outputs)
     if outputs == meta["num_outputs"]:
-        state = load_file(str(weights))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise DataError(f"{weights}: weights do not fit {arch} ({str(exc).splitlines()[0]})") from None
+        state = read_state_dict(weights)  # safetensors; any other file only weights-only (a package is data)
+        problem = describe_mismatch(state, model.state_dict())
+        if problem:  # one line with the first mismatched keys and shapes, not torch's multi-line message
+            raise DataError(f"{weights}: weights do not fit {arch} with {outputs} outputs: {problem}")
+        model.load_state_dict(state)
         model.tltrain_load_report = None
     else:
         model.tltrain_load_report = load_weights(model, weights)
@@ -221,9 +398,12 @@ def _probabilities(outputs: torch.Tensor, meta: dict) -> torch.Tensor:
 
 def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch_size: int = 32,
              device: str = "cpu", out: str | Path | None = None, backend: str = "torch") -> dict:
-    """Metrics of a package on a prepared split, with the package's own preprocessing."""
+    """Metrics of a package on a prepared split, with the package's own preprocessing.
+
+    With `out` (a JSON file) the per-image predictions go beside it: <out stem>_predictions.csv with key, label,
+    predicted class and the class probabilities."""
     from tltrain.data.loaders import LoaderConfig, build_loader
-    from tltrain.metrics import compute_metrics
+    from tltrain.metrics import compute_metrics, write_predictions_csv
 
     model, pre = load_pretrained(package, device)
     meta = read_metadata(package)
@@ -236,11 +416,16 @@ def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch
             probs.append(_probabilities(model(batch.images), meta).numpy()[mask])
             labels.append(batch.labels.cpu().numpy()[mask])
             keys += [k for k, m in zip(batch.keys, mask) if m]
-    threshold = 2 if meta["num_classes"] == 5 else None
-    metrics = compute_metrics(np.concatenate(probs), np.concatenate(labels), threshold)
+    threshold = meta.get("referable_threshold", 2 if meta["num_classes"] == 5 else None)
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    metrics = compute_metrics(probs, labels, threshold)
     metrics.update({"package": str(package), "shards": str(shards), "split": split})
     if out:
-        Path(out).write_text(json.dumps(metrics, indent=1, default=str))
+        out = Path(out)
+        predictions = out.with_name(out.stem + "_predictions.csv")
+        write_predictions_csv(predictions, keys, labels, probs)
+        metrics["predictions"] = str(predictions)
+        out.write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
 
 

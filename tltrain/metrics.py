@@ -47,6 +47,7 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: 
     threshold = referable_threshold if (num_classes == 5 or referable_threshold != REFERABLE_GRADE) else None
     if threshold is not None:
         out.update(_referable(labels, predicted, threshold))
+        out["referable_auc"] = _referable_auc(probs, labels, threshold)
     return out
 
 
@@ -83,6 +84,14 @@ def _referable(labels: np.ndarray, predicted: np.ndarray, threshold: int) -> dic
         "sensitivity": float((truth & guess).sum() / positives) if positives else float("nan"),
         "specificity": float((~truth & ~guess).sum() / negatives) if negatives else float("nan"),
     }
+
+
+def _referable_auc(probs: np.ndarray, labels: np.ndarray, threshold: int) -> float:
+    """AUC of P(grade >= threshold) (summed class probabilities) against the truth; NaN if one side is empty."""
+    truth = labels >= threshold
+    if truth.all() or not truth.any():
+        return float("nan")
+    return float(roc_auc_score(truth, probs[:, threshold:].sum(axis=1)))
 
 
 class PredictionGatherer:
@@ -135,3 +144,124 @@ def gathered_metrics(gatherer: PredictionGatherer, referable_threshold: int | No
     if len(labels) == 0:
         return {"count": 0}
     return compute_metrics(probs, labels, referable_threshold)
+
+
+# -- per-image predictions ---------------------------------------------------------------------------------------
+def write_predictions_csv(path, keys: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
+    """One row per image: key, label, predicted class, p_0..p_{C-1} (the probabilities the metrics were computed on).
+
+    Written atomically, so a reader never sees half a file."""
+    import csv
+    import io
+
+    from tltrain.engine.checkpoint import atomic_write_bytes
+
+    probs = np.asarray(probs, dtype=np.float64)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["key", "label", "predicted", *[f"p_{c}" for c in range(probs.shape[1] if probs.ndim == 2 else 0)]])
+    for key, label, row in zip(keys, np.asarray(labels).astype(np.int64), probs):
+        writer.writerow([key, int(label), int(row.argmax()), *[repr(float(p)) for p in row]])
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def read_predictions_csv(path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, labels [N], probabilities [N, C]) from a file written by write_predictions_csv."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, dtype={"key": str})
+    columns = sorted((c for c in frame.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+    return frame["key"].tolist(), frame["label"].to_numpy(np.int64), frame[columns].to_numpy(np.float64)
+
+
+# -- confidence intervals ----------------------------------------------------------------------------------------
+BOOTSTRAP_METHOD = ("stratified percentile bootstrap: each resample draws, within every true grade, as many "
+                    "images as that grade has (with replacement), so class counts stay fixed")
+
+
+class _WeightedMetrics:
+    """Kappa, AUCs, sensitivity and specificity of one prediction set under per-image weights (how often a
+    bootstrap resample drew each image).
+
+    Written with numpy because a thousand resamples through scikit-learn's validated entry points take minutes;
+    the point estimates come from compute_metrics (scikit-learn) and tests check these against it."""
+
+    def __init__(self, probs: np.ndarray, labels: np.ndarray, referable_threshold: int | None):
+        self.labels, self.num_classes = labels, probs.shape[1]
+        self.predicted = probs.argmax(axis=1)
+        self.cells = labels * self.num_classes + self.predicted
+        grid = np.arange(self.num_classes)
+        self.kappa_weights = ((grid[:, None] - grid[None, :]) ** 2).astype(np.float64)
+        self.threshold = referable_threshold
+        self.rankings = {c: self._ranking(probs[:, c], labels == c) for c in range(self.num_classes)}
+        if referable_threshold is not None:
+            self.rankings["referable"] = self._ranking(probs[:, referable_threshold:].sum(axis=1),
+                                                       labels >= referable_threshold)
+
+    @staticmethod
+    def _ranking(scores: np.ndarray, truth: np.ndarray):
+        """Tie groups of the scores in ascending order: AUC counts a tie as half a correct pair (as roc_auc_score)."""
+        _, group = np.unique(scores, return_inverse=True)
+        return group.reshape(-1), truth
+
+    @staticmethod
+    def _auc(ranking, weights: np.ndarray) -> float:
+        group, truth = ranking
+        groups = group.max() + 1
+        positives = np.bincount(group, weights * truth, minlength=groups)
+        negatives = np.bincount(group, weights * ~truth, minlength=groups)
+        pairs = positives.sum() * negatives.sum()
+        if pairs == 0:
+            return float("nan")
+        below = np.cumsum(negatives) - negatives
+        return float((positives * (below + 0.5 * negatives)).sum() / pairs)
+
+    def __call__(self, weights: np.ndarray) -> dict[str, float]:
+        c = self.num_classes
+        confusion = np.bincount(self.cells, weights, minlength=c * c).reshape(c, c)
+        expected = np.outer(confusion.sum(axis=1), confusion.sum(axis=0)) / confusion.sum()
+        disagreement = (self.kappa_weights * expected).sum()
+        out = {"kappa": float(1 - (self.kappa_weights * confusion).sum() / disagreement) if disagreement else 0.0}
+        aucs = [self._auc(self.rankings[k], weights) for k in range(c) if 0 < weights[self.labels == k].sum() <
+                weights.sum()]
+        out["auc"] = float(np.mean(aucs)) if aucs else float("nan")
+        if self.threshold is not None:
+            truth, guess = self.labels >= self.threshold, self.predicted >= self.threshold
+            positives, negatives = weights[truth].sum(), weights[~truth].sum()
+            out["sensitivity"] = float(weights[truth & guess].sum() / positives) if positives else float("nan")
+            out["specificity"] = float(weights[~truth & ~guess].sum() / negatives) if negatives else float("nan")
+            out["referable_auc"] = self._auc(self.rankings["referable"], weights)
+        return out
+
+
+def bootstrap_ci(probs: np.ndarray, labels: np.ndarray, referable_threshold: int | None = REFERABLE_GRADE,
+                 resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Point estimate (compute_metrics) and percentile confidence interval of quadratic kappa, macro AUC and,
+    with a referable threshold, referable sensitivity, specificity and AUC (P(grade >= threshold) against the
+    truth), by a seeded stratified bootstrap (BOOTSTRAP_METHOD).
+
+    Returns {metric: {"value", "low", "high"}, "method", "resamples", "confidence", "seed", "referable_threshold"}.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if len(labels) == 0:
+        return {}
+    if referable_threshold is not None and not 0 < referable_threshold < probs.shape[1]:
+        referable_threshold = None
+    point = compute_metrics(probs, labels, referable_threshold)
+    weighted = _WeightedMetrics(probs, labels, referable_threshold)
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    draws = []
+    for _ in range(resamples):
+        index = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        draws.append(weighted(np.bincount(index, minlength=len(labels)).astype(np.float64)))
+    tail = (1 - confidence) / 2 * 100
+    out: dict = {"method": BOOTSTRAP_METHOD, "resamples": resamples, "confidence": confidence, "seed": seed,
+                 "referable_threshold": referable_threshold}
+    for name in draws[0] if draws else []:
+        values = np.asarray([d[name] for d in draws], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (np.nan, np.nan)
+        out[name] = {"value": float(point.get(name, np.nan)), "low": float(low), "high": float(high)}
+    return out

@@ -49,7 +49,7 @@ def run_transfer(cfg) -> dict:
         _check_shard_checksums(cfg, env, device)
     num_classes = int(manifest["num_classes"])
     model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
-                         drop_rate=cfg.model.drop_rate)
+                         trust_pickle=cfg.model.trust_pickle, drop_rate=cfg.model.drop_rate)
     report = getattr(model, "tltrain_load_report", None)
     if report is not None:
         _log(env.is_main, f"weights {cfg.model.weights}: {report.summary()}")
@@ -81,7 +81,7 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
     """Li et al. method 3: the pretrained CNN as a fixed feature extractor, a scikit-learn classifier on top."""
     from tltrain.engine.checkpoint import atomic_write_json
     from tltrain.engine.logging import write_status
-    from tltrain.metrics import compute_metrics
+    from tltrain.metrics import compute_metrics, write_predictions_csv
     from tltrain.transfer.features import extract_features, fit_classifier
 
     started = time.time()
@@ -111,11 +111,11 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
         if name in feats:
             probs = classifier.predict_proba(feats[name][0], num_classes=int(manifest["num_classes"]))
             results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
+            if name == "test" and env.is_main:
+                write_predictions_csv(run_dir / "predictions_test.csv", feats[name][2], feats[name][1], probs)
     perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
     if env.is_main:
-        import joblib
-
-        joblib.dump(classifier, run_dir / "classifier.joblib")
+        classifier.save(run_dir / "classifier")  # classifier.safetensors + classifier.json: data, not pickle
         atomic_write_json(run_dir / "metrics.json", {"final": results.get("val", {}), "history": [],
                                                      "test": results.get("test", {}), "perf": perf})
         write_status(run_dir, "completed", step=0, epoch=0,

@@ -53,6 +53,7 @@ class ModelConfig:
 
     arch: str = "resnet18"
     weights: str | None = None  # None = random init (from-scratch reference)
+    trust_pickle: bool = False  # read a legacy pickled weights file with plain pickle (it could run code)
     drop_rate: float = 0.0
 
     def validate(self) -> None:
@@ -86,11 +87,31 @@ class RunConfig:
 
 
 def load_run_config(cfg: DictConfig | dict) -> RunConfig:
-    """Typed, validated run config; Hydra's own `hydra` node is not part of it."""
+    """Typed, validated run config; Hydra's own `hydra` node is not part of it. Paths become absolute."""
     node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
     if isinstance(node, DictConfig) and "hydra" in node:
         node.pop("hydra")
-    return to_typed(node, RunConfig)
+    return absolute_paths(to_typed(node, RunConfig))
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """data.shards, model.weights and run_dir resolved against the folder the run was launched from, so the
+    config.yaml a run writes means the same from any working directory (export, report, resume)."""
+    base = Path.cwd()
+    try:  # inside a Hydra app with hydra.job.chdir=true the cwd moved; Hydra remembers the launch folder
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            base = Path(HydraConfig.get().runtime.cwd)
+    except (ImportError, ValueError):
+        pass
+
+    def absolute(path: str | None) -> str | None:
+        return str((base / Path(path).expanduser()).resolve()) if path else path
+
+    cfg.data.shards, cfg.model.weights, cfg.run_dir = (absolute(cfg.data.shards), absolute(cfg.model.weights),
+                                                       absolute(cfg.run_dir))
+    return cfg
 
 
 def run(cfg: RunConfig) -> dict:

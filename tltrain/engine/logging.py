@@ -2,7 +2,9 @@
 
 Files other tools read (report, jobs, export):
   <run_dir>/status.json   {"state": running|completed|failed|preempted, "step", "epoch", "metrics", "error", ...}
-  <run_dir>/metrics.json  {"final": {...}, "history": [{"epoch", "step", "train_loss", "val": {...}}, ...]}
+  <run_dir>/metrics.json  {"final": {...}, "best": {"checkpoint", "metric", "step", "epoch", "val"}, "test": {...},
+                           "history": [{"epoch", "step", "train_loss", "val": {...}}, ...]}
+  <run_dir>/predictions_test.csv  key, label, predicted, p_0..p_{C-1} of the tested checkpoint
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ def write_status(run_dir: str | Path, state: str, **fields) -> None:
 
 
 def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
-                  perf: dict | None = None) -> None:
-    """metrics.json: final validation metrics, per-epoch history, test metrics of the best checkpoint, speed."""
+                  perf: dict | None = None, best: dict | None = None) -> None:
+    """metrics.json: last validation metrics ("final"), per-epoch history (0-based "epoch"), the best checkpoint
+    ("best": name, metric, mode, value, step, "epoch" = epochs completed, its validation metrics), test metrics
+    ("test", with the checkpoint they were computed on), speed."""
     atomic_write_json(Path(run_dir) / "metrics.json",
-                      {"final": final, "history": history, "test": test or {}, "perf": perf or {}})
+                      {"final": final, "best": best or {}, "history": history, "test": test or {},
+                       "perf": perf or {}})
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
@@ -83,11 +88,13 @@ class TensorBoardLogger:
         shown = (shown - low) / (high - low).clamp_min(1e-6)
         self.writer.add_image(tag, make_grid(shown, nrow=int(math.ceil(math.sqrt(len(shown))))), step)
 
-    def hparams(self, hparams: dict, metrics: dict) -> None:
+    def hparams(self, hparams: dict, metrics: dict[str, dict]) -> None:
+        """HParams plugin entry; metrics by group, e.g. {"best_val": {...}, "test": {...}} -> hparam/test/kappa."""
         if self.writer is None:
             return
         plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        final = {f"hparam/{k}": v for k, v in scalar_metrics(metrics).items() if not math.isnan(v)}
+        final = {f"hparam/{group}/{k}": v for group, values in metrics.items()
+                 for k, v in scalar_metrics(values or {}).items() if not math.isnan(v)}
         self.writer.add_hparams(plain, final, run_name=".")
 
     def flush(self) -> None:

@@ -121,6 +121,7 @@ class Trainer:
         self.history: list[dict] = []
         self.thresholds: np.ndarray | None = None  # ordinal cut points tuned on validation
         self.last_val: dict = {}
+        self.last_predictions: tuple = ([], np.zeros(0, np.int64), np.zeros((0, 0)))
         self._grid_logged = False
 
     # -- set-up helpers -------------------------------------------------------------------------------------
@@ -337,12 +338,15 @@ class Trainer:
                            f"{self._epoch_train['train_loss']:.4f}, {self._epoch_train['images_per_s']:.0f} img/s, "
                            f"data wait {self._epoch_train['wait_fraction']:.0%}" + (f" | val {summary}" if summary else ""))
         if self.is_main:
-            write_metrics(self.run_dir, self.last_val, self.history)
+            write_metrics(self.run_dir, self.last_val, self.history, best=self._best_record())
         self._status("running")
 
     @torch.no_grad()
-    def evaluate(self, loader) -> dict:
-        """Metrics over the whole loader, gathered from every rank (padding dropped); EMA weights when enabled."""
+    def evaluate(self, loader, tune: bool = True) -> dict:
+        """Metrics over the whole loader, gathered from every rank (padding dropped); EMA weights when enabled.
+
+        Ordinal runs tune their thresholds on validation (tune=True); the test split reuses the tuned ones.
+        The per-image predictions stay in self.last_predictions (keys, labels, probabilities)."""
         model = self.ema.module if self.ema is not None else self.strategy.model
         was_training = model.training
         model.eval()
@@ -355,34 +359,65 @@ class Trainer:
             scores = outputs if self.cfg.loss == "ordinal" else outputs.softmax(dim=1)
             gatherer.add(scores, batch.labels, list(batch.keys), batch.valid)
         model.train(was_training)
-        scores, labels, _ = gatherer.gather()
+        scores, labels, keys = gatherer.gather()
         if len(labels) == 0:
             return {}
         if self.cfg.loss == "ordinal":
             values = scores.reshape(-1)
-            self.thresholds = tune_thresholds(values, labels, self.num_classes)
+            if tune:
+                self.thresholds = tune_thresholds(values, labels, self.num_classes)
             scores = outputs_to_probs(torch.from_numpy(values), "ordinal", self.num_classes, self.thresholds).numpy()
+        self.last_predictions = (keys, labels, scores)
         metrics = compute_metrics(scores, labels, self.cfg.referable_threshold)
         if self.thresholds is not None:
             metrics["thresholds"] = [float(t) for t in self.thresholds]
         return metrics
 
     def _evaluate_best(self, loader) -> dict:
-        """Test metrics of the best checkpoint by validation (the weights a paper would report), on every rank."""
-        best = D.broadcast_object(self.checkpoints.index().get("best") if self.is_main else None)
-        if best and self.cfg.strategy != "deepspeed":  # ZeRO partitions: keep the final weights (documented)
+        """Test metrics of the best checkpoint by validation (the weights a paper would report), on every rank.
+
+        metrics["checkpoint"] names the checkpoint whose weights were tested. DeepSpeed keeps its final weights
+        (ZeRO partitions are not reloaded here), which are the latest checkpoint's; an export of the best
+        checkpoint then says it has no test metrics of its own. Per-image predictions: predictions_test.csv."""
+        index = D.broadcast_object(self.checkpoints.index() if self.is_main else None)
+        tested = index.get("latest")
+        if index.get("best") and self.cfg.strategy != "deepspeed":
             from tltrain.engine.checkpoint import consolidate_checkpoint
 
-            state = consolidate_checkpoint(self.run_dir, "best")
+            state = consolidate_checkpoint(self.run_dir, "best")  # the evaluated weights (EMA when enabled)
             target = self.ema.module if self.ema is not None else self.strategy.unwrap()
             target.load_state_dict(state)
-        metrics = self.evaluate(loader)
-        metrics["checkpoint"] = best or "final"
+            tested = index["best"]
+        if self.thresholds is not None and index.get("best"):  # ordinal: the cut points tuned with those weights
+            best_val = self._history_val(next(c["step"] for c in index["checkpoints"] if c["name"] == tested))
+            if best_val.get("thresholds"):
+                self.thresholds = np.asarray(best_val["thresholds"])
+        metrics = self.evaluate(loader, tune=False)
+        metrics["checkpoint"] = tested or "final"
         if self.is_main:
+            from tltrain.metrics import write_predictions_csv
+
+            write_predictions_csv(self.run_dir / "predictions_test.csv", *self.last_predictions)
             self.tb.scalars({f"test/{k}": v for k, v in scalar_metrics(metrics).items()}, self.step)
             self.progress.line("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()
                                                      if k != "count"))
         return metrics
+
+    def _history_val(self, step: int) -> dict:
+        """The validation metrics recorded at an optimizer step (an epoch end), or {}."""
+        return next((h["val"] for h in reversed(self.history) if h["step"] == step and h.get("val")), {})
+
+    def _best_record(self) -> dict:
+        """Which checkpoint is the best so far, chosen how, and its validation metrics (main rank only)."""
+        index = self.checkpoints.index()
+        entry = next((c for c in index["checkpoints"] if c["name"] == index.get("best")), None)
+        if entry is None:
+            return {}
+        return {"checkpoint": entry["name"], "metric": self.cfg.best_metric, "mode": self.cfg.best_mode,
+                "value": index.get("best_value"), "step": entry["step"], "epoch": entry["epoch"],
+                "chosen_by": f"{'highest' if self.cfg.best_mode == 'max' else 'lowest'} validation "
+                             f"{self.cfg.best_metric}, evaluated at every validated epoch end",
+                "val": self._history_val(entry["step"])}
 
     def _finish(self) -> dict:
         best = self.checkpoints.index() if self.is_main else {}
@@ -393,9 +428,13 @@ class Trainer:
                   "run_dir": str(self.run_dir), "final": self.last_val, "test": self.test_metrics, "perf": perf,
                   "best": best, "history": self.history}
         if self.is_main:
-            write_metrics(self.run_dir, self.last_val, self.history, test=self.test_metrics, perf=perf)
+            best_record = self._best_record()
+            write_metrics(self.run_dir, self.last_val, self.history, test=self.test_metrics, perf=perf,
+                          best=best_record)
+            # runs are ranked by what a paper reports: the best checkpoint's validation and test metrics
             self.tb.hparams({**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "deepspeed"},
-                             **self.hparams}, self.last_val)
+                             **self.hparams}, {"best_val": best_record.get("val") or self.last_val,
+                                               "test": self.test_metrics})
         self._status("completed")
         return result
 
