@@ -209,6 +209,27 @@ def run_n(n: int, args) -> dict:
     return results
 
 
+def run_fresh(n: int, args, argv) -> dict:
+    """Each N in a fresh process of its own, so its RSS figures start from the same state (no torch from the
+    previous N's loader stages)."""
+    if len(args.n) == 1:
+        return run_n(n, args)
+    import subprocess
+    import tempfile
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    drop = {"--n", "--json", "--camera"}
+    rest, skip = [], False
+    for item in argv:
+        if item.startswith("--"):
+            skip = item in drop
+        if not skip:
+            rest.append(item)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, __file__, "--n", str(n), "--json", f"{tmp}/one.json", *rest], check=True)
+        return json.loads(Path(f"{tmp}/one.json").read_text())["runs"][0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="*", default=[KAGGLE_TRAIN + KAGGLE_TEST], help="dataset sizes")
@@ -225,7 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0], "runs": [run_n(n, args) for n in args.n]}
+    report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0], "runs": [run_fresh(n, args, argv) for n in args.n]}
     if args.camera:
         report["camera"] = camera_costs(args.camera, Path(args.out))
         print(f"camera size, one process: {report['camera']}", flush=True)
