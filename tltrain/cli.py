@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
+        from tltrain.engine.signals import install_early
+
+        install_early()  # before the slow imports: a SIGTERM/USR2 during start-up becomes a clean preemption
         # Hydra owns the command line of `train` (multirun, launchers, sweeps).
         from tltrain.train_app import hydra_main
 

@@ -77,6 +77,11 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.data, self.model, self.loader, self.schedule, self.trainer):
             part.validate()
+        if self.trainer.epochs is not None:
+            raise ConfigError(f"trainer.epochs={self.trainer.epochs!r} is not used by tltrain train: the transfer "
+                              "schedule sets the run's length; use schedule.epochs_per_phase (the whole run for "
+                              "finetune_all/scratch/linear_probe/layer_decay), schedule.step_epochs (swft) or "
+                              "schedule.phases (custom)")
         if self.schedule.name == "scratch" and self.model.weights:
             raise ConfigError("schedule=scratch is the random-init reference: set model.weights=null "
                               f"(got {self.model.weights!r}) or choose finetune_all")
@@ -92,13 +97,19 @@ def load_run_config(cfg: DictConfig | dict) -> RunConfig:
 
 def run(cfg: RunConfig) -> dict:
     """Train (or resume) one run and evaluate it; returns the trainer's result with test metrics added."""
+    import contextlib
+
+    from tltrain.engine.distributed import read_env
+    from tltrain.engine.rundir import claim_run_dir
     from tltrain.runner import run_transfer
 
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty: pass run_dir=... (the Hydra app sets it to its output folder)")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result = run_transfer(cfg)
+    # one run per run_dir: rank 0 holds its lock until the run ends (a second run there stops with exit 2)
+    with claim_run_dir(cfg.run_dir) if read_env().is_main else contextlib.nullcontext():
+        result = run_transfer(cfg)
     result.setdefault("wall_time_s", time.time() - started)
     return result
 

@@ -1,12 +1,16 @@
 """What a run shows while it trains: TensorBoard (rank 0), a progress bar, and the run-dir JSON files.
 
 Files other tools read (report, jobs, export):
-  <run_dir>/status.json   {"state": running|completed|failed|preempted, "step", "epoch", "metrics", "error", ...}
-  <run_dir>/metrics.json  {"final": {...}, "history": [{"epoch", "step", "train_loss", "val": {...}}, ...]}
+  <run_dir>/status.json   {"state": running|completed|failed|preempted, "step", "epoch", "metrics", "error",
+                           "pid", "host", ...}; a "running" whose pid/lock is gone is stale (rundir.is_stale)
+  <run_dir>/metrics.json  {"final": {...}, "history": [{"epoch", "step", "train_loss", "skipped_samples", "val": {...}},
+                           ...], "skipped_samples": {"train", "val", "test", "examples"}, ...}
 """
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,14 +26,17 @@ STATES = ("running", "completed", "failed", "preempted")
 def write_status(run_dir: str | Path, state: str, **fields) -> None:
     if state not in STATES:
         raise ValueError(f"status state {state!r} not in {STATES}")
-    atomic_write_json(Path(run_dir) / "status.json", {"state": state, "updated": time.time(), **fields})
+    atomic_write_json(Path(run_dir) / "status.json", {"state": state, "updated": time.time(), "pid": os.getpid(),
+                                                      "host": socket.gethostname(), **fields})
 
 
 def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
-                  perf: dict | None = None) -> None:
-    """metrics.json: final validation metrics, per-epoch history, test metrics of the best checkpoint, speed."""
+                  perf: dict | None = None, skipped: dict | None = None) -> None:
+    """metrics.json: final validation metrics, per-epoch history, test metrics of the best checkpoint, speed,
+    and the samples the loaders skipped (undecodable: loader.on_decode_error=skip)."""
     atomic_write_json(Path(run_dir) / "metrics.json",
-                      {"final": final, "history": history, "test": test or {}, "perf": perf or {}})
+                      {"final": final, "history": history, "test": test or {}, "perf": perf or {},
+                       "skipped_samples": skipped or {"train": 0, "val": 0, "test": 0, "examples": []}})
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
