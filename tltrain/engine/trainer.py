@@ -340,11 +340,16 @@ class Trainer:
     def _errors_seen(loader) -> int:
         return len(getattr(loader, "decode_errors", None) or [])
 
+    @staticmethod
+    def _sample_ids(messages: list[str]) -> set[str]:
+        """'shard.tar:key: cannot decode (...)' -> 'shard.tar:key' (the same sample met twice counts once)."""
+        return {message.split(": ", 1)[0] for message in messages}
+
     def _note_skipped(self, seen: int) -> int:
-        """Adds the training loader's new skip messages to the epoch's (a set: a resume re-reads skipped batches)."""
+        """Adds the training loader's newly skipped samples to the epoch's (a set: a resume re-reads batches)."""
         errors = getattr(self.train_loader, "decode_errors", None) or []
         if len(errors) > seen:
-            self.epoch_skipped = sorted(set(self.epoch_skipped) | set(errors[seen:]))
+            self.epoch_skipped = sorted(set(self.epoch_skipped) | self._sample_ids(errors[seen:]))
         return len(errors)
 
     def _gather_union(self, items: list[str]) -> list[str]:
@@ -356,7 +361,7 @@ class Trainer:
 
     def _gather_skipped(self, loader, seen: int) -> list[str]:
         errors = getattr(loader, "decode_errors", None) or []
-        return self._gather_union(list(errors[seen:]))
+        return self._gather_union(sorted(self._sample_ids(errors[seen:])))
 
     def _skipped_summary(self) -> dict:
         examples = [m for part in self.skipped.values() for m in part][:20]
