@@ -383,9 +383,8 @@ class Trainer:
         seen = self._errors_seen(self.val_loader)
         val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
         if val:
-            self.skipped["val"] = self._gather_skipped(self.val_loader, seen)
-        if val:
             self.last_val = val
+            self.skipped["val"] = self._gather_skipped(self.val_loader, seen)
         record = {"epoch": finished_epoch, "step": self.step, "phase": self.phase, **self._epoch_train, "val": val}
         self.history.append(record)
         self.epoch_loss, self.epoch_skipped = [0.0, 0], []
