@@ -49,7 +49,6 @@ setup(
         "matplotlib",
         "pandas",
         "scipy",
-        "joblib",
     ],
     extras_require={
         # DALI is published per CUDA major version; the default build is CUDA 13 (its CPU ops run anywhere).

@@ -15,7 +15,6 @@ import math
 import platform
 import time
 
-import numpy as np
 import torch
 
 from tltrain import preprocess as P
@@ -53,23 +52,20 @@ def dali_chain(batch_nhwc: torch.Tensor, cfg: P.PreprocessConfig, device: str):
     """The DALI loader's filter chain (tltrain/data/loaders/dali.py) fed one resident batch; None without DALI."""
     try:
         from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali import math as dmath
     except ImportError:
         return None
+    from tltrain.data.loaders.dali import normalised_filter
+
     n, size = batch_nhwc.shape[0], batch_nhwc.shape[1]
     gpu = device == "cuda"
-    sigma = size / 2 * cfg.sigma_ratio
-    inside = P.circle_mask(size, cfg.mask_ratio).numpy().astype(np.float32)[..., None]
     feed = batch_nhwc if gpu else batch_nhwc.numpy()
 
     @pipeline_def(batch_size=n, num_threads=4, device_id=0 if gpu else None, prefetch_queue_depth=1)
     def pipe():
         images = fn.external_source(source=lambda: feed, batch=True, layout="HWC", device="gpu" if gpu else "cpu")
         x = fn.cast(images, dtype=types.FLOAT)
-        blurred = fn.gaussian_blur(x, sigma=sigma, window_size=2 * math.ceil(3 * sigma) + 1)
-        x = dmath.floor(dmath.clamp(cfg.gain * x - cfg.gain * blurred + cfg.offset, 0.0, 255.0) + 0.5)
-        mask = types.Constant(inside, device="gpu" if gpu else "cpu")
-        x = x * mask + cfg.offset * (1.0 - mask)
+        # every pixel photo (uncut crops): profiles of ones
+        x = normalised_filter(x, x[:, 0:1, 0:1] * 0.0 + 1.0, x[0:1, :, 0:1] * 0.0 + 1.0, cfg, size, gpu)
         return fn.crop_mirror_normalize(x, dtype=types.FLOAT16, output_layout="CHW",
                                         mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
 

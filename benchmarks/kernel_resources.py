@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tltrain.kernels import blur_direct, blur_dot  # noqa: E402
 
 POINTERS = {"img_ptr": "*u8", "taps_ptr": "*fp32", "tmp_ptr": "*fp32", "geom_ptr": "*fp32", "norm_ptr": "*fp32",
-            "flip_ptr": "*i32"}
+            "yprof_ptr": "*fp32", "xprof_ptr": "*fp32", "flip_ptr": "*i32"}
 FLOATS = ("gain", "offset")
 OUT_TYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "uint8": "*u8"}
 

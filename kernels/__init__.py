@@ -4,7 +4,6 @@
   - blur_dot: one pass, the Gaussian as banded matrix products on the tensor cores (hi/lo fp16 splits)
   - blur_direct: two passes of exact float32 taps (any window; the fallback)
   - epilogue: what both share after the blur (gain, rounding, mask, normalisation, flip, store)
-- disc: batched disc centre/radius (estimate_discs); reference tltrain.data.disc.estimate_disc
 
 Nothing is imported here on purpose: importing triton decides once whether kernels run compiled or under
 TRITON_INTERPRET, so callers (and the CPU tests) choose that moment by importing the submodule.

@@ -1,9 +1,11 @@
 """Ben Graham's filter on the GPU with Triton: the public entry points, argument checks and launch planning.
 
-The GPU twin of tltrain.preprocess.finish (the torch reference): out = gain*img - gain*gauss(img) + offset,
-rounded half-to-even and clamped to [0, 255], offset outside the disc, then (v/255 - mean)/std in fp32/fp16/bf16
-(or the grey levels as uint8), NCHW or channels_last, optionally mirrored per sample. Gaussian: 2*ceil(3*sigma)+1
-normalised taps, reflect-101 border.
+The GPU twin of tltrain.preprocess.finish (the torch reference, definition version 2): with the valid map
+V = vy (x) vx of the photo inside the square (two 1-D profiles per sample; all ones when not given),
+B = gauss0(img) / gauss0(V) and out = gain*(img - V*B) + offset, rounded half-to-even and clamped to [0, 255],
+offset outside the disc, then (v/255 - mean)/std in fp32/fp16/bf16 (or the grey levels as uint8), NCHW or
+channels_last, optionally mirrored per sample. Gaussian: 2*ceil(3*sigma)+1 normalised taps, zero padding; the
+normaliser gauss0(V) = gauss0(vy) (x) gauss0(vx) is computed here on the 1-D profiles (float64, then float32).
 
 Two kernels compute it (method=):
 - "dot" (kernels/blur_dot.py): one pass, the blur as banded matrix products on the tensor cores with hi/lo fp16
@@ -48,6 +50,10 @@ class LaunchParams:
     n_taps: int  # 2 * half + 1, half = the widest window's half-width
     geom: torch.Tensor  # (rows, 4) float32: cx, cy, (mask_ratio * r)^2, unused
     geom_stride: int
+    yprof: torch.Tensor  # (rows, 2, H) float32: vy and gauss0(vy) per sample
+    yprof_stride: int
+    xprof: torch.Tensor  # (rows, 2, W) float32: vx and gauss0(vx)
+    xprof_stride: int
     norm: torch.Tensor  # (6,) float32: 255 * mean, 255 * std
     flip: torch.Tensor  # (rows,) int32
     flip_stride: int
@@ -103,24 +109,63 @@ def _check_window(sigma_min: float, sigma_max: float, height: int, width: int) -
     half = _half_width(sigma_max)
     if half >= min(height, width):
         raise ConfigError(f"blur sigma {sigma_max:g} needs a {2 * half + 1}-tap window, larger than the "
-                          f"{height}x{width} image (reflect-101 border); lower loader.preprocess.sigma_ratio")
+                          f"{height}x{width} image; lower loader.preprocess.sigma_ratio")
     return half
 
 
-def _tap_table(sigma, n: int, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """(taps, stride, n_taps): a cached shared row for one sigma, else one zero-padded row per sample."""
+def _tap_table(sigma, n: int, height: int, width: int, device: torch.device):
+    """(taps, stride, n_taps, taps64): a cached shared row for one sigma, else one zero-padded row per sample;
+    taps64 is the same table in float64 for the valid-profile normaliser."""
     if _is_scalar(sigma):
         sigma = float(sigma)
         half = _check_window(sigma, sigma, height, width)
-        return _shared_taps(sigma, device), 0, 2 * half + 1
+        return _shared_taps(sigma, device), 0, 2 * half + 1, _shared_taps64(sigma, device)
     sigmas = _per_sample(sigma, n, "sigma", device)
     low, high = torch.stack([sigmas.min(), sigmas.max()]).tolist()  # the one sync: the window width
     half = _check_window(low, high, height, width)
     offsets = torch.arange(-half, half + 1, dtype=torch.float64, device=device)
     taps = torch.exp(-0.5 * (offsets / sigmas[:, None]) ** 2)
     taps = taps * (offsets.abs() <= torch.ceil(3 * sigmas)[:, None])  # each sample's own window, zero-padded
-    taps = (taps / taps.sum(dim=1, keepdim=True)).float().contiguous()
-    return taps, taps.stride(0), 2 * half + 1
+    taps64 = taps / taps.sum(dim=1, keepdim=True)
+    taps = taps64.float().contiguous()
+    return taps, taps.stride(0), 2 * half + 1, taps64
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_taps64(sigma: float, device: torch.device) -> torch.Tensor:
+    return P.gaussian_taps(sigma).view(1, -1).to(device)
+
+
+def _profile_table(profiles: torch.Tensor, taps64: torch.Tensor) -> torch.Tensor:
+    """(rows, L) valid profiles and (1 or rows, K) float64 taps -> (rows, 2, L) float32: the profile and its
+    zero-padded blur gauss0 (summed in float64, so an all-photo row blurs to exactly 1.0 away from the border)."""
+    half = taps64.shape[1] // 2
+    padded = torch.nn.functional.pad(profiles.to(torch.float64), (half, half))
+    blurred = (padded.unfold(-1, taps64.shape[1], 1) * taps64[:, None, :]).sum(-1)
+    return torch.stack([profiles.to(torch.float64), blurred], dim=1).float().contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_profiles(sigma: float, length: int, device: torch.device) -> torch.Tensor:
+    """(1, 2, L) all-photo profile and its blur for one sigma (the loaders' uncut crops), built once per value."""
+    return _profile_table(torch.ones((1, length), dtype=torch.float64, device=device), _shared_taps64(sigma, device))
+
+
+def _valid_tables(valid, sigma, taps64: torch.Tensor, n: int, height: int, width: int, device: torch.device):
+    """(yprof, yprof_stride, xprof, xprof_stride) from valid = None (all photo) or (vy (N, H), vx (N, W))."""
+    if valid is None and _is_scalar(sigma):
+        yprof, xprof = _shared_profiles(float(sigma), height, device), _shared_profiles(float(sigma), width, device)
+        return yprof, 0, xprof, 0
+    if valid is None:
+        vy = torch.ones((n, height), dtype=torch.float64, device=device)
+        vx = torch.ones((n, width), dtype=torch.float64, device=device)
+    else:
+        vy, vx = (torch.as_tensor(v).to(device) for v in valid)
+        if tuple(vy.shape) != (n, height) or tuple(vx.shape) != (n, width):
+            raise ValueError(f"valid must be (vy ({n}, {height}), vx ({n}, {width})), "
+                             f"got {tuple(vy.shape)} and {tuple(vx.shape)}")
+    yprof, xprof = _profile_table(vy, taps64), _profile_table(vx, taps64)
+    return yprof, yprof.stride(0), xprof, xprof.stride(0)
 
 
 def _geometry(centers, radii, mask_ratio: float, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -200,14 +245,16 @@ def ben_graham_triton(images: torch.Tensor, centers, radii, sigma, gain: float =
                       mask_ratio: float = 0.9, mean: Sequence[float] = P.IMAGENET_MEAN,
                       std: Sequence[float] = P.IMAGENET_STD, out_dtype: torch.dtype = torch.float32,
                       channels_last: bool = False, flip=None, layout: str = "NCHW",
-                      out: torch.Tensor | None = None, *, method: str = "auto",
+                      out: torch.Tensor | None = None, *, valid=None, method: str = "auto",
                       tile: tuple[int, int] | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """uint8 batch (N,3,H,W) or (N,H,W,3) -> (N,3,H,W) out_dtype: 4*img - 4*gauss(img) + 128, masked, normalised.
+    """uint8 batch (N,3,H,W) or (N,H,W,3) -> (N,3,H,W) out_dtype: 4*(img - V*B) + 128, masked, normalised.
 
     centers: one (x, y) disc centre in pixels for all, or (N, 2); radii: one or (N,): mask where the distance
     exceeds mask_ratio * r (mask_ratio 0 disables it). sigma: one or (N,). flip: None or (N,) bools, mirrors the
     output horizontally. mean/std are in [0, 1] units like torchvision; out_dtype uint8 skips normalisation.
     out: an optional preallocated (N,3,H,W) out_dtype tensor to write into (any strides, e.g. a reused buffer).
+    valid: None (every pixel is photo) or (vy, vx) of shapes (N, H) and (N, W): the photo's share of each row and
+    column (tltrain.preprocess.square_valid); the blur is normalised by gauss0(vy (x) vx), outside-photo -> offset.
     method: auto | direct | dot (module docstring); tile (BLOCK, SPAN) and num_warps tune the dot kernel.
     """
     n, h, w = _check_batch(images, layout)
@@ -218,12 +265,13 @@ def ben_graham_triton(images: torch.Tensor, centers, radii, sigma, gain: float =
     device = images.device
     if n == 0:
         return torch.empty((0, 3, h, w), dtype=out_dtype, device=device)
-    taps, taps_stride, n_taps = _tap_table(sigma, n, h, w, device)
+    taps, taps_stride, n_taps, taps64 = _tap_table(sigma, n, h, w, device)
     geom, geom_stride = _geometry(centers, radii, mask_ratio, n, device)
+    yprof, yprof_stride, xprof, xprof_stride = _valid_tables(valid, sigma, taps64, n, h, w, device)
     flips, flip_stride = _flips(flip, n, device)
     norm = _normalisation(tuple(float(v) for v in mean), tuple(float(v) for v in std), device)
-    params = LaunchParams(taps, taps_stride, n_taps, geom, geom_stride, norm, flips, flip_stride, float(gain),
-                          float(offset), out_dtype != torch.uint8)
+    params = LaunchParams(taps, taps_stride, n_taps, geom, geom_stride, yprof, yprof_stride, xprof, xprof_stride,
+                          norm, flips, flip_stride, float(gain), float(offset), out_dtype != torch.uint8)
     chosen, tile = _choose_method(method, n_taps, device, tile)
 
     if out is None:
@@ -241,19 +289,21 @@ def ben_graham_triton(images: torch.Tensor, centers, radii, sigma, gain: float =
 
 
 def ben_graham_batch(crops: torch.Tensor, cfg: P.PreprocessConfig, dtype: str = "fp32",
-                     channels_last: bool = False, method: str = "auto") -> torch.Tensor:
-    """Drop-in for P.finish(crops, cfg, dtype, channels_last) on (N, 3, S, S) uint8 disc crops (disc = square)."""
+                     channels_last: bool = False, method: str = "auto", valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Drop-in for P.finish(crops, cfg, dtype, channels_last, valid=valid) on (N, 3, S, S) uint8 disc crops
+    (disc = square); valid: (N, 2, S) profiles [vy, vx] or None (all photo)."""
     P.validate_dtype(dtype)
     if not cfg.filter_on:  # normalisation alone: nothing for a blur kernel to fuse
         return P.finish(crops, cfg, dtype, channels_last)
     side = crops.shape[-1]
+    pair = None if valid is None else (valid[:, 0], valid[:, 1])
     return ben_graham_triton(crops, (side / 2, side / 2), side / 2, side / 2 * cfg.sigma_ratio, cfg.gain,
                              cfg.offset, cfg.mask_ratio, cfg.mean, cfg.std, P.DTYPES[dtype], channels_last,
-                             layout="NCHW", method=method)
+                             layout="NCHW", valid=pair, method=method)
 
 
 def ben_graham(images_nhwc: torch.Tensor, centers, radii, sigma, mean, std, out_dtype: torch.dtype,
-               channels_last: bool, flip=None, method: str = "auto") -> torch.Tensor:
+               channels_last: bool, flip=None, method: str = "auto", valid=None) -> torch.Tensor:
     """Ben Graham's own constants (gain 4, offset 128, mask 0.9 r) on an NHWC batch as decoded."""
     return ben_graham_triton(images_nhwc, centers, radii, sigma, 4.0, 128.0, 0.9, mean, std, out_dtype,
-                             channels_last, flip, layout="NHWC", method=method)
+                             channels_last, flip, layout="NHWC", valid=valid, method=method)

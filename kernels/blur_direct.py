@@ -2,8 +2,8 @@
 
 Why two passes: the 2-D Gaussian is separable, so a horizontal pass writes a float32 row-blurred image and a
 vertical pass reads it back and runs the shared epilogue (kernels/epilogue.py) in registers, so the output is
-written once. Every output element is one direct sum over the taps with reflect-101 borders, accumulated in
-float32: the reference's numbers up to float32 summation order. Works for any window that fits the image; the
+written once. Every output element is one direct sum over the taps with zero padding (the epilogue normalises
+by the blurred valid profiles), accumulated in float32: the reference's numbers up to float32 summation order. Works for any window that fits the image; the
 tensor-core kernel (blur_dot) is the fast path where its tile fits the window.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .epilogue import finish_and_store, reflect101, u8_to_f32
+from .epilogue import finish_and_store, u8_to_f32
 
 BLOCK_ROWS = 16  # GPU tile: 16 rows x 64 columns per program (coalesced 64-wide row segments)
 BLOCK_COLS = 64
@@ -29,7 +29,7 @@ def _stacked_rows(g, cols, H, W):
 def _blur_rows_kernel(img_ptr, taps_ptr, tmp_ptr, H, W, n_taps, taps_stride,
                       s_n, s_c, s_h, s_w,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Horizontal pass: tmp[n, c, y, x] = sum_k taps[n, k] * img[n, c, y, reflect(x + k - half)] (float32).
+    """Horizontal pass: tmp[n, c, y, x] = sum_k taps[n, k] * img[n, c, y, x + k - half] (float32, 0 outside).
 
     A sample's three planes are stacked into one 3H-row image (row g = c * H + y), so a tile never pads a
     channel dimension and the CPU interpreter runs one program per sample."""
@@ -42,16 +42,17 @@ def _blur_rows_kernel(img_ptr, taps_ptr, tmp_ptr, H, W, n_taps, taps_stride,
     tap_row = taps_ptr + n * taps_stride
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for k in range(0, n_taps):
-        x = reflect101(cols + (k - half), W)
-        pixels = tl.load(src + x[None, :] * s_w, mask=inside, other=0)
+        x = cols + (k - half)
+        pixels = tl.load(src + x[None, :] * s_w, mask=inside & ((x >= 0) & (x < W))[None, :], other=0)
         acc += tl.load(tap_row + k) * u8_to_f32(pixels)
     dst = tmp_ptr + n.to(tl.int64) * 3 * H * W + g[:, None] * W + cols[None, :]
     tl.store(dst, acc, mask=inside)
 
 
 @triton.jit
-def _blur_cols_finish_kernel(img_ptr, taps_ptr, tmp_ptr, out_ptr, geom_ptr, norm_ptr, flip_ptr,
-                             H, W, n_taps, taps_stride, geom_stride, flip_stride, gain, offset,
+def _blur_cols_finish_kernel(img_ptr, taps_ptr, tmp_ptr, out_ptr, geom_ptr, yprof_ptr, xprof_ptr, norm_ptr, flip_ptr,
+                             H, W, n_taps, taps_stride, geom_stride, yprof_stride, xprof_stride, flip_stride,
+                             gain, offset,
                              s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w,
                              NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Vertical pass + epilogue: blur the row-blurred buffer down the columns, then finish_and_store."""
@@ -64,13 +65,15 @@ def _blur_cols_finish_kernel(img_ptr, taps_ptr, tmp_ptr, out_ptr, geom_ptr, norm
     tap_row = taps_ptr + n * taps_stride
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for k in range(0, n_taps):
-        y_k = reflect101(y + (k - half), H)
-        acc += tl.load(tap_row + k) * tl.load(src + (y_k * W)[:, None], mask=inside, other=0.0)
+        y_k = y + (k - half)
+        acc += tl.load(tap_row + k) * tl.load(src + (y_k * W)[:, None], mask=inside & ((y_k >= 0) & (y_k < H))[:, None],
+                                              other=0.0)
 
     pixel_ptr = img_ptr + n.to(tl.int64) * s_n + (c * s_c + y * s_h)[:, None] + cols[None, :] * s_w
     pixels = tl.load(pixel_ptr, mask=inside, other=0).to(tl.float32)
-    finish_and_store(acc, pixels, n, c, y, cols, inside, W, gain, offset, geom_ptr, geom_stride, norm_ptr,
-                     flip_ptr, flip_stride, out_ptr, o_n, o_c, o_h, o_w, NORMALIZE)
+    finish_and_store(acc, pixels, n, c, y, cols, inside, H, W, gain, offset, geom_ptr, geom_stride,
+                     yprof_ptr, yprof_stride, xprof_ptr, xprof_stride, norm_ptr, flip_ptr, flip_stride,
+                     out_ptr, o_n, o_c, o_h, o_w, NORMALIZE)
 
 
 def _tile(height: int, width: int) -> tuple[int, int]:
@@ -89,7 +92,8 @@ def launch(nchw: torch.Tensor, out: torch.Tensor, params) -> None:
     grid = (n, triton.cdiv(3 * h, block_r), triton.cdiv(w, block_c))
     _blur_rows_kernel[grid](nchw, params.taps, tmp, h, w, params.n_taps, params.taps_stride, *nchw.stride(),
                             BLOCK_R=block_r, BLOCK_C=block_c)
-    _blur_cols_finish_kernel[grid](nchw, params.taps, tmp, out, params.geom, params.norm, params.flip, h, w,
-                                   params.n_taps, params.taps_stride, params.geom_stride, params.flip_stride,
+    _blur_cols_finish_kernel[grid](nchw, params.taps, tmp, out, params.geom, params.yprof, params.xprof,
+                                   params.norm, params.flip, h, w, params.n_taps, params.taps_stride,
+                                   params.geom_stride, params.yprof_stride, params.xprof_stride, params.flip_stride,
                                    params.gain, params.offset, *nchw.stride(), *out.stride(),
                                    NORMALIZE=params.normalize, BLOCK_R=block_r, BLOCK_C=block_c)

@@ -5,10 +5,10 @@ A blur along a row segment is a product with a banded matrix, band[j, i] = taps[
 run at >10x the float32 FMA rate even though most of the band is zeros.
 
 One program makes a BLOCK x BLOCK output tile of one channel of one sample:
-  window  = the SPAN x SPAN uint8 input around it (reflect-101 indices; SPAN >= BLOCK + 2*half)
+  window  = the SPAN x SPAN uint8 input around it (zero outside the image; SPAN >= BLOCK + 2*half)
   rows    = window @ band                (SPAN x BLOCK): the horizontal blur of every row the tile needs
   blurred = band^T @ rows                (BLOCK x BLOCK): the vertical blur
-then the shared epilogue. Nothing but the output goes to memory: no float32 intermediate image.
+then the shared epilogue (which divides by the blurred valid profiles). Nothing but the output goes to memory: no float32 intermediate image.
 
 Precision: the inputs are fp16, so each operand is split into hi + lo fp16 parts and the products summed in
 float32 (the accumulator), which keeps the float32-level exactness of the direct kernel:
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from tltrain.errors import ConfigError
 
-from .epilogue import TAP_SCALE, finish_and_store, reflect101
+from .epilogue import TAP_SCALE, finish_and_store
 
 SPANS = (32, 64, 128)  # window sides: one dot operand is SPAN x SPAN fp16 (32 KiB at 128)
 BLOCKS = (16, 32, 64)  # output tile sides (tl.dot needs every dimension >= 16)
@@ -75,8 +75,9 @@ def _split_fp16(x):
 
 
 @triton.jit
-def _ben_graham_dot_kernel(img_ptr, taps_ptr, out_ptr, geom_ptr, norm_ptr, flip_ptr,
-                           H, W, n_taps, taps_stride, geom_stride, flip_stride, gain, offset,
+def _ben_graham_dot_kernel(img_ptr, taps_ptr, out_ptr, geom_ptr, yprof_ptr, xprof_ptr, norm_ptr, flip_ptr,
+                           H, W, n_taps, taps_stride, geom_stride, yprof_stride, xprof_stride, flip_stride,
+                           gain, offset,
                            s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w,
                            NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr):
     pid = tl.program_id(0)
@@ -88,12 +89,13 @@ def _ben_graham_dot_kernel(img_ptr, taps_ptr, out_ptr, geom_ptr, norm_ptr, flip_
     span = tl.arange(0, SPAN)
     local = tl.arange(0, BLOCK)
 
-    # Input window: rows y0-half .. y0+BLOCK-1+half (reflect-101) and the same for columns. Indices past the
-    # window (SPAN > BLOCK + 2*half) only meet zero band weights: clamping keeps their loads in bounds.
-    win_y = tl.minimum(tl.maximum(reflect101(y0 - half + span, H), 0), H - 1)
-    win_x = tl.minimum(tl.maximum(reflect101(x0 - half + span, W), 0), W - 1)
+    # Input window: rows y0-half .. y0+BLOCK-1+half and the same for columns, zero outside the image (the zero
+    # padding of gauss0). Indices past the window (SPAN > BLOCK + 2*half) only meet zero band weights.
+    win_y = y0 - half + span
+    win_x = x0 - half + span
+    in_image = ((win_y >= 0) & (win_y < H))[:, None] & ((win_x >= 0) & (win_x < W))[None, :]
     sample = img_ptr + n.to(tl.int64) * s_n + c * s_c
-    window = tl.load(sample + win_y[:, None] * s_h + win_x[None, :] * s_w).to(tl.float16)
+    window = tl.load(sample + win_y[:, None] * s_h + win_x[None, :] * s_w, mask=in_image, other=0).to(tl.float16)
 
     # band[j, i] = taps[j - i]: window column j feeds output column i with tap j - i (the tap for offset j-i-half).
     tap = span[:, None] - local[None, :]
@@ -115,8 +117,9 @@ def _ben_graham_dot_kernel(img_ptr, taps_ptr, out_ptr, geom_ptr, norm_ptr, flip_
     inside = (y[:, None] < H) & (cols[None, :] < W)
     pixels = tl.load(sample + y[:, None] * s_h + cols[None, :] * s_w, mask=inside, other=0).to(tl.float32)
     channel = tl.zeros((BLOCK,), dtype=tl.int32) + c
-    finish_and_store(blurred, pixels, n, channel, y, cols, inside, W, gain, offset, geom_ptr, geom_stride,
-                     norm_ptr, flip_ptr, flip_stride, out_ptr, o_n, o_c, o_h, o_w, NORMALIZE)
+    finish_and_store(blurred, pixels, n, channel, y, cols, inside, H, W, gain, offset, geom_ptr, geom_stride,
+                     yprof_ptr, yprof_stride, xprof_ptr, xprof_stride, norm_ptr, flip_ptr, flip_stride,
+                     out_ptr, o_n, o_c, o_h, o_w, NORMALIZE)
 
 
 def launch(nchw: torch.Tensor, out: torch.Tensor, params, tile: tuple[int, int], num_warps: int | None = None):
@@ -131,7 +134,8 @@ def launch(nchw: torch.Tensor, out: torch.Tensor, params, tile: tuple[int, int],
     if problem:
         raise ConfigError(problem)
     grid = (3 * n, triton.cdiv(h, block), triton.cdiv(w, block))
-    _ben_graham_dot_kernel[grid](nchw, params.taps, out, params.geom, params.norm, params.flip, h, w,
-                                 params.n_taps, params.taps_stride, params.geom_stride, params.flip_stride,
+    _ben_graham_dot_kernel[grid](nchw, params.taps, out, params.geom, params.yprof, params.xprof, params.norm,
+                                 params.flip, h, w, params.n_taps, params.taps_stride, params.geom_stride,
+                                 params.yprof_stride, params.xprof_stride, params.flip_stride,
                                  params.gain, params.offset, *nchw.stride(), *out.stride(),
                                  NORMALIZE=params.normalize, BLOCK=block, SPAN=span, num_warps=num_warps)

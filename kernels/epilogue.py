@@ -1,8 +1,8 @@
 """Triton device functions shared by both Ben Graham blur kernels (blur_direct, blur_dot).
 
-Everything after the blur is the same whichever way the blur was computed: gain, round half-to-even, clamp to
-[0, 255], the disc mask, normalisation (or the grey levels as uint8), the per-sample flip and the store in any
-output strides (NCHW or channels_last). Keeping it in one function is what makes the two kernels give the same
+Everything after the blur is the same whichever way the blur was computed: the normalisation of the masked blur
+by the valid profiles, gain, round half-to-even, clamp to [0, 255], the disc mask, normalisation (or the grey
+levels as uint8), the per-sample flip and the store in any output strides (NCHW or channels_last). Keeping it in one function is what makes the two kernels give the same
 numbers for the same blurred values.
 
 Per-sample parameter tables are read with a per-sample stride that may be 0: one shared row serves a whole batch
@@ -14,13 +14,6 @@ import triton
 import triton.language as tl
 
 TAP_SCALE = tl.constexpr(4096.0)  # 2^12: lifts the smallest taps (>= 1e-4) into fp16 normal range for the split
-
-
-@triton.jit
-def reflect101(idx, size):
-    """Mirror an index about the first/last pixel without repeating it (OpenCV's BORDER_REFLECT_101)."""
-    idx = tl.where(idx < 0, -idx, idx)
-    return tl.where(idx > size - 1, 2 * (size - 1) - idx, idx)
 
 
 @triton.jit
@@ -42,15 +35,27 @@ def u8_to_f32(pixels):
 
 
 @triton.jit
-def finish_and_store(blurred, pixels, n, c, y, cols, inside, W, gain, offset,
-                     geom_ptr, geom_stride, norm_ptr, flip_ptr, flip_stride,
-                     out_ptr, o_n, o_c, o_h, o_w, NORMALIZE: tl.constexpr):
+def finish_and_store(blurred, pixels, n, c, y, cols, inside, H, W, gain, offset,
+                     geom_ptr, geom_stride, yprof_ptr, yprof_stride, xprof_ptr, xprof_stride,
+                     norm_ptr, flip_ptr, flip_stride, out_ptr, o_n, o_c, o_h, o_w, NORMALIZE: tl.constexpr):
     """Epilogue for a (rows x cols) tile: c and y are per-row vectors (channel, image row), cols per column.
 
-    value = round_half_even(gain*x - gain*blur + offset) clamped to [0, 255]; offset outside the disc
-    (geom[n] = cx, cy, (mask_ratio*r)^2, unused; pixel centres at i + 0.5); then (v - 255*mean) / (255*std) unless
-    the output is uint8; mirrored horizontally where flip[n] != 0."""
-    value = gain * pixels - gain * blurred + offset
+    blurred is gauss0(P), the zero-padded blur of the uint8 crop P (pixels). The valid map is vy (x) vx and its blur
+    gauss0(vy) (x) gauss0(vx): yprof[n] = [vy (H values), gauss0(vy) (H)], xprof[n] = [vx (W), gauss0(vx) (W)].
+    B = blurred / (gauss0(vy) gauss0(vx)) (0 where that is 0); value = round_half_even(gain*(P - vy*vx*B) + offset)
+    clamped to [0, 255]; offset outside the disc (geom[n] = cx, cy, (mask_ratio*r)^2, unused; pixel centres at
+    i + 0.5); then (v - 255*mean) / (255*std) unless the output is uint8; mirrored horizontally where flip[n] != 0."""
+    row_ok = y < H
+    col_ok = cols < W
+    yprof = yprof_ptr + n * yprof_stride
+    xprof = xprof_ptr + n * xprof_stride
+    vy = tl.load(yprof + y, mask=row_ok, other=0.0)
+    ny = tl.load(yprof + H + y, mask=row_ok, other=0.0)
+    vx = tl.load(xprof + cols, mask=col_ok, other=0.0)
+    nx = tl.load(xprof + W + cols, mask=col_ok, other=0.0)
+    den = ny[:, None] * nx[None, :]
+    mean_blur = tl.where(den > 0, blurred / tl.where(den > 0, den, 1.0), 0.0)
+    value = gain * (pixels - (vy[:, None] * vx[None, :]) * mean_blur) + offset
     value = tl.minimum(tl.maximum(round_half_even(value), 0.0), 255.0)
 
     geom = geom_ptr + n * geom_stride

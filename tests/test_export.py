@@ -12,6 +12,7 @@ import timm
 import torch
 from PIL import Image
 
+from tltrain import preprocess as P
 from tltrain.errors import DataError
 from tltrain.export import evaluate, export_run, load_pretrained, predict, read_metadata
 
@@ -27,6 +28,7 @@ def test_metadata_describes_the_model(package, fundus_shards):
     meta = read_metadata(package)
     assert meta["architecture"] == "resnet10t" and meta["num_classes"] == 5 and meta["input_size"] == [3, 32, 32]
     assert meta["preprocessing"]["recipe"] == "ben_graham" and meta["preprocessing"]["sigma_ratio"] > 0
+    assert meta["preprocessing"]["filter_version"] == P.FILTER_VERSION  # the definition the weights were trained on
     assert meta["training_data"]["manifest_sha256"] and meta["metrics"]["test"]["count"] > 0
     assert meta["versions"]["torch"] == torch.__version__ and meta["license"]
     card = (package / "README.md").read_text()

@@ -119,7 +119,7 @@ def _extract_worker(rank, world, port, weights, cache_dir, queue):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
-    model.load_state_dict(torch.load(weights))
+    model.load_state_dict(torch.load(weights, weights_only=True))
     data = ColourBlobs(21, seed=0, rank=rank, world=world, pad=3 if rank else 2)  # 11 + 10 real samples
     first = extract_features(model, data, "cpu", cache_dir=cache_dir, data_key="val")
     dist.barrier()  # rank 0 has written the cache: the rerun must read it on every rank

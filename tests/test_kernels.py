@@ -26,9 +26,7 @@ import pytest
 import torch
 
 from tltrain import preprocess as P
-from tltrain.data.disc import estimate_disc
 from tltrain.errors import ConfigError
-from tltrain.kernels.disc import estimate_discs
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -60,21 +58,37 @@ def _batch(n, h, w, seed, layout="NCHW"):
     return x.to(DEVICE)
 
 
-def _reference_grey(images, centers, radii, sigmas, gain=4.0, offset=128.0, mask_ratio=0.9, layout="NCHW"):
-    """float64 definition for any H x W, per-sample disc and sigma: the numbers the kernel must reproduce."""
+def _reference_grey(images, centers, radii, sigmas, gain=4.0, offset=128.0, mask_ratio=0.9, layout="NCHW",
+                    valid=None):
+    """float64 definition for any H x W, per-sample disc, sigma and valid profiles (vy, vx): the numbers the kernel
+    must reproduce. The normaliser is the 2-D blur of the outer product vy (x) vx, not the separable shortcut."""
     x = images.cpu().double()
     x = x.permute(0, 3, 1, 2) if layout == "NHWC" else x
     n, _, h, w = x.shape
     out = []
     for i in range(n):
-        blurred = P.gaussian_blur(x[i:i + 1], float(sigmas[i]))
-        grey = torch.round(gain * x[i:i + 1] - gain * blurred + offset).clamp(0, 255)
+        vy, vx = (torch.ones(h), torch.ones(w)) if valid is None else (valid[0][i].cpu(), valid[1][i].cpu())
+        weight = torch.outer(vy.double(), vx.double()).view(1, 1, h, w)
+        den = P.gaussian_blur(weight, float(sigmas[i]))
+        blurred = P.gaussian_blur(x[i:i + 1], float(sigmas[i])) / torch.where(den > 0, den, 1.0)
+        grey = torch.round(gain * (x[i:i + 1] - weight * blurred) + offset).clamp(0, 255)
         yy = torch.arange(h, dtype=torch.float64).view(-1, 1) + 0.5 - float(centers[i][1])
         xx = torch.arange(w, dtype=torch.float64).view(1, -1) + 0.5 - float(centers[i][0])
         if mask_ratio > 0:
             grey = torch.where(yy ** 2 + xx ** 2 <= (mask_ratio * float(radii[i])) ** 2, grey, offset)
         out.append(grey)
     return torch.cat(out)
+
+
+def _cut_profiles(n, h, w, seed):
+    """Per-sample valid profiles like a cut photo's: zero beyond a cut, a fractional edge pixel, ones inside."""
+    gen = torch.Generator().manual_seed(seed)
+    vy, vx = torch.ones(n, h), torch.ones(n, w)
+    for i in range(n):
+        top, left = int(torch.randint(2, h // 3, (1,), generator=gen)), int(torch.randint(2, w // 3, (1,), generator=gen))
+        vy[i, :top], vy[i, top] = 0.0, float(torch.rand(1, generator=gen))
+        vx[i, w - left:], vx[i, w - left - 1] = 0.0, float(torch.rand(1, generator=gen))
+    return vy, vx
 
 
 def _assert_grey_close(got, want):
@@ -101,6 +115,42 @@ def test_grey_levels_match_float64_reference_with_per_sample_disc_and_sigma(layo
                                   method=method)
         assert got.data_ptr() == out.data_ptr()
         _assert_grey_close(got, _reference_grey(images, centers, radii, sigmas, layout=layout))
+
+
+@in_process
+@pytest.mark.parametrize("method", METHODS)
+def test_valid_profiles_of_cut_photos_match_float64_definition(method):
+    """Cut photos: pixels outside the photo carry no weight in the blur and come out as the offset grey."""
+    images = _batch(2, 37, 45, seed=12)
+    vy, vx = _cut_profiles(2, 37, 45, seed=12)
+    images = (images.cpu().double() * torch.einsum("nh,nw->nhw", vy, vx)[:, None]).round().to(torch.uint8).to(DEVICE)
+    centers, radii, sigmas = [[22.5, 18.5], [21.0, 20.0]], [22.0, 21.0], [1.9, 2.7]
+    got = K.ben_graham_triton(images, centers, radii, sigmas, out_dtype=torch.uint8, valid=(vy.to(DEVICE), vx),
+                              out=_poisoned((2, 3, 37, 45), torch.uint8, value=9), method=method)
+    want = _reference_grey(images, centers, radii, sigmas, valid=(vy, vx))
+    _assert_grey_close(got, want)
+    assert (got[0, :, :int((vy[0] == 0).sum())] == 128).all()  # outside the photo: offset grey
+    with pytest.raises(ValueError, match="valid must be"):
+        K.ben_graham_triton(images, centers, radii, sigmas, valid=(vy[:, :5], vx), method=method)
+
+
+@in_process
+@pytest.mark.parametrize("method", METHODS)
+def test_cut_fundus_crop_within_bound_of_float64_definition(method):
+    """The loaders' call on a disc square cut at top and bottom, against tltrain.preprocess.definition_float64."""
+    from tltrain.data.synth import render_fundus
+
+    image = torch.from_numpy(render_fundus(3, grade=2, width=96))
+    disc = (48.0, 36.0, 40.0)
+    keep = slice(int(36 - 0.8 * 40), int(36 + 0.8 * 40))  # rows |y - cy| > 0.8 r removed
+    image, disc = image[keep].contiguous(), (48.0, 36.0 - keep.start, 40.0)
+    cfg = P.PreprocessConfig(sigma_ratio=1 / 15)
+    crop, valid = P.crop_resize(image, disc, 64, cfg)
+    got = K.ben_graham_batch(crop[None].to(DEVICE), cfg, "fp32", method=method, valid=valid[None].to(DEVICE))
+    std = torch.tensor(cfg.std).view(3, 1, 1) * 255
+    grey = got[0].cpu().double() * std + torch.tensor(cfg.mean).view(3, 1, 1) * 255
+    diff = (grey - P.definition_float64(image, disc, 64, cfg)).abs()
+    assert diff.mean().item() <= 0.1 and diff.flatten().quantile(0.99).item() <= 1
 
 
 @in_process
@@ -257,23 +307,6 @@ def test_in_subprocess_when_kernels_were_imported_compiled():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout
-
-
-def test_disc_estimate_matches_per_image_rule():
-    from tltrain.data.synth import render_fundus
-
-    photos = [render_fundus(seed, seed % 5, width=96, height=72) for seed in range(5)]
-    photos.append(np.zeros((72, 96, 3), np.uint8))  # no eye: r == 0, image centre
-    tall = render_fundus(11, 2, width=96, height=72).copy()
-    tall[:, :] = tall[36:37, :]  # every row equals the middle row: the column span touches top and bottom
-    photos.append(tall)
-    batch = torch.from_numpy(np.stack(photos))
-    want = torch.tensor([estimate_disc(p) for p in photos], dtype=torch.float32)
-    assert torch.equal(estimate_discs(batch), want)
-    assert torch.equal(estimate_discs(batch.permute(0, 3, 1, 2), layout="NCHW"), want)
-    assert want[-2].tolist() == [48.0, 36.0, 0.0] and want[-1, 1].item() == 36.0
-    with pytest.raises(ConfigError, match="layout"):
-        estimate_discs(batch, layout="HWC")
 
 
 def test_benchmark_smoke_mode_writes_json(tmp_path):

@@ -135,9 +135,25 @@ def test_offline_radius_resize_shrinks_and_centres_disc(fundus_raw, tmp_path):
 
     sample = next(iter(wds.WebDataset(str(tmp_path / "r" / manifest["shards"][0]["tar"]), shardshuffle=False,
                                       empty_check=False).decode("pil")))
-    assert sample["jpg"].size == (64, 64)
-    assert sample["json"]["disc"] == [32.0, 32.0, 32.0]
+    width, height = sample["jpg"].size
+    cx, cy, r = sample["json"]["disc"]
+    assert r == 32.0 and width <= 64 and height <= 64  # the disc square, less what lay outside the photo
+    assert abs(cx - 32) <= 32 - width / 2 + 0.5 and abs(cy - 32) <= 32 - height / 2 + 0.5
     assert verify_shards(tmp_path / "r")["ok"]
+
+
+def test_offline_radius_resize_keeps_a_cut_edge_a_cut_edge(tmp_path):
+    """A photo cut at top and bottom keeps its cut after `resize=radius:N`: the stored image is only the photo's
+    part of the disc square, so the loaders give the rest zero weight instead of filtering black padding."""
+    from PIL import Image
+
+    from tltrain.data.prepare import _resized_sample
+
+    photo = Image.new("RGB", (100, 70), (120, 60, 30))
+    path = tmp_path / "cut.jpeg"
+    photo.save(path, quality=95)
+    data, disc, size = _resized_sample(str(path), (50.0, 35.0, 50.0), "radius", 32, 95)
+    assert size == (64, 45) and disc == pytest.approx((32.0, 32.0 - 15 * 45 / 70, 32.0))
 
 
 def test_prepare_crop_box_equals_the_training_crop_box():

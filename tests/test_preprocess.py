@@ -11,14 +11,34 @@ from tltrain.errors import ConfigError
 RAW = dict(mean=[0, 0, 0], std=[1 / 255] * 3)  # normalisation that leaves grey levels as they are
 
 
-def test_gaussian_window_and_border_match_scipy():
+def test_gaussian_window_and_zero_border_match_scipy():
     sigma = 2.5
     assert len(P.gaussian_taps(sigma)) == 2 * 8 + 1  # 2 * ceil(3 sigma) + 1 taps
     image = torch.rand(1, 1, 40, 50, dtype=torch.float64) * 255
     ours = P.gaussian_blur(image, sigma)[0, 0].numpy()
-    # scipy's "mirror" is reflect-101 (OpenCV/DALI default); radius fixes the same window
-    theirs = ndimage.gaussian_filter(image[0, 0].numpy(), sigma, mode="mirror", radius=8)
+    # gauss0: zero outside the image (scipy's "constant"); radius fixes the same window
+    theirs = ndimage.gaussian_filter(image[0, 0].numpy(), sigma, mode="constant", cval=0.0, radius=8)
     assert np.abs(ours - theirs).max() < 1e-9
+    profiles = torch.rand(3, 2, 40, dtype=torch.float64)
+    blurred = P.blur_profiles(profiles, sigma).numpy()
+    assert np.abs(blurred - ndimage.gaussian_filter1d(profiles.numpy(), sigma, axis=-1, mode="constant",
+                                                      radius=8)).max() < 1e-12
+
+
+def test_flat_photo_filters_to_offset_everywhere_even_at_square_and_cut_edges():
+    """The normalised blur of a flat photo is the photo itself, so 4*(img - blur) vanishes up to every edge:
+    at the square's border (no reflect) and at a cut (no black bar inside, no white bar outside)."""
+    image = torch.full((70, 100, 3), 150, dtype=torch.uint8)  # a disc of radius 50 cut at top and bottom
+    out = P.reference([image], [(50.0, 35.0, 50.0)], 64, P.PreprocessConfig(mask_ratio=0, **RAW))[0]
+    assert (out - 128).abs().max() <= 1
+
+
+def test_valid_profile_is_the_resized_photo_indicator():
+    v = P.valid_profile(-3, 10, 5, 10)  # square pixels -3..6 on a 5-pixel photo: rows 3..7 are photo
+    assert v.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 0, 0]
+    part = P.valid_profile(-4, 40, 20, 10)  # photo at square pixels 4..23, shrunk 4x: edge pixels partly photo
+    assert part[-1] == 0 and part[2] == part[4] == 1 and 0 < part[1] < 1 and 0 < part[6] < 1
+    assert torch.equal(P.square_valid(0, 0, 16, 16, 16, 8), torch.ones(2, 8))
 
 
 def test_blur_window_larger_than_image_is_an_error():
@@ -71,7 +91,7 @@ def test_output_dtype_layout_and_normalisation(dtype):
     assert torch.allclose(out[0, :, 5, 5].float(), expected, atol=0.02)
 
 
-def test_disc_box_pads_black_outside_the_photo():
+def test_disc_box_reaches_outside_the_photo_black_in_the_crop():
     image = torch.full((40, 60, 3), 200, dtype=torch.uint8)
     x0, y0, side = P.disc_box((30.0, 20.0, 25.0), 60, 40)
     assert (x0, y0, side) == (5, -5, 50)
@@ -88,3 +108,17 @@ def test_bad_config_values_name_the_key():
         P.AugmentConfig(crop_scale=[0.9, 0.5]).validate()
     with pytest.raises(ConfigError, match="fp8"):
         P.validate_dtype("fp8")
+
+
+def test_rotate_batch_turns_each_image_by_its_angle_and_fills_offset_grey():
+    """Training rotates after the filter: 90 degrees is an exact quarter turn, 0 leaves the image alone, and the
+    corners a 45-degree turn brings in are the normalised offset grey."""
+    cfg = P.PreprocessConfig()
+    x = torch.randn(3, 3, 16, 16)
+    out = P.rotate_batch(x, [0.0, 90.0, 45.0], cfg)
+    assert torch.allclose(out[0], x[0], atol=1e-5)
+    quarter = torch.rot90(x[1], 1, dims=(-2, -1))
+    assert torch.allclose(out[1], quarter, atol=1e-5) or torch.allclose(out[1], torch.rot90(x[1], -1, (-2, -1)),
+                                                                        atol=1e-5)
+    grey = (cfg.offset / 255 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    assert torch.allclose(out[2, :, 0, 0], grey, atol=1e-5)

@@ -85,3 +85,46 @@ def test_target_domain_layout(tmp_path):
 def test_large_camera_resolution():
     img = render_fundus(3, 4, 2592, 1944)
     assert img.shape == (1944, 2592, 3) and img.dtype == np.uint8
+
+
+def test_defect_share_is_configurable_and_recorded(tmp_path):
+    """~30 % of eyes carry defects by default, none with defect_fraction=0, and truth.json says which."""
+    import json
+
+    from tltrain.data.synth import DEFECTS
+
+    summary = generate_eyepacs(tmp_path / "d", n_patients=100, width=48, seed=4, workers=1, progress=False)
+    truth = json.loads(open(summary["truth"]).read())
+    share = summary["with_defects"] / summary["images"]
+    assert 0.2 < share < 0.4 and len(truth) == summary["images"]
+    seen = {kind for info in truth.values() for kind in info["defects"]}
+    assert seen == set(DEFECTS), seen
+    tagged = [stem for stem, info in truth.items() if info["orientation"] != 1]
+    assert tagged and all("exif" in truth[stem]["defects"] for stem in tagged)
+    clean = generate_eyepacs(tmp_path / "c", n_patients=10, width=48, seed=4, workers=1, progress=False,
+                             defect_fraction=0.0)
+    assert clean["with_defects"] == 0
+    no_exif = generate_eyepacs(tmp_path / "n", n_patients=100, width=48, seed=4, workers=1, progress=False,
+                               exif_orientation=False)
+    assert all(info["orientation"] == 1 for info in json.loads(open(no_exif["truth"]).read()).values())
+
+
+def test_defective_eyes_show_their_true_disc(fundus_raw):
+    """Every eye of the session's synthetic set, EXIF-oriented as a viewer shows it, has its disc where
+    truth.json says (cuts, frames, notches and legends included), and the EXIF-tagged files really are turned."""
+    import json
+
+    from PIL import ImageOps
+
+    from tltrain.data.disc import find_disc
+
+    truth = json.loads((fundus_raw / "truth.json").read_text())
+    assert any(info["orientation"] in (5, 6, 7, 8) for info in truth.values())
+    for stem, info in truth.items():
+        with Image.open(fundus_raw / "train" / f"{stem}.jpeg") as img:
+            assert (img.getexif().get(0x0112, 1)) == info["orientation"]
+            oriented = ImageOps.exif_transpose(img).convert("RGB")
+        assert oriented.size == (160, 120), stem
+        fit = find_disc(np.asarray(oriented))
+        error = max(abs(a - b) for a, b in zip(fit.disc, info["disc"])) / info["disc"][2]
+        assert error < 0.015, (stem, info, fit)

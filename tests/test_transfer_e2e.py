@@ -2,8 +2,12 @@
 2-point fraction sweep aggregated by `tltrain report`."""
 import json
 
+import numpy as np
+
 from conftest import tiny_run_overrides
+from tltrain.metrics import compute_metrics
 from tltrain.report import write_report
+from tltrain.transfer.features import load_classifier
 from tltrain.train_app import train_from_overrides
 
 
@@ -24,7 +28,11 @@ def test_features_svm_path(trained_run, target_shards, tmp_path):
     result = train_from_overrides(tiny_run_overrides(target_shards, tmp_path / "svm", "schedule=features_svm",
                                                      f"model.weights={trained_run}"))
     assert result["status"] == "completed" and 0 <= result["test"]["accuracy"] <= 1
-    assert (tmp_path / "svm" / "classifier.joblib").exists()
+    assert not (tmp_path / "svm" / "classifier.joblib").exists()  # no pickle: arrays + JSON
+    head = load_classifier(tmp_path / "svm")  # the saved head gives the metrics the run reported
+    feats = np.load(next((tmp_path / "svm" / "features" / "test").glob("features-*.npz")))
+    probs = head.predict_proba(feats["features"], num_classes=2)
+    assert compute_metrics(probs, feats["labels"])["accuracy"] == result["test"]["accuracy"]
     assert list((tmp_path / "svm" / "features" / "train").glob("features-*.npz"))
 
 

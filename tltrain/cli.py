@@ -31,6 +31,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
             seed=args.seed,
             workers=args.workers,
             min_per_class=args.min_per_class,
+            defect_fraction=args.defect_fraction,
+            exif_orientation=not args.no_exif,
         )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -92,6 +94,23 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         print(f"{len(result['skipped'])} images skipped:")
         for item in result["skipped"]:
             print(f"  - {item['file']}: {item['reason']}")
+
+
+def _cmd_convert_weights(args: argparse.Namespace) -> None:
+    from safetensors.torch import save
+
+    from tltrain.engine.checkpoint import atomic_write_bytes
+    from tltrain.errors import ConfigError
+    from tltrain.models import read_state_dict
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the output must be a .safetensors file")
+    state = read_state_dict(args.weights, trust_pickle=args.trust_pickle)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}  # no shared storage
+    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "converted_from": Path(args.weights).name}))
+    print(f"wrote {len(tensors)} tensors to {out}" + (" (read with plain pickle: --trust-pickle)"
+                                                      if args.trust_pickle else ""))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -165,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--min-per-class", type=int, default=0, help="guarantee at least this many images per grade")
+    p.add_argument("--defect-fraction", type=float, default=0.3,
+                   help="share of eyes with defects of real photographs (cuts, frames, notches, legends, EXIF)")
+    p.add_argument("--no-exif", action="store_true", help="no EXIF orientation tags among the defects")
     p.add_argument("--target-domain", action="store_true", help="write the ImageFolder target domain instead")
     p.add_argument("--per-class", type=int, default=100, help="target domain: images per class")
     p.set_defaults(func=_cmd_synth)
@@ -215,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("convert-weights", help="rewrite weights (a .pth/.pt/.bin file, run folder or package) as "
+                       "one .safetensors file that loads without running code")
+    p.add_argument("weights", help="weights file, tltrain run folder or export package")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a legacy file that holds pickled Python objects with plain pickle; loading it can run "
+                        "code, so only for files whose author you trust")
+    p.set_defaults(func=_cmd_convert_weights)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled synthetic data")
     p.add_argument("--out", default="demo", help="working folder (default: ./demo)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 import tltrain
 from tltrain.data.shards import sha256_file
 from tltrain.errors import ConfigError, DataError
+from tltrain.preprocess import FILTER_VERSION
 
 WEIGHTS = "model.safetensors"
 METADATA = "tltrain.json"
@@ -70,6 +72,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         "class_names": manifest.get("class_names") or manifest.get("classes"),
         "input_size": [3, config["loader"]["size"], config["loader"]["size"]],
         "preprocessing": {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
+                          "filter_version": FILTER_VERSION,  # tltrain.preprocess: 2 = normalised masked blur
                           "size": config["loader"]["size"], **config["loader"]["preprocess"]},
         "training_data": {
             "name": config["data"].get("name"), "manifest_sha256": sha256_file(manifest_path) if manifest else None,
@@ -165,6 +168,9 @@ class Preprocessing:
         from tltrain.preprocess import PreprocessConfig
 
         fields = PreprocessConfig.__dataclass_fields__
+        if self.config.get("filter_version", 1) != FILTER_VERSION:  # packages before it was recorded: version 1
+            warnings.warn(f"package preprocessing is filter version {self.config.get('filter_version', 1)}; this "
+                          f"tltrain applies version {FILTER_VERSION} (differs near photo edges)", RuntimeWarning)
         return PreprocessConfig(**{k: v for k, v in self.config.items() if k in fields})
 
 
@@ -182,9 +188,8 @@ def read_metadata(path: str | Path) -> dict:
 def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | None = None):
     """(model in eval mode, Preprocessing). num_classes differing from the package's gives a fresh head."""
     import timm
-    from safetensors.torch import load_file
 
-    from tltrain.models import load_weights
+    from tltrain.models import load_weights, read_state_dict
 
     path = Path(path)
     meta = read_metadata(path)
@@ -199,7 +204,7 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
     outputs = num_classes or meta["num_outputs"]
     model = timm.create_model(arch, pretrained=False, num_classes=outputs)
     if outputs == meta["num_outputs"]:
-        state = load_file(str(weights))
+        state = read_state_dict(weights)  # safetensors; any other file only weights-only (a package is data)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

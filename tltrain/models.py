@@ -4,6 +4,10 @@ A weights file may be a timm/torch state dict (.pth/.pt/.bin/.safetensors), a tl
 (`{"model": state_dict, ...}`) or a tltrain export folder/file. When the saved classifier does not match the
 task's classes, timm's `reset_classifier` gives a fresh head and the mismatched head weights are left out,
 so ImageNet or intermediate-domain weights transfer to any class count.
+
+Weight files are data, never code: .safetensors, or torch files read with weights_only=True (a plain
+torchvision/timm `torch.save(model.state_dict())` file loads as before). A file holding other pickled objects is
+refused unless `trust_pickle` (config: model.trust_pickle) says its author is trusted; see tltrain.safe_load.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from tltrain.errors import ConfigError, DataError
+from tltrain.safe_load import torch_load
 
 
 @dataclass
@@ -31,7 +36,8 @@ class LoadReport:
                 f"{len(self.mismatched)} shape-mismatched, {len(self.unused)} unused")
 
 
-def create_model(arch: str, num_classes: int, weights: str | None = None, **timm_kwargs) -> nn.Module:
+def create_model(arch: str, num_classes: int, weights: str | None = None, trust_pickle: bool = False,
+                 **timm_kwargs) -> nn.Module:
     """timm.create_model(arch, pretrained=False, num_classes=...) then, optionally, weights from a local file."""
     if arch not in timm.list_models():
         close = timm.list_models(f"*{arch}*")[:10]
@@ -39,29 +45,32 @@ def create_model(arch: str, num_classes: int, weights: str | None = None, **timm
         raise ConfigError(f"model.arch={arch!r} is not a timm model{hint}")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
     if weights:
-        report = load_weights(model, weights)
+        report = load_weights(model, weights, trust_pickle=trust_pickle)
         model.tltrain_load_report = report  # kept for logging by the caller
     return model
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from any of the supported weight files (see module docstring)."""
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A plain state dict from any of the supported weight files (see module docstring).
+
+    trust_pickle=True reads torch files with plain pickle (legacy files whose author the user trusts).
+    """
     path = Path(path)
     if path.is_dir():  # a tltrain export folder or run dir
         for candidate in ("model.safetensors", "pytorch_model.bin", "model.pth"):
             if (path / candidate).is_file():
-                return read_state_dict(path / candidate)
+                return read_state_dict(path / candidate, trust_pickle)
         from tltrain.engine.checkpoint import consolidate_checkpoint  # a run dir: latest checkpoint
-        return consolidate_checkpoint(path)
+        return consolidate_checkpoint(path, trust_pickle=trust_pickle)
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt or foreign file: name it
-        raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:  # corrupt or foreign file: name it
+            raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    obj = torch_load(path, trust_pickle=trust_pickle)
     for key in ("model", "state_dict", "module"):  # tltrain checkpoint / common wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -71,9 +80,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False) -> LoadReport:
     """Load matching tensors from `path` into `model`; reset the head when the saved one has another shape."""
-    saved = read_state_dict(path)
+    saved = read_state_dict(path, trust_pickle)
     own = model.state_dict()
     report = LoadReport()
     usable = {}

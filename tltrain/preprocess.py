@@ -1,11 +1,17 @@
 """Ben Graham's preprocessing, the torch reference: the one definition every loader backend is tested against.
 
-Per image (docs/architecture.md): crop the square around the disc (black outside the photo) and resize it to
-2R x 2R, so the disc radius becomes the configured R (`radius`, 0 = size / 2); then out = 4*img - 4*gauss(img,
-sigma = R * sigma_ratio) + 128, rounded and saturated to [0, 255] like OpenCV's addWeighted on uint8; pixels
-farther than mask_ratio * R from the centre become 128; then resize to the model's size x size (identity when
-2R == size), and (x / 255 - mean) / std in the configured dtype and memory format.
-Gaussian: 2*ceil(3*sigma)+1 normalised taps, border reflect-101 (OpenCV's and DALI's default).
+Per image (docs/architecture.md, "Preprocessing definition", version FILTER_VERSION): crop the square around the
+disc and resize it to 2R x 2R, so the disc radius becomes the configured R (`radius`, 0 = size / 2). Pixels of the
+square outside the photo are black in the crop P (rounded to uint8) and carry weight 0 in the valid map V, which is
+the same crop + resize applied to the photo's indicator: V = vy (x) vx, two 1-D profiles, because the photo is a
+rectangle and the resize is separable. Then a normalised masked blur,
+    B = gauss0(P) / gauss0(V)      (zero outside the square; B = 0 where gauss0(V) = 0)
+    out = round(gain * (P - V * B) + offset), saturated to [0, 255]
+so pixels outside the photo (V = 0) become the offset grey, photo pixels (V = 1) get 4*img - 4*blur + 128 with a
+blur over photo pixels only (no black/white bars at cut edges), and edge pixels blend the two. Pixels farther than
+mask_ratio * R from the centre become offset; then resize to the model's size x size (identity when 2R == size),
+and (x / 255 - mean) / std in the configured dtype and memory format.
+Gaussian: 2*ceil(3*sigma)+1 normalised taps, zero padding (the normalisation makes the border weightless).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 
 from tltrain.errors import ConfigError, choices_error
 
+FILTER_VERSION = 2  # 1: black padding + reflect-101 blur (bars at cut edges); 2: normalised masked blur
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,7 +88,7 @@ def gaussian_taps(sigma: float, dtype=torch.float64) -> torch.Tensor:
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable blur of (N, C, H, W) float images, reflect-101 border; the window may not exceed the image."""
+    """Separable blur of (N, C, H, W) float images, zero outside the image (gauss0); the window may not exceed it."""
     taps = gaussian_taps(sigma, images.dtype).to(images.device)
     half = (len(taps) - 1) // 2
     n, c, h, w = images.shape
@@ -91,11 +98,24 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     tf32 = torch.backends.cudnn.allow_tf32  # on by default: cuDNN would blur with 10-bit mantissas on a GPU,
     torch.backends.cudnn.allow_tf32 = False  # ~0.5 grey level after the x4 gain; the reference stays float32
     try:
-        x = F.conv2d(F.pad(x, (half, half, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1))
-        x = F.conv2d(F.pad(x, (0, 0, half, half), mode="reflect"), taps.view(1, 1, -1, 1))
+        x = F.conv2d(x, taps.view(1, 1, 1, -1), padding=(0, half))
+        x = F.conv2d(x, taps.view(1, 1, -1, 1), padding=(half, 0))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     return x.reshape(n, c, h, w)
+
+
+def blur_profiles(profiles: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(..., L) 1-D valid profiles -> gauss0 of each, in float64: the separable normaliser gauss0(vy (x) vx)."""
+    taps = gaussian_taps(sigma).to(profiles.device)
+    half = (len(taps) - 1) // 2
+    flat = profiles.reshape(-1, 1, profiles.shape[-1]).to(torch.float64)
+    return F.conv1d(flat, taps.view(1, 1, -1), padding=half).reshape(profiles.shape)
+
+
+def full_valid(n: int, size: int, device=None) -> torch.Tensor:
+    """(n, 2, size) all-ones profiles: every pixel of the square is photo."""
+    return torch.ones((n, 2, size), dtype=torch.float32, device=device)
 
 
 def circle_mask(size: int, ratio: float, device=None) -> torch.Tensor:
@@ -105,13 +125,22 @@ def circle_mask(size: int, ratio: float, device=None) -> torch.Tensor:
     return dist2 <= (ratio * size / 2) ** 2
 
 
-def ben_graham_filter(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """(N, C, S, S) float in [0, 255] with the disc filling the square -> filtered, rounded, masked, [0, 255]."""
-    size = images.shape[-1]
-    radius = size / 2
-    work = images.to(torch.float64) if images.dtype == torch.float64 else images.float()
-    blurred = gaussian_blur(work, radius * cfg.sigma_ratio)
-    out = torch.round(cfg.gain * work - cfg.gain * blurred + cfg.offset).clamp_(0, 255)
+def ben_graham_filter(images: torch.Tensor, cfg: PreprocessConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C, S, S) float in [0, 255] with the disc filling the square -> filtered, rounded, masked, [0, 255].
+
+    valid: (N, 2, S) profiles [vy, vx] of the photo inside the square (None: all photo); module docstring."""
+    n, _, size, _ = images.shape
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    work = images.to(dtype)
+    sigma = size / 2 * cfg.sigma_ratio
+    if valid is None:
+        valid = full_valid(n, size, images.device)
+    valid = valid.to(images.device, torch.float64)
+    norm = blur_profiles(valid, sigma)  # (N, 2, S): gauss0(vy), gauss0(vx)
+    den = (norm[:, 0, :, None] * norm[:, 1, None, :]).unsqueeze(1)
+    weight = (valid[:, 0, :, None] * valid[:, 1, None, :]).unsqueeze(1).to(dtype)
+    blurred = gaussian_blur(work, sigma) / torch.where(den > 0, den, 1.0).to(dtype)
+    out = torch.round(cfg.gain * (work - weight * blurred) + cfg.offset).clamp_(0, 255)
     if cfg.mask_ratio > 0:
         inside = circle_mask(size, cfg.mask_ratio, images.device)
         out = torch.where(inside, out, torch.full_like(out, cfg.offset))
@@ -120,7 +149,7 @@ def ben_graham_filter(images: torch.Tensor, cfg: PreprocessConfig) -> torch.Tens
 
 def disc_box(disc, width: int, height: int, crop_to_disc: bool = True, scale: float = 1.0,
              shift=(0.0, 0.0)) -> tuple[int, int, int]:
-    """Integer square (x0, y0, side) around the disc, possibly reaching outside the photo (padded black)."""
+    """Integer square (x0, y0, side) around the disc, possibly reaching outside the photo (zero weight there)."""
     if not crop_to_disc:
         side = max(width, height)
         return (width - side) // 2, (height - side) // 2, side
@@ -155,10 +184,27 @@ def resize_square(square_hwc: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
 
-def crop_resize(image_hwc: torch.Tensor, disc, size: int, cfg: PreprocessConfig) -> torch.Tensor:
-    """Evaluation geometry: the disc square resized to size x size (pass cfg.work_size(model size)), uint8 CHW."""
-    x0, y0, side = disc_box(disc, image_hwc.shape[1], image_hwc.shape[0], cfg.crop_to_disc)
-    return resize_square(crop_square(image_hwc, x0, y0, side), size)
+def valid_profile(start: int, side: int, length: int, size: int, dtype=torch.float32) -> torch.Tensor:
+    """(size,) the photo's share of each pixel along one axis: the indicator of [0, length) on the square's
+    pixels start .. start+side-1, resized like the crop (antialiased bilinear, not rounded)."""
+    photo = ((torch.arange(side) + start >= 0) & (torch.arange(side) + start < length)).to(torch.float64)
+    if side != size:
+        photo = F.interpolate(photo.view(1, 1, 1, side), size=(1, size), mode="bilinear", antialias=True,
+                              align_corners=False).view(size)
+    return photo.clamp_(0, 1).to(dtype)
+
+
+def square_valid(x0: int, y0: int, side: int, width: int, height: int, size: int) -> torch.Tensor:
+    """(2, size) float32 profiles [vy, vx] of the photo inside the square (x0, y0, side) resized to size."""
+    return torch.stack([valid_profile(y0, side, height, size), valid_profile(x0, side, width, size)])
+
+
+def crop_resize(image_hwc: torch.Tensor, disc, size: int, cfg: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation geometry: the disc square resized to size x size (pass cfg.work_size(model size)) as uint8 CHW,
+    and its (2, size) valid profiles."""
+    h, w = image_hwc.shape[:2]
+    x0, y0, side = disc_box(disc, w, h, cfg.crop_to_disc)
+    return resize_square(crop_square(image_hwc, x0, y0, side), size), square_valid(x0, y0, side, w, h, size)
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -169,12 +215,12 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def finish(batch_uint8: torch.Tensor, cfg: PreprocessConfig, dtype: str = "fp32",
-           channels_last: bool = False, size: int | None = None) -> torch.Tensor:
+           channels_last: bool = False, size: int | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, 2R, 2R) uint8 crops -> model input: filter (unless off or offline), resize to size, normalize,
-    dtype, layout. size=None keeps the crops' size."""
+    dtype, layout. size=None keeps the crops' size; valid: (N, 2, 2R) profiles (None: every pixel is photo)."""
     x = batch_uint8.float()
     if cfg.filter_on:
-        x = ben_graham_filter(x, cfg)
+        x = ben_graham_filter(x, cfg, valid)
     x = resize_batch(x, size or x.shape[-1])
     mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
@@ -186,8 +232,52 @@ def reference(images_hwc: list[torch.Tensor], discs, size: int, cfg: PreprocessC
               channels_last: bool = False) -> torch.Tensor:
     """The whole evaluation recipe for a list of decoded (H, W, 3) uint8 images: the definition."""
     work = cfg.work_size(size)
-    crops = torch.stack([crop_resize(img, disc, work, cfg) for img, disc in zip(images_hwc, discs)])
-    return finish(crops, cfg, dtype, channels_last, size)
+    pairs = [crop_resize(img, disc, work, cfg) for img, disc in zip(images_hwc, discs)]
+    crops, valid = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return finish(crops, cfg, dtype, channels_last, size, valid)
+
+
+def definition_float64(image_hwc: torch.Tensor, disc, size: int, cfg: PreprocessConfig) -> torch.Tensor:
+    """The filter step of the definition written out in float64 without the shortcuts the backends take (the
+    tests' ground truth): the valid map is the crop + resize of a 2-D ones channel (not two profiles), and the
+    normaliser is a 2-D blur of it. Returns (3, size, size) float64 grey levels; size is the work size 2R."""
+    h, w = image_hwc.shape[:2]
+    x0, y0, side = disc_box(disc, w, h, cfg.crop_to_disc)
+    ones = torch.ones((h, w, 1), dtype=torch.float64)
+    square = torch.cat([crop_square(image_hwc.to(torch.float64), x0, y0, side), crop_square(ones, x0, y0, side)], 2)
+    x = square.permute(2, 0, 1).unsqueeze(0)
+    if side != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    crop = x[:, :3].round().clamp(0, 255)  # every backend hands the filter a uint8 crop
+    valid = x[:, 3:].clamp(0, 1)
+    sigma = size / 2 * cfg.sigma_ratio
+    den = gaussian_blur(valid, sigma)
+    blurred = gaussian_blur(crop, sigma) / torch.where(den > 0, den, 1.0)
+    out = torch.round(cfg.gain * (crop - valid * blurred) + cfg.offset).clamp(0, 255)
+    if cfg.mask_ratio > 0:
+        out = torch.where(circle_mask(size, cfg.mask_ratio), out, torch.full_like(out, cfg.offset))
+    return out[0]
+
+
+def rotate_batch(x: torch.Tensor, degrees, cfg: PreprocessConfig) -> torch.Tensor:
+    """Rotate each image of a finished (N, 3, S, S) batch about its centre by its own angle (bilinear); the
+    corners that come in are the offset grey (black with the filter off), normalised. Training rotates after the
+    filter, which is rotation invariant, so the filter always sees the crop's separable valid map."""
+    angles = torch.as_tensor(degrees, dtype=torch.float32).to(x.device).reshape(-1)
+    if len(angles) == 0 or not bool(angles.ne(0).any()):
+        return x
+    level = cfg.offset if cfg.filter_on else 0.0
+    grey = (level / 255 - torch.tensor(cfg.mean, device=x.device)) / torch.tensor(cfg.std, device=x.device)
+    grey = grey.view(1, 3, 1, 1)
+    theta = torch.deg2rad(angles)
+    cos, sin, zero = torch.cos(theta), torch.sin(theta), torch.zeros_like(theta)
+    affine = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    work = x.float() - grey
+    grid = F.affine_grid(affine, list(work.shape), align_corners=False)
+    out = F.grid_sample(work, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + grey
+    out = out.to(x.dtype)
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous() else out.contiguous()
 
 
 def validate_dtype(name: str) -> None:

@@ -54,7 +54,7 @@ def run_transfer(cfg) -> dict:
         _check_shard_checksums(cfg, env, device)
     num_classes = int(manifest["num_classes"])
     model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
-                         drop_rate=cfg.model.drop_rate)
+                         trust_pickle=cfg.model.trust_pickle, drop_rate=cfg.model.drop_rate)
     report = getattr(model, "tltrain_load_report", None)
     if report is not None:
         _log(env.is_main, f"weights {cfg.model.weights}: {report.summary()}")
@@ -118,9 +118,7 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
             results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
     perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
     if env.is_main:
-        import joblib
-
-        joblib.dump(classifier, run_dir / "classifier.joblib")
+        classifier.save(run_dir / "classifier")  # classifier.safetensors + classifier.json: data, not pickle
         atomic_write_json(run_dir / "metrics.json", {"final": results.get("val", {}), "history": [],
                                                      "test": results.get("test", {}), "perf": perf})
         write_status(run_dir, "completed", step=0, epoch=0,

@@ -53,6 +53,7 @@ class ModelConfig:
 
     arch: str = "resnet18"
     weights: str | None = None  # None = random init (from-scratch reference)
+    trust_pickle: bool = False  # read a legacy pickled weights file with plain pickle (it could run code)
     drop_rate: float = 0.0
 
     def validate(self) -> None:

@@ -1,43 +1,305 @@
-"""Where the eye is in a fundus photograph: disc centre and radius, by Ben Graham's rule extended to the centre.
+"""Where the eye is in a fundus photograph: a circle fitted to the retina's edge.
 
-Ben Graham (Kaggle DR 2015) took the middle row, summed the channels and counted the pixels brighter than a
-tenth of the row's mean: half that count is the radius. The bright span's midpoint gives the centre's x, and
-the middle column's span gives its y unless the disc is cut by the top and bottom edges (common in EyePACS),
-in which case the image centre is used. Computed once at `prepare` time and stored with each sample.
+Ben Graham (Kaggle DR 2015) took the span of the middle row above a tenth of its mean as the diameter. Real
+photographs break that rule: a frame, an axis line or a legend box in the middle row moves the span, a disc cut at
+the left or right edge gives a short span, and a plain white image passes. Here the retina is the region that
+differs from the surround, and its edge is fitted with a circle by a robust fit that ignores what is not circle:
+
+1. Coarse, on a strided copy of at most WORK_SIDE px a side: the surround colour is the median of the four corner
+   patches (black or bright, whatever the camera left there); pixels whose colour distance to it exceeds a level
+   1/4 of the way to the typical retina (and the surround's noise) form the region. An opening removes thin
+   lines (frames, axes, stray pixels), a closing mends thin surround-coloured lines across the retina, the
+   largest component is kept and its holes filled. Its edge points, except those on the image border (where the
+   photo is cut) and on long horizontal or vertical runs (frames, legend boxes, a mask's straight cut), get a
+   circle by RANSAC on three-point circles and a least-squares fit of the inliers: a notch is an outlier.
+2. Fine, on the image as given: radial colour profiles across the coarse circle give the edge where the profile
+   drops through the same level, to a fraction of a pixel (profiles that leave the image are cut edges and are
+   dropped); RANSAC and least squares again.
+
+An image is rejected (r == 0 with the reason in DiscFit.problem) when nothing differs from the surround, when
+the region is small, or when its edge is not a circle (few edge points on the fit, a short arc, or a region that
+does not fill its circle). Coordinates are continuous: pixel i covers [i, i+1), so a disc found on an image
+reduced by a factor f is the full image's disc divided by f. numpy/scipy only: `prepare` workers stay torch-free
+(the circle fits and RANSAC are written here: scikit-image has them, but is not worth a dependency for 40 lines).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+
+WORK_SIDE = 160  # the coarse step's longest side, px
+MIN_CONTRAST = 10.0  # colour distance (0-441) between surround and typical retina below which there is none
+EDGE_LEVEL = 0.25  # the edge lies where the colour distance falls through 1/4 of the surround->retina step
+MIN_RADIUS = 0.15  # of the shorter image side: a smaller round region is not a fundus photograph
+MIN_INLIERS = 0.4  # share of edge points on the circle (coarse), of profiles (fine)
+MIN_ARC_DEG = 90.0  # the circle must be seen over at least this much of its circumference (10-degree bins)
+STRAIGHT_RUN = 0.2  # of the shorter side: an image row or column with more edge points holds a straight edge
+MIN_FILL = 0.85  # IoU of the region with the fitted circle (inside the image)
+PROFILES = 120  # radial profiles of the fine step
+PROFILE_SAMPLES = 32
+PROFILE_HALF_WIDTH = 0.05  # of r: the fine step looks this far inside and outside the coarse circle
 
 
-def _span(profile: np.ndarray) -> tuple[int, int] | None:
-    bright = np.flatnonzero(profile > profile.mean() / 10.0)
-    return (int(bright[0]), int(bright[-1])) if bright.size else None
+@dataclass(frozen=True)
+class DiscFit:
+    """A disc in continuous pixel coordinates; r == 0 and `problem` says why when there is no retina."""
+
+    cx: float
+    cy: float
+    r: float
+    problem: str | None = None
+
+    @property
+    def disc(self) -> tuple[float, float, float]:
+        return self.cx, self.cy, self.r
 
 
+# -- circle fits ---------------------------------------------------------------------------------------------------
+def _kasa(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Algebraic least-squares circle: x^2 + y^2 = a x + b y + c (linear, needs no start)."""
+    design = np.stack([x, y, np.ones_like(x)], axis=1)
+    (a, b, c), *_ = np.linalg.lstsq(design, x * x + y * y, rcond=None)
+    cx, cy = a / 2, b / 2
+    return float(cx), float(cy), float(math.sqrt(max(c + cx * cx + cy * cy, 0.0)))
+
+
+def _geometric(x: np.ndarray, y: np.ndarray, start, steps: int = 8) -> tuple[float, float, float]:
+    """Gauss-Newton on the orthogonal distances |p - c| - r (unbiased on short arcs, unlike the algebraic fit)."""
+    cx, cy, r = start
+    for _ in range(steps):
+        dx, dy = x - cx, y - cy
+        d = np.maximum(np.hypot(dx, dy), 1e-9)
+        jac = np.stack([-dx / d, -dy / d, -np.ones_like(d)], axis=1)
+        delta = np.linalg.solve(jac.T @ jac, jac.T @ (r - d))  # normal equations of the 3-parameter step
+        cx, cy, r = cx + delta[0], cy + delta[1], r + delta[2]
+        if abs(delta).max() < 1e-3:
+            break
+    return float(cx), float(cy), float(abs(r))
+
+
+def _ransac(x: np.ndarray, y: np.ndarray, tol: float, r_range, hypotheses: int = 128, scored: int = 256):
+    """The circle through three edge points that most other points lie on (fixed seed: same input, same disc)."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(x), (hypotheses, 3))
+    px, py = x[idx], y[idx]  # (H, 3)
+    # circle through 3 points: solve [x y 1][a b c]^T = x^2 + y^2 for each triple (degenerate ones skipped)
+    mats = np.stack([px, py, np.ones_like(px)], axis=2)
+    ok = np.abs(np.linalg.det(mats)) > 1e-3
+    if not ok.any():
+        return None
+    abc = np.linalg.solve(mats[ok], (px * px + py * py)[ok][..., None])[..., 0]
+    cx, cy = abc[:, 0] / 2, abc[:, 1] / 2
+    r = np.sqrt(np.maximum(abc[:, 2] + cx * cx + cy * cy, 0))
+    plausible = (r >= r_range[0]) & (r <= r_range[1])
+    if not plausible.any():
+        return None
+    cx, cy, r = cx[plausible], cy[plausible], r[plausible]
+    step = max(1, len(x) // scored)  # scoring on an evenly spread subset is as good and much cheaper
+    sx, sy = x[::step], y[::step]
+    d2 = (sx[None] - cx[:, None]) ** 2 + (sy[None] - cy[:, None]) ** 2  # |d - r| < tol, without square roots
+    inside, outside = (np.maximum(r - tol, 0) ** 2)[:, None], ((r + tol) ** 2)[:, None]
+    best = int(np.argmax(((d2 > inside) & (d2 < outside)).sum(axis=1)))
+    return float(cx[best]), float(cy[best]), float(r[best])
+
+
+def _robust_circle(x, y, tol: float, r_range, hypotheses: int = 128, geometric: bool = True):
+    """RANSAC, then least squares on the inliers (geometric, or the cheaper algebraic fit), thrice;
+    -> (circle, inlier mask) or None."""
+    circle = _ransac(x, y, tol, r_range, hypotheses)
+    if circle is None:
+        return None
+    for _ in range(3):
+        inliers = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) < tol
+        if inliers.sum() < 5:
+            return None
+        circle = _geometric(x[inliers], y[inliers], circle) if geometric else _kasa(x[inliers], y[inliers])
+    inliers = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) < tol
+    return circle, inliers
+
+
+def _arc_degrees(x, y, cx, cy) -> float:
+    """How much of the circumference the points cover, in 10-degree bins."""
+    bins = np.unique((np.degrees(np.arctan2(y - cy, x - cx)) // 10).astype(int))
+    return 10.0 * len(bins)
+
+
+# -- the two steps -------------------------------------------------------------------------------------------------
+def _colour_distance(pixels: np.ndarray, surround: np.ndarray) -> np.ndarray:
+    return np.sqrt(((pixels - surround) ** 2).sum(axis=-1))
+
+
+def _fill_holes(region: np.ndarray) -> np.ndarray:
+    """The region plus every part of its complement that does not reach the image border (dark lesions, the
+    macula, a legend box's text inside the retina)."""
+    labels, _ = ndimage.label(~region)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return region | ~np.isin(labels, border)
+
+
+def _bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Colours (N, C) at continuous coordinates (pixel i covers [i, i+1)), edge pixels repeated outside."""
+    h, w = img.shape[:2]
+    u = np.clip(x - 0.5, 0, w - 1)
+    v = np.clip(y - 0.5, 0, h - 1)
+    u0 = np.minimum(u.astype(np.int64), w - 2) if w > 1 else np.zeros_like(u, np.int64)
+    v0 = np.minimum(v.astype(np.int64), h - 2) if h > 1 else np.zeros_like(v, np.int64)
+    fu, fv = (u - u0).astype(np.float32)[:, None], (v - v0).astype(np.float32)[:, None]
+    flat = img.reshape(h * w, -1)
+    at = v0 * w + u0
+    top = flat[at] * (1 - fu) + flat[at + 1] * fu
+    bottom = flat[at + w] * (1 - fu) + flat[at + w + 1] * fu
+    return top * (1 - fv) + bottom * fv
+
+
+def _no_disc(w: int, h: int, why: str) -> DiscFit:
+    return DiscFit(w / 2.0, h / 2.0, 0.0, why)
+
+
+def find_disc(image: np.ndarray) -> DiscFit:
+    """The retina's circle in an (H, W, C) or (H, W) image, or r == 0 and the reason there is none."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    img = img[..., :3]
+    h_full, w_full = img.shape[:2]
+    if min(h_full, w_full) < 16:
+        return _no_disc(w_full, h_full, "image smaller than 16 px")
+
+    # Coarse step on a strided copy (pixel k of it is pixel k*f + f//2 of the image).
+    f = max(1, math.ceil(max(h_full, w_full) / WORK_SIDE))
+    small = img[f // 2::f, f // 2::f].astype(np.float32)
+    h, w = small.shape[:2]
+    patch = max(2, min(h, w) // 12)
+    corners = np.concatenate([small[:patch, :patch], small[:patch, -patch:], small[-patch:, :patch],
+                              small[-patch:, -patch:]]).reshape(-1, small.shape[2])
+    surround = np.median(corners, axis=0)
+    dist = _colour_distance(small, surround)
+    corner_dist = _colour_distance(corners, surround)
+    background = float(np.median(corner_dist))
+    # The surround's noise (JPEG, sensor): a robust spread, so a legend box in one corner does not count.
+    ceiling = background + max(4 * 1.4826 * float(np.median(np.abs(corner_dist - background))), 2.0)
+    differs = dist > ceiling + MIN_CONTRAST / 2
+    min_r = MIN_RADIUS * min(h, w)
+    if not differs.any():
+        return _no_disc(w_full, h_full, "nothing differs from the surround (a blank image)")
+    if differs.sum() < 0.5 * math.pi * min_r ** 2:
+        return _no_disc(w_full, h_full, "what differs from the surround is too small for a retina")
+    # The median over everything that differs is the retina's (overlays are a small share of those pixels).
+    retina_level = float(np.median(dist[differs][::4]))
+    if retina_level - background < MIN_CONTRAST:
+        return _no_disc(w_full, h_full, "nothing differs clearly from the surround (too dark or faint)")
+    level = max(background + EDGE_LEVEL * (retina_level - background), ceiling + 2)
+
+    # Opening removes thin structures that differ from the surround (frame and axis lines, stray pixels);
+    # closing then mends the retina where a thin line of surround colour crosses it. Square windows: fast.
+    size = 2 * max(1, round(min(h, w) / 60)) + 1
+    mask = (dist > level).astype(np.uint8)
+    mask = ndimage.maximum_filter(ndimage.minimum_filter(mask, size, mode="nearest"), size, mode="nearest")
+    mask = ndimage.minimum_filter(ndimage.maximum_filter(mask, size, mode="nearest"), size, mode="nearest")
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return _no_disc(w_full, h_full, "no region differs from the surround")
+    region = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    region = _fill_holes(region)
+    if region.sum() < 0.5 * math.pi * min_r ** 2:
+        return _no_disc(w_full, h_full, "the largest region is too small for a retina")
+
+    edge = region & ~ndimage.binary_erosion(region, border_value=1)
+    edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = False, False, False, False  # the image border: cuts
+    # Long horizontal or vertical runs are frames, axis lines, legend boxes or a camera mask's straight cut; a
+    # circle is that flat only over about sqrt(2 r) pixels at its extremes, a few points the fit can spare.
+    straight = max(6, STRAIGHT_RUN * min(h, w))
+    edge[edge.sum(axis=1) > straight] = False
+    edge[:, edge.sum(axis=0) > straight] = False
+    ys, xs = np.nonzero(edge)
+    x, y = xs + 0.5, ys + 0.5
+    if len(x) < 12:
+        return _no_disc(w_full, h_full, "the region has no round edge inside the image")
+    fit = _robust_circle(x, y, tol=1.5, r_range=(min_r, 2.0 * max(h, w)), geometric=False)
+    if fit is None:
+        return _no_disc(w_full, h_full, "no circle fits the region's edge")
+    (cx, cy, r), inliers = fit
+    problem = _shape_problem(x, y, inliers, (cx, cy, r), region)
+    if problem:
+        return _no_disc(w_full, h_full, problem)
+
+    # Back to the image's pixels, then the fine step there.
+    shift = f // 2 + 0.5 - 0.5 * f  # continuous coordinate u of the copy is u * f + shift in the image
+    coarse = (cx * f + shift, cy * f + shift, r * f)
+    refined = _refine(img, coarse, surround, level)
+    if refined is None:
+        return _no_disc(w_full, h_full, "the retina's edge is not a circle (too few edge profiles fit)")
+    cx, cy, r = refined
+    if r < MIN_RADIUS * min(h_full, w_full):
+        return _no_disc(w_full, h_full, f"the round region is too small (radius {r:.0f} px)")
+    return DiscFit(cx, cy, r)
+
+
+def _shape_problem(x, y, inliers, circle, region) -> str | None:
+    """Why the coarse region is not a retina, or None."""
+    cx, cy, r = circle
+    share = inliers.mean()
+    if share < MIN_INLIERS:
+        return f"the region's edge is not a circle ({share:.0%} of edge points on the best circle)"
+    arc = _arc_degrees(x[inliers], y[inliers], cx, cy)
+    if arc < MIN_ARC_DEG:
+        return f"the region's round edge is too short ({arc:.0f} degrees)"
+    h, w = region.shape
+    yy, xx = np.ogrid[0:h, 0:w]
+    circle_mask = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+    union = (circle_mask | region).sum()
+    iou = (circle_mask & region).sum() / max(union, 1)
+    if iou < MIN_FILL:
+        return f"the region does not fill its circle (IoU {iou:.2f})"
+    return None
+
+
+def _refine(img: np.ndarray, coarse, surround: np.ndarray, level: float):
+    """Sub-pixel edge points on radial profiles of the image as given, and a robust circle through them."""
+    h, w = img.shape[:2]
+    cx, cy, r = coarse
+    angles = np.linspace(0, 2 * math.pi, PROFILES, endpoint=False)
+    half = max(3.0, PROFILE_HALF_WIDTH * r)
+    radii = np.linspace(r - half, r + half, PROFILE_SAMPLES)
+    px = cx + np.cos(angles)[:, None] * radii[None]  # (profiles, samples), continuous coordinates
+    py = cy + np.sin(angles)[:, None] * radii[None]
+    profile = _colour_distance(_bilinear(img, px.ravel(), py.ravel()), surround).reshape(px.shape)
+    inside = profile >= level
+    falls = inside[:, :-1] & ~inside[:, 1:]
+    found = falls.any(axis=1)
+    j = np.argmax(falls, axis=1)
+    rows = np.arange(len(angles))
+    a, b = profile[rows, j], profile[rows, j + 1]
+    step = radii[1] - radii[0]
+    rho = radii[j] + step * (a - level) / np.maximum(a - b, 1e-6)
+    ex, ey = cx + np.cos(angles) * rho, cy + np.sin(angles) * rho
+    margin = 1.5  # an edge on the image border is where the photo was cut, not the retina's edge
+    keep = found & (ex > margin) & (ex < w - margin) & (ey > margin) & (ey < h - margin)
+    if keep.sum() < 24:
+        return None
+    ex, ey = ex[keep], ey[keep]
+    fit = _robust_circle(ex, ey, tol=max(1.0, 0.005 * r), r_range=(0.9 * r, 1.1 * r), hypotheses=64)
+    if fit is None:
+        return None
+    circle, inliers = fit
+    if (inliers.sum() < 24 or inliers.mean() < MIN_INLIERS
+            or _arc_degrees(ex[inliers], ey[inliers], circle[0], circle[1]) < MIN_ARC_DEG):
+        return None
+    return circle
+
+
+# -- the API the rest of tltrain uses -------------------------------------------------------------------------------
 def estimate_disc(image: np.ndarray) -> tuple[float, float, float]:
-    """(cx, cy, r) in pixels of an (H, W, C) or (H, W) image; r == 0 when no disc is found."""
-    img = np.asarray(image, np.float32)
-    gray = img.sum(axis=2) if img.ndim == 3 else img
-    h, w = gray.shape
-    row_span = _span(gray[h // 2])
-    if row_span is None:
-        return w / 2.0, h / 2.0, 0.0
-    r = (row_span[1] - row_span[0] + 1) / 2.0
-    cx = (row_span[0] + row_span[1] + 1) / 2.0
-    col_span = _span(gray[:, min(w - 1, int(cx))])
-    if col_span is None or (col_span[0] == 0 and col_span[1] == h - 1):
-        cy = h / 2.0
-    else:
-        cy = (col_span[0] + col_span[1] + 1) / 2.0
-    return float(cx), float(cy), float(r)
+    """(cx, cy, r) in pixels of an (H, W, C) or (H, W) image; r == 0 when no retina is found."""
+    return find_disc(image).disc
 
 
 def disc_found(disc: tuple[float, float, float], width: int, height: int) -> bool:
-    """A radius under 5 % of the shorter side means the thresholding found no eye (a black or foreign image)."""
-    return disc[2] >= 0.05 * min(width, height)
+    """find_disc reports r == 0 for an image without a retina (blank, foreign, too small a round region)."""
+    return disc[2] >= MIN_RADIUS * min(width, height)
 
 
 def disc_square(disc: tuple[float, float, float]) -> tuple[int, int, int]:

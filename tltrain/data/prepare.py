@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.disc import disc_found, disc_square, estimate_disc
+from tltrain.data.disc import disc_square, find_disc
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -89,11 +89,10 @@ def inspect_image(path: str) -> dict:
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
     factor = max(1, min(img.size) // 256)
     thumb = np.asarray(img.reduce(factor) if factor > 1 else img)
-    cx, cy, r = estimate_disc(thumb)
-    disc = (cx * factor, cy * factor, r * factor)
-    if not disc_found(disc, *img.size):
-        return {"problem": "no fundus disc found (image too dark or not a fundus photograph)"}
-    return {"width": img.size[0], "height": img.size[1], "disc": disc}
+    fit = find_disc(thumb)  # continuous pixel coordinates: the thumbnail's disc times the factor is the image's
+    if fit.problem:
+        return {"problem": f"no fundus disc found ({fit.problem})"}
+    return {"width": img.size[0], "height": img.size[1], "disc": tuple(v * factor for v in fit.disc)}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
@@ -105,10 +104,16 @@ def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
         if scale < 1.0:
             img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.BICUBIC, reducing_gap=2.0)
         new_disc = (cx * scale, cy * scale, r * scale)
-    else:  # radius: scale the disc radius to `size` and crop the square around it (black outside the photo)
+    else:  # radius: scale the disc radius to `size` and keep the part of the disc square inside the photo: the
+        # loaders' crop then knows where the photo ends (zero weight beyond, tltrain.preprocess), as with originals
         x0, y0, side = disc_square(disc)
-        img = img.crop((x0, y0, x0 + side, y0 + side)).resize((2 * size, 2 * size), Image.BICUBIC, reducing_gap=2.0)
-        new_disc = (float(size), float(size), float(size))
+        left, top = max(0, x0), max(0, y0)
+        right, bottom = min(img.size[0], x0 + side), min(img.size[1], y0 + side)
+        scale = 2 * size / side
+        width, height = max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))
+        img = img.crop((left, top, right, bottom)).resize((width, height), Image.BICUBIC, reducing_gap=2.0)
+        sx, sy = width / (right - left), height / (bottom - top)
+        new_disc = ((x0 - left) * sx + size, (y0 - top) * sy + size, float(size))
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue(), new_disc, img.size

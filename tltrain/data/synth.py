@@ -5,11 +5,15 @@ downloads. A fundus image here is a lit disc on black with vignetting, an optic 
 vessel tree; the DR grade is carried by lesions whose number and kind grow with it (microaneurysms from grade 1,
 haemorrhages and hard exudates from 2, many more at 3, new vessels at 4). Camera colour, exposure, blur, disc
 size and position vary per image, and some images are mirrored, so the grade is learnable but not trivial.
-Every image is a pure function of (seed, patient, eye): results do not depend on the number of workers.
+A share of the eyes (`defect_fraction`) carries what real photographs bring and tests must meet: discs cut at the
+top and bottom (EyePACS) or a side, frames, axis lines, a notch, a legend box, stray pixels, EXIF orientation
+tags (pixels stored turned, so only the oriented image is the eye). `truth.json` records each eye's defects and
+true disc. Every image is a pure function of (seed, patient, eye): results do not depend on the number of workers.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -79,23 +83,38 @@ def _lesion_counts(rng: np.random.Generator, grade: int) -> dict[str, int]:
 
 
 def render_fundus(seed, grade: int, width: int = 512, height: int | None = None, right_eye: bool = False,
-                  mirrored: bool = False) -> np.ndarray:
+                  mirrored: bool = False, disc=None, surround=(0, 0, 0)) -> np.ndarray:
     """One synthetic fundus photograph as an (H, W, 3) uint8 array; `seed` is an int or a numpy Generator."""
+    return render_fundus_disc(seed, grade, width, height, right_eye, mirrored, disc, surround)[0]
+
+
+def render_fundus_disc(seed, grade: int, width: int = 512, height: int | None = None, right_eye: bool = False,
+                       mirrored: bool = False, disc=None, surround=(0, 0, 0)) -> tuple[np.ndarray, tuple]:
+    """The photograph and its true disc (cx, cy, r) in continuous output pixels (pixel i covers [i, i+1)).
+
+    `disc` places the retina (default: random, near the centre, whole); part of it may lie outside the image,
+    which is how cut photographs are made. `surround` is the colour outside the retina (black in most cameras).
+    """
     rng = seed if isinstance(seed, np.random.Generator) else _rng(seed)
     height = height or int(round(width * 0.75))
     work_w = min(width, MAX_WORK_WIDTH)
     work_h = max(8, int(round(height * work_w / width)))
     h, w = work_h, work_w
+    to_work = work_w / width
 
     # Camera: disc size and position, colour cast, exposure.
     radius = min(h, w) * rng.uniform(0.42, 0.52)
     cx = w / 2 + rng.normal(0, 0.02) * w
     cy = h / 2 + rng.normal(0, 0.02) * h
+    if disc is not None:
+        cx, cy, radius = (float(v) * to_work for v in disc)
+        if mirrored:
+            cx = w - cx
     scale = radius / 200.0
     base = np.array([rng.uniform(0.75, 0.95), rng.uniform(0.32, 0.5), rng.uniform(0.12, 0.28)], np.float32)
     exposure = rng.uniform(0.65, 1.1)
 
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
     dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius
     vignette = np.clip(1.0 - 0.55 * dist ** 2.5, 0, 1)
     texture = 1 + 0.08 * _smooth_noise(rng, h, w)
@@ -144,14 +163,88 @@ def render_fundus(seed, grade: int, width: int = 512, height: int | None = None,
 
     pil = pil.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.4, 1.3) * max(scale, 0.5)))
     out = np.asarray(pil, np.float32)
-    out *= (dist <= 1.0)[..., None]  # black surround
+    inside = np.clip(radius - dist * radius + 0.5, 0, 1)[..., None]  # antialiased edge: the share of pixel inside
+    out = out * inside + np.asarray(surround, np.float32) * (1 - inside)
     out += rng.normal(0, 1.5, out.shape).astype(np.float32)  # sensor noise
     out = np.clip(out, 0, 255).astype(np.uint8)
     if mirrored:
         out = out[:, ::-1]
+        cx = w - cx
     if (work_w, work_h) != (width, height):
         out = np.asarray(Image.fromarray(out).resize((width, height), Image.BILINEAR))
-    return np.ascontiguousarray(out)
+    return np.ascontiguousarray(out), (cx / to_work, cy * height / work_h, radius / to_work)
+
+
+# -- defects of real photographs ----------------------------------------------------------------------------------
+DEFECTS = ("cut_top_bottom", "cut_left", "cut_right", "frame", "axis_lines", "notch", "legend", "stray_pixels",
+           "exif")
+GEOMETRY_DEFECTS = ("cut_top_bottom", "cut_left", "cut_right")
+
+
+def defect_disc(kind: str, width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float]:
+    """A disc placed the way a cut photograph has it: EyePACS cuts top and bottom at |y - cy| > ~0.8 r (the
+    retina is taller than the photo); a left or right cut removes the side beyond ~0.6-0.9 r from the centre."""
+    if kind == "cut_top_bottom":
+        r = min(height / 2 / rng.uniform(0.72, 0.88), 0.49 * width)
+        return width / 2 + rng.normal(0, 0.01) * width, height / 2 + rng.normal(0, 0.005) * height, r
+    r = min(width, height) * rng.uniform(0.42, 0.5)
+    reach = r * rng.uniform(0.6, 0.9)  # the centre's distance from the cut edge
+    cx = reach if kind == "cut_left" else width - reach
+    return cx, height / 2 + rng.normal(0, 0.02) * height, r
+
+
+def draw_defects(image: np.ndarray, disc, kinds, rng: np.random.Generator, surround=(0, 0, 0)) -> np.ndarray:
+    """Frames, axis lines, a notch in the rim, a legend box with text and stray bright pixels, as cameras and
+    viewers leave them on real photographs (the disc itself stays where it is: ground truth is unchanged)."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    h, w = image.shape[:2]
+    cx, cy, r = disc
+    thick = max(1, round(min(w, h) * rng.uniform(0.002, 0.008)))
+    light = tuple(int(v) for v in rng.integers(200, 256, 3))
+    if "frame" in kinds:
+        inset = round(min(w, h) * rng.uniform(0.0, 0.03))
+        draw.rectangle([inset, inset, w - 1 - inset, h - 1 - inset], outline=light, width=thick)
+    if "axis_lines" in kinds:  # a cross through the middle row and column, as some viewers overlay it
+        draw.line([(0, h // 2), (w, h // 2)], fill=light, width=thick)
+        draw.line([(w // 2, 0), (w // 2, h)], fill=light, width=thick)
+    if "notch" in kinds:  # a triangle of surround cut into the rim (the orientation mark of some cameras)
+        angle = rng.uniform(0, 2 * math.pi) if rng.uniform() < 0.5 else -math.pi / 2
+        half, depth = math.radians(rng.uniform(3, 6)), r * rng.uniform(0.05, 0.1)
+        points = [(cx + (r + 3) * math.cos(angle - half), cy + (r + 3) * math.sin(angle - half)),
+                  (cx + (r - depth) * math.cos(angle), cy + (r - depth) * math.sin(angle)),
+                  (cx + (r + 3) * math.cos(angle + half), cy + (r + 3) * math.sin(angle + half))]
+        draw.polygon(points, fill=tuple(int(v) for v in surround))
+    if "legend" in kinds:  # a filled box with text in a corner; it may overlap the retina's rim
+        bw, bh = round(w * rng.uniform(0.15, 0.25)), round(h * rng.uniform(0.05, 0.09))
+        x0 = round(w * 0.01) if rng.uniform() < 0.5 else w - bw - round(w * 0.01)
+        y0 = round(h * 0.01) if rng.uniform() < 0.5 else h - bh - round(h * 0.01)
+        draw.rectangle([x0, y0, x0 + bw, y0 + bh], fill=light)
+        draw.text((x0 + 3, y0 + 2), f"OD 45 {int(rng.integers(1000, 9999))}", fill=(20, 20, 20))
+    if "stray_pixels" in kinds:
+        n = int(rng.integers(10, 40))
+        xs, ys = rng.integers(0, w, n), rng.integers(0, h, n)
+        for x, y in zip(xs, ys):
+            draw.rectangle([x, y, x + int(rng.integers(0, 2)), y + int(rng.integers(0, 2))], fill=light)
+    return np.asarray(pil)
+
+
+# The stored pixels of a photo tagged with EXIF orientation o are the displayed image under the inverse of the
+# transpose that PIL's ImageOps.exif_transpose applies for o (2-5 and 7 are their own inverse; 6 and 8 swap).
+_STORE_FOR_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                          8: Image.Transpose.ROTATE_270}
+
+
+def save_with_orientation(image: np.ndarray, path, orientation: int, quality: int = 90) -> None:
+    """Save a JPEG that *displays* as `image` once EXIF orientation `orientation` (1-8) is applied."""
+    pil = Image.fromarray(image)
+    exif = Image.Exif()
+    if orientation != 1:
+        pil = pil.transpose(_STORE_FOR_ORIENTATION[orientation])
+    exif[0x0112] = orientation  # Orientation
+    pil.save(path, format="JPEG", quality=quality, exif=exif.tobytes())
 
 
 def _sample_grades(seed: int, n_patients: int, class_mix, pair_same_grade: float, min_per_class: int):
@@ -176,13 +269,29 @@ def _sample_grades(seed: int, n_patients: int, class_mix, pair_same_grade: float
     return grades
 
 
-def _write_eye(job) -> tuple[str, int]:
-    path, seed, patient, eye, grade, width, height, mirror_fraction, quality = job
+def _write_eye(job) -> tuple[str, int, dict]:
+    path, seed, patient, eye, grade, width, height, mirror_fraction, quality, defect_fraction, exif = job
     rng = _rng(seed, patient, eye)
     mirrored = bool(rng.uniform() < mirror_fraction)
-    img = render_fundus(rng, grade, width, height, right_eye=(eye == 1), mirrored=mirrored)
-    Image.fromarray(img).save(path, format="JPEG", quality=quality)
-    return Path(path).stem, grade
+    defect_rng = _rng(seed, patient, eye, 0xDEF)  # its own stream: images without defects stay as they were
+    kinds = ()
+    if defect_rng.uniform() < defect_fraction:
+        menu = [k for k in DEFECTS if exif or k != "exif"]
+        kinds = tuple(defect_rng.choice(menu, size=int(defect_rng.integers(1, 3)), replace=False))
+        if sum(k in GEOMETRY_DEFECTS for k in kinds) > 1:
+            kinds = tuple(k for k in kinds if k not in GEOMETRY_DEFECTS[1:]) or kinds[:1]
+    cut = next((k for k in kinds if k in GEOMETRY_DEFECTS), None)
+    disc = defect_disc(cut, width, height, defect_rng) if cut else None
+    img, disc = render_fundus_disc(rng, grade, width, height, right_eye=(eye == 1), mirrored=mirrored, disc=disc)
+    if set(kinds) - set(GEOMETRY_DEFECTS) - {"exif"}:
+        img = draw_defects(img, disc, kinds, defect_rng)
+    orientation = int(defect_rng.integers(2, 9)) if "exif" in kinds else 1
+    if orientation != 1:
+        save_with_orientation(img, path, orientation, quality)
+    else:
+        Image.fromarray(img).save(path, format="JPEG", quality=quality)
+    truth = {"defects": [str(k) for k in kinds], "orientation": orientation, "disc": [float(v) for v in disc]}
+    return Path(path).stem, grade, truth
 
 
 def _pool_map(fn, jobs, workers, progress, desc):
@@ -209,8 +318,12 @@ def _pool_map(fn, jobs, workers, progress, desc):
 def generate_eyepacs(out_dir, n_patients: int, width: int = 512, height: int | None = None, seed: int = 0,
                      workers: int | None = None, class_mix=EYEPACS_CLASS_MIX, jpeg_quality: int = 90,
                      mirror_fraction: float = 0.1, pair_same_grade: float = 0.8, min_per_class: int = 0,
-                     progress: bool = True) -> dict:
-    """Write `<out>/train/<patient>_{left,right}.jpeg` and `<out>/trainLabels.csv` (image,level)."""
+                     progress: bool = True, defect_fraction: float = 0.3, exif_orientation: bool = True) -> dict:
+    """Write `<out>/train/<patient>_{left,right}.jpeg` and `<out>/trainLabels.csv` (image,level).
+
+    A `defect_fraction` share of the eyes gets one or two defects of real photographs (DEFECTS: cut discs, frames,
+    axis lines, a notch, a legend box, stray pixels and, with `exif_orientation`, an EXIF orientation tag with the
+    stored pixels turned so that the *oriented* image is the eye)."""
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
     height = height or int(round(width * 0.75))
@@ -220,15 +333,19 @@ def generate_eyepacs(out_dir, n_patients: int, width: int = 512, height: int | N
         patient = 10 + index * 3  # Kaggle-like, non-contiguous ids
         for eye, name in enumerate(("left", "right")):
             jobs.append((str(out / "train" / f"{patient}_{name}.jpeg"), seed, patient, eye, pair[eye], width,
-                         height, mirror_fraction, jpeg_quality))
+                         height, mirror_fraction, jpeg_quality, defect_fraction, exif_orientation))
     rows = _pool_map(_write_eye, jobs, workers, progress, "synth fundus")
     with open(out / "trainLabels.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "level"])
-        writer.writerows(rows)
-    counts = np.bincount([g for _, g in rows], minlength=5).tolist()
+        writer.writerows(row[:2] for row in rows)
+    counts = np.bincount([row[1] for row in rows], minlength=5).tolist()
+    # Per image: its defects, EXIF orientation and true disc (cx, cy, r) in the pixels of the oriented image.
+    truth = {stem: info for stem, _, info in rows}
+    (out / "truth.json").write_text(json.dumps(truth, indent=0))
     return {"root": str(out), "labels_csv": str(out / "trainLabels.csv"), "images": len(rows),
-            "patients": n_patients, "per_grade": dict(enumerate(counts)), "width": width, "height": height}
+            "patients": n_patients, "per_grade": dict(enumerate(counts)), "width": width, "height": height,
+            "with_defects": sum(bool(info["defects"]) for info in truth.values()), "truth": str(out / "truth.json")}
 
 
 def render_target(seed, label: int, size: int = 256) -> np.ndarray:

@@ -6,6 +6,11 @@ Layout under <run_dir>/checkpoints/:
      tltrain_trainer.pt      ... plus our trainer state (epoch, step, RNG, phase, config), written by rank 0
   index.json                 the list of complete checkpoints, latest and best; rewritten atomically LAST,
                              so a checkpoint killed half-written is never referenced and resume skips it.
+
+Our files hold only tensors and plain containers (numpy arrays such as numpy's RNG state are stored as tagged
+byte tensors, see `to_plain`), so they load with torch.load(weights_only=True): resuming from, or starting from,
+a checkpoint folder someone else wrote never runs code. DeepSpeed's own files load under
+tltrain.safe_load.deepspeed_weights_only.
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tltrain.engine.distributed import barrier
 from tltrain.errors import DataError
+from tltrain.safe_load import deepspeed_weights_only, torch_load
 
 INDEX = "index.json"
 TRAINER_STATE = "tltrain_trainer.pt"
@@ -52,6 +59,51 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+NDARRAY_TAG = "__tltrain_ndarray__"
+
+
+def to_plain(obj):
+    """`obj` with numpy arrays as tagged byte tensors and numpy scalars as Python numbers (exact round trip).
+
+    What torch.save then writes needs no global beyond tensors and containers. Containers with nothing to convert
+    are returned as they are (a module state dict keeps its OrderedDict and version _metadata).
+    """
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError(f"cannot store a numpy array of Python objects ({obj.dtype}) in a checkpoint")
+        data = torch.from_numpy(np.ascontiguousarray(obj).reshape(-1).view(np.uint8).copy())
+        return {NDARRAY_TAG: data, "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        items = {key: to_plain(value) for key, value in obj.items()}
+        return obj if all(items[k] is obj[k] for k in obj) else dict(items)
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(value) for value in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return list(items) if isinstance(obj, list) else tuple(items)
+    return obj
+
+
+def from_plain(obj):
+    """Inverse of `to_plain`: tagged byte tensors back to numpy arrays of their dtype and shape."""
+    if isinstance(obj, dict):
+        if NDARRAY_TAG in obj:
+            raw = obj[NDARRAY_TAG].numpy().tobytes()
+            return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        items = {key: from_plain(value) for key, value in obj.items()}
+        return obj if all(items[k] is obj[k] for k in obj) else dict(items)
+    if isinstance(obj, (list, tuple)):
+        items = [from_plain(value) for value in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return list(items) if isinstance(obj, list) else tuple(items)
+    return obj
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -95,9 +147,10 @@ class CheckpointManager:
     """Saves, lists, prunes and finds checkpoints of one run; collective calls must be made on every rank."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2, best_metric: str = "kappa", best_mode: str = "max",
-                 is_main: bool = True):
-        self.dir = Path(run_dir) / "checkpoints"
+                 is_main: bool = True, trust_pickle: bool = False):
+        self.run_dir, self.dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.keep_last, self.best_metric, self.best_mode, self.is_main = keep_last, best_metric, best_mode, is_main
+        self.trust_pickle = trust_pickle  # True only for legacy checkpoints the user wrote (plain pickle)
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -134,11 +187,11 @@ class CheckpointManager:
             strategy.save(self.dir, name, client_state={"tltrain": True})
             barrier()
             if self.is_main:
-                atomic_torch_save(trainer_state, self.dir / name / TRAINER_STATE)
+                atomic_torch_save(to_plain(trainer_state), self.dir / name / TRAINER_STATE)
             kind = "deepspeed"
         else:
             if self.is_main:
-                atomic_torch_save({**strategy.state_dict(), **(extra or {}), "trainer": trainer_state},
+                atomic_torch_save(to_plain({**strategy.state_dict(), **(extra or {}), "trainer": trainer_state}),
                                   self.dir / f"{name}.pt")
             kind = "file"
         if self.is_main:
@@ -178,26 +231,32 @@ class CheckpointManager:
         """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (engine loads the rest)."""
         path = self.path_of(entry)
         target = path / TRAINER_STATE if entry["kind"] == "deepspeed" else path
-        try:
-            obj = torch.load(target, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise DataError(f"{target}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        obj = from_plain(torch_load(target, trust_pickle=self.trust_pickle, what="checkpoint"))
+        if not isinstance(obj, dict):
+            raise DataError(f"{target}: not a tltrain checkpoint (found {type(obj).__name__})")
         return {"trainer": obj} if entry["kind"] == "deepspeed" else obj
 
+    def engine_loads(self, entry: dict):
+        """Context for DeepSpeed reading `entry`'s tag folder itself: its torch.load calls run weights-only."""
+        return deepspeed_weights_only(self.path_of(entry), self.run_dir, trust_pickle=self.trust_pickle)
 
-def consolidate_checkpoint(run_dir: str | Path, which: str = "latest") -> dict[str, torch.Tensor]:
+
+def consolidate_checkpoint(run_dir: str | Path, which: str = "latest",
+                           trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A plain fp32 state dict of the model from a run's latest (or best) checkpoint, for any strategy.
 
-    DeepSpeed ZeRO partitions are merged with deepspeed.utils.zero_to_fp32 (works on CPU, no process group).
+    DeepSpeed ZeRO partitions are merged with deepspeed.utils.zero_to_fp32 (works on CPU, no process group),
+    its file reads made weights-only.
     """
-    manager = CheckpointManager(run_dir, is_main=False)
+    manager = CheckpointManager(run_dir, is_main=False, trust_pickle=trust_pickle)
     entry = manager.best() if which == "best" else manager.latest()
     if entry is None:
         raise DataError(f"{manager.dir}: no {which} checkpoint (is this a tltrain run directory?)")
     if entry["kind"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(manager.dir), tag=entry["name"])
+        with manager.engine_loads(entry):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(manager.dir), tag=entry["name"])
     else:
         state = manager.read(entry)["model"]
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v

@@ -209,8 +209,11 @@ class DeepSpeedStrategy(Strategy):
         self.model.save_checkpoint(str(directory), tag=tag, client_state=client_state)
 
     def load(self, directory: Path, tag: str, load_optimizer: bool = True) -> dict:
-        _, client_state = self.model.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
-                                                     load_lr_scheduler_states=False)
+        from tltrain.safe_load import deepspeed_weights_only  # DeepSpeed's own torch.load calls: weights-only
+
+        with deepspeed_weights_only(Path(directory) / tag, Path(directory).parent):
+            _, client_state = self.model.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
+                                                         load_lr_scheduler_states=False)
         return client_state or {}
 
 

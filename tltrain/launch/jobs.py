@@ -106,14 +106,14 @@ def _read_json(path: Path) -> dict:
 
 def _local_state(entry: dict) -> str:
     """State of a job run by submitit's local executor: its result pickle, else whether its process lives."""
-    from submitit.core.utils import JobPaths, pickle_load
+    from submitit.core.utils import JobPaths
 
     result = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0).result_pickle
     if result.exists():
-        try:
-            return "COMPLETED" if pickle_load(result)[0] == "success" else "FAILED"
-        except Exception:  # a half-written pickle: the job is finishing
+        outcome = _pickled_outcome(result)
+        if outcome is None:  # a half-written pickle: the job is finishing
             return "RUNNING"
+        return "COMPLETED" if outcome == "success" else "FAILED"
     try:
         os.kill(int(entry["job_id"]), 0)
         return "RUNNING"
@@ -125,6 +125,20 @@ def log_tail(path: str | Path | None, lines: int = 20) -> list[str]:
     if not path or not Path(path).is_file():
         return []
     return Path(path).read_text(errors="replace").splitlines()[-lines:]
+
+
+def _pickled_outcome(path: Path) -> str | None:
+    """"success" or "error": the first string of submitit's (outcome, value) result pickle, read with pickletools
+    (which only lists opcodes, never runs them), so listing jobs unpickles nothing; None if unreadable."""
+    import pickletools
+
+    try:
+        for opcode, arg, _ in pickletools.genops(path.read_bytes()):
+            if isinstance(arg, str) and "UNICODE" in opcode.name:
+                return arg
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def combined_state(slurm_state: str | None, run_state: str | None) -> str:

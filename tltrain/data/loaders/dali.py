@@ -36,7 +36,8 @@ from tltrain.preprocess import DTYPES, circle_mask
 
 def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: int, num_shards: int, seed: int,
                     gpu: bool, filter_in_dali: bool):
-    """The graph of one DALI pipeline (call inside a pipeline_def); returns (images, labels, source_info)."""
+    """The graph of one DALI pipeline (call inside a pipeline_def); returns (images, labels, source_info, valid,
+    angles): valid (2, 2R) profiles and the rotation in degrees when the filter runs in torch, else None."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
@@ -59,43 +60,94 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
     side = dmath.max(dmath.floor(2.0 * r * scale + 0.5), 2.0)
     x0 = dmath.floor(cx + shift_x * r - side / 2.0 + 0.5)
     y0 = dmath.floor(cy + shift_y * r - side / 2.0 + 0.5)
+    work = pre.work_size(size)  # 2R: the filter runs at the configured disc radius, then resizes to the model size
+    valid_y, valid_x = _valid_profiles(fn, types, images, x0, y0, side, work)
+    if gpu:
+        valid_y, valid_x = valid_y.gpu(), valid_x.gpu()
     images = fn.slice(images, fn.stack(y0, x0), fn.stack(side, side), axis_names="HW", normalized_anchor=False,
                       normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
-    work = pre.work_size(size)  # 2R: the filter runs at the configured disc radius, then resizes to the model size
     images = fn.resize(images, size=[work, work], interp_type=types.INTERP_LINEAR, antialias=True)
 
-    mirror = 0
-    if train:
+    mirror, angle = 0, None
+    if train:  # the rotation is applied after the filter (rotation invariant): the filter needs vy (x) vx
         if aug.rotate_deg:
-            images = fn.rotate(images, angle=fn.random.uniform(range=[-aug.rotate_deg, aug.rotate_deg]),
-                               keep_size=True, fill_value=0)
+            angle = fn.random.uniform(range=[-aug.rotate_deg, aug.rotate_deg])
         if aug.vflip:
-            images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(probability=aug.vflip))
+            vflip = fn.random.coin_flip(probability=aug.vflip)
+            images = fn.flip(images, horizontal=0, vertical=vflip)
+            valid_y = fn.flip(valid_y, horizontal=0, vertical=vflip)
         images = fn.brightness_contrast(images, brightness=fn.random.uniform(range=[1 - aug.brightness, 1 + aug.brightness]),
                                         contrast=fn.random.uniform(range=[1 - aug.contrast, 1 + aug.contrast]))
         if aug.saturation:
             images = fn.saturation(images, saturation=fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]))
+        images = images * fn.cast(dmath.min(valid_y * valid_x * 1e30, 1.0), dtype=types.UINT8)  # re-black outside
         mirror = fn.random.coin_flip(probability=aug.hflip)
 
-    if not filter_in_dali:  # uint8 CHW crops at 2R; filter, resize, normalise in torch (Triton on CUDA)
-        images = fn.flip(images, horizontal=mirror) if train else images
-        return fn.transpose(images, perm=[2, 0, 1]), labels, source_info
+    if not filter_in_dali:  # uint8 CHW crops at 2R + valid profiles; filter, resize, normalise in torch (Triton)
+        if train:
+            images = fn.flip(images, horizontal=mirror)
+            valid_x = fn.flip(valid_x, horizontal=mirror)
+        valid = fn.cat(fn.reshape(valid_y, shape=[1, work]), fn.reshape(valid_x, shape=[1, work]), axis=0)
+        angles = fn.cast(angle if angle is not None else discs[0] * 0.0, dtype=types.FLOAT)
+        return fn.transpose(images, perm=[2, 0, 1]), labels, source_info, valid, angles
 
     x = fn.cast(images, dtype=types.FLOAT)
-    if pre.filter_on:  # out = round(clamp(4 img - 4 blur + 128)), then grey outside 0.9 R: tltrain.preprocess
-        sigma = work / 2 * pre.sigma_ratio
-        window = 2 * math.ceil(3 * sigma) + 1
-        blurred = fn.gaussian_blur(x, sigma=sigma, window_size=window)
-        x = dmath.floor(dmath.clamp(pre.gain * x - pre.gain * blurred + pre.offset, 0.0, 255.0) + 0.5)
-        if pre.mask_ratio > 0:
-            inside = circle_mask(work, pre.mask_ratio).numpy().astype(np.float32)[..., None]
-            mask = types.Constant(inside, device="gpu" if gpu else "cpu")
-            x = x * mask + pre.offset * (1.0 - mask)
+    if pre.filter_on:  # tltrain.preprocess: B = gauss0(P) / gauss0(V); round(clamp(4 (P - V B) + 128)); mask
+        x = normalised_filter(x, valid_y, valid_x, pre, work, gpu)
+    if angle is not None:
+        x = fn.rotate(x, angle=angle, keep_size=True, fill_value=pre.offset if pre.filter_on else 0.0)
     if work != size:
         x = fn.resize(x, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
                                       mean=[m * 255 for m in pre.mean], std=[s * 255 for s in pre.std])
-    return images, labels, source_info
+    return images, labels, source_info, None, None
+
+
+def _valid_profiles(fn, types, images, x0, y0, side, work):
+    """(work, 1, 1) vy and (1, work, 1) vx: the photo's share of each row/column of the disc square, as the same
+    slice (zero outside the photo) + resize of 1-D rows of ones as the image gets (tltrain.preprocess.square_valid)."""
+    shape = images.shape(dtype=types.INT32)
+    one = shape[0] * 0 + 1
+    ones_y = fn.reshape(fn.ones(shape=fn.stack(shape[0], one, one), dtype=types.FLOAT), layout="HWC")
+    ones_x = fn.reshape(fn.ones(shape=fn.stack(one, shape[1], one), dtype=types.FLOAT), layout="HWC")
+    zero = x0 * 0.0
+    column = fn.slice(ones_y, fn.stack(y0, zero), fn.stack(side, zero + 1.0), axis_names="HW",
+                      normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+    row = fn.slice(ones_x, fn.stack(zero, x0), fn.stack(zero + 1.0, side), axis_names="HW", normalized_anchor=False,
+                   normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+    valid_y = fn.resize(column, size=[work, 1], interp_type=types.INTERP_LINEAR, antialias=True)
+    valid_x = fn.resize(row, size=[1, work], interp_type=types.INTERP_LINEAR, antialias=True)
+    return valid_y, valid_x
+
+
+def normalised_filter(x, valid_y, valid_x, pre, work: int, gpu: bool):
+    """Ben Graham (definition version 2) inside a DALI graph, on float HWC x (the uint8 crop P, work x work) with
+    the valid profiles vy (work, 1, 1) and vx (1, work, 1): B = gauss0(P) / (gauss0(vy) gauss0(vx)). DALI's blur
+    mirrors at its border, so each blur runs on a zero halo (which makes it zero padding); the normaliser's blurs
+    are 1-D, on the profiles."""
+    from nvidia.dali import fn
+    from nvidia.dali import math as dmath
+    from nvidia.dali import types as T
+
+    sigma = work / 2 * pre.sigma_ratio
+    half = math.ceil(3 * sigma)
+
+    def gauss0(node, extent_h: int, extent_w: int):
+        pad_h, pad_w = (half if extent_h > 1 else 0), (half if extent_w > 1 else 0)
+        padded = fn.slice(node, start=[-pad_h, -pad_w], shape=[extent_h + 2 * pad_h, extent_w + 2 * pad_w],
+                          axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+        blurred = fn.gaussian_blur(padded, sigma=[sigma if pad_h else 1.0, sigma if pad_w else 1.0],
+                                   window_size=[2 * pad_h + 1, 2 * pad_w + 1])
+        return fn.slice(blurred, start=[pad_h, pad_w], shape=[extent_h, extent_w], axis_names="HW")
+
+    den = gauss0(valid_y, work, 1) * gauss0(valid_x, 1, work)
+    mean_blur = gauss0(x, work, work) / dmath.max(den, 1e-30)  # where den is 0 so is gauss0(P): B = 0
+    x = dmath.floor(dmath.clamp(pre.gain * (x - valid_y * valid_x * mean_blur) + pre.offset, 0.0, 255.0) + 0.5)
+    if pre.mask_ratio > 0:
+        inside = circle_mask(work, pre.mask_ratio).numpy().astype(np.float32)[..., None]
+        mask = T.Constant(inside, device="gpu" if gpu else "cpu")
+        x = x * mask + pre.offset * (1.0 - mask)
+    return x
 
 
 def _rank_counts(n_total: int, world: int) -> list[int]:
@@ -141,16 +193,18 @@ class DaliLoader:
                           device_id=(self.device.index or 0) if gpu else None,
                           seed=derive_seed(seed, epoch, rank, 0xDA11), prefetch_queue_depth=2)
             def pipeline():
-                return fundus_pipeline(tars, indexes, cfg, train=train, shard_id=shard_id, num_shards=world_size,
-                                       seed=derive_seed(seed, epoch, shard_id, 0x5EED), gpu=gpu,
-                                       filter_in_dali=self.filter_in_dali)
+                outputs = fundus_pipeline(tars, indexes, cfg, train=train, shard_id=shard_id, num_shards=world_size,
+                                          seed=derive_seed(seed, epoch, shard_id, 0x5EED), gpu=gpu,
+                                          filter_in_dali=self.filter_in_dali)
+                return tuple(output for output in outputs if output is not None)
 
             pipe = pipeline()
             policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
             try:
                 pipe.build()
-                return pipe, DALIGenericIterator([pipe], ["images", "labels", "info"], reader_name="reader",
-                                                 last_batch_policy=policy, auto_reset=True)
+                names = ["images", "labels", "info"] + ([] if self.filter_in_dali else ["valid", "angles"])
+                return pipe, DALIGenericIterator([pipe], names, reader_name="reader", last_batch_policy=policy,
+                                                 auto_reset=True)
             except RuntimeError as exc:
                 raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({dali_reason(exc)}); run "
                                 "`tltrain verify` on the shard folder to find a damaged sample") from None
@@ -184,9 +238,12 @@ class DaliLoader:
     def _to_batch(self, data: dict) -> Batch:
         images = data["images"]
         if not self.filter_in_dali:
+            profiles = data.get("valid")
             images = finish_batch(images.to(self.device), self.cfg.preprocess, size=self.cfg.size,
                                   dtype=self.cfg.dtype, channels_last=self.cfg.channels_last,
-                                  filter_kernel=self.cfg.filter_kernel)
+                                  filter_kernel=self.cfg.filter_kernel,
+                                  valid=None if profiles is None else profiles.float(),
+                                  angles=data["angles"].reshape(-1) if self.train and "angles" in data else None)
         images = images.to(self.device, DTYPES[self.cfg.dtype], non_blocking=True)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

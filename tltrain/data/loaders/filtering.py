@@ -28,13 +28,21 @@ def _warn_no_cuda(filter_kernel: str, device_type: str) -> None:
 
 
 def finish_batch(crops: torch.Tensor, pre: P.PreprocessConfig, *, size: int, dtype: str, channels_last: bool,
-                 filter_kernel: str = "auto") -> torch.Tensor:
-    """(N, 3, 2R, 2R) uint8 on any device -> model input (N, 3, size, size) in dtype/layout, on the same device."""
-    if not use_triton(filter_kernel, pre, crops.device):
-        return P.finish(crops, pre, dtype, channels_last, size)
-    from tltrain.kernels.ben_graham import ben_graham_batch
+                 filter_kernel: str = "auto", valid: torch.Tensor | None = None, angles=None) -> torch.Tensor:
+    """(N, 3, 2R, 2R) uint8 on any device -> model input (N, 3, size, size) in dtype/layout, on the same device.
 
-    out = ben_graham_batch(crops, pre, dtype, channels_last, method=TRITON_METHODS[filter_kernel])
-    if out.shape[-1] != size:  # resizing is linear, so resizing after normalisation equals resizing before it
-        out = P.resize_batch(out.float(), size).to(P.DTYPES[dtype])
+    valid: (N, 2, 2R) profiles [vy, vx] of the photo in each crop (None: all photo); angles: (N,) degrees of a
+    training rotation, applied after the filter (tltrain.preprocess.rotate_batch)."""
+    if valid is not None:
+        valid = valid.to(crops.device)
+    if not use_triton(filter_kernel, pre, crops.device):
+        out = P.finish(crops, pre, dtype, channels_last, size, valid)
+    else:
+        from tltrain.kernels.ben_graham import ben_graham_batch
+
+        out = ben_graham_batch(crops, pre, dtype, channels_last, method=TRITON_METHODS[filter_kernel], valid=valid)
+        if out.shape[-1] != size:  # resizing is linear, so resizing after normalisation equals resizing before it
+            out = P.resize_batch(out.float(), size).to(P.DTYPES[dtype])
+    if angles is not None:
+        out = P.rotate_batch(out, angles, pre)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()

@@ -67,23 +67,25 @@ def sample_label(sample: dict) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
-def augment_crop(crop: torch.Tensor, a: P.AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Flips, rotation about the disc centre, brightness/contrast/saturation jitter of a (3, S, S) uint8 crop."""
+def augment_crop(crop: torch.Tensor, valid: torch.Tensor, a: P.AugmentConfig, rng: np.random.Generator):
+    """Flips and brightness/contrast/saturation jitter of a (3, S, S) uint8 crop and its (2, S) valid profiles;
+    returns (crop, valid, rotation in degrees). The rotation about the disc centre is applied after the filter
+    (finish_batch), which is rotation invariant: the filter needs the crop's separable valid map."""
     from torchvision.transforms.v2 import functional as TF
 
     if rng.uniform() < a.hflip:
-        crop = crop.flip(-1)
+        crop, valid = crop.flip(-1), torch.stack([valid[0], valid[1].flip(0)])
     if rng.uniform() < a.vflip:
-        crop = crop.flip(-2)
-    if a.rotate_deg:
-        crop = TF.rotate(crop, float(rng.uniform(-a.rotate_deg, a.rotate_deg)), fill=0)
+        crop, valid = crop.flip(-2), torch.stack([valid[0].flip(0), valid[1]])
+    angle = float(rng.uniform(-a.rotate_deg, a.rotate_deg)) if a.rotate_deg else 0.0
     if a.brightness:
         crop = TF.adjust_brightness(crop, float(rng.uniform(1 - a.brightness, 1 + a.brightness)))
     if a.contrast:
         crop = TF.adjust_contrast(crop, float(rng.uniform(1 - a.contrast, 1 + a.contrast)))
     if a.saturation:
         crop = TF.adjust_saturation(crop, float(rng.uniform(1 - a.saturation, 1 + a.saturation)))
-    return crop
+    photo = (valid[0, :, None] > 0) & (valid[1, None, :] > 0)
+    return torch.where(photo, crop, 0), valid, angle  # contrast lifts the black outside the photo: zero it again
 
 
 class _RankStream(IterableDataset):
@@ -134,7 +136,7 @@ class _RankStream(IterableDataset):
                 yield sample
 
     def _prepare(self, sample: dict, rng: np.random.Generator):
-        """One sample -> (uint8 crop or None, label, key, error message or None)."""
+        """One sample -> (uint8 crop or None, valid profiles, rotation, label, key, error message or None)."""
         key, url = sample["__key__"], sample.get("__url__", "?")
         if "lbl" not in sample or "jpg" not in sample:
             raise DataError(f"{url}: sample {key} lacks its .jpg or .lbl member (not a tltrain shard?)")
@@ -146,24 +148,32 @@ class _RankStream(IterableDataset):
             message = f"{url}:{key}: cannot decode ({type(exc).__name__}: {exc})"
             if self.cfg.on_decode_error == "fail":
                 raise DataError(message) from None
-            return None, label, key, message
+            return None, None, 0.0, label, key, message
         pre = self.cfg.preprocess
         if self.train:
             scale = rng.uniform(*self.cfg.augment.crop_scale)
             shift = tuple(rng.uniform(-(1 - scale), 1 - scale, size=2))
-            x0, y0, side = P.disc_box(disc, image.shape[1], image.shape[0], pre.crop_to_disc, scale, shift)
+            h, w = image.shape[:2]
+            x0, y0, side = P.disc_box(disc, w, h, pre.crop_to_disc, scale, shift)
             crop = P.resize_square(P.crop_square(image, x0, y0, side), self.work_size)
-            return augment_crop(crop, self.cfg.augment, rng), label, key, None
-        return P.crop_resize(image, disc, self.work_size, pre), label, key, None
+            valid = P.square_valid(x0, y0, side, w, h, self.work_size)
+            return *augment_crop(crop, valid, self.cfg.augment, rng), label, key, None
+        crop, valid = P.crop_resize(image, disc, self.work_size, pre)
+        return crop, valid, 0.0, label, key, None
 
     def _collate(self, rows) -> dict:
         good = [r for r in rows if r[0] is not None]
-        crops = torch.stack([r[0] for r in good]) if good else \
-            torch.zeros((0, 3, self.work_size, self.work_size), dtype=torch.uint8)
+        n = self.work_size
+        crops = torch.stack([r[0] for r in good]) if good else torch.zeros((0, 3, n, n), dtype=torch.uint8)
+        valid = torch.stack([r[1] for r in good]) if good else torch.zeros((0, 2, n))
+        angles = torch.tensor([r[2] for r in good], dtype=torch.float32)
         if self.finish_in_worker:
-            crops = P.finish(crops, self.cfg.preprocess, self.cfg.dtype, self.cfg.channels_last, self.cfg.size)
-        return {"images": crops, "labels": torch.tensor([r[1] for r in good], dtype=torch.int64),
-                "keys": [r[2] for r in good], "errors": [r[3] for r in rows if r[3]]}
+            crops = finish_batch(crops, self.cfg.preprocess, size=self.cfg.size, dtype=self.cfg.dtype,
+                                 channels_last=self.cfg.channels_last, filter_kernel="torch", valid=valid,
+                                 angles=angles)
+        return {"images": crops, "valid": valid, "angles": angles,
+                "labels": torch.tensor([r[3] for r in good], dtype=torch.int64),
+                "keys": [r[4] for r in good], "errors": [r[5] for r in rows if r[5]]}
 
 
 class TorchWdsLoader:
@@ -241,24 +251,27 @@ class TorchWdsLoader:
                                prefetch_factor=self.cfg.prefetch_factor if workers else None))
 
     def _rebatch(self, source):
-        """The workers' partial batches re-cut into chunks of exactly batch_size rows (the last one may be short)."""
+        """The workers' partial batches re-cut into chunks of exactly batch_size rows (the last one may be short):
+        (images, labels, keys, valid profiles, rotations)."""
         size = self.batch_size
-        images, labels, keys = [], [], []
+        parts, keys = {"images": [], "labels": [], "valid": [], "angles": []}, []
         for item in source:
             for message in item["errors"]:
                 self.decode_errors.append(message)
                 log.warning("skipped sample: %s", message)
             if not item["keys"]:
                 continue
-            images.append(item["images"])
-            labels.append(item["labels"])
+            for name in parts:
+                parts[name].append(item[name])
             keys += item["keys"]
             while len(keys) >= size:
-                all_images, all_labels = torch.cat(images), torch.cat(labels)
-                yield all_images[:size], all_labels[:size], keys[:size]
-                images, labels, keys = [all_images[size:]], [all_labels[size:]], keys[size:]
+                whole = {name: torch.cat(values) for name, values in parts.items()}
+                yield whole["images"][:size], whole["labels"][:size], keys[:size], whole["valid"][:size], \
+                    whole["angles"][:size]
+                parts, keys = {name: [value[size:]] for name, value in whole.items()}, keys[size:]
         if keys:
-            yield torch.cat(images), torch.cat(labels), keys
+            whole = {name: torch.cat(values) for name, values in parts.items()}
+            yield whole["images"], whole["labels"], keys, whole["valid"], whole["angles"]
 
     def _to_batch(self, chunk) -> Batch:
         """Move to the device, filter there if not done in the workers, pad to a full batch with valid=False."""
@@ -267,11 +280,12 @@ class TorchWdsLoader:
             images = torch.zeros((0, 3, self.cfg.size, self.cfg.size), dtype=out_dtype, device=self.device)
             labels, keys = torch.zeros(0, dtype=torch.int64), []
         else:
-            images, labels, keys = chunk
+            images, labels, keys, valid, angles = chunk
             images = images.to(self.device, non_blocking=True)
             if self._finish_on_device:
                 images = finish_batch(images, self.cfg.preprocess, size=self.cfg.size, dtype=self.cfg.dtype,
-                                      channels_last=self.cfg.channels_last, filter_kernel=self.cfg.filter_kernel)
+                                      channels_last=self.cfg.channels_last, filter_kernel=self.cfg.filter_kernel,
+                                      valid=valid, angles=angles)
         valid = torch.ones(len(keys), dtype=torch.bool)
         missing = self.batch_size - len(keys)
         if missing:
