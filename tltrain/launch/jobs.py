@@ -3,7 +3,9 @@
 Every submission appends one JSON line to <root>/.tltrain_jobs.jsonl (job id, run dir, overrides, submitit
 folder, stderr log, time). `list_jobs` joins those lines with SLURM's accounting (sacct, or squeue when
 accounting is down) and with each run's own status.json / metrics.json. The run's status wins over SLURM's
-when it says "failed": a Hydra sweep job that caught its run's error ends COMPLETED for SLURM.
+when it says "failed": a Hydra sweep job that caught its run's error ends COMPLETED for SLURM. A status that
+says "running" while the run's lock is free (or its pid is gone on this host) is shown as STALE: the process
+died without writing its end (kill -9, lost node); resubmitting the run resumes it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from tltrain.engine.rundir import is_stale
 from tltrain.errors import DataError
 from tltrain.launch.config import DEFAULT_ROOT
 
@@ -139,9 +142,12 @@ def _pickled_outcome(path: Path) -> str | None:
 
 
 def combined_state(slurm_state: str | None, run_state: str | None) -> str:
-    """One state for the table: the run's own "failed" wins; otherwise SLURM's, refined by the run's status."""
+    """One state for the table: the run's own "failed" wins; otherwise SLURM's, refined by the run's status.
+    run_state "stale": status.json says running but its process is gone."""
     if run_state == "failed":
         return "FAILED"
+    if run_state == "stale" and slurm_state not in SLURM_BAD_STATES + ("RUNNING", "PENDING", "REQUEUED"):
+        return "STALE"  # (a live job may be a requeued attempt still starting up: SLURM's word then)
     if slurm_state in SLURM_BAD_STATES:
         return slurm_state
     if slurm_state == "COMPLETED":
@@ -161,6 +167,8 @@ def list_jobs(registry: str | Path = DEFAULT_ROOT, tail: int = 20) -> list[dict]
     for entry in ordered:
         run_dir = Path(entry["run_dir"])
         status = _read_json(run_dir / "status.json")
+        if is_stale(run_dir, status):
+            status["state"] = "stale"
         final = _read_json(run_dir / "metrics.json").get("final") or status.get("metrics") or {}
         record = slurm.get(entry["job_id"], {}) if entry.get("executor", "slurm") == "slurm" else \
             {"state": _local_state(entry)}
@@ -194,7 +202,7 @@ def print_jobs(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table("job", "state", "progress", "kappa", "accuracy", "run dir")
-    colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red"}
+    colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "STALE": "magenta"}
     for row in rows:
         colour = colours.get(row["state"], "red" if row["state"] in SLURM_BAD_STATES else "white")
         table.add_row(row["job_id"], f"[{colour}]{row['state']}[/]", _progress(row), _number(row["kappa"]),

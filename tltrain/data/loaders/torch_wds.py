@@ -36,6 +36,7 @@ from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import assign_shards, read_labels, sample_refs, select_shards
+from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,10 @@ class TorchWdsLoader:
         if not self.urls:
             return iter(())
         stream = _RankStream(self, self.urls, self.keep, finish_in_worker=not self._finish_on_device)
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers,
+        # A generator of its own: the workers' base seed comes from (seed, epoch, rank), and starting an iterator
+        # never draws from the global torch RNG (which a resumed run restores from its checkpoint).
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0xD1))
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
                                pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
                                prefetch_factor=self.cfg.prefetch_factor if workers else None))
 
