@@ -218,3 +218,49 @@ def test_local_sweep_runs_every_job_through_submitit(fundus_shards, tmp_path):
     assert sorted(Path(r["run_dir"]).name for r in rows) == ["0", "1"]
     for row in rows:
         assert json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["final"]["count"] > 0
+
+
+GLOO_ERROR = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+              "[10.0.0.2]:41234: Connection reset by peer [bold]")
+
+
+def _register(root, job_id, run_dir, submitted, overrides=(), **extra):
+    record_job(root / REGISTRY_NAME, {"job_id": job_id, "run_dir": str(run_dir), "overrides": list(overrides),
+                                      "executor": "local", "folder": str(root / "f"), "stderr": None,
+                                      "submitted": submitted, **extra})
+
+
+def test_jobs_prints_error_text_that_looks_like_rich_markup(tmp_path, capsys):
+    """gloo's error of a dead rank ("[/__w/.../pair.cc:545] Read error") is printed verbatim, not parsed as
+    markup (it used to raise MarkupError and break the whole listing, --watch included)."""
+    run_dir = tmp_path / "[weird]run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "error": GLOO_ERROR}))
+    _register(tmp_path, "[/]7", run_dir, 1.0)
+    assert cli_jobs([str(tmp_path)]) == 1
+    shown = capsys.readouterr().out
+    assert "pair.cc:545] Read error" in " ".join(shown.split())
+    assert "[/__w/pytorch/" in shown and "[bold]" in shown and "[weird]run" in shown
+
+
+def test_jobs_sorts_array_tasks_by_index_and_names_sweep_dirs(tmp_path):
+    sweep = tmp_path / "sweep"
+    for index, submitted in ((2, 3.0), (0, 5.0), (1, 4.0)):  # tasks registered in the order they started
+        (sweep / str(index)).mkdir(parents=True)
+        _register(tmp_path, f"40_{index}", sweep / str(index), submitted, ["model.arch=resnet10t", f"seed={index}"])
+    (tmp_path / "plain").mkdir()
+    _register(tmp_path, "39", tmp_path / "plain", 1.0, ["seed=9"])
+    rows = list_jobs(tmp_path)
+    assert [r["job_id"] for r in rows] == ["39", "40_0", "40_1", "40_2"]
+    from tltrain.launch.jobs import run_labels
+    assert run_labels(rows) == ["plain", "sweep/0 seed=0", "sweep/1 seed=1", "sweep/2 seed=2"]
+
+
+def test_a_job_whose_dependency_failed_says_why():
+    from tltrain.launch.jobs import _dependency_failure
+
+    entry = {"job_id": "12", "dependency": "11"}
+    slurm = {"11": {"state": "FAILED"}, "12": {"state": "CANCELLED", "reason": "DependencyNeverSatisfied"}}
+    message = _dependency_failure(entry, slurm["12"], slurm)
+    assert "job 11" in message and "FAILED" in message and "never started" in message
+    assert _dependency_failure(entry, {"state": "PENDING", "reason": "Dependency"}, {"11": {"state": "RUNNING"}}) == ""

@@ -122,6 +122,9 @@ class Trainer:
         self.thresholds: np.ndarray | None = None  # ordinal cut points tuned on validation
         self.last_val: dict = {}
         self._grid_logged = False
+        self._stop: StopRequest | None = None
+        # An epoch whose training finished but whose validation a preemption interrupted: {"epoch", "train"}.
+        self._pending_epoch_end: dict | None = None
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     @staticmethod
@@ -168,6 +171,7 @@ class Trainer:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch, "phase": self.phase,
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size, "rng": all_rng,
                 "history": self.history, "thresholds": self.thresholds, "last_val": self.last_val,
+                "pending_epoch_end": self._pending_epoch_end,
                 "config": dataclasses.asdict(self.cfg), "run_config": self._config_yaml()}
 
     def _config_yaml(self) -> str | None:
@@ -198,6 +202,7 @@ class Trainer:
             self.ema.load_state_dict(content["ema"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.history, self.thresholds, self.last_val = state["history"], state["thresholds"], state["last_val"]
+        self._pending_epoch_end = state.get("pending_epoch_end")
         rng = state["rng"][self.env.rank] if len(state["rng"]) == self.env.world_size else state["rng"][0]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -213,7 +218,7 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        stop = StopRequest()
+        stop = self._stop = StopRequest()
         try:
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +227,8 @@ class Trainer:
             D.barrier()
             resumed = self._resume()
             self._status("running", resumed=resumed)
+            if self._pending_epoch_end is not None:  # preempted during that epoch's validation: redo it
+                self._validate_and_record(self._pending_epoch_end["epoch"], self._pending_epoch_end["train"])
             while self.epoch < self.total_epochs:
                 phase = self.schedule.phase_index(self.epoch)
                 if phase != self.phase:
@@ -320,8 +327,20 @@ class Trainer:
         finished_epoch = self.epoch
         self.epoch += 1
         self.batch_in_epoch = 0
+        self._validate_and_record(finished_epoch, self._epoch_train)
+
+    def _validate_and_record(self, finished_epoch: int, epoch_train: dict) -> None:
+        """Validation, history, TensorBoard and the epoch-end checkpoint. A preemption signal during validation
+        checkpoints at once (the epoch's training is kept) and the resumed run validates that epoch again."""
+        self._epoch_train = epoch_train
         validate = (self.epoch % self.cfg.eval_every == 0) or self.epoch == self.total_epochs
-        val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        try:
+            val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        except _Preempted:
+            self._pending_epoch_end = {"epoch": finished_epoch, "train": epoch_train}
+            self._save()
+            raise
+        self._pending_epoch_end = None
         if val:
             self.last_val = val
         record = {"epoch": finished_epoch, "step": self.step, "phase": self.phase, **self._epoch_train, "val": val}
@@ -348,6 +367,9 @@ class Trainer:
         model.eval()
         gatherer = PredictionGatherer()
         for batch in loader:
+            if self._stop is not None and D.any_rank([self._stop.is_set], self.device)[0]:
+                model.train(was_training)
+                raise _Preempted()  # a long validation must not outlast SLURM's grace period
             images = self.strategy.prepare_inputs(batch.images)
             with self.strategy.autocast():
                 outputs = model(images)

@@ -157,8 +157,9 @@ def _executor(cfg: LaunchConfig, folder: str, local: bool, job_name: str, depend
         params["slurm_signal_delay_s"] = cfg.signal_delay_s
         if cfg.partition:
             params["slurm_partition"] = cfg.partition
-        if dependency:
-            params["slurm_additional_parameters"] = {"dependency": f"afterok:{dependency}"}
+        if dependency:  # if the job it waits for fails, SLURM cancels this one instead of leaving it PENDING
+            params["slurm_additional_parameters"] = {"dependency": f"afterok:{dependency}",
+                                                     "kill_on_invalid_dep": "yes"}
     executor.update_parameters(**params)
     return executor
 
