@@ -264,3 +264,36 @@ def test_a_job_whose_dependency_failed_says_why():
     message = _dependency_failure(entry, slurm["12"], slurm)
     assert "job 11" in message and "FAILED" in message and "never started" in message
     assert _dependency_failure(entry, {"state": "PENDING", "reason": "Dependency"}, {"11": {"state": "RUNNING"}}) == ""
+
+
+def test_submit_checks_the_whole_run_before_queueing(tmp_path, fundus_shards, capsys):
+    """A missing data.shards or model.weights path and trainer=single with several tasks fail at submit time with
+    one line and exit 2; nothing is created under the root."""
+    from tltrain.cli import main
+
+    root = tmp_path / "runs"
+    cases = [(["data.shards=/nonexistent"], "no manifest.json"),
+             ([f"data.shards={fundus_shards}", "model.weights=/nonexistent.pt"], "model.weights='/nonexistent.pt'"),
+             (["--tasks-per-node", "2", f"data.shards={fundus_shards}"], "trainer.strategy=single runs one process"),
+             (["--tasks-per-node", "3", f"data.shards={fundus_shards}", "trainer=gpu"], "use trainer=ddp or trainer=deepspeed")]
+    for args, message in cases:
+        assert main(["submit", "--local", "--root", str(root), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not root.exists()
+
+
+def test_the_submit_check_imports_neither_torch_nor_timm(fundus_shards, tmp_path):
+    """Why `tltrain submit` returns in well under 2 s: the config side is torch-free (torch + timm alone take
+    several seconds to import); timm's model names come from a per-version cache file."""
+    code = (f"import sys\nfrom tltrain.launch.config import LaunchConfig\nfrom tltrain.launch.submit import check_run\n"
+            f"check_run(['data.shards={fundus_shards}', 'trainer=ddp'], LaunchConfig(tasks_per_node=2))\n"
+            f"check_run(['data.shards={fundus_shards}', 'trainer=ddp'], LaunchConfig(tasks_per_node=2))\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'nvidia.dali') if m in sys.modules)\n"
+            "print('heavy:', heavy)\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert list((tmp_path / "cache" / "tltrain").glob("timm-*-models.txt"))  # the first check wrote the cache
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "heavy: []" in again.stdout, again.stdout + again.stderr[-2000:]

@@ -132,11 +132,18 @@ def _new_run_dir(root: Path, name: str) -> Path:
     raise TltrainError(f"{root}: could not create a fresh run dir named {stamp}_{name}")
 
 
-def _check_overrides(overrides: list[str]) -> None:
-    """Compose the config here, so a misspelt key fails now rather than after waiting in the queue."""
+def check_run(overrides: list[str], launch: LaunchConfig) -> None:
+    """The whole run checked here, before anything waits in the queue: the composed config (misspelt keys, bad
+    values), its paths (data.shards, model.weights) and the strategy against the number of tasks. Torch and timm
+    are not imported (the config side is torch-free), so this takes well under a second."""
     from tltrain.config import compose
+    from tltrain.train_app import load_run_config
 
-    compose("config", [o for o in overrides if not o.startswith("run_dir=")])
+    run = load_run_config(compose("config", [o for o in overrides if not o.startswith("run_dir=")]))
+    tasks = launch.nodes * launch.tasks_per_node
+    if tasks > 1 and run.trainer.strategy == "single":
+        raise ConfigError(f"trainer.strategy=single runs one process, but --nodes {launch.nodes} x --tasks-per-node "
+                          f"{launch.tasks_per_node} starts {tasks}: use trainer=ddp or trainer=deepspeed")
 
 
 def _executor(cfg: LaunchConfig, folder: str, local: bool, job_name: str, dependency: str | None):
@@ -176,7 +183,7 @@ def submit(overrides: list[str], *, run_dir: str | Path | None = None, name: str
     cfg.validate()
     overrides = list(overrides)
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), run_dir)
-    _check_overrides(overrides)
+    check_run(overrides, cfg)
     use_local = cfg.local if cfg.local is not None else not slurm_available()
     if use_local and cfg.local is None:
         print("SLURM is not available here (no sbatch on PATH): the job runs on this machine with submitit's "
