@@ -175,21 +175,22 @@ def test_two_local_tasks_get_a_working_torch_distributed_env(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_failed_local_run_is_reported_with_its_error(tmp_path, monkeypatch, capsys):
-    """`tltrain submit --local --wait` of a run that raises: exit 1, and `tltrain jobs` shows FAILED with the
-    error from status.json and the tail of submitit's stderr log; the registry goes where --registry says."""
+def test_failed_local_run_is_reported_with_its_error(tmp_path, fundus_shards, monkeypatch, capsys):
+    """`tltrain submit --local --wait` of a run that passes the submit-time check but fails in the job: exit 1,
+    and `tltrain jobs` shows FAILED with the error from status.json and the tail of submitit's stderr log; the
+    registry goes where --registry says."""
     registry = tmp_path / "home" / "jobs.jsonl"
     code = cli_submit(["--local", "--wait", "--root", str(tmp_path / "runs"), "--registry", str(registry),
-                       "--name", "broken", "data.shards=/nonexistent"])
+                       "--name", "broken", f"data.shards={fundus_shards}", "loader.batch_size=4096"])
     assert code == 1
     assert "failed" in capsys.readouterr().err
     [row] = list_jobs(registry)
     assert row["state"] == "FAILED" and Path(row["run_dir"]).name.endswith("broken")
-    assert "no manifest.json" in row["error"] and "/nonexistent" in row["error"]
-    assert any("DataError" in line for line in row["log_tail"])
+    assert "cannot fill one batch of 4096" in row["error"]
+    assert any("ConfigError" in line for line in row["log_tail"])
     assert cli_jobs([str(registry), "--tail", "5"]) == 1
     shown = capsys.readouterr().out
-    assert "FAILED" in shown and "no manifest.json" in shown
+    assert "FAILED" in shown and "cannot fill one batch" in " ".join(shown.split())
 
 
 def _sweep(shards, sweep_dir, launcher, path_env, *extra):
