@@ -231,3 +231,23 @@ def test_ordinal_regression_with_ema_and_grad_accum_learns(tmp_path):
     assert result["step"] == 6 * STEPS_PER_EPOCH // 2  # two micro-batches per optimizer step
     assert result["final"]["kappa"] > KAPPA_ABOVE_CHANCE
     assert len(result["final"]["thresholds"]) == 4
+
+
+@pytest.mark.slow
+def test_shipped_deepspeed_preset_trains_on_two_ranks(fundus_shards, tmp_path):
+    """`trainer=deepspeed` as shipped (bf16, channels_last, ZeRO-2) on 2 real processes (gloo, DS_ACCELERATOR=cpu).
+    channels_last parameters used to break DeepSpeed's initial broadcast ("stride(-1) must be 1 to view BFloat16
+    as Byte") on every run with more than one rank."""
+    from conftest import tiny_run_overrides
+
+    run_dir = tmp_path / "ds_preset"
+    overrides = [o for o in tiny_run_overrides(fundus_shards, run_dir) if not o.startswith("trainer=")]
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "tltrain.cli", "train",
+           *overrides, "trainer=deepspeed", "trainer.progress=false", "device=cpu", "schedule.epochs_per_phase=1"]
+    proc = run(cmd, timeout=500, DS_ACCELERATOR="cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["world_size"] == 2 and status["strategy"] == "deepspeed"
+    assert "channels_last: true" in (run_dir / "config.yaml").read_text()  # the preset as shipped
+    state = consolidate_checkpoint(run_dir)
+    assert state and all(torch.isfinite(v.float()).all() for v in state.values())
