@@ -1,9 +1,12 @@
 """The `dali` backend: webdataset reader -> JPEG decode (nvJPEG 'mixed' on a GPU, CPU otherwise) -> disc crop
 -> resize -> Ben Graham filter -> normalise, all inside one DALI pipeline; the same numbers as tltrain.preprocess.
 
-Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards, pad_last_batch); evaluation
-pads each rank to the same batch count with valid=False rows, training drops the few samples that would make
-counts differ (LastBatchPolicy.DROP). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
+Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards split per sample, not per
+tar: part i is samples [floor(N i / K), floor(N (i + 1) / K)), so uneven tars do not matter); with
+stick_to_shard=False (DALI's default) a rank moves on to the next part every epoch. pad_last_batch repeats a
+part's last sample to fill its last batch; evaluation flags those rows valid=False and pads every rank to the
+same batch count, training drops the last partial batch (LastBatchPolicy.DROP) and uses min(part) // batch
+batches on every rank (tests/test_rank_split.py checks both backends at world sizes 2, 3 and 4). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
 filter runs on the torch batch (the Triton kernel on CUDA, the torch reference on the CPU).
 Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says
 (DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
