@@ -298,3 +298,16 @@ def test_the_submit_check_imports_neither_torch_nor_timm(fundus_shards, tmp_path
     assert list((tmp_path / "cache" / "tltrain").glob("timm-*-models.txt"))  # the first check wrote the cache
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "heavy: []" in again.stdout, again.stdout + again.stderr[-2000:]
+
+
+def test_sweeps_and_submit_share_the_batch_shell_usr2_lines():
+    """Sweeps (Hydra's submitit launcher) get the same batch-script lines as `tltrain submit`, so USR2 sent to
+    the batch shell is passed to the tasks in both (tests/test_slurm_multinode.py runs it on a real cluster)."""
+    from omegaconf import OmegaConf
+
+    from tltrain.launch.submit import BATCH_SHELL_USR2
+
+    launcher = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/hydra/launcher/slurm.yaml")
+    assert list(launcher.hydra.launcher.setup) == BATCH_SHELL_USR2
+    script = subprocess.run(["bash", "-n", "-c", "\n".join(BATCH_SHELL_USR2)], capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr
