@@ -63,11 +63,22 @@ def _run(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.Compl
     return done
 
 
+_START_WEIGHTS: list[str] = []  # set by the start_weights fixture
+
+
 def _overrides(shards, *extra: str) -> list[str]:
-    """The tiny run of the other SLURM tests with a shipped trainer preset; 2 epochs give a requeue room."""
+    """The tiny run of the other SLURM tests with a shipped trainer preset; 2 epochs give a requeue room. Every
+    run starts from the same local weights, so runs in different layouts can be compared weight for weight."""
     base = [o for o in tiny_run_overrides(shards, "unused")
             if not o.startswith(("run_dir=", "trainer=", "loader.batch_size=", "schedule.epochs_per_phase="))]
-    return base + ["loader.batch_size=4", "schedule.epochs_per_phase=2", "device=cpu", *extra]
+    return base + ["loader.batch_size=4", "schedule.epochs_per_phase=2", "device=cpu", *_START_WEIGHTS, *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_weights(trained_run):
+    _START_WEIGHTS[:] = [f"model.weights={trained_run}"]
+    yield
+    _START_WEIGHTS.clear()
 
 
 def tltrain_submit(root: Path, name: str, nodes: int, tasks: int, overrides: list[str], *options: str) -> str:
