@@ -128,6 +128,8 @@ def main() -> None:
         rows += table(f"resnet50 224 CPU ranks over {measured.name}, step {step:.2f} s at batch {args.cpu_batch}",
                       step, args.cpu_batch, measured, 0.0, gpus=(1, 2, 8, 16, 64), bucket_mbs=(1.0, 25.0, 100.0),
                       accums=(1, 4))
+        rows += table(f"resnet50 224 A100 step (batch 256) over {measured.name}", t224, 256, measured, 0.0,
+                      gpus=(2, 8, 64), bucket_mbs=(25.0,), accums=(1, 4))
         print(f"measured network: alpha {measured.alpha_s * 1e6:.0f} us per hop, bus bandwidth "
               f"{measured.busbw_intra / 1e9:.3f} GB/s")
     print(f"calibrated non-communication slowdown s = {s:.4f} per doubling of GPUs (84 % at 8 A100s)")
