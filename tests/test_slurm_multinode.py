@@ -276,7 +276,11 @@ def test_a_failed_chain_step1_cancels_step2_and_jobs_says_why(runs, fundus_shard
     assert record["state"] == "CANCELLED", record
     from tltrain.launch.jobs import list_jobs
 
-    rows = {r["job_id"]: r for r in list_jobs(chain_root)}
+    for _ in range(30):  # sacct's records of both jobs settle a moment after the states
+        rows = {r["job_id"]: r for r in list_jobs(chain_root)}
+        if rows[job1]["error"] and rows[job2]["error"]:
+            break
+        time.sleep(1)
     assert "cannot fill one batch" in rows[job1]["error"]
     assert f"job {job1}" in rows[job2]["error"] and "never started" in rows[job2]["error"]
     watch = _run(sys.executable, "-m", "tltrain.cli", "jobs", str(chain_root), "--watch", "1", check=False,
