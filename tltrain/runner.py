@@ -45,6 +45,8 @@ def run_transfer(cfg) -> dict:
     env = D.read_env()
     device = D.device_for(env, cfg.device)
     manifest = read_manifest(cfg.data.shards)
+    if cfg.data.verify_checksums:  # before the first epoch: a shard changed since prepare stops the run (exit 2)
+        _check_shard_checksums(cfg, env, device)
     num_classes = int(manifest["num_classes"])
     model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
                          drop_rate=cfg.model.drop_rate)
@@ -122,3 +124,26 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
         f"{split} kappa {m['kappa']:.3f} acc {m['accuracy']:.3f}" for split, m in results.items()))
     return {"status": "completed", "exit_code": 0, "step": 0, "epoch": 0, "run_dir": str(run_dir),
             "final": results.get("val", {}), "test": results.get("test", {}), "perf": perf}
+
+
+def _check_shard_checksums(cfg, env, device) -> None:
+    """Each rank hashes its slice of the run's shards (tltrain.data.integrity); every rank raises the same
+    DataError on any mismatch (train_app.run marks the run failed, the CLI exits 2)."""
+    import torch.distributed as dist
+
+    from tltrain.data.integrity import check_checksums, checksum_error, run_shards
+    from tltrain.engine import distributed as D
+
+    splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s]
+    shards = run_shards(cfg.data.shards, splits, cfg.data.fraction)
+    started = time.time()
+    D.init_process_group(env, device)  # the trainer's own call then finds the group joined
+    problems = check_checksums(cfg.data.shards, shards, env.rank, env.world_size)
+    if D.is_distributed():
+        gathered = [None] * env.world_size
+        dist.all_gather_object(gathered, problems)
+        problems = sorted(p for rank_problems in gathered for p in rank_problems)
+    if problems:
+        raise DataError(checksum_error(problems))
+    _log(env.is_main, f"checked size and sha256 of {len(shards)} shards against manifest.json "
+                      f"({time.time() - started:.1f} s; data.verify_checksums=false skips this)")

@@ -123,8 +123,9 @@ def _write_one_shard(job) -> dict:
             image, disc, (w, h) = Path(e["path"]).read_bytes(), e["disc"], (e["width"], e["height"])
         else:
             image, disc, (w, h) = _resized_sample(e["path"], e["disc"], mode, size, quality)
-        meta = {"key": e["key"], "patient": e["patient"], "label": e["label"], "grade_name": e["grade_name"],
-                "source": e["path"], "width": w, "height": h, "disc": [round(v, 3) for v in disc]}
+        meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
+                "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
+                "disc": [round(v, 3) for v in disc]}
         samples.append(ShardSample(e["key"], e["label"], image, tuple(disc), meta))
     return write_shard(Path(out_dir), name, samples, plan_hash)
 
@@ -232,7 +233,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         group = f"train-{tier_name(tiers[record.key])}" if split == "train" else f"{split}-all"
         stat = Path(record.path).stat()
         groups.setdefault(group, []).append({
-            "key": record.key, "patient": record.patient, "label": record.label, "path": record.path,
+            "key": record.key, "name": record.name, "file": record.file, "patient": record.patient,
+            "label": record.label, "path": record.path,
             "grade_name": source.class_names[record.label], "width": info["width"], "height": info["height"],
             "disc": info["disc"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": split})
     plan = _plan_shards(groups, cfg)
@@ -296,7 +298,8 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
                    "problems": len(problems)},
         "splits": splits,
         "fractions": fraction_info,
-        "members": {"jpg": "encoded image", "cls": "label, ASCII decimal", "lbl": "label, int32 little-endian",
+        "members": {"jpg": "encoded image", "cls": "label, ASCII decimal (webdataset convention)",
+                    "lbl": "label, int32 little-endian (read by every tltrain loader)",
                     "disc": "disc cx, cy, r: 3 x float32 little-endian", "json": "sample metadata"},
         "shards": shards,
         "problems": [asdict(p) for p in problems],

@@ -3,7 +3,7 @@
 Written with tarfile rather than webdataset.TarWriter because the DALI index needs each member's byte offset
 as it is written, and because fixed tar metadata (mtime, owner) makes the same inputs give identical bytes.
 Sample members follow docs/architecture.md: .jpg, .cls (ASCII label), .lbl (int32 LE), .disc (3 x float32 LE),
-.json (metadata).
+.json (metadata). Keys come from tltrain.data.keys (no dots, no spaces, short, distinct ignoring case).
 """
 from __future__ import annotations
 
@@ -121,8 +121,11 @@ def read_index(idx_path: Path) -> list[dict[str, tuple[int, int, str]]]:
     if version != INDEX_VERSION:
         raise ValueError(f"{idx_path}: index version {version}, expected {INDEX_VERSION}")
     samples = []
-    for line in lines[1:int(count) + 1]:
-        fields = line.split()
+    for number, line in enumerate(lines[1:int(count) + 1], start=2):
+        fields = line.split(" ")
+        if len(fields) % 4 or not all(f.isdigit() for f in fields[1::4] + fields[2::4]):
+            raise ValueError(f"{idx_path}:{number}: malformed line (a member name with a space? "
+                             "re-run `tltrain prepare`, which writes space-free keys)")
         samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
                         for i in range(0, len(fields), 4)})
     if len(samples) != int(count):

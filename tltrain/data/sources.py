@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
+from tltrain.data.keys import key_collisions, make_keys, relative_file
 from tltrain.errors import ConfigError, DataError, choices_error
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
@@ -44,10 +45,12 @@ class SourceConfig:
 
 @dataclass
 class Record:
-    key: str  # unique sample key, the image name without extension (e.g. 10_left)
-    patient: str  # samples of one patient always land in the same split
+    key: str  # unique sample key: the name itself when safe (10_left), else a slug + hash (tltrain.data.keys)
+    patient: str  # samples of one patient always land in the same split (derived from the original name)
     label: int  # class index into the source's class list
     path: str  # image file
+    name: str = ""  # the original sample name (CSV image id; imagefolder: <class>_<file stem>)
+    file: str = ""  # the image file relative to the source root, as found
 
 
 @dataclass
@@ -123,7 +126,7 @@ def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, 
             problems.append(Problem(where, f"unknown grade {raw_label!r} for {key!r} "
                                            f"(valid: {', '.join(classes)})"))
             continue
-        records.append(Record(key, patient_of(key, row), classes.index(raw_label), str(files[0])))
+        records.append(Record(key, patient_of(key, row), classes.index(raw_label), str(files[0]), name=key))
     for key, files in by_key.items():
         if key not in labelled_keys:
             problems.append(Problem(str(files[0]), f"image has no label in {csv_path.name}"))
@@ -157,6 +160,7 @@ def read_source(cfg: SourceConfig) -> SourceData:
     rows = _read_label_rows(csv_path, key_col, label_col)
     by_key = _index_images(root / image_dir)
     records, problems, candidates = _join(csv_path, rows, by_key, key_col, label_col, classes, patient_of)
+    records = _assign_keys(records, problems, root)
     names = list(DR_GRADE_NAMES) if classes == list(DR_GRADES) else classes
     return SourceData(records, problems, classes, names, candidates=candidates,
                       description={"kind": cfg.kind, "root": str(root.resolve()), "labels_csv": str(csv_path),
@@ -171,24 +175,41 @@ def _read_imagefolder(root: Path, cfg: SourceConfig) -> SourceData:
     records, problems, candidates, seen = [], [], set(), {}
 
     def key_of(folder: Path, path: Path) -> str:
-        return f"{folder.name}_{path.stem}".replace(".", "_")
+        return f"{folder.name}_{path.stem}"
 
     for folder in class_dirs:
         files = [p for p in sorted(folder.iterdir()) if p.is_file()]
         if folder.name not in classes:
             problems += [Problem(str(p), f"class folder {folder.name!r} is not in source.classes") for p in files]
-            candidates.update(key_of(folder, p) for p in files)
+            candidates.update(f"{folder.name}/{p.stem}" for p in files)
             continue
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
             raise DataError(f"{folder}: empty folder (class {folder.name!r} has no images)")
         for path in images:
             key = key_of(folder, path)
-            candidates.add(key)
-            if key in seen:
-                problems.append(Problem(str(path), f"duplicate key {key!r}: also {seen[key]}"))
+            candidates.add(f"{folder.name}/{path.stem}")
+            if (folder.name, path.stem) in seen:  # x.jpg and x.png in one folder: which one is the sample?
+                problems.append(Problem(str(path), f"duplicate key {key!r}: also {seen[folder.name, path.stem]}"))
                 continue
-            seen[key] = path.name
-            records.append(Record(key, key, classes.index(folder.name), str(path)))
+            seen[folder.name, path.stem] = path.name
+            records.append(Record(key, key, classes.index(folder.name), str(path), name=key))
+    records = _assign_keys(records, problems, root)
     return SourceData(records, problems, classes, classes, candidates=candidates,
                       description={"kind": "imagefolder", "root": str(root.resolve())})
+
+
+def _assign_keys(records: list[Record], problems: list[Problem], root: Path) -> list[Record]:
+    """Give every record its shard key (tltrain.data.keys); keep the original name and file beside it. Two records
+    whose keys still coincide ignoring case are a real collision: a problem naming both files, the later dropped."""
+    for record in records:
+        record.file = relative_file(record.path, str(root))
+    keys = make_keys([r.name for r in records], [r.file for r in records])
+    for record, key in zip(records, keys):
+        record.key = key
+    dropped = set()
+    for first, later in key_collisions(keys):
+        problems.append(Problem(records[later].path, f"sample key {keys[later]!r} collides with that of "
+                                                     f"{records[first].path} (rename one of the files)"))
+        dropped.add(later)
+    return [r for i, r in enumerate(records) if i not in dropped]

@@ -1,8 +1,9 @@
 """`tltrain verify SHARDS`: re-read every shard and prove it matches its manifest.
 
 Checks, per shard: sha256 and size against the manifest, the DALI index against the tar's real member offsets,
-every sample complete (all members present), its image decodes, its two label encodings agree, and the counts per
-shard, split and class add up to the manifest's. Returns a report; raises DataError listing every problem.
+every sample complete (all members present), its key safe for every reader, its image decodes, its two label
+encodings agree, and the counts per shard, split and class add up to the manifest's. Returns a report; raises
+DataError listing every problem.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from tltrain.data.keys import is_safe_key
 from tltrain.data.shards import MEMBER_ORDER, read_index, sha256_file
 from tltrain.errors import DataError
 
@@ -47,6 +49,9 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
             problems.append(f"{idx_path}: offsets do not match {tar_path.name}")
     labels = []
     for key, members in samples.items():
+        if not is_safe_key(key):
+            problems.append(f"{tar_path}:{key}: sample key is not readable by every loader (dots, spaces, "
+                            "non-ASCII or too long; re-run `tltrain prepare`)")
         missing = [m for m in MEMBER_ORDER if m not in members]
         if missing:
             problems.append(f"{tar_path}:{key}: missing members {missing}")

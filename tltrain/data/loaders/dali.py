@@ -8,9 +8,12 @@ part's last sample to fill its last batch; evaluation flags those rows valid=Fal
 same batch count, training drops the last partial batch (LastBatchPolicy.DROP) and uses min(part) // batch
 batches on every rank (tests/test_rank_split.py checks both backends at world sizes 2, 3 and 4). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
 filter runs on the torch batch (the Triton kernel on CUDA, the torch reference on the CPU).
+Labels come from the `.lbl` member (int32), the same member the torch backend reads.
 Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says
 (DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
-damaged sample. Class-balanced sampling is not offered (the reader cannot weight samples; config rejects it).
+damaged sample. Bytes flipped inside a JPEG's coded data decode without any error (measured), so such damage is
+found only by the shard checksum check before training (tltrain/data/integrity.py) or `tltrain verify`.
+Class-balanced sampling is not offered (the reader cannot weight samples; config rejects it).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ Which samples a rank reads (plan.py):
 - balanced training (Sallam et al.): each streamed sample is repeated Poisson(N / (C * count[label])) times, the
   streaming form of drawing with replacement at inverse class frequency, so every class is drawn equally often.
 Workers split shards with wds.split_by_worker; the ranks are given explicitly (build_loader's rank), not read from
-the environment. Labels come from each sample's own `.cls` member, so a skipped sample never shifts labels.
+the environment. Labels come from each sample's own `.lbl` member (the same member DALI reads), so a skipped
+sample never shifts labels and both backends see the same label.
 """
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ def decode_fundus(data: bytes, disc, work_size: int, draft: bool) -> tuple[torch
     if disc is None:
         return torch.from_numpy(array), estimate_disc(array)
     return torch.from_numpy(array), tuple(v * factor for v in disc)
+
+
+def sample_label(sample: dict) -> int:
+    """The label from the 4-byte `.lbl` member: the one label source of both backends (DALI reads it as INT32)."""
+    data = sample["lbl"]
+    if len(data) != 4:
+        raise DataError(f"{sample.get('__url__', '?')}:{sample['__key__']}: .lbl member has {len(data)} bytes, "
+                        "expected 4 (damaged shard: run `tltrain verify`)")
+    return int.from_bytes(data, "little", signed=True)
 
 
 def augment_crop(crop: torch.Tensor, a: P.AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
@@ -120,15 +130,15 @@ class _RankStream(IterableDataset):
 
     def _oversample(self, src, rng: np.random.Generator):
         for sample in src:
-            for _ in range(rng.poisson(self.repeats[int(sample["cls"])])):
+            for _ in range(rng.poisson(self.repeats[sample_label(sample)])):
                 yield sample
 
     def _prepare(self, sample: dict, rng: np.random.Generator):
         """One sample -> (uint8 crop or None, label, key, error message or None)."""
         key, url = sample["__key__"], sample.get("__url__", "?")
-        if "cls" not in sample or "jpg" not in sample:
-            raise DataError(f"{url}: sample {key} lacks its .jpg or .cls member (not a tltrain shard?)")
-        label = int(sample["cls"])
+        if "lbl" not in sample or "jpg" not in sample:
+            raise DataError(f"{url}: sample {key} lacks its .jpg or .lbl member (not a tltrain shard?)")
+        label = sample_label(sample)
         try:
             disc = np.frombuffer(sample["disc"], "<f4").tolist() if "disc" in sample else None
             image, disc = decode_fundus(sample["jpg"], disc, self.work_size, self.cfg.draft_decode)
