@@ -74,6 +74,12 @@ def _overrides(shards, *extra: str) -> list[str]:
     return base + ["loader.batch_size=4", "schedule.epochs_per_phase=2", "device=cpu", *_START_WEIGHTS, *extra]
 
 
+@pytest.fixture(autouse=True)
+def this_cluster(monkeypatch):
+    """In-process calls (list_jobs runs sacct) talk to this cluster too, only for the duration of a test."""
+    monkeypatch.setenv("SLURM_CONF", str(SLURM_CONF))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def start_weights(trained_run):
     _START_WEIGHTS[:] = [f"model.weights={trained_run}"]
