@@ -233,8 +233,7 @@ def test_interrupted_two_node_run_resumes_to_the_same_weights(runs, fundus_shard
     assert_same_run(path, run_dir(root, "ddp_2x1"), atol=1e-5)
 
 
-def test_a_sigkilled_rank_fails_the_job_within_a_minute(runs, fundus_shards):
-    root, jobs, records = runs
+def test_a_sigkilled_rank_fails_the_job_within_a_minute(root, fundus_shards):
     job = tltrain_submit(root, "killed", 2, 1, _overrides(fundus_shards, "trainer=ddp"))
     path = run_dir(root, "killed")
     wait_step(path, 2)
@@ -270,8 +269,7 @@ def _task_pid(job_id: str, procid: int) -> int:
     raise AssertionError(f"no process of job {job_id} task {procid}")
 
 
-def test_a_failed_chain_step1_cancels_step2_and_jobs_says_why(runs, fundus_shards):
-    root, jobs, records = runs
+def test_a_failed_chain_step1_cancels_step2_and_jobs_says_why(root, fundus_shards):
     chain_root = root / "chain"
     step1 = [o for o in _overrides(fundus_shards, "trainer=ddp") if not o.startswith("loader.batch_size=")]
     done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--time", "10", "--root", str(chain_root),
