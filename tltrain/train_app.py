@@ -22,7 +22,7 @@ from tltrain.config import CONFIG_DIR, compose, to_typed
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.engine.config import TrainerConfig
 from tltrain.errors import ConfigError, DataError, TltrainError, os_error
-from tltrain.transfer.schedule import ScheduleConfig
+from tltrain.transfer.schedule_config import ScheduleConfig
 
 
 @dataclass
@@ -57,9 +57,11 @@ class ModelConfig:
     drop_rate: float = 0.0
 
     def validate(self) -> None:
-        import timm
+        from tltrain.timm_names import timm_model_names
 
-        if self.arch not in timm.list_models():
+        if self.arch not in timm_model_names():
+            import timm
+
             close = timm.list_models(f"*{self.arch}*")[:10]
             hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
             raise ConfigError(f"model.arch={self.arch!r} is not a timm model{hint}")

@@ -135,6 +135,9 @@ class Trainer:
         self.epoch_loss: list = [0.0, 0]
         self.epoch_skipped: list[str] = []
         self.skipped = {"train": [], "val": [], "test": []}  # distinct skipped samples (all ranks)
+        self._stop: StopRequest | None = None
+        # An epoch whose training finished but whose validation a preemption interrupted: {"epoch", "train"}.
+        self._pending_epoch_end: dict | None = None
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _phase_starts(self) -> list[int]:
@@ -178,6 +181,7 @@ class Trainer:
                 "rng": [r["rng"] for r in ranks], "epoch_loss": [r["epoch_loss"] for r in ranks],
                 "epoch_skipped": [r["epoch_skipped"] for r in ranks], "skipped": self.skipped,
                 "history": self.history, "thresholds": self.thresholds, "last_val": self.last_val,
+                "pending_epoch_end": self._pending_epoch_end,
                 "config": dataclasses.asdict(self.cfg), "run_config": self._config_yaml()}
 
     def _config_yaml(self) -> str | None:
@@ -208,6 +212,7 @@ class Trainer:
             self.ema.load_state_dict(content["ema"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.history, self.thresholds, self.last_val = state["history"], state["thresholds"], state["last_val"]
+        self._pending_epoch_end = state.get("pending_epoch_end")
         same_world = len(state["rng"]) == self.env.world_size
         mine = self.env.rank if same_world else 0
         set_rng_state(state["rng"][mine])
@@ -229,7 +234,7 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict:
-        stop = StopRequest()  # also adopts a stop signal that arrived while the run was starting up
+        stop = self._stop = StopRequest()  # also adopts a stop signal that arrived while the run was starting up
         try:
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +245,8 @@ class Trainer:
             self._status("running", resumed=resumed)
             if D.any_rank([stop.is_set], self.device)[0]:  # stopped during start-up: nothing new to save
                 raise _Preempted()
+            if self._pending_epoch_end is not None:  # preempted during that epoch's validation: redo it
+                self._validate_and_record(self._pending_epoch_end["epoch"], self._pending_epoch_end["train"])
             while self.epoch < self.total_epochs:
                 phase = self.schedule.phase_index(self.epoch)
                 if phase != self.phase:
@@ -380,9 +387,21 @@ class Trainer:
         finished_epoch = self.epoch
         self.epoch += 1
         self.batch_in_epoch = 0
+        self._validate_and_record(finished_epoch, self._epoch_train)
+
+    def _validate_and_record(self, finished_epoch: int, epoch_train: dict) -> None:
+        """Validation, history, TensorBoard and the epoch-end checkpoint. A preemption signal during validation
+        checkpoints at once (the epoch's training is kept) and the resumed run validates that epoch again."""
+        self._epoch_train = epoch_train
         validate = (self.epoch % self.cfg.eval_every == 0) or self.epoch == self.total_epochs
         seen = self._errors_seen(self.val_loader)
-        val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        try:
+            val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        except _Preempted:
+            self._pending_epoch_end = {"epoch": finished_epoch, "train": epoch_train}
+            self._save()
+            raise
+        self._pending_epoch_end = None
         if val:
             self.last_val = val
             self.skipped["val"] = self._gather_skipped(self.val_loader, seen)
@@ -415,6 +434,9 @@ class Trainer:
         model.eval()
         gatherer = PredictionGatherer()
         for batch in loader:
+            if self._stop is not None and D.any_rank([self._stop.is_set], self.device)[0]:
+                model.train(was_training)
+                raise _Preempted()  # a long validation must not outlast SLURM's grace period
             images = self.strategy.prepare_inputs(batch.images)
             with self.strategy.autocast():
                 outputs = model(images)

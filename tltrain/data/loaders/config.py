@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tltrain.errors import ConfigError, choices_error
-from tltrain.preprocess import AugmentConfig, PreprocessConfig, validate_dtype
+from tltrain.preprocess_config import AugmentConfig, PreprocessConfig, validate_dtype
 
 BACKENDS = ("torch", "dali")
 DECODE_ERRORS = ("skip", "fail")

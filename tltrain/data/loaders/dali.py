@@ -1,12 +1,14 @@
 """The `dali` backend: webdataset reader -> JPEG decode (nvJPEG 'mixed' on a GPU, CPU otherwise) -> disc crop
 -> resize -> Ben Graham filter -> normalise, all inside one DALI pipeline; the same numbers as tltrain.preprocess.
 
-Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards, pad_last_batch); evaluation
-pads each rank to the same batch count with valid=False rows, training drops the few samples that would make
-counts differ (LastBatchPolicy.DROP). Training rebuilds the pipeline per epoch (set_epoch), seeded from
-(seed, epoch, rank), with ranks rotating over the parts, so an epoch's order and augmentation do not depend on
-whether the run was resumed (DALI's own reshuffling continues from its state and cannot be positioned).
-filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
+Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards split per sample, not per
+tar: part i is samples [floor(N i / K), floor(N (i + 1) / K)), so uneven tars do not matter). pad_last_batch
+repeats a part's last sample to fill its last batch; evaluation flags those rows valid=False and pads every rank to
+the same batch count, training drops the last partial batch (LastBatchPolicy.DROP) and uses min(part) // batch
+batches on every rank (tests/test_rank_split.py checks both backends at world sizes 2, 3 and 4). Training rebuilds
+the pipeline per epoch (set_epoch), seeded from (seed, epoch, rank), with ranks rotating over the parts, so an
+epoch's order and augmentation do not depend on whether the run was resumed (DALI's own reshuffling continues from
+its state and cannot be positioned). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
 filter runs on the torch batch (the Triton kernel on CUDA, the torch reference on the CPU).
 Labels come from the `.lbl` member (int32), the same member the torch backend reads.
 Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says

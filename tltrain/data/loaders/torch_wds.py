@@ -6,9 +6,10 @@ Which samples a rank reads (plan.py):
 - evaluation: the sample list, in shard order, is cut into equal contiguous blocks, one per rank; a rank streams
   only the shards its block touches and keeps the block's keys, so every sample is seen exactly once in all;
   the last batches are padded with valid=False rows so every rank runs ceil(N / world / batch) batches.
-- training: whole shards are dealt to ranks per epoch (fewer shards than ranks: every rank streams all shards and
-  keeps its block of an epoch-seeded permutation); each rank loops its stream until it has the same number of
-  full batches as every other rank. Samples are shuffled in a buffer (loader.shuffle_buffer).
+- training: per sample, not per shard: the shards in an epoch-seeded order, their samples cut into equal contiguous
+  blocks of N // world, one per rank (plan.training_block); a rank streams the shards its block touches and keeps
+  the block's keys, so every rank has the same count and only the last partial batch is dropped. Samples are
+  shuffled in a buffer (loader.shuffle_buffer); a rank loops its stream if skipped samples leave it short.
 - balanced training (Sallam et al.): each streamed sample is repeated Poisson(N / (C * count[label])) times, the
   streaming form of drawing with replacement at inverse class frequency, so every class is drawn equally often.
 Workers split shards with wds.split_by_worker; the ranks are given explicitly (build_loader's rank), not read from
@@ -35,7 +36,7 @@ from tltrain.data.disc import estimate_disc
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import assign_shards, read_labels, sample_refs, select_shards
+from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards, training_block
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
 
@@ -212,16 +213,10 @@ class TorchWdsLoader:
             self.urls = sorted({ref.tar for ref in self.refs[start:stop]}, key=[s["url"] for s in self.shards].index)
             self.n_batches = max(1, math.ceil(per_rank / batch))
             return
-        if len(self.shards) >= world:
-            dealt = assign_shards(self.shards, world, self.epoch, self.seed)
-            self.urls, self.keep = [s["url"] for s in dealt[self.rank]], None
-            self.n_batches = min(sum(int(s["count"]) for s in mine) for mine in dealt) // batch
-        else:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, 0x7EA1]))
-            block = n // world
-            order = rng.permutation(n)[self.rank * block:(self.rank + 1) * block]
-            self.urls, self.keep = [s["url"] for s in self.shards], {keys[i] for i in order}
-            self.n_batches = block // batch
+        block = training_block(self.refs, self.shards, world, self.rank, self.epoch, self.seed)
+        self.keep = {ref.key for ref in block}
+        self.urls = list(dict.fromkeys(ref.tar for ref in block))
+        self.n_batches = len(block) // batch
         if self.n_batches < 1:
             raise ConfigError(f"{n} training samples cannot fill one batch of {batch} on each of {world} ranks; "
                               "lower loader.batch_size")
