@@ -124,7 +124,7 @@ def test_second_train_into_a_live_run_dir_exits_2_and_touches_nothing(fundus_sha
                                 capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         lines = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: run_dir='shared' is in use by a live run "
+        assert len(lines) == 1 and lines[0].startswith(f"error: run_dir='{run_dir}' is in use by a live run "
                                                        f"(pid {first.pid} on "), lines
         assert first.poll() is None and (run_dir / "config.yaml").read_text() == config_before
         assert status_of(run_dir)["pid"] == first.pid
