@@ -6,15 +6,13 @@ shard, split and class add up to the manifest's. Returns a report; raises DataEr
 """
 from __future__ import annotations
 
-import io
 import json
 import struct
 import tarfile
 from pathlib import Path
 
-from PIL import Image
-
-from tltrain.data.shards import MEMBER_ORDER, read_index, sha256_file
+from tltrain.data.decode import decode_rgb
+from tltrain.data.shards import MEMBER_ORDER, image_ext, read_index, sha256_file
 from tltrain.errors import DataError
 
 
@@ -47,7 +45,7 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
             problems.append(f"{idx_path}: offsets do not match {tar_path.name}")
     labels = []
     for key, members in samples.items():
-        missing = [m for m in MEMBER_ORDER if m not in members]
+        missing = [m for m in MEMBER_ORDER if m not in members and not (m == "jpg" and image_ext(members))]
         if missing:
             problems.append(f"{tar_path}:{key}: missing members {missing}")
             continue
@@ -55,8 +53,7 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
         if label_text != label_bin or json.loads(members["json"])["label"] != label_text:
             problems.append(f"{tar_path}:{key}: label encodings disagree ({label_text}, {label_bin})")
         try:
-            with Image.open(io.BytesIO(members["jpg"])) as img:
-                img.load()
+            decode_rgb(members[image_ext(members)], f"{tar_path}:{key}")
         except Exception as exc:
             problems.append(f"{tar_path}:{key}: image does not decode ({type(exc).__name__}: {exc})")
         labels.append(label_text)
