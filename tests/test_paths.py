@@ -27,7 +27,7 @@ from PIL import Image
 
 from tltrain import preprocess as P
 from tltrain.config import compose, to_typed
-from tltrain.data.decode import decode_image, decode_rgb, passes_through, to_rgb
+from tltrain.data.decode import decode_rgb, passes_through, to_rgb
 from tltrain.data.disc import locate_disc
 from tltrain.data.loaders import LoaderConfig, build_loader
 from tltrain.data.loaders.plan import sample_refs, select_shards
@@ -309,11 +309,12 @@ def test_draft_decode_is_off_by_default_and_warns_when_on(photo_set, caplog):
     from tltrain.data.loaders.torch_wds import decode_fundus
 
     warn_draft_decode.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        build_loader(_preset("torch", draft_decode=True), photo_set["shards"], "train", train=False)
+    assert "differ from DALI" in caplog.text
     data = (photo_set["root"] / "camera" / "orient6.jpg").read_bytes()
     disc = locate_disc(decode_rgb(data))
-    with caplog.at_level(logging.WARNING):
-        image, scaled = decode_fundus(data, disc, 256, draft=True)
-    assert "differ from DALI" in caplog.text
+    image, scaled = decode_fundus(data, disc, 256, draft=True)
     assert image.shape[:2] == (CAMERA[1] // 4, CAMERA[0] // 4)  # 1/4 DCT scale, oriented like the full decode
     assert np.allclose(scaled, np.asarray(disc) / 4)
 

@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tltrain import preprocess as P
 from tltrain.data.decode import decode_image, open_image, warn_draft_decode
 from tltrain.data.disc import locate_disc
-from tltrain.data.shards import image_ext
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import assign_shards, read_labels, sample_refs, select_shards
+from tltrain.data.shards import image_ext
 from tltrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,9 @@ def decode_fundus(data: bytes, disc, work_size: int, draft: bool, name: str = "i
     """RGB (H, W, 3) uint8 by the shared decoding rule (tltrain.data.decode) and the disc in its pixels (located
     like `prepare` does when the shard has no .disc). draft (loader.draft_decode, off by default) lets libjpeg
     decode at 1/2, 1/4 or 1/8 scale while the disc square keeps at least work_size pixels: faster, but these
-    pixels are no longer the definition's (warned once)."""
+    pixels are no longer the definition's (the loader warns once)."""
     draft_size = None
     if draft and disc is not None:
-        warn_draft_decode()
         with open_image(data) as header:
             full = header.size
         keep = max(work_size / max(2 * disc[2], 1.0), 1e-3)
@@ -169,6 +168,8 @@ class TorchWdsLoader:
                  device: str = "cpu", seed: int = 0, fraction: float | None = None):
         self.cfg, self.train, self.rank, self.world_size, self.seed = cfg, train, rank, world_size, seed
         self.device = torch.device(device)
+        if cfg.draft_decode:
+            warn_draft_decode()
         self.manifest, self.shards = select_shards(shard_dir, split, fraction)
         self.refs = sample_refs(shard_dir, self.shards)
         for shard in self.shards:
