@@ -7,9 +7,10 @@ tltrain.data.decode) and load_pretrained's preprocess applied to an image as the
 Each is compared, in grey levels before normalisation, with the definition applied to the file
 (tltrain.preprocess.reference on decode_rgb's pixels, disc by locate_disc): mean <= 0.1 and p99 <= 1.
 
-Data: camera-size 2592x1944 JPEGs, one of them stored under all 8 EXIF orientations (the disc must be found on
-the oriented image), and 800x600 files in every format the decoding rule handles: 16-bit PNG and TIFF (grey and
-RGB), greyscale, palette (with and without a transparent colour), RGBA, CMYK, 8-bit TIFF and an oriented PNG.
+Data: camera-size 2592x1944 JPEGs at model size 512 (the acceptance case); to stay fast, one 1296x972 photograph
+under all 8 EXIF orientations (the disc must be found on the oriented image) and 640x480 files in every format
+the decoding rule handles (16-bit PNG and TIFF, grey and RGB; greyscale; palette with and without a transparent
+colour; RGBA; CMYK; 8-bit TIFF; an oriented PNG), both at model size 256 under the same bound.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ from tltrain.data.synth import _rng, generate_target_domain, render_fundus
 from tltrain.errors import DataError
 from tltrain.export import Preprocessing, evaluation_loader, predict_input
 
-SIZE = 512  # model input side of the acceptance test
+SIZE = 512  # model input side of the acceptance test on camera-size photographs
 CAMERA = (2592, 1944)
-SMALL = (800, 600)
+VARIANT, VARIANT_SIZE = (1296, 972), 256  # orientations: half the camera size and model size, to stay fast
+SMALL = (640, 480)  # the other formats
 # Pillow's transpose that undoes each EXIF orientation's display transform (the raw pixels a camera stores).
 TO_RAW = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
@@ -112,11 +114,29 @@ def _write_formats(folder: Path, upright: np.ndarray) -> None:
     _save(Image.fromarray(rgb).transpose(TO_RAW[6]), folder / "oriented6.png", format="PNG", exif=exif)
 
 
+def _prepare(root: Path, shards: Path) -> dict:
+    run_prepare(PrepareConfig(source=SourceConfig(kind="imagefolder", root=str(root)), out=str(shards),
+                              val_fraction=0.0, test_fraction=0.0, workers=2, progress=False))
+    files = {f"{p.parent.name}_{p.stem}": p for p in sorted(root.glob("*/*")) if p.is_file()}
+    return {"root": root, "shards": shards, "files": files}
+
+
 @pytest.fixture(scope="module")
-def photo_set(tmp_path_factory):
-    """Raw folder (ImageFolder, two classes) + shards written by `prepare` with its defaults."""
-    root = tmp_path_factory.mktemp("paths_raw")
-    upright = render_fundus(_rng(13, 0, 0), 2, *CAMERA)
+def camera_set(tmp_path_factory):
+    """Two camera-size 2592x1944 JPEGs (ImageFolder, two classes) and the shards `prepare` writes by default."""
+    root = tmp_path_factory.mktemp("camera_raw")
+    for label, (seed, grade) in enumerate(((0, 2), (1, 0))):
+        (root / f"class{label}").mkdir()
+        _save(Image.fromarray(render_fundus(_rng(13, seed, 0), grade, *CAMERA)), root / f"class{label}" / "photo.jpg",
+              format="JPEG", quality=90)
+    return _prepare(root, tmp_path_factory.mktemp("camera_shards"))
+
+
+@pytest.fixture(scope="module")
+def variant_set(tmp_path_factory):
+    """One photograph under all 8 EXIF orientations (JPEG, VARIANT size) and in every format (SMALL size)."""
+    root = tmp_path_factory.mktemp("variants_raw")
+    upright = render_fundus(_rng(13, 2, 0), 2, *VARIANT)
     (root / "camera").mkdir()
     for o, to_raw in TO_RAW.items():
         raw = Image.fromarray(upright) if to_raw is None else Image.fromarray(upright).transpose(to_raw)
@@ -124,15 +144,9 @@ def photo_set(tmp_path_factory):
         if o != 1:
             exif[0x0112] = o
         _save(raw, root / "camera" / f"orient{o}.jpg", format="JPEG", quality=90, exif=exif)
-    _save(Image.fromarray(render_fundus(_rng(13, 1, 0), 0, *CAMERA)), root / "camera" / "second.jpg",
-          format="JPEG", quality=90)
     (root / "formats").mkdir()
     _write_formats(root / "formats", upright)
-    shards = tmp_path_factory.mktemp("paths_shards")
-    run_prepare(PrepareConfig(source=SourceConfig(kind="imagefolder", root=str(root)), out=str(shards),
-                              val_fraction=0.0, test_fraction=0.0, workers=2, progress=False))
-    files = {f"{p.parent.name}_{p.stem}": p for p in sorted(root.glob("*/*")) if p.is_file()}
-    return {"root": root, "shards": shards, "upright": upright, "files": files}
+    return {**_prepare(root, tmp_path_factory.mktemp("variants_shards")), "upright": upright}
 
 
 def _package(size: int) -> Preprocessing:
@@ -185,8 +199,14 @@ def _definition(files: dict, size: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def path_outputs(photo_set):
-    return _path_outputs(photo_set["files"], photo_set["shards"], SIZE), _definition(photo_set["files"], SIZE)
+def camera_outputs(camera_set):
+    return _path_outputs(camera_set["files"], camera_set["shards"], SIZE), _definition(camera_set["files"], SIZE)
+
+
+@pytest.fixture(scope="module")
+def variant_outputs(variant_set):
+    files, shards = variant_set["files"], variant_set["shards"]
+    return _path_outputs(files, shards, VARIANT_SIZE), _definition(files, VARIANT_SIZE)
 
 
 def _grey_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -205,9 +225,9 @@ def _check(outputs: dict, reference: dict, keys: list[str]) -> list[str]:
     return failures
 
 
-def test_camera_jpegs_same_tensor_on_every_path(photo_set, path_outputs):
-    outputs, reference = path_outputs
-    keys = ["camera_orient1", "camera_second"]
+def test_camera_jpegs_same_tensor_on_every_path(camera_set, camera_outputs):
+    outputs, reference = camera_outputs
+    keys = sorted(camera_set["files"])
     assert not _check(outputs, reference, keys)
     # the pure-torch paths compute the same thing from the same pixels: equal, not merely close
     for key in keys:
@@ -216,17 +236,17 @@ def test_camera_jpegs_same_tensor_on_every_path(photo_set, path_outputs):
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_on_every_path(orientation, photo_set, path_outputs):
-    outputs, reference = path_outputs
+def test_exif_orientation_on_every_path(orientation, variant_set, variant_outputs):
+    outputs, reference = variant_outputs
     key = f"camera_orient{orientation}"
     assert not _check(outputs, reference, [key])
     # prepare found the disc on the oriented photograph: the upright render's disc, whatever the tag
-    refs = {r.key: r for r in sample_refs(photo_set["shards"], select_shards(photo_set["shards"], "train")[1])}
+    refs = {r.key: r for r in sample_refs(variant_set["shards"], select_shards(variant_set["shards"], "train")[1])}
     with open(refs[key].tar, "rb") as f:
         offset, size, _ = refs[key].members["disc"]
         f.seek(offset)
         stored = np.frombuffer(f.read(size), "<f4")
-    upright = np.asarray(locate_disc(photo_set["upright"]))
+    upright = np.asarray(locate_disc(variant_set["upright"]))
     assert np.abs(stored - upright).max() <= 0.01 * upright[2], (stored, upright)
     assert refs[key].members.get("jpg"), "an 8-bit RGB JPEG keeps its own bytes (DALI applies the tag itself)"
 
@@ -236,13 +256,13 @@ FORMATS = ["grey16_png.png", "rgb16_png.png", "grey16_tif.tif", "rgb16_tif.tif",
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_image_format_on_every_path(name, path_outputs):
-    outputs, reference = path_outputs
+def test_image_format_on_every_path(name, variant_outputs):
+    outputs, reference = variant_outputs
     assert not _check(outputs, reference, ["formats_" + name.split(".")[0]])
 
 
-def test_sixteen_bit_is_scaled_not_clipped(photo_set):
-    folder = photo_set["root"] / "formats"
+def test_sixteen_bit_is_scaled_not_clipped(variant_set):
+    folder = variant_set["root"] / "formats"
     eight = decode_rgb(folder / "grey_png.png")
     for name in ("grey16_png.png", "grey16_tif.tif"):
         pixels = decode_rgb(folder / name)
@@ -256,8 +276,8 @@ def test_sixteen_bit_is_scaled_not_clipped(photo_set):
         assert np.array_equal(decode_rgb(folder / name), decode_rgb(folder / "rgb16_png.png"))
 
 
-def test_alpha_palette_and_cmyk_conversions(photo_set):
-    folder = photo_set["root"] / "formats"
+def test_alpha_palette_and_cmyk_conversions(variant_set):
+    folder = variant_set["root"] / "formats"
     with Image.open(folder / "rgba.png") as img:
         rgba = np.asarray(img).astype(np.int64)
     expected = (rgba[..., :3] * rgba[..., 3:] + 127) // 255  # composited on black
@@ -270,26 +290,34 @@ def test_alpha_palette_and_cmyk_conversions(photo_set):
     with Image.open(folder / "cmyk.jpg") as img:
         assert img.mode == "CMYK"
         assert np.array_equal(decode_rgb(folder / "cmyk.jpg"), np.asarray(img.convert("RGB")))
+    rgb = np.full((4, 4, 3), 200, np.uint8)
+    rgb[0, 0] = (255, 255, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", transparency=(255, 255, 255))  # an RGB PNG's tRNS colour
+    with Image.open(io.BytesIO(buffer.getvalue())) as img:
+        assert not passes_through(img)
+    assert decode_rgb(buffer.getvalue())[0, 0].tolist() == [0, 0, 0]
+    assert decode_rgb(buffer.getvalue())[1, 1].tolist() == [200, 200, 200]
     with pytest.raises(DataError, match="pixel mode 'F'"):
         to_rgb(Image.fromarray(np.zeros((4, 4), np.float32)), "float.tif")
 
 
-def test_prepare_keeps_bytes_only_where_every_decoder_agrees(photo_set):
+def test_prepare_keeps_bytes_only_where_every_decoder_agrees(variant_set):
     """JPEGs (any orientation) and 8-bit RGB/grey PNGs pass through; the rest become lossless .png members."""
-    refs = sample_refs(photo_set["shards"], select_shards(photo_set["shards"], "train")[1])
+    refs = sample_refs(variant_set["shards"], select_shards(variant_set["shards"], "train")[1])
     stored = {r.key: ("jpg" if "jpg" in r.members else "png") for r in refs}
-    for key, path in photo_set["files"].items():
+    for key, path in variant_set["files"].items():
         with Image.open(path) as img:
             keep = passes_through(img)
         assert stored[key] == ("jpg" if keep and path.suffix == ".jpg" else "png"), key
         assert keep == (path.name in ("grey_jpg.jpg", "grey_png.png") or path.parent.name == "camera"), path.name
 
 
-def test_oriented_photo_is_stored_upright_with_its_size(photo_set):
+def test_oriented_photo_is_stored_upright_with_its_size(variant_set):
     import json
     import tarfile
 
-    shards = photo_set["shards"]
+    shards = variant_set["shards"]
     metas = {}
     for tar_path in shards.glob("*.tar"):
         with tarfile.open(tar_path) as tar:
@@ -298,11 +326,11 @@ def test_oriented_photo_is_stored_upright_with_its_size(photo_set):
                     meta = json.loads(tar.extractfile(member).read())
                     metas[meta["key"]] = meta
     for o in range(1, 9):
-        assert (metas[f"camera_orient{o}"]["width"], metas[f"camera_orient{o}"]["height"]) == CAMERA
+        assert (metas[f"camera_orient{o}"]["width"], metas[f"camera_orient{o}"]["height"]) == VARIANT
     assert (metas["formats_oriented6"]["width"], metas["formats_oriented6"]["height"]) == SMALL
 
 
-def test_draft_decode_is_off_by_default_and_warns_when_on(photo_set, caplog):
+def test_draft_decode_is_off_by_default_and_warns_when_on(variant_set, caplog):
     assert LoaderConfig().draft_decode is False
     assert _preset("torch").draft_decode is False
     from tltrain.data.decode import warn_draft_decode
@@ -310,13 +338,13 @@ def test_draft_decode_is_off_by_default_and_warns_when_on(photo_set, caplog):
 
     warn_draft_decode.cache_clear()
     with caplog.at_level(logging.WARNING):
-        build_loader(_preset("torch", draft_decode=True), photo_set["shards"], "train", train=False)
+        build_loader(_preset("torch", draft_decode=True), variant_set["shards"], "train", train=False)
     assert "differ from DALI" in caplog.text
-    data = (photo_set["root"] / "camera" / "orient6.jpg").read_bytes()
+    data = (variant_set["root"] / "camera" / "orient6.jpg").read_bytes()
     disc = locate_disc(decode_rgb(data))
     image, scaled = decode_fundus(data, disc, 256, draft=True)
-    assert image.shape[:2] == (CAMERA[1] // 4, CAMERA[0] // 4)  # 1/4 DCT scale, oriented like the full decode
-    assert np.allclose(scaled, np.asarray(disc) / 4)
+    assert image.shape[:2] == (VARIANT[1] // 2, VARIANT[0] // 2)  # 1/2 DCT scale, oriented like the full decode
+    assert np.allclose(scaled, np.asarray(disc) / 2)
 
 
 def test_demo_target_data_same_input_in_evaluate_and_predict(tmp_path):
@@ -336,9 +364,12 @@ def test_demo_target_data_same_input_in_evaluate_and_predict(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_paths_same_tensor(photo_set):
-    """DALI on the GPU (nvJPEG through nvImageCodec) and the torch loader with the Triton filter, same bound."""
-    outputs = _path_outputs(photo_set["files"], photo_set["shards"], SIZE, device="cuda")
-    reference = _definition(photo_set["files"], SIZE)
-    failures = _check(outputs, reference, sorted(photo_set["files"]))
+@pytest.mark.parametrize("which", ["camera", "variants"])
+def test_gpu_paths_same_tensor(which, request):
+    """DALI on the GPU (nvJPEG through nvImageCodec, EXIF orientation) and the torch loader with the Triton
+    filter, every image of both sets, same bound."""
+    data = request.getfixturevalue("camera_set" if which == "camera" else "variant_set")
+    size = SIZE if which == "camera" else VARIANT_SIZE
+    outputs = _path_outputs(data["files"], data["shards"], size, device="cuda")
+    failures = _check(outputs, _definition(data["files"], size), sorted(data["files"]))
     assert not failures, failures

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DECODE_RULE = "tltrain-decode/1"  # part of prepare's plan hash: shards written under an older rule are rewritten
 ORIENTATION_TAG = 0x0112
+JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera JPEG with extra pictures after the main one (every decoder reads it)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 _CONVERTIBLE = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
@@ -67,19 +68,19 @@ def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
-    """The rule applied to an opened image: oriented, 8-bit, 3-channel RGB (a new image; the input is loaded)."""
+    """The rule applied to an opened image: oriented, 8-bit, 3-channel RGB (the input itself when it already is)."""
     if orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
     mode = img.mode
+    if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        return Image.fromarray(_composite_on_black(rgba), "RGB")
     if mode == "RGB":
         return img
     if mode in _SIXTEEN_BIT:
         values = np.asarray(img).astype(np.int64)
         grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
-    if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in img.info):
-        rgba = np.asarray(img.convert("RGBA"))
-        return Image.fromarray(_composite_on_black(rgba), "RGB")
     if mode in _CONVERTIBLE:
         return img.convert("RGB")
     raise DataError(f"{source}: pixel mode {mode!r} has no defined 8-bit RGB form (convert the file to 8- or "
@@ -92,7 +93,7 @@ def decode_image(source, name: str = "image", draft_size: tuple[int, int] | None
     longer the definition's pixels."""
     img = open_image(source)  # not `with`: closing would also drop the pixels of an image returned as is
     try:
-        if draft_size is not None and img.format == "JPEG":
+        if draft_size is not None and img.format in JPEG_FORMATS:
             img.draft("RGB", draft_size)
         img.load()  # a full decode: truncated or corrupt data fails here (Pillow then closes its own file)
         return to_rgb(img, name)
@@ -110,7 +111,7 @@ def passes_through(img: Image.Image) -> bool:
     """True when the file's own bytes give the rule's pixels in every decoder (call before img.load())."""
     args = img.tile[0].args if img.tile else None
     rawmode = args[0] if isinstance(args, tuple) else args  # 'RGB;16B' for a 16-bit PNG
-    if img.format == "JPEG":
+    if img.format in JPEG_FORMATS:
         return img.mode in ("RGB", "L")
     if img.format == "PNG":
         return (img.mode in ("RGB", "L") and rawmode in ("RGB", "L") and "transparency" not in img.info

@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.decode import DECODE_RULE, decode_image, encode_png, open_image, passes_through
+from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
 from tltrain.data.disc import disc_found, disc_square, locate_disc
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
@@ -82,7 +82,7 @@ def inspect_image(path: str) -> dict:
     ('jpg'/'png') when the file's own bytes can go into the shard, None when it must be re-encoded."""
     try:
         with open_image(path) as img:
-            keep_as = ("jpg" if img.format == "JPEG" else "png") if passes_through(img) else None
+            keep_as = ("jpg" if img.format in JPEG_FORMATS else "png") if passes_through(img) else None
         img = decode_image(path, path)  # truncated or corrupt files fail here, not in the middle of training
     except Exception as exc:  # PIL raises several types for bad files; the reason text names the cause
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
