@@ -100,6 +100,59 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), quick=args.quick)
 
 
+# Hydra's flags that take no value, and those that take one; moved before the overrides (argparse would
+# otherwise reject `tltrain train model=resnet50 -m seed=0,1` as "unrecognized arguments").
+_HYDRA_FLAGS = {"-m", "--multirun", "-r", "--run", "--resolve", "--hydra-help", "-h", "--help", "--version",
+                "--shell-completion", "-sc"}
+_HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                           "-cd", "--config-dir", "--experimental-rerun"}
+
+
+def _hydra_argv(args: list[str]) -> list[str]:
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _HYDRA_FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += [arg, args[i + 1]]
+            i += 2
+            continue
+        (flags if arg in _HYDRA_FLAGS or arg.startswith("--info") else overrides).append(arg)
+        i += 1
+    return flags + overrides
+
+
+def _train(args: list[str]) -> int:
+    """`tltrain train`: Hydra owns the command line (multirun, launchers, sweeps); its errors become one line.
+
+    HYDRA_FULL_ERROR makes Hydra raise instead of printing its multi-line report, so the composition errors
+    (unknown option, unknown key, unparsable value) reach config_error_line. A sweep's failed runs were listed
+    by tltrain.launch.summary; the command then exits 1.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tltrain.config import config_error_line
+    from tltrain.launch import summary
+    from tltrain.train_app import hydra_main
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *_hydra_argv(args)]
+    try:
+        hydra_main()
+    except SystemExit as exc:  # a single run's own exit status (its error line is already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except TltrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {config_error_line(exc)}", file=sys.stderr)
+        return 2
+    if summary.last_summary and summary.last_summary["failed"]:
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tltrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -173,12 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        # Hydra owns the command line of `train` (multirun, launchers, sweeps).
-        from tltrain.train_app import hydra_main
-
-        sys.argv = [f"{Path(sys.argv[0]).name} train", *argv[1:]]
-        hydra_main()
-        return 0
+        return _train(argv[1:])
     if argv and argv[0] in ("submit", "jobs"):
         # the launcher parses its own options (SLURM resources, then Hydra overrides)
         from tltrain.launch import cli_jobs, cli_submit

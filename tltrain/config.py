@@ -45,7 +45,72 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as exc:  # unknown option or key: Hydra lists the choices
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(config_error_line(exc)) from None
+
+
+def config_error_line(exc: BaseException, schema: type | None = None) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key or option, the problem and the valid choices.
+
+    Hydra's own messages span 5-20 lines (search paths, hints about `+key`); users asked for one line that says
+    what to change. `schema` is the dataclass that unknown keys are looked up in (default: RunConfig).
+    """
+    import difflib
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, MissingConfigException) and getattr(exc, "missing_cfg_file", None):
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        options = sorted(getattr(exc, "options", None) or [])
+        if group and options:
+            close = difflib.get_close_matches(option, options, n=1)
+            hint = f" (did you mean {group}={close[0]}?)" if close else ""
+            return f"{group}={option!r}: no such option in configs/{group}/{hint}; choose one of: {', '.join(options)}"
+        return f"config {exc.missing_cfg_file!r} not found"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override: {_first_line(exc)} (syntax: key=value, group=option, +new_key=value)"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    full_key = getattr(cause, "full_key", None)
+    message = _first_line(getattr(cause, "msg", None) or cause)
+    if full_key and "not in" in message and (" Key " in f" {message}" or message.startswith("Key")):
+        parent, _, name = str(full_key).rpartition(".")
+        valid = _schema_keys(schema, parent)
+        if valid is None:
+            return f"unknown key {full_key!r}: {message}"
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
+        where = parent or "the run config"
+        return f"unknown key {full_key!r}{hint}; valid keys of {where}: {', '.join(valid)}"
+    if full_key:
+        override = _first_line(exc) if cause is not exc else ""
+        override = override.removeprefix("Error merging override ").strip()
+        return f"{override or full_key}: {message}"
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException | str) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _schema_keys(schema: type | None, dotted_parent: str) -> list[str] | None:
+    """Field names of the dataclass at `dotted_parent` inside schema (RunConfig by default); None if unknown."""
+    import typing
+
+    if schema is None:
+        from tltrain.train_app import RunConfig
+
+        schema = RunConfig
+    node: Any = schema
+    for part in [p for p in dotted_parent.split(".") if p]:
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    if not dataclasses.is_dataclass(node):
+        return None
+    return [f.name for f in dataclasses.fields(node)]
 
 
 def to_typed(node: Any, schema: type[T], where: str = "") -> T:

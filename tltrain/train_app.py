@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tltrain.config import CONFIG_DIR, compose, to_typed
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.engine.config import TrainerConfig
-from tltrain.errors import ConfigError, DataError
+from tltrain.errors import ConfigError, DataError, TltrainError, os_error
 from tltrain.transfer.schedule import ScheduleConfig
 
 
@@ -96,11 +98,40 @@ def run(cfg: RunConfig) -> dict:
 
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty: pass run_dir=... (the Hydra app sets it to its output folder)")
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     started = time.time()
-    result = run_transfer(cfg)
+    try:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        result = run_transfer(cfg)
+    except TltrainError as exc:
+        mark_failed(cfg.run_dir, str(exc))
+        raise
+    except OSError as exc:  # full disk, quota, read-only folder, files deleted under a running job
+        error = os_error(exc, folder=cfg.run_dir)
+        mark_failed(cfg.run_dir, str(error))
+        raise error from exc
+    except Exception as exc:  # a bug or a library failure: the traceback follows, status.json says why
+        mark_failed(cfg.run_dir, f"{type(exc).__name__}: {exc}")
+        raise
     result.setdefault("wall_time_s", time.time() - started)
     return result
+
+
+def mark_failed(run_dir: str | Path, reason: str) -> None:
+    """status.json = failed with the reason (rank 0 only; best effort: on a full disk even this may not land)."""
+    from tltrain.engine.logging import write_status
+
+    if os.environ.get("RANK", "0") != "0" or not run_dir:
+        return
+    try:
+        previous = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        previous = {}
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        kept = {k: previous[k] for k in ("step", "epoch", "total_epochs", "pid", "host") if k in previous}
+        write_status(run_dir, "failed", error=reason, **kept)
+    except OSError:
+        pass
 
 
 def train_from_overrides(overrides: list[str]) -> dict:
@@ -123,8 +154,8 @@ def hydra_main() -> None:
     register_schemas()
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
     def _app(dict_cfg: DictConfig) -> Any:
-        from tltrain.errors import TltrainError
-
+        multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        run_dir = ""
         try:
             cfg = load_run_config(dict_cfg)
             if not cfg.run_dir:
@@ -133,19 +164,49 @@ def hydra_main() -> None:
                     raise ConfigError("multi-process runs (torchrun/srun) need an explicit run_dir=... shared by "
                                       "all ranks")
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
+            run_dir = cfg.run_dir
             result = run(cfg)
         except TltrainError as exc:
-            # In a sweep the other runs go on; a single run exits non-zero with the message.
-            print(f"error: {exc}", flush=True)
-            if HydraConfig.get().mode.name == "MULTIRUN":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            if not multirun:
+                raise SystemExit(getattr(exc, "exit_code", 2)) from None
+            # a sweep goes on past a failed run; the sweep's summary lists it (tltrain.launch.sweep)
+            mark_failed(run_dir or HydraConfig.get().runtime.output_dir, str(exc))
+            result = {"status": "failed", "exit_code": 2, "error": str(exc), "run_dir": run_dir}
+        except Exception as exc:
+            if not multirun:
                 raise
-            raise SystemExit(getattr(exc, "exit_code", 2)) from None
+            traceback.print_exc()
+            reason = f"{type(exc).__name__}: {exc}"
+            mark_failed(run_dir or HydraConfig.get().runtime.output_dir, reason)
+            result = {"status": "failed", "exit_code": 1, "error": reason, "run_dir": run_dir}
+        if multirun:
+            record_sweep_run(result, run_dir or HydraConfig.get().runtime.output_dir)
         code = _exit_code(result)
-        if code and HydraConfig.get().mode.name != "MULTIRUN":
+        if code and not multirun:
             raise SystemExit(code)
-        return {k: v for k, v in result.items() if k in ("status", "step", "epoch", "run_dir", "final", "test")}
+        return {k: v for k, v in result.items()
+                if k in ("status", "step", "epoch", "run_dir", "final", "test", "error")}
 
     _app()
+
+
+def record_sweep_run(result: dict, run_dir: str) -> None:
+    """One file per sweep job under <sweep dir>/.tltrain_runs/, read by the sweep summary at the end (the jobs may
+    run in other processes or on other nodes, so the launching process learns their outcome from files)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tltrain.engine.checkpoint import atomic_write_json
+
+    hc = HydraConfig.get()
+    folder = Path(hc.sweep.dir) / ".tltrain_runs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / f"{hc.job.num}.json", {
+            "num": hc.job.num, "overrides": list(hc.overrides.task), "run_dir": str(Path(run_dir).resolve()),
+            "status": result.get("status"), "error": result.get("error")})
+    except OSError:
+        pass
 
 
 def dataclass_to_yaml_dict(cfg: RunConfig) -> dict:

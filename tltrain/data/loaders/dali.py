@@ -12,6 +12,7 @@ damaged sample. Class-balanced sampling is not offered (the reader cannot weight
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ class DaliLoader:
             self.iterator = DALIGenericIterator([self.pipe], ["images", "labels", "info"], reader_name="reader",
                                                 last_batch_policy=policy, auto_reset=True)
         except RuntimeError as exc:
-            raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({exc}); run `tltrain verify` "
+            raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({dali_reason(exc)}); run `tltrain verify` "
                             "on the shard folder to find a damaged sample") from None
         self._images, self._seconds, self._wait = 0, 0.0, 0.0
 
@@ -193,7 +194,8 @@ class DaliLoader:
                     self._images += int(batch.valid.sum())
                 last = time.perf_counter()
         except RuntimeError as exc:
-            raise DataError(f"DALI could not read or decode a sample in {', '.join(self.shard_names)} ({exc}); "
+            raise DataError(f"DALI could not read or decode a sample in {', '.join(self.shard_names)} "
+                            f"({dali_reason(exc)}); "
                             "run `tltrain verify` on the shard folder to find it") from None
         while produced < self.n_batches:  # a rank with fewer samples: all-padding batches keep ranks in step
             empty = {"images": torch.zeros((0, 3, self.cfg.size, self.cfg.size)), "labels": torch.zeros(0),
@@ -201,3 +203,14 @@ class DaliLoader:
             yield self._to_batch(empty)
             produced += 1
         self._seconds += time.perf_counter() - started
+
+
+def dali_reason(exc: BaseException) -> str:
+    """The one informative line of a DALI error (its text carries a Python traceback and C++ context)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    for line in lines:
+        if not line.startswith(("Critical error", "Error in ", "which was used", "File ", "C++ context", "Current pipeline")):
+            return re.sub(r'^Assert on ".*?" failed: ', "", line)
+    return lines[0] if lines else type(exc).__name__

@@ -26,7 +26,10 @@ def select_shards(shard_dir: str | Path, split: str, fraction: float | None = No
     manifest_path = shard_dir / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: not found (run `tltrain prepare` first)")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{manifest_path}: not valid JSON ({exc}); re-run `tltrain prepare`") from None
     if split == "train" and fraction is not None:
         key = f"{fraction:g}"
         if key not in manifest["fractions"]:
@@ -38,6 +41,11 @@ def select_shards(shard_dir: str | Path, split: str, fraction: float | None = No
         shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:
         raise DataError(f"{shard_dir}: no shards for split {split!r} (splits: {', '.join(manifest['splits'])})")
+    missing = [str(shard_dir / s[part]) for s in shards for part in ("tar", "index") if not (shard_dir / s[part]).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{', '.join(missing[:3])}{more}: missing (listed in {manifest_path}); restore the files or "
+                        "re-run `tltrain prepare` (it resumes and rewrites only what is missing), then `tltrain verify`")
     return manifest, shards
 
 

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Every GPU figure of tltrain in one device call (<= 9 min on an H100/H200), each part under its own time budget
+# and writing one JSON file to OUT_DIR even when a later part fails or runs out of time:
+#   a gpu_tests.json      pytest -m gpu (kernels, the DALI GPU pipeline, loaders on CUDA)
+#   b kernels.json        Triton exact + tensor-core kernels vs the torch reference and copy bandwidth (512^2, b256)
+#   c loaders.json        DALI GPU full preprocessing vs a plain DALI decode+resize chain vs a PIL DataLoader
+#   d input_pipeline.json training img/s with the real loader vs synthetic GPU tensors (resnet50@224, resnet18@512)
+#   e trainer.json        engine vs a bare loop, same model and data (overhead)
+#   f strategies.json     DDP (NCCL) and DeepSpeed ZeRO-2 bf16 smoke runs, world size 1, with img/s
+# Then `python benchmarks/render_gpu_results.py OUT_DIR` fills the GPU section of benchmarks/RESULTS.md.
+#
+#   bash benchmarks/gpu_all.sh OUT_DIR            on a machine with a GPU (the device tool: OUT_DIR="$OUT")
+#   bash benchmarks/gpu_all.sh --dry-run OUT_DIR  every part on the CPU at tiny sizes (CI runs this)
+#
+# The lent GPU machine has torch, triton, timm and tensorboard but not DALI, DeepSpeed, webdataset, Hydra or
+# submitit: carry them as wheels. Here: `bash benchmarks/gpu_carry.sh` downloads them into .whl/ (and splits the
+# DALI wheels with ../shared/tools/device-carry into .devcarry/ parts); this script installs whatever it finds in
+# .whl/ or /tmp/devcarry/ into /tmp/site before the first part.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:?usage: gpu_all.sh [--dry-run] OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+started=$(date +%s)
+
+# --- install what the device image lacks (no-op here: the venv has everything) ---------------------------
+wheels=()
+[ -d .whl ] && wheels+=(.whl/*.whl)
+[ -d /tmp/devcarry ] && ls /tmp/devcarry/*.whl >/dev/null 2>&1 && wheels+=(/tmp/devcarry/*.whl)
+if [ ${#wheels[@]} -gt 0 ] && ! $PY -c "import nvidia.dali, deepspeed, webdataset, hydra, submitit" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
+        || echo "wheel install failed: the parts that need the missing packages will say so"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! $PY -c "import tltrain.kernels" 2>/dev/null; then
+    $PY -m pip install -q --no-deps --no-build-isolation --target /tmp/tltrain-site . || exit 1
+    export PYTHONPATH=/tmp/tltrain-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
+
+if [ $dry = 1 ]; then
+    device=cpu
+    export DS_ACCELERATOR=cpu TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+else
+    device=cuda
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv > "$out/gpu.txt" 2>&1
+fi
+$PY - "$out/environment.json" "$device" <<'PYEOF'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from gpu_common import provenance
+json.dump({**provenance(sys.argv[2]), "dry_run": sys.argv[2] == "cpu"}, open(sys.argv[1], "w"), indent=1, default=str)
+PYEOF
+
+# part NAME BUDGET_S COMMAND...: runs COMMAND (which writes $out/NAME.json) under `timeout BUDGET_S`; when it did not
+# write its JSON (failure, time-out, crash) a JSON with the exit status and the log tail takes its place.
+status=0
+part() {
+    local name=$1 budget=$2
+    shift 2
+    local t0=$(date +%s)
+    echo "=== part $name (budget ${budget}s): $*"
+    timeout --kill-after=10 "$budget" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    local took=$(( $(date +%s) - t0 ))
+    if [ $rc -ne 0 ] || [ ! -s "$out/$name.json" ]; then
+        status=1
+        $PY - "$out/$name.json" "$name" "$rc" "$took" "$budget" "$out/$name.log" <<'PYEOF'
+import json, os, sys
+path, name, rc, took, budget, log = sys.argv[1:7]
+previous = {}
+if os.path.exists(path):
+    try:
+        previous = json.load(open(path))
+    except ValueError:
+        pass
+tail = open(log, errors="replace").read()[-3000:] if os.path.exists(log) else ""
+state = "timeout" if rc in ("124", "137") else "failed"
+json.dump({**previous, "part": name, "status": state, "exit_code": int(rc), "seconds": int(took), "budget_s": int(budget),
+           "log_tail": tail}, open(path, "w"), indent=1)
+PYEOF
+        echo "    part $name: rc=$rc after ${took}s (see $name.log)"
+    else
+        $PY - "$out/$name.json" "$took" "$budget" <<'PYEOF'
+import json, sys
+path, took, budget = sys.argv[1:4]
+data = json.load(open(path))
+data.update({"status": data.get("status", "ok"), "seconds": int(took), "budget_s": int(budget)})
+json.dump(data, open(path, "w"), indent=1)
+PYEOF
+        echo "    part $name: ok in ${took}s"
+    fi
+}
+
+if [ $dry = 1 ]; then
+    part gpu_tests 300 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests/test_kernels.py -m gpu
+    part kernels 300 $PY benchmarks/bench_kernels.py --device cpu --small --out "$out/kernels.json"
+    part loaders 300 $PY benchmarks/bench_gpu_loaders.py --device cpu --images 8 --sources 256 640 --model-size 64 \
+        --batch 4 --workers 1 --epochs 1 --out "$out/loaders.json"
+    part input_pipeline 300 $PY benchmarks/bench_input_pipeline.py --device cpu --small --out "$out/input_pipeline.json"
+    part trainer 300 $PY benchmarks/bench_trainer.py --small --no-compile --out "$out/trainer.json"
+    part strategies 900 $PY benchmarks/bench_strategies.py --device cpu --small --out "$out/strategies.json"
+else
+    # budgets add up to 8 min; the install and environment above take well under a minute with carried wheels
+    part gpu_tests 75 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests -m gpu
+    part kernels 75 $PY benchmarks/bench_kernels.py --device cuda --batch 256 --size 512 --out "$out/kernels.json"
+    part loaders 120 $PY benchmarks/bench_gpu_loaders.py --device cuda --images 1024 --sources 512 2592 \
+        --model-size 512 --batch 256 --workers 16 --out "$out/loaders.json"
+    part input_pipeline 90 $PY benchmarks/bench_input_pipeline.py --device cuda --out "$out/input_pipeline.json"
+    part trainer 45 $PY benchmarks/bench_trainer.py --arch resnet50 --image-size 224 --batch-size 128 --steps 40 \
+        --no-compile --out "$out/trainer.json"
+    part strategies 75 $PY benchmarks/bench_strategies.py --device cuda --timeout 35 --out "$out/strategies.json"
+fi
+echo "gpu_all: $(( $(date +%s) - started ))s in all; results in $out (status $status)"
+exit $status
