@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(DALI_EXTRA),test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(DALI_EXTRA),test,bench]"
 	touch $@
 
 demo: install

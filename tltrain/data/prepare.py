@@ -24,7 +24,8 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.disc import disc_square, find_disc
+from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
+from tltrain.data.disc import disc_square, locate_disc_fit
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -75,29 +76,25 @@ def parse_resize(spec: str) -> tuple[str, int]:
 
 
 # -- per-image work (runs in worker processes) ------------------------------------------------------------------
-def _decode(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # a full decode: truncated or corrupt files fail here, not in the middle of training
-        return img.convert("RGB")
-
-
 def inspect_image(path: str) -> dict:
-    """Decode fully and locate the disc; {'width','height','disc'} or {'problem'}."""
+    """Decode fully by the shared rule (tltrain.data.decode: EXIF orientation, 16-bit, alpha, ...) and locate the
+    disc in those oriented pixels; {'width','height','disc','keep_as'} or {'problem'}. keep_as names the member
+    ('jpg'/'png') when the file's own bytes can go into the shard, None when it must be re-encoded."""
     try:
-        img = _decode(path)
+        with open_image(path) as img:
+            keep_as = ("jpg" if img.format in JPEG_FORMATS else "png") if passes_through(img) else None
+        img = decode_image(path, path)  # truncated or corrupt files fail here, not in the middle of training
     except Exception as exc:  # PIL raises several types for bad files; the reason text names the cause
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
-    factor = max(1, min(img.size) // 256)
-    thumb = np.asarray(img.reduce(factor) if factor > 1 else img)
-    fit = find_disc(thumb)  # continuous pixel coordinates: the thumbnail's disc times the factor is the image's
+    fit = locate_disc_fit(img)
     if fit.problem:
         return {"problem": f"no fundus disc found ({fit.problem})"}
-    return {"width": img.size[0], "height": img.size[1], "disc": tuple(v * factor for v in fit.disc)}
+    return {"width": img.size[0], "height": img.size[1], "disc": fit.disc, "keep_as": keep_as}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
-    """Re-encoded image bytes and the disc in the new pixel grid."""
-    img = _decode(path)
+    """Re-encoded image bytes and the disc in the new pixel grid (decoded by the shared rule first)."""
+    img = decode_image(path, path)
     cx, cy, r = disc
     if mode == "longest":
         scale = min(1.0, size / max(img.size))
@@ -124,14 +121,19 @@ def _write_one_shard(job) -> dict:
     mode, size = parse_resize(resize)
     samples = []
     for e in entries:
-        if mode == "none":
+        ext = "jpg"
+        if mode == "none" and e["keep_as"]:  # bytes every decoder turns into the rule's pixels: kept as they are
             image, disc, (w, h) = Path(e["path"]).read_bytes(), e["disc"], (e["width"], e["height"])
+            ext = e["keep_as"]
+        elif mode == "none":  # 16-bit, alpha, palette, CMYK, TIFF, oriented PNG: the rule's pixels, lossless PNG
+            ext, image = "png", encode_png(decode_image(e["path"], e["path"]))
+            disc, (w, h) = e["disc"], (e["width"], e["height"])
         else:
             image, disc, (w, h) = _resized_sample(e["path"], e["disc"], mode, size, quality)
         meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
                 "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
                 "disc": [round(v, 3) for v in disc]}
-        samples.append(ShardSample(e["key"], e["label"], image, tuple(disc), meta))
+        samples.append(ShardSample(e["key"], e["label"], image, tuple(disc), meta, image_ext=ext))
     return write_shard(Path(out_dir), name, samples, plan_hash)
 
 
@@ -181,7 +183,7 @@ def _plan_shards(groups: dict[str, list[dict]], cfg: PrepareConfig) -> list[tupl
 
 def _plan_hash(entries: list[dict], cfg: PrepareConfig) -> str:
     """Changes when anything that shapes the shard's bytes changes: inputs (path, size, mtime) or options."""
-    spec = {"resize": cfg.resize, "quality": cfg.jpeg_quality if cfg.resize != "none" else None,
+    spec = {"resize": cfg.resize, "decode": DECODE_RULE, "quality": cfg.jpeg_quality if cfg.resize != "none" else None,
             "entries": [(e["key"], e["label"], e["path"], e["bytes"], e["mtime_ns"]) for e in entries]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -241,7 +243,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             "key": record.key, "name": record.name, "file": record.file, "patient": record.patient,
             "label": record.label, "path": record.path,
             "grade_name": source.class_names[record.label], "width": info["width"], "height": info["height"],
-            "disc": info["disc"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": split})
+            "disc": info["disc"], "keep_as": info["keep_as"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": split})
     plan = _plan_shards(groups, cfg)
 
     out = Path(cfg.out)
@@ -303,7 +305,9 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
                    "problems": len(problems)},
         "splits": splits,
         "fractions": fraction_info,
-        "members": {"jpg": "encoded image", "cls": "label, ASCII decimal (webdataset convention)",
+        "members": {"jpg": "encoded image: original JPEG bytes or a re-encode", "png": "lossless image (instead "
+                    "of .jpg) where tltrain.data.decode re-encoded the file",
+                    "cls": "label, ASCII decimal (webdataset convention)",
                     "lbl": "label, int32 little-endian (read by every tltrain loader)",
                     "disc": "disc cx, cy, r: 3 x float32 little-endian", "json": "sample metadata"},
         "shards": shards,

@@ -45,9 +45,11 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
 
     pre, aug, size = cfg.preprocess, cfg.augment, cfg.size
     jpegs, labels, discs = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
+        paths=tars, index_paths=indexes, ext=["jpg;png", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer,
         pad_last_batch=True, seed=seed, name="reader")
+    # One decoder for both image members: prepare stores only images whose bytes give the shared decoding
+    # rule's pixels here (tltrain.data.decode); DALI applies EXIF orientation as the rule does.
     source_info = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
     decode_args = {"hw_decoder_load": cfg.hw_decoder_load} if gpu else {}
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decode_args)

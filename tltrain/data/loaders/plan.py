@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltrain.data.shards import read_index
+from tltrain.data.shards import image_ext, read_index
 from tltrain.errors import ConfigError, DataError
 
 
@@ -54,7 +54,7 @@ def sample_refs(shard_dir: str | Path, shards: list[dict]) -> list[SampleRef]:
     for shard in shards:
         tar = str(Path(shard_dir) / shard["tar"])
         for members in read_index(Path(shard_dir) / shard["index"]):
-            key = members["jpg"][2].rsplit(".", 1)[0]
+            key = members[image_ext(members) or "jpg"][2].rsplit(".", 1)[0]
             refs.append(SampleRef(tar, key, members))
     return refs
 
