@@ -6,7 +6,7 @@ PY         := $(VENV)/bin/python
 DALI_EXTRA ?= dali
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow slurm-up slurm-down clean
+.PHONY: install demo test test-slow test-multinode slurm-up slurm-down slurm-mn-up slurm-mn-down clean
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(DALI_EXTRA),test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(DALI_EXTRA),test,bench]"
 	touch $@
 
 demo: install
@@ -26,13 +26,24 @@ test: install
 # Slow tests (multi-process training, SLURM): CI runs them after `make test`. slurm/env.sh points the SLURM
 # clients at the local cluster of slurm/up.sh (the SLURM tests skip with a reason when it is not running).
 test-slow: install
-	bash -c 'source slurm/env.sh 2>/dev/null; exec $(VENV)/bin/pytest -m "slow or slurm" $(PYTEST_ARGS)'
+	bash -c 'source slurm/env.sh 2>/dev/null; exec $(VENV)/bin/pytest -m "(slow or slurm) and not multinode" $(PYTEST_ARGS)'
+
+# Multi-node jobs on the two-node cluster of `slurm/up.sh --nodes 2` (state dir TLTRAIN_SLURM_MN_DIR, default
+# /tmp/tltrain-slurm-mn); the tests point SLURM_CONF at it themselves and skip with a reason when it is down.
+test-multinode: install
+	$(VENV)/bin/pytest -m multinode $(PYTEST_ARGS) tests/test_slurm_multinode.py
 
 slurm-up:
 	bash slurm/up.sh
 
 slurm-down:
 	bash slurm/down.sh
+
+slurm-mn-up:
+	bash slurm/up.sh --nodes 2
+
+slurm-mn-down:
+	bash slurm/down.sh --nodes 2
 
 clean:
 	rm -rf demo runs outputs multirun .pytest_cache

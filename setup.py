@@ -55,6 +55,8 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "cuda12": ["nvidia-dali-cuda120"],
         "test": ["pytest", "pytest-timeout"],
+        # benchmarks/bench_loaders.py's hand-written OpenCV Ben Graham baseline
+        "bench": ["opencv-python-headless"],
     },
     entry_points={"console_scripts": ["tltrain=tltrain.cli:main"]},
 )

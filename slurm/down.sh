@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Stop the one-node cluster started by slurm/up.sh: only the processes named in its pid files, never by name.
+# Stop the cluster started by slurm/up.sh: only the processes named in its pid files, never by name, and (multi-node)
+# only the bridge, network namespaces and veths that up.sh recorded in etc/network.
 #
-#   bash slurm/down.sh            # stop daemons, keep state (jobs, accounting DB, munge key)
-#   bash slurm/down.sh --purge    # stop daemons and delete the state dir
+#   bash slurm/down.sh                # stop daemons, keep state (jobs, accounting DB, munge key)
+#   bash slurm/down.sh --purge        # stop daemons and delete the state dir
+#   bash slurm/down.sh --nodes 2      # the multi-node cluster of `up.sh --nodes 2` (state /tmp/tltrain-slurm-mn)
 set -euo pipefail
 
-STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
+purge=0 nodes=1
+while (($#)); do
+    case $1 in
+        --purge) purge=1; shift ;;
+        --nodes) nodes=${2:-1}; shift 2 || true ;;
+        --nodes=*) nodes=${1#*=}; shift ;;
+        *) echo "usage: $0 [--purge] [--nodes N]  (state dir: \$TLTRAIN_SLURM_DIR)" >&2; exit 2 ;;
+    esac
+done
+if [[ $nodes =~ ^[0-9]+$ ]] && ((nodes > 1)); then
+    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm-mn}
+else
+    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
+fi
 RUN=$STATE/run
-purge=0
-case ${1:-} in
-    "") ;;
-    --purge) purge=1 ;;
-    *) echo "usage: $0 [--purge]  (state dir: $STATE, set TLTRAIN_SLURM_DIR to change)" >&2; exit 2 ;;
-esac
 
 log() { printf '[slurm/down] %s\n' "$*"; }
 
@@ -33,6 +42,7 @@ pidfile_alive() { [[ -s $1 ]] && pid_alive "$(tr -dc 0-9 <"$1")" "${2:-}"; }
 stop() {
     local name=$1 pidfile=$RUN/$1.pid comm=$1 pid i
     [[ $name == mariadb ]] && comm=mariadbd
+    [[ $name == slurmd-* ]] && comm=slurmd
     [[ -s $pidfile ]] || { log "$name: no pid file"; return 0; }
     pid=$(tr -dc 0-9 <"$pidfile")
     if ! pid_alive "$pid" "$comm"; then
@@ -68,9 +78,25 @@ cancel_jobs() {
     log "some jobs are still ending; their processes may outlive the daemons"
 }
 
+# The multi-node network, newest first: veths (their peers inside the namespaces go with them), namespaces, bridge.
+remove_network() {
+    local record=$STATE/etc/network kind name
+    [[ -s $record ]] || return 0
+    tac "$record" | while read -r kind name; do
+        case $kind in
+            veth) ip link del "$name" 2>/dev/null && log "removed veth $name" || true ;;
+            netns) ip netns del "$name" 2>/dev/null && log "removed netns $name" || true ;;
+            bridge) ip link del "$name" 2>/dev/null && log "removed bridge $name" || true ;;
+        esac
+    done
+    rm -f "$record"
+}
+
 if [[ -d $RUN ]]; then
     cancel_jobs
-    for name in slurmd slurmctld slurmdbd mariadb munged; do stop "$name"; done
+    nodes_daemons=$(cd "$RUN" && ls slurmd-*.pid 2>/dev/null | sed 's/\.pid$//' || true)
+    for name in $nodes_daemons slurmd slurmctld slurmdbd mariadb munged; do stop "$name"; done
+    remove_network
 else
     log "no state dir $STATE: nothing to stop"
 fi

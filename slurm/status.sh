@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Is the one-node cluster of slurm/up.sh up? Prints its daemons, sinfo and squeue.
+# Is the cluster of slurm/up.sh up (one node, or TLTRAIN_SLURM_DIR=/tmp/tltrain-slurm-mn for --nodes N)? Prints its daemons, sinfo and squeue.
 # Exit 0 when every daemon from the pid files runs and slurmctld answers; 1 otherwise (e.g. for CI guards).
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -15,7 +15,8 @@ pid_alive() {
 
 up=1
 echo "state dir: $TLTRAIN_SLURM_DIR   SLURM_CONF=$SLURM_CONF"
-for name in munged mariadb slurmdbd slurmctld slurmd; do
+slurmds=$(cd "$RUN" 2>/dev/null && ls slurmd*.pid 2>/dev/null | sed 's/\.pid$//' || true)
+for name in munged mariadb slurmdbd slurmctld ${slurmds:-slurmd}; do
     pid=$( { tr -dc 0-9 <"$RUN/$name.pid"; } 2>/dev/null || true)
     if pid_alive "$pid"; then
         printf '  %-10s running (pid %s)\n' "$name" "$pid"

@@ -1,23 +1,51 @@
 #!/usr/bin/env bash
-# Start a real one-node SLURM cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd) on a Debian machine where we
-# are root and there is no systemd. Everything lives in one state dir, so it never touches a system-wide install.
+# Start a real SLURM cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd) on a Debian machine where we are root
+# and there is no systemd. Everything lives in one state dir, so it never touches a system-wide install.
 #
-#   bash slurm/up.sh                 # start (or confirm running) in /tmp/tltrain-slurm
+#   bash slurm/up.sh                 # one node (this machine), state in /tmp/tltrain-slurm
+#   bash slurm/up.sh --nodes 2       # two nodes n1, n2, each a slurmd in its own network namespace on a private
+#                                    # bridge, slurmctld in this one; state in /tmp/tltrain-slurm-mn
 #   TLTRAIN_SLURM_DIR=/x bash slurm/up.sh
 #   source slurm/env.sh              # then sbatch / squeue / sacct talk to this cluster
+#                                    # (multi-node: TLTRAIN_SLURM_DIR=/tmp/tltrain-slurm-mn source slurm/env.sh)
 #
-# Idempotent: a daemon whose pid file points at a live process is left alone, so running it twice starts nothing.
-# Ports (override via env): slurmctld 6817, slurmd 6818, slurmdbd 6819, MariaDB 13306 on 127.0.0.1 only.
+# Idempotent: a daemon whose pid file points at a live process is left alone, so running it twice starts nothing;
+# network pieces that exist are kept. Ports (override via env): slurmctld 6817, slurmd 6818, slurmdbd 6819,
+# MariaDB 13306 on 127.0.0.1 only; multi-node: 6827, 6818 (inside each node's namespace), 6829, 13316, so both
+# clusters can run side by side.
 set -euo pipefail
 
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+NODES=1
+while (($#)); do
+    case $1 in
+        --nodes) NODES=${2:-}; shift 2 || true ;;
+        --nodes=*) NODES=${1#*=}; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) printf '[slurm/up] ERROR: unknown option %s (see --help)\n' "$1" >&2; exit 2 ;;
+    esac
+done
+[[ $NODES =~ ^[1-9][0-9]*$ && $NODES -le 50 ]] || { echo "[slurm/up] ERROR: --nodes needs 1..50, got '$NODES'" >&2; exit 2; }
+MULTI=$((NODES > 1))
+
 START_NS=$(date +%s%N)
-STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
+if ((MULTI)); then
+    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm-mn}
+    PORT_BASE=6827 DB_PORT_DEFAULT=13316
+else
+    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
+    PORT_BASE=6817 DB_PORT_DEFAULT=13306
+fi
 CLUSTER=${TLTRAIN_SLURM_CLUSTER:-tltrain}
-CTLD_PORT=${TLTRAIN_SLURM_CTLD_PORT:-6817}
+CTLD_PORT=${TLTRAIN_SLURM_CTLD_PORT:-$PORT_BASE}
 SLURMD_PORT=${TLTRAIN_SLURM_SLURMD_PORT:-6818}
-DBD_PORT=${TLTRAIN_SLURM_DBD_PORT:-6819}
-DB_PORT=${TLTRAIN_SLURM_DB_PORT:-13306}
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+DBD_PORT=${TLTRAIN_SLURM_DBD_PORT:-$((PORT_BASE + 2))}
+DB_PORT=${TLTRAIN_SLURM_DB_PORT:-$DB_PORT_DEFAULT}
+# Multi-node network: a private bridge with SUBNET.1 for slurmctld, node i at SUBNET.(10+i), in netns PREFIX-n<i>.
+NET_PREFIX=${TLTRAIN_SLURM_NET_PREFIX:-tlslurm}
+BRIDGE=${NET_PREFIX}0
+SUBNET=${TLTRAIN_SLURM_SUBNET:-10.77.0}
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux)
 
 ETC=$STATE/etc RUN=$STATE/run LOG=$STATE/log
 MUNGE_SOCKET=$RUN/munge.socket.2
@@ -104,11 +132,31 @@ write_configs() {
     [[ -s $ETC/db.pass ]] || (umask 077; head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ETC/db.pass")
     DB_PASS=$(cat "$ETC/db.pass")
     local auth_info="socket=$MUNGE_SOCKET,cred_expire=10"
+    local ctld_host=$host_short nodes_conf slurmd_suffix=""
+    if ((MULTI)); then
+        # slurmctld listens on the bridge address; every node reaches it there. Nodes are n1..nN, each with its
+        # address on the bridge; slurmd in node i runs with hostname n<i> (UTS namespace) and its own /etc/hosts.
+        ctld_host="$host_short($SUBNET.1)"
+        slurmd_suffix=-%n  # one spool dir, pid file and log per node
+        local topology i
+        topology=$(sed -E 's/^NodeName=[^ ]+ //' <<<"$node_line")
+        nodes_conf=$(for ((i = 1; i <= NODES; i++)); do
+            echo "NodeName=n$i NodeHostname=n$i NodeAddr=$SUBNET.$((10 + i)) $topology State=UNKNOWN"
+        done)
+        {
+            echo "127.0.0.1 localhost"
+            echo "$SUBNET.1 $host_short"
+            for ((i = 1; i <= NODES; i++)); do echo "$SUBNET.$((10 + i)) n$i"; done
+        } >"$ETC/hosts"
+        chmod 644 "$ETC/hosts"
+    else
+        nodes_conf="$node_line State=UNKNOWN"
+    fi
 
     cat >"$ETC/slurm.conf" <<EOF
 # Written by slurm/up.sh; rewritten on every run (edit up.sh, not this file).
 ClusterName=$CLUSTER
-SlurmctldHost=$host_short
+SlurmctldHost=$ctld_host
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
@@ -118,11 +166,11 @@ CredType=cred/munge
 # cred_expire=10: a requeued job may start again after ~11 s instead of the default ~121 s.
 AuthInfo=$auth_info
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool$slurmd_suffix
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd$slurmd_suffix.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd$slurmd_suffix.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups without systemd: track processes by parent pid, no task binding.
@@ -148,7 +196,7 @@ AccountingStoragePass=$MUNGE_SOCKET
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
-$node_line State=UNKNOWN
+$nodes_conf
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 EOF
 
@@ -239,13 +287,71 @@ register_accounting() {
 }
 
 # Ready = idle, or busy with jobs (a second up.sh while jobs run must not wait for them).
-node_ready() { [[ $(sinfo -h -N -n "$host_short" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing) ]]; }
+node_ready() { [[ $(sinfo -h -N -n "$1" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing) ]]; }
+
+wait_node() {
+    local node=$1 logfile=$2
+    node_ready "$node" && return 0
+    # A node left DOWN/DRAIN by an earlier run (e.g. a killed slurmd) comes back with RESUME.
+    wait_for 20 "node ready" node_ready "$node" || scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+    wait_for 30 "node ready" node_ready "$node" || die_with_log "node $node is not usable: $(sinfo -h -N -n "$node" -o '%T %E')" "$logfile"
+}
+
+# ---------------------------------------------------------------- multi-node network
+# Every piece made here is appended to $ETC/network ("bridge NAME", "netns NAME", "veth NAME") so down.sh removes
+# exactly those; pieces that already exist are kept (idempotent) and not recorded twice.
+record_net() { grep -qx "$1 $2" "$ETC/network" 2>/dev/null || echo "$1 $2" >>"$ETC/network"; }
+
+setup_network() {
+    local i ns veth addr
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        record_net bridge "$BRIDGE"
+    fi
+    # Traffic between the nodes crosses the bridge: keep the host's iptables FORWARD rules (Docker sets DROP) out
+    # of it for this bridge only, rather than touching the global br_netfilter switches.
+    ip link set "$BRIDGE" type bridge nf_call_iptables 0 nf_call_ip6tables 0 2>/dev/null || true
+    ip addr replace "$SUBNET.1/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    for ((i = 1; i <= NODES; i++)); do
+        ns=$NET_PREFIX-n$i veth=$NET_PREFIX-v$i addr=$SUBNET.$((10 + i))
+        if [[ ! -e /run/netns/$ns ]]; then
+            ip netns add "$ns"
+            record_net netns "$ns"
+        fi
+        if ! ip link show "$veth" >/dev/null 2>&1; then
+            ip link add "$veth" type veth peer name eth0 netns "$ns"
+            record_net veth "$veth"
+        fi
+        ip link set "$veth" master "$BRIDGE" up
+        nsenter --net="/run/netns/$ns" ip link set lo up
+        nsenter --net="/run/netns/$ns" ip addr replace "$addr/24" dev eth0
+        nsenter --net="/run/netns/$ns" ip link set eth0 up
+    done
+}
+
+# slurmd of node i: its network namespace (nsenter --net, which leaves /sys alone: `ip netns exec` remounts it and
+# slurmd 22.05 then finds no cgroup filesystem), a private mount namespace to bind the cluster's /etc/hosts (so n1..nN
+# resolve in jobs, for srun, gloo and MASTER_ADDR) and a UTS namespace with hostname n<i>.
+start_node() {
+    local i=$1 node=n$1 pidfile=$RUN/slurmd-n$1.pid
+    pidfile_alive "$pidfile" slurmd && { log "slurmd $node already running"; return; }
+    rm -f "$pidfile"
+    mkdir -p "$STATE/spool/$node"
+    nsenter --net="/run/netns/$NET_PREFIX-n$i" unshare --mount --uts --propagation private \
+        sh -c "mount --bind '$ETC/hosts' /etc/hosts && hostname $node && exec slurmd -f '$SLURM_CONF' -N $node" ||
+        die_with_log "slurmd $node did not start" "$LOG/slurmd-$node.log"
+    wait_for 15 "slurmd $node pid file" pidfile_alive "$pidfile" slurmd ||
+        die_with_log "slurmd $node exited right after starting" "$LOG/slurmd-$node.log"
+    log "slurmd $node started ($SUBNET.$((10 + i)) in netns $NET_PREFIX-n$i)"
+}
 
 # ---------------------------------------------------------------- main
 mkdir -p "$STATE"
 install_packages
 write_configs
 export SLURM_CONF=$ETC/slurm.conf
+((MULTI)) && setup_network
 
 start_munge
 start_mariadb
@@ -254,15 +360,17 @@ wait_for 30 "slurmdbd" sacctmgr -n list cluster || die_with_log "slurmdbd does n
 register_accounting
 start_slurm_daemon slurmctld "$RUN/slurmctld.pid" slurmctld -f "$SLURM_CONF"
 wait_for 30 "slurmctld" scontrol ping || die_with_log "slurmctld does not answer" "$LOG/slurmctld.log"
-start_slurm_daemon slurmd "$RUN/slurmd.pid" slurmd -f "$SLURM_CONF"
-
-if ! node_ready; then
-    # A node left DOWN/DRAIN by an earlier run (e.g. a killed slurmd) comes back with RESUME.
-    wait_for 20 "node ready" node_ready || scontrol update NodeName="$host_short" State=RESUME >/dev/null 2>&1 || true
-    wait_for 30 "node ready" node_ready || die_with_log "node $host_short is not usable: $(sinfo -h -N -o '%T %E')" "$LOG/slurmd.log"
+if ((MULTI)); then
+    for ((i = 1; i <= NODES; i++)); do start_node "$i"; done
+    for ((i = 1; i <= NODES; i++)); do wait_node "n$i" "$LOG/slurmd-n$i.log"; done
+else
+    start_slurm_daemon slurmd "$RUN/slurmd.pid" slurmd -f "$SLURM_CONF"
+    wait_node "$host_short" "$LOG/slurmd.log"
 fi
 
 elapsed=$((($(date +%s%N) - START_NS) / 1000000))
 log "cluster '$CLUSTER' up in $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000))) s; state in $STATE"
-log "use it with: source $(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/env.sh"
+env_prefix=""
+[[ $STATE != /tmp/tltrain-slurm ]] && env_prefix="TLTRAIN_SLURM_DIR=$STATE "
+log "use it with: ${env_prefix}source $(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/env.sh"
 sinfo

@@ -19,7 +19,7 @@ from conftest import tiny_run_overrides
 MALFORMED = [
     (["model=resnet181"], ["model='resnet181'", "did you mean model=resnet18", "resnet50"]),
     (["lr=abc"], ["unknown key 'lr'", "valid keys of the run config", "trainer"]),
-    (["trainer.ephocs=3"], ["unknown key 'trainer.ephocs'", "did you mean trainer.epochs"]),
+    (["trainer.weight_decai=0.1"], ["unknown key 'trainer.weight_decai'", "did you mean trainer.weight_decay"]),
     (["loader.preprocess.sigmaratio=0.1"], ["did you mean loader.preprocess.sigma_ratio"]),
     (["schedule.epochs_per_phase=abc"], ["schedule.epochs_per_phase=abc", "could not be converted to Integer"]),
     (["seed=x"], ["seed=x", "Integer"]),

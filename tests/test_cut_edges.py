@@ -96,7 +96,8 @@ def cut_shards(tmp_path_factory):
     from tltrain.data.synth import generate_eyepacs
 
     raw = tmp_path_factory.mktemp("cut_raw")
-    generate_eyepacs(raw, n_patients=12, width=160, seed=13, min_per_class=2, workers=1, progress=False)
+    generate_eyepacs(raw, n_patients=12, width=160, seed=13, min_per_class=2, workers=1, progress=False,
+                     defect_fraction=0.0, exif_orientation=False)  # this test makes its own, controlled cuts
     for i, path in enumerate(sorted((raw / "train").glob("*.jpeg"))):
         image = np.asarray(Image.open(path).convert("RGB"))
         cut, _ = cut_photo(image, estimate_disc(image), i % 2)

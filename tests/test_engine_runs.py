@@ -182,6 +182,31 @@ def test_sigusr2_checkpoints_exits_with_requeue_code_and_resumes(single_run, tmp
     assert final_lr(run_dir) == pytest.approx(final_lr(single_run))
 
 
+def test_sigusr2_during_validation_checkpoints_within_seconds_and_resumes(single_run, tmp_path):
+    """The stop flag is checked inside validation: a 30 s validation pass does not delay the checkpoint (SLURM
+    kills the tasks KillWait seconds after the signal), and the resumed run validates that epoch again."""
+    run_dir = tmp_path / "val_preempted"
+    cmd = single_cmd(run_dir, "--val-sleep", "3.0")  # 10 validation batches of 16: over 30 s per validation
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert wait_for(lambda: (run_dir / "validating").exists()), "validation never started"
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    assert time.monotonic() - signalled < 12.0  # before the fix: the rest of the 30 s validation first
+    entry = CheckpointManager(run_dir, is_main=False).latest()
+    assert entry["step"] == STEPS_PER_EPOCH  # the first epoch's training is kept
+    resumed = run(single_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result_of(run_dir)["step"] == 60
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    straight = json.loads((single_run / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    for mine, theirs in zip(history, straight):
+        assert mine["val"]["kappa"] == pytest.approx(theirs["val"]["kappa"], abs=1e-6)
+    for key, value in consolidate_checkpoint(single_run).items():
+        torch.testing.assert_close(consolidate_checkpoint(run_dir)[key], value, atol=1e-6, rtol=1e-5)
+
+
 def test_nan_loss_stops_with_step_and_keys_and_keeps_last_checkpoint(tmp_path):
     run_dir = tmp_path / "nan"
     # The sample at position 5*16 of epoch 0's order is met at optimizer step 6, after checkpoints at steps 2 and 4.
@@ -211,3 +236,23 @@ def test_ordinal_regression_with_ema_and_grad_accum_learns(tmp_path):
     ema = {k.removeprefix("module."): v for k, v in manager.read(manager.best())["ema"].items()}
     best = consolidate_checkpoint(run_dir, "best")
     assert best.keys() == ema.keys() and all(torch.equal(best[k], ema[k].float()) for k in ema)
+
+
+@pytest.mark.slow
+def test_shipped_deepspeed_preset_trains_on_two_ranks(fundus_shards, tmp_path):
+    """`trainer=deepspeed` as shipped (bf16, channels_last, ZeRO-2) on 2 real processes (gloo, DS_ACCELERATOR=cpu).
+    channels_last parameters used to break DeepSpeed's initial broadcast ("stride(-1) must be 1 to view BFloat16
+    as Byte") on every run with more than one rank."""
+    from conftest import tiny_run_overrides
+
+    run_dir = tmp_path / "ds_preset"
+    overrides = [o for o in tiny_run_overrides(fundus_shards, run_dir) if not o.startswith("trainer=")]
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "tltrain.cli", "train",
+           *overrides, "trainer=deepspeed", "trainer.progress=false", "device=cpu", "schedule.epochs_per_phase=1"]
+    proc = run(cmd, timeout=500, DS_ACCELERATOR="cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["world_size"] == 2 and status["strategy"] == "deepspeed"
+    assert "channels_last: true" in (run_dir / "config.yaml").read_text()  # the preset as shipped
+    state = consolidate_checkpoint(run_dir)
+    assert state and all(torch.isfinite(v.float()).all() for v in state.values())

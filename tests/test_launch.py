@@ -175,21 +175,22 @@ def test_two_local_tasks_get_a_working_torch_distributed_env(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_failed_local_run_is_reported_with_its_error(tmp_path, monkeypatch, capsys):
-    """`tltrain submit --local --wait` of a run that raises: exit 1, and `tltrain jobs` shows FAILED with the
-    error from status.json and the tail of submitit's stderr log; the registry goes where --registry says."""
+def test_failed_local_run_is_reported_with_its_error(tmp_path, fundus_shards, monkeypatch, capsys):
+    """`tltrain submit --local --wait` of a run that passes the submit-time check but fails in the job: exit 1,
+    and `tltrain jobs` shows FAILED with the error from status.json and the tail of submitit's stderr log; the
+    registry goes where --registry says."""
     registry = tmp_path / "home" / "jobs.jsonl"
     code = cli_submit(["--local", "--wait", "--root", str(tmp_path / "runs"), "--registry", str(registry),
-                       "--name", "broken", "data.shards=/nonexistent"])
+                       "--name", "broken", f"data.shards={fundus_shards}", "loader.batch_size=4096"])
     assert code == 1
     assert "failed" in capsys.readouterr().err
     [row] = list_jobs(registry)
     assert row["state"] == "FAILED" and Path(row["run_dir"]).name.endswith("broken")
-    assert "no manifest.json" in row["error"] and "/nonexistent" in row["error"]
-    assert any("DataError" in line for line in row["log_tail"])
+    assert "cannot fill one batch of 4096" in row["error"]
+    assert any("ConfigError" in line for line in row["log_tail"])
     assert cli_jobs([str(registry), "--tail", "5"]) == 1
     shown = capsys.readouterr().out
-    assert "FAILED" in shown and "no manifest.json" in shown
+    assert "FAILED" in shown and "cannot fill one batch" in " ".join(shown.split())
 
 
 def _sweep(shards, sweep_dir, launcher, path_env, *extra):
@@ -218,3 +219,95 @@ def test_local_sweep_runs_every_job_through_submitit(fundus_shards, tmp_path):
     assert sorted(Path(r["run_dir"]).name for r in rows) == ["0", "1"]
     for row in rows:
         assert json.loads((Path(row["run_dir"]) / "metrics.json").read_text())["final"]["count"] > 0
+
+
+GLOO_ERROR = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+              "[10.0.0.2]:41234: Connection reset by peer [bold]")
+
+
+def _register(root, job_id, run_dir, submitted, overrides=(), **extra):
+    record_job(root / REGISTRY_NAME, {"job_id": job_id, "run_dir": str(run_dir), "overrides": list(overrides),
+                                      "executor": "local", "folder": str(root / "f"), "stderr": None,
+                                      "submitted": submitted, **extra})
+
+
+def test_jobs_prints_error_text_that_looks_like_rich_markup(tmp_path, capsys):
+    """gloo's error of a dead rank ("[/__w/.../pair.cc:545] Read error") is printed verbatim, not parsed as
+    markup (it used to raise MarkupError and break the whole listing, --watch included)."""
+    run_dir = tmp_path / "[weird]run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "error": GLOO_ERROR}))
+    _register(tmp_path, "[/]7", run_dir, 1.0)
+    assert cli_jobs([str(tmp_path)]) == 1
+    shown = capsys.readouterr().out
+    assert "pair.cc:545] Read error" in " ".join(shown.split())
+    assert "[/__w/pytorch/" in shown and "[bold]" in shown and "[weird]run" in shown
+
+
+def test_jobs_sorts_array_tasks_by_index_and_names_sweep_dirs(tmp_path):
+    sweep = tmp_path / "sweep"
+    for index, submitted in ((2, 3.0), (0, 5.0), (1, 4.0)):  # tasks registered in the order they started
+        (sweep / str(index)).mkdir(parents=True)
+        _register(tmp_path, f"40_{index}", sweep / str(index), submitted, ["model.arch=resnet10t", f"seed={index}"])
+    (tmp_path / "plain").mkdir()
+    _register(tmp_path, "39", tmp_path / "plain", 1.0, ["seed=9"])
+    rows = list_jobs(tmp_path)
+    assert [r["job_id"] for r in rows] == ["39", "40_0", "40_1", "40_2"]
+    from tltrain.launch.jobs import run_labels
+    assert run_labels(rows) == ["plain", "sweep/0 seed=0", "sweep/1 seed=1", "sweep/2 seed=2"]
+
+
+def test_a_job_whose_dependency_failed_says_why():
+    from tltrain.launch.jobs import _dependency_failure
+
+    entry = {"job_id": "12", "dependency": "11"}
+    slurm = {"11": {"state": "FAILED"}, "12": {"state": "CANCELLED", "reason": "DependencyNeverSatisfied"}}
+    message = _dependency_failure(entry, slurm["12"], slurm)
+    assert "job 11" in message and "FAILED" in message and "never started" in message
+    assert _dependency_failure(entry, {"state": "PENDING", "reason": "Dependency"}, {"11": {"state": "RUNNING"}}) == ""
+
+
+def test_submit_checks_the_whole_run_before_queueing(tmp_path, fundus_shards, capsys):
+    """A missing data.shards or model.weights path and trainer=single with several tasks fail at submit time with
+    one line and exit 2; nothing is created under the root."""
+    from tltrain.cli import main
+
+    root = tmp_path / "runs"
+    cases = [(["data.shards=/nonexistent"], "no manifest.json"),
+             ([f"data.shards={fundus_shards}", "model.weights=/nonexistent.pt"], "model.weights='/nonexistent.pt'"),
+             (["--tasks-per-node", "2", f"data.shards={fundus_shards}"], "trainer.strategy=single runs one process"),
+             (["--tasks-per-node", "3", f"data.shards={fundus_shards}", "trainer=gpu"], "use trainer=ddp or trainer=deepspeed")]
+    for args, message in cases:
+        assert main(["submit", "--local", "--root", str(root), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not root.exists()
+
+
+def test_the_submit_check_imports_neither_torch_nor_timm(fundus_shards, tmp_path):
+    """Why `tltrain submit` returns in well under 2 s: the config side is torch-free (torch + timm alone take
+    several seconds to import); timm's model names come from a per-version cache file."""
+    code = (f"import sys\nfrom tltrain.launch.config import LaunchConfig\nfrom tltrain.launch.submit import check_run\n"
+            f"check_run(['data.shards={fundus_shards}', 'trainer=ddp'], LaunchConfig(tasks_per_node=2))\n"
+            f"check_run(['data.shards={fundus_shards}', 'trainer=ddp'], LaunchConfig(tasks_per_node=2))\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'nvidia.dali') if m in sys.modules)\n"
+            "print('heavy:', heavy)\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert list((tmp_path / "cache" / "tltrain").glob("timm-*-models.txt"))  # the first check wrote the cache
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "heavy: []" in again.stdout, again.stdout + again.stderr[-2000:]
+
+
+def test_sweeps_and_submit_share_the_batch_shell_usr2_lines():
+    """Sweeps (Hydra's submitit launcher) get the same batch-script lines as `tltrain submit`, so USR2 sent to
+    the batch shell is passed to the tasks in both (tests/test_slurm_multinode.py runs it on a real cluster)."""
+    from omegaconf import OmegaConf
+
+    from tltrain.launch.submit import BATCH_SHELL_USR2
+
+    launcher = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/hydra/launcher/slurm.yaml")
+    assert list(launcher.hydra.launcher.setup) == BATCH_SHELL_USR2
+    script = subprocess.run(["bash", "-n", "-c", "\n".join(BATCH_SHELL_USR2)], capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr

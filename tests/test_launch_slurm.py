@@ -158,13 +158,14 @@ def test_preempted_run_requeues_and_resumes_to_the_full_step_count(fundus_shards
     assert row["state"] == "COMPLETED" and row["step"] == result["step"]
 
 
-def test_failed_run_is_reported_with_its_error(tmp_path):
-    job = submit(["data.shards=/nonexistent"], root=str(tmp_path), local=False, time_min=5)
-    assert "no manifest.json" in str(job.exception())
+def test_failed_run_is_reported_with_its_error(fundus_shards, tmp_path):
+    overrides = [o for o in _overrides(fundus_shards) if not o.startswith("loader.batch_size=")]
+    job = submit(overrides + ["loader.batch_size=4096"], root=str(tmp_path), local=False, time_min=5)
+    assert "cannot fill one batch of 4096" in str(job.exception())
     [row] = _settled_rows(tmp_path)
     assert row["state"] == "FAILED" and row["slurm_state"] == "FAILED"
-    assert "/nonexistent" in row["error"] and "no manifest.json" in row["error"]
-    assert any("DataError" in line for line in row["log_tail"])
+    assert "cannot fill one batch of 4096" in row["error"]
+    assert any("ConfigError" in line for line in row["log_tail"])
 
 
 def test_prepare_as_three_array_tasks_matches_one_process(fundus_raw, tmp_path):

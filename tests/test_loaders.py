@@ -2,9 +2,10 @@
 
 Parity tolerance, in grey levels of the filtered [0, 255] image: mean <= 0.1, 99th percentile <= 1 (a looser
 bound, mean <= 0.5 and p99 <= 3, when the filter runs at a radius R other than size / 2 and a second resize
-follows). Both backends decode with libjpeg-turbo (identical pixels) and crop the same integer box; what differs
-is the antialiased resize kernel (DALI's linear vs torch's bilinear, a grey level at sharp edges) and rounding
-ties, which the x4 gain of the filter amplifies at the disc rim: hence a tight mean and percentile, no max.
+follows). Loaders run their defaults (no draft decode). Both backends decode with libjpeg-turbo (identical
+pixels) and crop the same integer box; what differs is the antialiased resize kernel (DALI's linear vs torch's
+bilinear, a grey level at sharp edges) and rounding ties, which the x4 gain of the filter amplifies at the disc
+rim: hence a tight mean and percentile, no max.
 Everything runs on real shards written by `tltrain prepare` (conftest), real DALI CPU pipelines, real processes.
 """
 import io
@@ -29,7 +30,7 @@ SIZE = 64
 
 
 def _eval_outputs(backend, shards, size=SIZE, **kw):
-    cfg = LoaderConfig(backend=backend, batch_size=8, size=size, workers=1, draft_decode=False, **kw)
+    cfg = LoaderConfig(backend=backend, batch_size=8, size=size, workers=1, **kw)
     out = {}
     for batch in build_loader(cfg, shards, "val", train=False):
         for i, key in enumerate(batch.keys):
@@ -186,8 +187,7 @@ def test_dali_decode_error_names_the_shards(fundus_shards, tmp_path):
 def test_gpu_filter_kernel_matches_reference(backend, fundus_shards):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    cfg = LoaderConfig(backend=backend, batch_size=8, size=SIZE, workers=1, draft_decode=False,
-                       filter_kernel="triton")
+    cfg = LoaderConfig(backend=backend, batch_size=8, size=SIZE, workers=1, filter_kernel="triton")
     outputs = {}
     for batch in build_loader(cfg, fundus_shards, "val", train=False, device="cuda"):
         assert batch.images.is_cuda

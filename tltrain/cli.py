@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
+        from tltrain.engine.signals import install_early
+
+        install_early()  # before the slow imports: a SIGTERM/USR2 during start-up becomes a clean preemption
         return _train(argv[1:])
     if argv and argv[0] in ("submit", "jobs"):
         # the launcher parses its own options (SLURM resources, then Hydra overrides)

@@ -31,6 +31,12 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(name="prepare_schema", node=PrepareConfig)
+    # configs/config.yaml: with run_dir=... set, Hydra's output folder is the run_dir itself and it writes no
+    # .hydra/ copy there (config.yaml is the run's own), so no stray runs/<timestamp>/ folder appears
+    if not OmegaConf.has_resolver("tltrain_or"):
+        OmegaConf.register_new_resolver("tltrain_or", lambda value, default: value or default)
+    if not OmegaConf.has_resolver("tltrain_hydra_subdir"):
+        OmegaConf.register_new_resolver("tltrain_hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:

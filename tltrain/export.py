@@ -320,21 +320,31 @@ Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.
 
 @dataclass
 class Preprocessing:
-    """The package's preprocessing as a callable: PIL image or (H, W, 3) uint8 array -> (3, S, S) float tensor."""
+    """The package's preprocessing as a callable: PIL image (as opened: EXIF orientation, 16-bit, alpha and
+    palette are handled by tltrain.data.decode, as in prepare and the loaders) or a decoded (H, W, 3) uint8 RGB
+    array -> (3, S, S) float tensor. The disc is located as `prepare` locates it (tltrain.data.disc.locate_disc)."""
 
     size: int
     config: dict
 
     def __call__(self, image, source: str = "image") -> torch.Tensor:
         from tltrain import preprocess as P
-        from tltrain.data.disc import disc_found, estimate_disc
+        from tltrain.data.decode import to_rgb
+        from tltrain.data.disc import locate_disc_fit
 
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        if hasattr(image, "convert"):
+            image.load()
+            array = np.array(to_rgb(image, source))
+        else:
+            array = np.array(image)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                raise DataError(f"{source}: arrays must be decoded (H, W, 3) uint8 RGB, got {array.dtype} "
+                                f"{array.shape} (pass the PIL image instead)")
         cfg = self.preprocess_config()
-        disc = estimate_disc(array)
-        if cfg.crop_to_disc and not disc_found(disc, array.shape[1], array.shape[0]):
-            raise DataError(f"{source}: no fundus disc found (image too dark or not a fundus photograph)")
-        return P.reference([torch.from_numpy(np.array(array))], [disc], self.size, cfg)[0]
+        fit = locate_disc_fit(array)
+        if cfg.crop_to_disc and fit.problem:
+            raise DataError(f"{source}: no fundus disc found ({fit.problem})")
+        return P.reference([torch.from_numpy(array)], [fit.disc], self.size, cfg)[0]
 
     def preprocess_config(self):
         from tltrain.preprocess import PreprocessConfig
@@ -396,19 +406,34 @@ def _probabilities(outputs: torch.Tensor, meta: dict) -> torch.Tensor:
     return outputs.float().softmax(-1).cpu()
 
 
+def evaluation_loader(pre: Preprocessing, shards, split: str = "test", batch_size: int = 32, device: str = "cpu",
+                      backend: str = "torch"):
+    """The loader `evaluate` reads a split with: the backend's defaults plus the package's preprocessing."""
+    from tltrain.data.loaders import LoaderConfig, build_loader
+
+    cfg = LoaderConfig(backend=backend, batch_size=batch_size, size=pre.size, workers=2,
+                       preprocess=pre.preprocess_config())
+    return build_loader(cfg, shards, split, train=False, device=device)
+
+
+def predict_input(pre: Preprocessing, path: str | Path) -> torch.Tensor:
+    """One file as `predict` feeds it to the model: decoded by the shared rule, then the package's preprocessing."""
+    from tltrain.data.decode import decode_image
+
+    return pre(decode_image(path, str(path)), source=str(path))
+
+
 def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch_size: int = 32,
              device: str = "cpu", out: str | Path | None = None, backend: str = "torch") -> dict:
     """Metrics of a package on a prepared split, with the package's own preprocessing.
 
     With `out` (a JSON file) the per-image predictions go beside it: <out stem>_predictions.csv with key, label,
     predicted class and the class probabilities."""
-    from tltrain.data.loaders import LoaderConfig, build_loader
     from tltrain.metrics import compute_metrics, write_predictions_csv
 
     model, pre = load_pretrained(package, device)
     meta = read_metadata(package)
-    loader = build_loader(LoaderConfig(backend=backend, batch_size=batch_size, size=pre.size, workers=2,
-                                       preprocess=pre.preprocess_config()), shards, split, train=False, device=device)
+    loader = evaluation_loader(pre, shards, split, batch_size, device, backend)
     probs, labels, keys = [], [], []
     with torch.no_grad():
         for batch in loader:
@@ -437,7 +462,6 @@ def predict(package: str | Path, image_dir: str | Path, out_csv: str | Path, bat
     """CSV of class probabilities and predicted class per image; unreadable or disc-less images are listed."""
     import csv
 
-    from PIL import Image
     from tqdm import tqdm
 
     model, pre = load_pretrained(package, device)
@@ -460,8 +484,7 @@ def predict(package: str | Path, image_dir: str | Path, out_csv: str | Path, bat
     pending = []
     for path in tqdm(files, desc="predict", disable=None if progress else True):
         try:
-            with Image.open(path) as img:
-                tensor = pre(img, source=str(path))
+            tensor = predict_input(pre, path)
         except DataError as exc:
             skipped.append({"file": str(path), "reason": str(exc).split(": ", 1)[-1]})
             continue

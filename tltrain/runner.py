@@ -37,10 +37,15 @@ def run_transfer(cfg) -> dict:
     from tltrain.data.loaders import build_loader
     from tltrain.engine import distributed as D
     from tltrain.engine.losses import model_outputs
+    from tltrain.engine.reproducibility import configure_determinism, seed_everything
     from tltrain.engine.trainer import train
     from tltrain.models import create_model
     from tltrain.transfer.schedule import build_schedule
 
+    # Seed before anything random happens: the initial weights (random init, new heads) come from cfg.seed, the
+    # same on every rank; the trainer then re-seeds its own streams with seed + rank.
+    seed_everything(cfg.seed)
+    configure_determinism(cfg.trainer.deterministic)
     run_dir = Path(cfg.run_dir)
     env = D.read_env()
     device = D.device_for(env, cfg.device)

@@ -22,7 +22,7 @@ from tltrain.config import CONFIG_DIR, compose, to_typed
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.engine.config import TrainerConfig
 from tltrain.errors import ConfigError, DataError, TltrainError, os_error
-from tltrain.transfer.schedule import ScheduleConfig
+from tltrain.transfer.schedule_config import ScheduleConfig
 
 
 @dataclass
@@ -57,9 +57,11 @@ class ModelConfig:
     drop_rate: float = 0.0
 
     def validate(self) -> None:
-        import timm
+        from tltrain.timm_names import timm_model_names
 
-        if self.arch not in timm.list_models():
+        if self.arch not in timm_model_names():
+            import timm
+
             close = timm.list_models(f"*{self.arch}*")[:10]
             hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
             raise ConfigError(f"model.arch={self.arch!r} is not a timm model{hint}")
@@ -81,6 +83,11 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.data, self.model, self.loader, self.schedule, self.trainer):
             part.validate()
+        if self.trainer.epochs is not None:
+            raise ConfigError(f"trainer.epochs={self.trainer.epochs!r} is not used by tltrain train: the transfer "
+                              "schedule sets the run's length; use schedule.epochs_per_phase (the whole run for "
+                              "finetune_all/scratch/linear_probe/layer_decay), schedule.step_epochs (swft) or "
+                              "schedule.phases (custom)")
         if self.schedule.name == "scratch" and self.model.weights:
             raise ConfigError("schedule=scratch is the random-init reference: set model.weights=null "
                               f"(got {self.model.weights!r}) or choose finetune_all")
@@ -116,14 +123,23 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def run(cfg: RunConfig) -> dict:
     """Train (or resume) one run and evaluate it; returns the trainer's result with test metrics added."""
+    import contextlib
+
+    from tltrain.engine.distributed import read_env
+    from tltrain.engine.rundir import RunDirBusy, claim_run_dir
     from tltrain.runner import run_transfer
 
     if not cfg.run_dir:
         raise ConfigError("run_dir is empty: pass run_dir=... (the Hydra app sets it to its output folder)")
     started = time.time()
+    # one run per run_dir: rank 0 holds its lock until the run ends (a second run there stops with exit 2)
+    lock = claim_run_dir(cfg.run_dir) if read_env().is_main else contextlib.nullcontext()
     try:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        result = run_transfer(cfg)
+        with lock:
+            result = run_transfer(cfg)
+    except RunDirBusy:
+        raise  # the folder of another, live run: its status is not ours to change
     except TltrainError as exc:
         mark_failed(cfg.run_dir, str(exc))
         raise
@@ -172,6 +188,7 @@ def hydra_main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from tltrain.config import register_schemas
+    from tltrain.engine.rundir import RunDirBusy
 
     register_schemas()
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
@@ -193,7 +210,8 @@ def hydra_main() -> None:
             if not multirun:
                 raise SystemExit(getattr(exc, "exit_code", 2)) from None
             # a sweep goes on past a failed run; the sweep's summary lists it (tltrain.launch.sweep)
-            mark_failed(run_dir or HydraConfig.get().runtime.output_dir, str(exc))
+            if not isinstance(exc, RunDirBusy):  # a busy run_dir's status belongs to the live run there
+                mark_failed(run_dir or HydraConfig.get().runtime.output_dir, str(exc))
             result = {"status": "failed", "exit_code": 2, "error": str(exc), "run_dir": run_dir}
         except Exception as exc:
             if not multirun:

@@ -311,3 +311,23 @@ def disc_square(disc: tuple[float, float, float]) -> tuple[int, int, int]:
     cx, cy, r = (float(v) for v in disc)
     side = max(2, math.floor(2 * r + 0.5))
     return math.floor(cx - side / 2 + 0.5), math.floor(cy - side / 2 + 0.5), side
+
+
+def locate_disc(image) -> tuple[float, float, float]:
+    """The disc of a decoded RGB image (PIL image or (H, W, 3) array) as `prepare` stores it and `predict` and
+    load_pretrained recompute it: found on a thumbnail reduced by an integer factor (box average, shorter side
+    >= 256 px), scaled back. One function for every caller, so prepare and predict crop the same square."""
+    return locate_disc_fit(image).disc
+
+
+def locate_disc_fit(image) -> DiscFit:
+    """locate_disc with the reason when there is no retina (prepare reports it as the file's problem)."""
+    from PIL import Image
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    factor = max(1, min(img.size) // 256)
+    fit = find_disc(np.asarray(img.reduce(factor) if factor > 1 else img))
+    if fit.problem:
+        return fit
+    # continuous pixel coordinates: the thumbnail's disc times the factor is the image's
+    return DiscFit(fit.cx * factor, fit.cy * factor, fit.r * factor)

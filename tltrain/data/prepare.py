@@ -24,7 +24,8 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.disc import disc_square, find_disc
+from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
+from tltrain.data.disc import disc_square, locate_disc_fit
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -90,29 +91,25 @@ def parse_task(spec: str) -> tuple[int, int]:
 
 
 # -- per-image work (runs in worker processes) ------------------------------------------------------------------
-def _decode(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # a full decode: truncated or corrupt files fail here, not in the middle of training
-        return img.convert("RGB")
-
-
 def inspect_image(path: str) -> dict:
-    """Decode fully and locate the disc; {'width','height','disc'} or {'problem'}."""
+    """Decode fully by the shared rule (tltrain.data.decode: EXIF orientation, 16-bit, alpha, ...) and locate the
+    disc in those oriented pixels; {'width','height','disc','keep_as'} or {'problem'}. keep_as names the member
+    ('jpg'/'png') when the file's own bytes can go into the shard, None when it must be re-encoded."""
     try:
-        img = _decode(path)
+        with open_image(path) as img:
+            keep_as = ("jpg" if img.format in JPEG_FORMATS else "png") if passes_through(img) else None
+        img = decode_image(path, path)  # truncated or corrupt files fail here, not in the middle of training
     except Exception as exc:  # PIL raises several types for bad files; the reason text names the cause
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
-    factor = max(1, min(img.size) // 256)
-    thumb = np.asarray(img.reduce(factor) if factor > 1 else img)
-    fit = find_disc(thumb)  # continuous pixel coordinates: the thumbnail's disc times the factor is the image's
+    fit = locate_disc_fit(img)
     if fit.problem:
         return {"problem": f"no fundus disc found ({fit.problem})"}
-    return {"width": img.size[0], "height": img.size[1], "disc": tuple(v * factor for v in fit.disc)}
+    return {"width": img.size[0], "height": img.size[1], "disc": fit.disc, "keep_as": keep_as}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
-    """Re-encoded image bytes and the disc in the new pixel grid."""
-    img = _decode(path)
+    """Re-encoded image bytes and the disc in the new pixel grid (decoded by the shared rule first)."""
+    img = decode_image(path, path)
     cx, cy, r = disc
     if mode == "longest":
         scale = min(1.0, size / max(img.size))
@@ -136,20 +133,23 @@ def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
 
 def _encode_image(job):
     """One stored image (bytes, disc, size): the original bytes, or decoded, resized and re-encoded."""
-    path, disc, width, height, resize, quality = job
+    path, disc, width, height, keep_as, resize, quality = job
     mode, size = parse_resize(resize)
-    if mode == "none":
-        return Path(path).read_bytes(), disc, (width, height)
-    return _resized_sample(path, disc, mode, size, quality)
+    if mode == "none" and keep_as:  # bytes every decoder turns into the rule's pixels: kept as they are
+        return Path(path).read_bytes(), disc, (width, height), keep_as
+    if mode == "none":  # 16-bit, alpha, palette, CMYK, TIFF, oriented PNG: the rule's pixels, lossless PNG
+        return encode_png(decode_image(path, path)), disc, (width, height), "png"
+    image, new_disc, new_size = _resized_sample(path, disc, mode, size, quality)
+    return image, new_disc, new_size, "jpg"
 
 
 def _shard_sample(entry: dict, encoded) -> ShardSample:
-    image, disc, (w, h) = encoded
+    image, disc, (w, h), ext = encoded
     e = entry
     meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
             "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
             "disc": [round(v, 3) for v in disc]}
-    return ShardSample(e["key"], e["label"], image, tuple(disc), meta)
+    return ShardSample(e["key"], e["label"], image, tuple(disc), meta, image_ext=ext)
 
 
 def _pool_map(fn, jobs, workers: int):
@@ -180,9 +180,10 @@ def _write_shards(out: Path, todo: list[tuple[str, str, list[dict]]], cfg: "Prep
     from tqdm import tqdm
 
     mode, _ = parse_resize(cfg.resize)
-    jobs = [(e["path"], e["disc"], e["width"], e["height"], cfg.resize, cfg.jpeg_quality)
+    jobs = [(e["path"], e["disc"], e["width"], e["height"], e["keep_as"], cfg.resize, cfg.jpeg_quality)
             for _, _, entries in todo for e in entries]
-    encoded = map(_encode_image, jobs) if mode == "none" else _pool_map(_encode_image, jobs, cfg.workers)
+    copy_only = mode == "none" and all(job[4] for job in jobs)  # plain byte copies need no pool
+    encoded = map(_encode_image, jobs) if copy_only else _pool_map(_encode_image, jobs, cfg.workers)
     records = []
     with tqdm(total=len(jobs), desc="writing shards", disable=None if cfg.progress else True) as bar:
         for name, plan_hash, entries in todo:
@@ -219,7 +220,7 @@ def _plan_shards(groups: dict[str, list[dict]], cfg: PrepareConfig) -> list[tupl
 
 def _plan_hash(entries: list[dict], cfg: PrepareConfig) -> str:
     """Changes when anything that shapes the shard's bytes changes: inputs (path, size, mtime) or options."""
-    spec = {"resize": cfg.resize, "quality": cfg.jpeg_quality if cfg.resize != "none" else None,
+    spec = {"resize": cfg.resize, "decode": DECODE_RULE, "quality": cfg.jpeg_quality if cfg.resize != "none" else None,
             "entries": [(e["key"], e["label"], e["path"], e["bytes"], e["mtime_ns"]) for e in entries]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -365,7 +366,8 @@ def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, dict]]):
             "key": record.key, "name": record.name, "file": record.file, "patient": record.patient,
             "label": record.label, "path": record.path,
             "grade_name": source.class_names[record.label], "width": info["width"], "height": info["height"],
-            "disc": info["disc"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": split})
+            "disc": info["disc"], "keep_as": info["keep_as"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "split": split})
     return _plan_shards(groups, cfg), fractions
 
 
@@ -408,7 +410,9 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
                    "problems": len(problems)},
         "splits": splits,
         "fractions": fraction_info,
-        "members": {"jpg": "encoded image", "cls": "label, ASCII decimal (webdataset convention)",
+        "members": {"jpg": "encoded image: original JPEG bytes or a re-encode", "png": "lossless image (instead "
+                    "of .jpg) where tltrain.data.decode re-encoded the file",
+                    "cls": "label, ASCII decimal (webdataset convention)",
                     "lbl": "label, int32 little-endian (read by every tltrain loader)",
                     "disc": "disc cx, cy, r: 3 x float32 little-endian", "json": "sample metadata"},
         "shards": shards,

@@ -2,8 +2,9 @@
 
 Written with tarfile rather than webdataset.TarWriter because the DALI index needs each member's byte offset
 as it is written, and because fixed tar metadata (mtime, owner) makes the same inputs give identical bytes.
-Sample members follow docs/architecture.md: .jpg, .cls (ASCII label), .lbl (int32 LE), .disc (3 x float32 LE),
-.json (metadata). Keys come from tltrain.data.keys (no dots, no spaces, short, distinct ignoring case).
+Sample members follow docs/architecture.md: the image (.jpg, or .png for files re-encoded by
+tltrain.data.decode), .cls (ASCII label), .lbl (int32 LE), .disc (3 x float32 LE), .json (metadata).
+Keys come from tltrain.data.keys (no dots, no spaces, short, distinct ignoring case).
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format (as written by its wds2idx tool)
-MEMBER_ORDER = ("jpg", "cls", "lbl", "disc", "json")
+MEMBER_ORDER = ("jpg", "cls", "lbl", "disc", "json")  # "jpg" stands for the image member, .jpg or .png
+IMAGE_EXTS = ("jpg", "png")
+
+
+def image_ext(members) -> str | None:
+    """Which image member a sample has ('jpg' or 'png'), None when it has neither."""
+    return next((ext for ext in IMAGE_EXTS if ext in members), None)
 
 
 @dataclass
@@ -27,12 +34,13 @@ class ShardSample:
     image: bytes
     disc: tuple[float, float, float]  # cx, cy, r in pixels of the stored image
     meta: dict
+    image_ext: str = "jpg"  # "png" where prepare re-encoded the file (tltrain.data.decode.shard_image)
 
 
 def sample_members(sample: ShardSample) -> list[tuple[str, bytes]]:
     """(extension, payload) of every member of one sample, in a fixed order."""
     return [
-        ("jpg", sample.image),
+        (sample.image_ext, sample.image),
         ("cls", str(sample.label).encode()),
         ("lbl", struct.pack("<i", sample.label)),
         ("disc", struct.pack("<3f", *sample.disc)),

@@ -7,16 +7,14 @@ DataError listing every problem.
 """
 from __future__ import annotations
 
-import io
 import json
 import struct
 import tarfile
 from pathlib import Path
 
-from PIL import Image
-
+from tltrain.data.decode import decode_rgb
 from tltrain.data.keys import is_safe_key
-from tltrain.data.shards import MEMBER_ORDER, read_index, sha256_file
+from tltrain.data.shards import MEMBER_ORDER, image_ext, read_index, sha256_file
 from tltrain.errors import DataError
 
 
@@ -52,7 +50,7 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
         if not is_safe_key(key):
             problems.append(f"{tar_path}:{key}: sample key is not readable by every loader (dots, spaces, "
                             "non-ASCII or too long; re-run `tltrain prepare`)")
-        missing = [m for m in MEMBER_ORDER if m not in members]
+        missing = [m for m in MEMBER_ORDER if m not in members and not (m == "jpg" and image_ext(members))]
         if missing:
             problems.append(f"{tar_path}:{key}: missing members {missing}")
             continue
@@ -60,8 +58,7 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
         if label_text != label_bin or json.loads(members["json"])["label"] != label_text:
             problems.append(f"{tar_path}:{key}: label encodings disagree ({label_text}, {label_bin})")
         try:
-            with Image.open(io.BytesIO(members["jpg"])) as img:
-                img.load()
+            decode_rgb(members[image_ext(members)], f"{tar_path}:{key}")
         except Exception as exc:
             problems.append(f"{tar_path}:{key}: image does not decode ({type(exc).__name__}: {exc})")
         labels.append(label_text)

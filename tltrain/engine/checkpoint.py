@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ from tltrain.safe_load import deepspeed_weights_only, torch_load
 
 INDEX = "index.json"
 TRAINER_STATE = "tltrain_trainer.pt"
+CHECKPOINT_NAME = re.compile(r"step-\d{8}(\.pt)?$")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -106,6 +108,33 @@ def from_plain(obj):
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+
+
+def remove_stale_writes(run_dir: str | Path) -> list[Path]:
+    """Delete what a killed run left half-written: atomic_write_bytes' temporaries (.NAME.XXXX.tmp) in the run
+    folder and its checkpoint folders, and checkpoints that never reached index.json (killed between the file
+    and the index). Call only while holding the run_dir (rundir.claim_run_dir): a live writer's files look the
+    same. Returns the removed paths."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    folders = [run_dir, ckpt_dir, *(p for p in ckpt_dir.glob("step-*") if p.is_dir())]
+    removed = [p for folder in folders for p in folder.glob(".*.tmp") if p.is_file()]
+    index_path = ckpt_dir / INDEX
+    if ckpt_dir.is_dir():
+        try:
+            listed = {c["name"] for c in json.loads(index_path.read_text())["checkpoints"]} \
+                if index_path.is_file() else set()
+        except (ValueError, KeyError, TypeError):
+            listed = None  # a damaged index: resume reports it; delete nothing it might still name
+        if listed is not None:
+            removed += [p for p in ckpt_dir.iterdir() if CHECKPOINT_NAME.match(p.name)
+                        and p.name.removesuffix(".pt") not in listed]
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def _json_default(value):

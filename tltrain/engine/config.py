@@ -33,7 +33,8 @@ class DeepSpeedConfig:
 class TrainerConfig:
     """How to train: strategy, numerics, optimizer, LR curve, loss, checkpoints and logging."""
 
-    epochs: int = 10  # used when no transfer schedule is given (a schedule brings its own total)
+    # engine API only (train() without a schedule); `tltrain train` rejects it: the schedule sets the run's length
+    epochs: int | None = None
     strategy: str = "single"  # single | ddp | deepspeed
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 uses a GradScaler, or DeepSpeed's loss scaling)
     channels_last: bool = True
@@ -60,6 +61,7 @@ class TrainerConfig:
     image_grid: int = 16  # images in the TensorBoard input grid (0 = none)
     progress: bool = True  # rank-0 progress bar
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN/cuBLAS settings (docs/architecture.md)
     referable_threshold: int | None = 2
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -70,7 +72,7 @@ class TrainerConfig:
             if value not in valid:
                 raise choices_error(f"trainer.{key}", value, valid)
         for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)!r} must be >= 1")
         for key in ("lr", "weight_decay", "clip_grad_norm", "warmup_epochs", "label_smoothing", "checkpoint_every_steps"):
             if getattr(self, key) < 0:

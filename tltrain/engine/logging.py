@@ -1,14 +1,18 @@
 """What a run shows while it trains: TensorBoard (rank 0), a progress bar, and the run-dir JSON files.
 
 Files other tools read (report, jobs, export):
-  <run_dir>/status.json   {"state": running|completed|failed|preempted, "step", "epoch", "metrics", "error", ...}
+  <run_dir>/status.json   {"state": running|completed|failed|preempted, "step", "epoch", "metrics", "error",
+                           "pid", "host", ...}; a "running" whose pid/lock is gone is stale (rundir.is_stale)
   <run_dir>/metrics.json  {"final": {...}, "best": {"checkpoint", "metric", "step", "epoch", "val"}, "test": {...},
-                           "history": [{"epoch", "step", "train_loss", "val": {...}}, ...]}
+                           "history": [{"epoch", "step", "train_loss", "skipped_samples", "val": {...}}, ...],
+                           "skipped_samples": {"train", "val", "test", "examples"}, "perf": {...}}
   <run_dir>/predictions_test.csv  key, label, predicted, p_0..p_{C-1} of the tested checkpoint
 """
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,17 +28,20 @@ STATES = ("running", "completed", "failed", "preempted")
 def write_status(run_dir: str | Path, state: str, **fields) -> None:
     if state not in STATES:
         raise ValueError(f"status state {state!r} not in {STATES}")
-    atomic_write_json(Path(run_dir) / "status.json", {"state": state, "updated": time.time(), **fields})
+    atomic_write_json(Path(run_dir) / "status.json", {"state": state, "updated": time.time(), "pid": os.getpid(),
+                                                      "host": socket.gethostname(), **fields})
 
 
 def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
-                  perf: dict | None = None, best: dict | None = None) -> None:
+                  perf: dict | None = None, best: dict | None = None, skipped: dict | None = None) -> None:
     """metrics.json: last validation metrics ("final"), per-epoch history (0-based "epoch"), the best checkpoint
     ("best": name, metric, mode, value, step, "epoch" = epochs completed, its validation metrics), test metrics
-    ("test", with the checkpoint they were computed on), speed."""
+    ("test", with the checkpoint they were computed on), speed, and the samples the loaders skipped (undecodable:
+    loader.on_decode_error=skip)."""
     atomic_write_json(Path(run_dir) / "metrics.json",
                       {"final": final, "best": best or {}, "history": history, "test": test or {},
-                       "perf": perf or {}})
+                       "perf": perf or {},
+                       "skipped_samples": skipped or {"train": 0, "val": 0, "test": 0, "examples": []}})
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:

@@ -3,6 +3,11 @@
 The handler only sets a flag; the trainer checks it at the next optimizer-step boundary, all ranks OR their
 flags (so they stop at the same step), write a checkpoint and exit with PREEMPTED_EXIT_CODE, which a requeue
 wrapper recognises as "resume me" rather than "failed".
+
+Start-up: importing torch and building loaders takes seconds, and a signal then would kill the process with the
+default action (exit 143/140, no status). `tltrain train` therefore calls install_early() first thing; a signal
+received before the trainer listens is remembered, the trainer adopts it, writes status "preempted" and exits
+with PREEMPTED_EXIT_CODE before training.
 """
 from __future__ import annotations
 
@@ -23,11 +28,30 @@ class Preempted(Exception):
     exit_code = PREEMPTED_EXIT_CODE
 
 
+#: A stop signal received by install_early()'s handler while no StopRequest was listening.
+_pending: int | None = None
+
+
+def _remember(signum, frame) -> None:
+    global _pending
+    _pending = signum
+
+
+def install_early(signals=STOP_SIGNALS) -> None:
+    """Command-line entry points: from now on a stop signal is remembered instead of killing the process."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            signal.signal(sig, _remember)
+
+
 class StopRequest:
-    """Installs handlers for SIGUSR2/SIGTERM (main thread only) and restores the previous ones on close()."""
+    """Installs handlers for SIGUSR2/SIGTERM (main thread only) and restores the previous ones on close().
+    A signal remembered since install_early() counts as received (and is consumed)."""
 
     def __init__(self, signals=STOP_SIGNALS):
-        self.requested: int | None = None  # the signal number received
+        global _pending
+        self.requested: int | None = _pending  # the signal number received
+        _pending = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:

@@ -143,6 +143,14 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(cfg, env, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # DeepSpeed scales fp16 losses itself
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Parameters stay in the default layout even with channels_last: DeepSpeed's initial broadcast views
+        each bf16/fp16 parameter as bytes (needs stride(-1) == 1), and ZeRO 1/2 re-create the parameters as
+        views of flat, default-strided buffers anyway. The inputs are still channels_last (prepare_inputs),
+        which is what selects the NHWC convolution kernels."""
+        self.raw_model = model.to(self.device)
+        return self.raw_model
+
     def ds_config(self, micro_batch_size: int) -> dict:
         ds = self.cfg.deepspeed
         zero = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": ds.contiguous_gradients,

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--nan-at", type=int, default=None, help="sample index given NaN pixels")
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per batch (signal tests)")
+    parser.add_argument("--val-sleep", type=float, default=0.0,
+                        help="seconds per validation batch; <run-dir>/validating marks the first one (signal tests)")
     parser.add_argument("--ema", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default=None, help="write the result dict here as JSON (rank 0)")
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                 train=False, rank=env.rank, world_size=env.world_size)
     if args.step_sleep:
         train_loader = _Slow(train_loader, args.step_sleep)
+    if args.val_sleep:
+        val_loader = _Slow(val_loader, args.val_sleep, marker=Path(args.run_dir) / "validating")
     try:
         result = train(cfg, model, train_loader, val_loader, args.run_dir, num_classes=num_classes,
                        config_to_save=cfg)
@@ -160,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 class _Slow:
     """Wraps a loader to sleep per batch, so a test can signal a run mid-epoch."""
 
-    def __init__(self, loader, seconds: float):
-        self.loader, self.seconds = loader, seconds
+    def __init__(self, loader, seconds: float, marker: Path | None = None):
+        self.loader, self.seconds, self.marker = loader, seconds, marker
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -173,6 +178,8 @@ class _Slow:
         import time
 
         for batch in self.loader:
+            if self.marker is not None:
+                self.marker.touch()
             time.sleep(self.seconds)
             yield batch
 

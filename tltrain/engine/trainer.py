@@ -6,13 +6,16 @@ Resume policy: checkpoints are written at epoch ends, every `checkpoint_every_st
 at the step boundary after a preemption signal. Each records the epoch and how many batches of it were consumed;
 a resumed run re-seeds the loader with set_epoch(epoch) (same order) and skips the consumed batches, so it
 continues with the same step count and LR curve. A SIGKILL loses at most the steps since the last checkpoint.
-Within one optimizer step the micro-batches (grad_accum) are never split across a checkpoint.
+Within one optimizer step the micro-batches (grad_accum) are never split across a checkpoint. The checkpoint also
+holds every rank's RNG state and the running train-loss sum and skipped samples of the unfinished epoch, so a
+resumed run is bit-identical to an uninterrupted one on the CPU (reproducibility.py) and its epoch's train_loss
+covers the whole epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import random
 import time
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics, 
 from tltrain.engine.losses import build_loss, outputs_to_probs, tune_thresholds
 from tltrain.engine.optim import (build_ema, build_optimizer, carry_optimizer_state, default_param_groups,
                                   lr_factor, set_lr)
+from tltrain.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
+from tltrain.engine.rundir import claim_run_dir
 from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from tltrain.engine.strategies import build_strategy
 from tltrain.errors import ConfigError, TltrainError
@@ -47,6 +52,8 @@ class _WholeModelSchedule:
     """The schedule used when none is given: one phase, all parameters trainable at trainer.lr."""
 
     def __init__(self, cfg: TrainerConfig):
+        if cfg.epochs is None:
+            raise ConfigError("trainer.epochs is needed when train() gets no transfer schedule")
         self.cfg, self.total_epochs = cfg, cfg.epochs
 
     def phase_index(self, epoch: int) -> int:
@@ -92,9 +99,10 @@ class Trainer:
         self.device = D.device_for(self.env, device)
         if cfg.strategy == "single" and self.env.world_size > 1:
             raise ConfigError(f"trainer.strategy=single but WORLD_SIZE={self.env.world_size}; use ddp or deepspeed")
+        configure_determinism(cfg.deterministic)
         D.init_process_group(self.env, self.device)
         self.is_main = self.env.is_main
-        self._seed(cfg.seed + self.env.rank)
+        seed_everything(cfg.seed + self.env.rank)
         self.num_classes = num_classes or getattr(train_loader, "num_classes", None)
         if not self.num_classes:
             raise ConfigError("num_classes unknown: pass num_classes= or give the loader a num_classes attribute")
@@ -123,14 +131,15 @@ class Trainer:
         self.last_val: dict = {}
         self.last_predictions: tuple = ([], np.zeros(0, np.int64), np.zeros((0, 0)))
         self._grid_logged = False
+        # The unfinished epoch's running train loss [sum, count] and skipped samples, checkpointed with it.
+        self.epoch_loss: list = [0.0, 0]
+        self.epoch_skipped: list[str] = []
+        self.skipped = {"train": [], "val": [], "test": []}  # distinct skipped samples (all ranks)
+        self._stop: StopRequest | None = None
+        # An epoch whose training finished but whose validation a preemption interrupted: {"epoch", "train"}.
+        self._pending_epoch_end: dict | None = None
 
     # -- set-up helpers -------------------------------------------------------------------------------------
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-
     def _phase_starts(self) -> list[int]:
         starts, last = [], None
         for epoch in range(self.total_epochs):
@@ -160,15 +169,19 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        all_rng = [rng]
+        """What resuming needs besides the weights; per-rank parts (RNG, unfinished epoch) gathered from all ranks.
+        Tensors, numbers, strings, lists and dicts only (weights_only-loadable)."""
+        local = {"rng": rng_state(), "epoch_loss": list(self.epoch_loss), "epoch_skipped": list(self.epoch_skipped)}
+        ranks = [local]
         if D.is_distributed():
-            all_rng = [None] * self.env.world_size
-            torch.distributed.all_gather_object(all_rng, rng)
+            ranks = [None] * self.env.world_size
+            torch.distributed.all_gather_object(ranks, local)
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch, "phase": self.phase,
-                "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size, "rng": all_rng,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
+                "rng": [r["rng"] for r in ranks], "epoch_loss": [r["epoch_loss"] for r in ranks],
+                "epoch_skipped": [r["epoch_skipped"] for r in ranks], "skipped": self.skipped,
                 "history": self.history, "thresholds": self.thresholds, "last_val": self.last_val,
+                "pending_epoch_end": self._pending_epoch_end,
                 "config": dataclasses.asdict(self.cfg), "run_config": self._config_yaml()}
 
     def _config_yaml(self) -> str | None:
@@ -199,12 +212,14 @@ class Trainer:
             self.ema.load_state_dict(content["ema"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.history, self.thresholds, self.last_val = state["history"], state["thresholds"], state["last_val"]
-        rng = state["rng"][self.env.rank] if len(state["rng"]) == self.env.world_size else state["rng"][0]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._pending_epoch_end = state.get("pending_epoch_end")
+        same_world = len(state["rng"]) == self.env.world_size
+        mine = self.env.rank if same_world else 0
+        set_rng_state(state["rng"][mine])
+        if same_world and "epoch_loss" in state:
+            self.epoch_loss = list(state["epoch_loss"][mine])
+            self.epoch_skipped = list(state["epoch_skipped"][mine])
+        self.skipped = state.get("skipped", self.skipped)
         if state["steps_per_epoch"] != self.steps_per_epoch and self.is_main:
             self.progress.line(f"warning: steps per epoch changed from {state['steps_per_epoch']} to "
                                f"{self.steps_per_epoch} (different world size or batch size); the LR curve shifts")
@@ -214,7 +229,12 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        stop = StopRequest()
+        # rank 0 holds the run_dir for the run's life (a no-op when train_app.run already holds it)
+        with claim_run_dir(self.run_dir) if self.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict:
+        stop = self._stop = StopRequest()  # also adopts a stop signal that arrived while the run was starting up
         try:
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +243,10 @@ class Trainer:
             D.barrier()
             resumed = self._resume()
             self._status("running", resumed=resumed)
+            if D.any_rank([stop.is_set], self.device)[0]:  # stopped during start-up: nothing new to save
+                raise _Preempted()
+            if self._pending_epoch_end is not None:  # preempted during that epoch's validation: redo it
+                self._validate_and_record(self._pending_epoch_end["epoch"], self._pending_epoch_end["train"])
             while self.epoch < self.total_epochs:
                 phase = self.schedule.phase_index(self.epoch)
                 if phase != self.phase:
@@ -230,7 +254,9 @@ class Trainer:
                 self._train_epoch(stop)
                 self._end_epoch()
             if self.test_loader is not None:
+                seen = self._errors_seen(self.test_loader)
                 self.test_metrics = self._evaluate_best(self.test_loader)
+                self.skipped["test"] = self._gather_skipped(self.test_loader, seen)
             return self._finish()
         except _Preempted:
             self._status("preempted", signal=stop.requested)
@@ -252,14 +278,17 @@ class Trainer:
         self.strategy.train(True)
         self.schedule.set_train_mode(self.strategy.unwrap(), self.phase)
         self.progress.start(used_batches, f"epoch {self.epoch + 1}/{self.total_epochs}", initial=skip)
-        loss_sum, loss_count = 0.0, 0
         window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
         epoch_start, epoch_wait, epoch_images = window_start, 0.0, 0
-        iterator = iter(self.train_loader)
-        for batch_index in range(used_batches):
+        errors_seen = self._errors_seen(self.train_loader)
+        # a checkpoint on the epoch's last batch (preemption) leaves nothing to read: do not start the loader
+        left = skip < used_batches
+        iterator = iter(self.train_loader) if left else iter(())
+        for batch_index in range(used_batches if left else 0):
             fetch_start = time.perf_counter()
             batch = next(iterator)
             waited = time.perf_counter() - fetch_start
+            errors_seen = self._note_skipped(errors_seen)
             if batch_index < skip:  # consumed before the checkpoint we resumed from
                 continue
             boundary = (batch_index + 1) % cfg.grad_accum == 0
@@ -281,7 +310,7 @@ class Trainer:
                 self.strategy.backward(loss)
             self.strategy.step(boundary)
             self.batch_in_epoch = batch_index + 1
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            self.epoch_loss = [self.epoch_loss[0] + loss_value, self.epoch_loss[1] + 1]
             images_here = len(batch.labels) * self.env.world_size
             window_wait, window_images = window_wait + waited, window_images + images_here
             epoch_wait, epoch_images = epoch_wait + waited, epoch_images + images_here
@@ -293,7 +322,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.raw_model, step=self.step)
             if self.step % cfg.log_every_steps == 0:
-                self.tb.scalars({"train/loss": loss_sum / loss_count, "perf/images_per_s": window_images / elapsed,
+                self.tb.scalars({"train/loss": self.epoch_loss[0] / self.epoch_loss[1],
+                                 "perf/images_per_s": window_images / elapsed,
                                  "perf/wait_fraction": window_wait / elapsed}, self.step)
                 self.tb.learning_rates(self.strategy.param_groups, self.step)
                 self.tb.gpu_memory(self.device, self.step)
@@ -305,9 +335,45 @@ class Trainer:
                     and self.batch_in_epoch < used_batches:
                 self._save()
         self.progress.end()
-        elapsed = time.perf_counter() - epoch_start
-        self._epoch_train = {"train_loss": loss_sum / max(loss_count, 1), "images_per_s": epoch_images / elapsed,
-                             "wait_fraction": epoch_wait / elapsed, "lr": self.strategy.param_groups[0]["lr"]}
+        self._note_skipped(errors_seen)
+        elapsed = max(time.perf_counter() - epoch_start, 1e-9)
+        epoch_skipped = self._gather_union(self.epoch_skipped)
+        self.skipped["train"] = sorted(set(self.skipped["train"]) | set(epoch_skipped))
+        self._epoch_train = {"train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
+                             "images_per_s": epoch_images / elapsed, "wait_fraction": epoch_wait / elapsed,
+                             "lr": self.strategy.param_groups[0]["lr"], "skipped_samples": len(epoch_skipped)}
+
+    # -- samples the loaders skipped (undecodable, loader.on_decode_error=skip) ------------------------------
+    @staticmethod
+    def _errors_seen(loader) -> int:
+        return len(getattr(loader, "decode_errors", None) or [])
+
+    @staticmethod
+    def _sample_ids(messages: list[str]) -> set[str]:
+        """'shard.tar:key: cannot decode (...)' -> 'shard.tar:key' (the same sample met twice counts once)."""
+        return {message.split(": ", 1)[0] for message in messages}
+
+    def _note_skipped(self, seen: int) -> int:
+        """Adds the training loader's newly skipped samples to the epoch's (a set: a resume re-reads batches)."""
+        errors = getattr(self.train_loader, "decode_errors", None) or []
+        if len(errors) > seen:
+            self.epoch_skipped = sorted(set(self.epoch_skipped) | self._sample_ids(errors[seen:]))
+        return len(errors)
+
+    def _gather_union(self, items: list[str]) -> list[str]:
+        if not D.is_distributed():
+            return sorted(set(items))
+        lists = [None] * self.env.world_size
+        torch.distributed.all_gather_object(lists, list(items))
+        return sorted({item for part in lists for item in part})
+
+    def _gather_skipped(self, loader, seen: int) -> list[str]:
+        errors = getattr(loader, "decode_errors", None) or []
+        return self._gather_union(sorted(self._sample_ids(errors[seen:])))
+
+    def _skipped_summary(self) -> dict:
+        examples = [m for part in self.skipped.values() for m in part][:20]
+        return {**{split: len(messages) for split, messages in self.skipped.items()}, "examples": examples}
 
     def _nonfinite(self, loss_value: float, batch) -> None:
         keys = list(batch.keys)[:16]
@@ -321,12 +387,27 @@ class Trainer:
         finished_epoch = self.epoch
         self.epoch += 1
         self.batch_in_epoch = 0
+        self._validate_and_record(finished_epoch, self._epoch_train)
+
+    def _validate_and_record(self, finished_epoch: int, epoch_train: dict) -> None:
+        """Validation, history, TensorBoard and the epoch-end checkpoint. A preemption signal during validation
+        checkpoints at once (the epoch's training is kept) and the resumed run validates that epoch again."""
+        self._epoch_train = epoch_train
         validate = (self.epoch % self.cfg.eval_every == 0) or self.epoch == self.total_epochs
-        val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        seen = self._errors_seen(self.val_loader)
+        try:
+            val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
+        except _Preempted:
+            self._pending_epoch_end = {"epoch": finished_epoch, "train": epoch_train}
+            self._save()
+            raise
+        self._pending_epoch_end = None
         if val:
             self.last_val = val
+            self.skipped["val"] = self._gather_skipped(self.val_loader, seen)
         record = {"epoch": finished_epoch, "step": self.step, "phase": self.phase, **self._epoch_train, "val": val}
         self.history.append(record)
+        self.epoch_loss, self.epoch_skipped = [0.0, 0], []
         self.tb.scalars(scalar_metrics(self._epoch_train), self.step, prefix="epoch/")
         if val:
             self.tb.scalars(scalar_metrics(val), self.step, prefix="val/")
@@ -338,7 +419,8 @@ class Trainer:
                            f"{self._epoch_train['train_loss']:.4f}, {self._epoch_train['images_per_s']:.0f} img/s, "
                            f"data wait {self._epoch_train['wait_fraction']:.0%}" + (f" | val {summary}" if summary else ""))
         if self.is_main:
-            write_metrics(self.run_dir, self.last_val, self.history, best=self._best_record())
+            write_metrics(self.run_dir, self.last_val, self.history, best=self._best_record(),
+                          skipped=self._skipped_summary())
         self._status("running")
 
     @torch.no_grad()
@@ -352,6 +434,9 @@ class Trainer:
         model.eval()
         gatherer = PredictionGatherer()
         for batch in loader:
+            if self._stop is not None and D.any_rank([self._stop.is_set], self.device)[0]:
+                model.train(was_training)
+                raise _Preempted()  # a long validation must not outlast SLURM's grace period
             images = self.strategy.prepare_inputs(batch.images)
             with self.strategy.autocast():
                 outputs = model(images)
@@ -430,7 +515,7 @@ class Trainer:
         if self.is_main:
             best_record = self._best_record()
             write_metrics(self.run_dir, self.last_val, self.history, test=self.test_metrics, perf=perf,
-                          best=best_record)
+                          best=best_record, skipped=self._skipped_summary())
             # runs are ranked by what a paper reports: the best checkpoint's validation and test metrics
             self.tb.hparams({**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "deepspeed"},
                              **self.hparams}, {"best_val": best_record.get("val") or self.last_val,

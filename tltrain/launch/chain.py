@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tltrain.errors import TltrainError
-from tltrain.launch.submit import job_run_dir, submit
+from tltrain.launch.config import LaunchConfig
+from tltrain.launch.submit import check_run, job_run_dir, submit
 
 
 def submit_chain(step1_overrides: list[str], step2_overrides: list[str], *, name: str = "chain", **launch):
@@ -12,9 +13,13 @@ def submit_chain(step1_overrides: list[str], step2_overrides: list[str], *, name
 
     The local executor has no dependencies, so there this waits for step 1 before submitting step 2.
     """
+    step2 = [o for o in step2_overrides if not o.startswith("model.weights=")]
+    launch_cfg = LaunchConfig(**launch)
+    launch_cfg.validate()
+    check_run(step2, launch_cfg)  # before step 1 is queued (its weights come from step 1's run dir, made below)
     job1 = submit(step1_overrides, name=f"{name}_step1", **launch)
     step1_dir = job_run_dir(job1)
-    step2 = [o for o in step2_overrides if not o.startswith("model.weights=")] + [f"model.weights={step1_dir}"]
+    step2 = step2 + [f"model.weights={step1_dir}"]
     if type(job1).__name__ == "LocalJob":
         error = job1.exception()  # waits for the job
         if error is not None:

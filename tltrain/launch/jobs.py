@@ -3,7 +3,9 @@
 Every submission appends one JSON line to <root>/.tltrain_jobs.jsonl (job id, run dir, overrides, submitit
 folder, stderr log, time). `list_jobs` joins those lines with SLURM's accounting (sacct, or squeue when
 accounting is down) and with each run's own status.json / metrics.json. The run's status wins over SLURM's
-when it says "failed": a Hydra sweep job that caught its run's error ends COMPLETED for SLURM.
+when it says "failed": a Hydra sweep job that caught its run's error ends COMPLETED for SLURM. A status that
+says "running" while the run's lock is free (or its pid is gone on this host) is shown as STALE: the process
+died without writing its end (kill -9, lost node); resubmitting the run resumes it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from tltrain.engine.rundir import is_stale
 from tltrain.errors import DataError
 from tltrain.launch.config import DEFAULT_ROOT
 
@@ -67,20 +70,20 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict]:
     """{job id: {"state", "start", "end", "exit_code"}} from sacct; squeue (state only) if sacct fails."""
     if not job_ids:
         return {}
-    fields = ("JobID", "State", "Start", "End", "ExitCode")
+    fields = ("JobID", "State", "Start", "End", "ExitCode", "Reason")
     try:
         out = subprocess.run(["sacct", "-j", ",".join(job_ids), "--parsable2", "-X", "--noheader",
                               f"--format={','.join(fields)}"], capture_output=True, text=True, timeout=30,
                              check=True).stdout
-        rows = [dict(zip(("job_id", "state", "start", "end", "exit_code"), line.split("|")))
+        rows = [dict(zip(("job_id", "state", "start", "end", "exit_code", "reason"), line.split("|")))
                 for line in out.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         try:
-            out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], capture_output=True,
+            out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
                                  text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return {}
-        rows = [dict(zip(("job_id", "state"), line.split("|"))) for line in out.splitlines() if line.strip()]
+        rows = [dict(zip(("job_id", "state", "reason"), line.split("|"))) for line in out.splitlines() if line.strip()]
     states = {}
     for row in rows:
         row["state"] = row["state"].split()[0]  # "CANCELLED by 0" -> CANCELLED
@@ -139,9 +142,12 @@ def _pickled_outcome(path: Path) -> str | None:
 
 
 def combined_state(slurm_state: str | None, run_state: str | None) -> str:
-    """One state for the table: the run's own "failed" wins; otherwise SLURM's, refined by the run's status."""
+    """One state for the table: the run's own "failed" wins; otherwise SLURM's, refined by the run's status.
+    run_state "stale": status.json says running but its process is gone."""
     if run_state == "failed":
         return "FAILED"
+    if run_state == "stale" and slurm_state not in SLURM_BAD_STATES + ("RUNNING", "PENDING", "REQUEUED"):
+        return "STALE"  # (a live job may be a requeued attempt still starting up: SLURM's word then)
     if slurm_state in SLURM_BAD_STATES:
         return slurm_state
     if slurm_state == "COMPLETED":
@@ -149,18 +155,34 @@ def combined_state(slurm_state: str | None, run_state: str | None) -> str:
     return slurm_state or (run_state or "unknown").upper()
 
 
+def _array_index(job_id: str) -> tuple[str, int]:
+    """"123_4" -> ("123", 4); a plain job "123" -> ("123", -1)."""
+    base, _, index = str(job_id).partition("_")
+    return base, int(index) if index.isdigit() else -1
+
+
 def list_jobs(registry: str | Path = DEFAULT_ROOT, tail: int = 20) -> list[dict]:
-    """One row per registered job (latest entry per job id and run dir), in submission order."""
+    """One row per registered job (latest entry per job id and run dir): plain jobs in submission order, the
+    tasks of an array in array-index order at the place of the array's first registration."""
     entries: dict[tuple, dict] = {}
     for path in registry_files(registry):
         for entry in read_registry(path):
             entries[(entry["job_id"], entry["run_dir"])] = entry
-    ordered = sorted(entries.values(), key=lambda e: e.get("submitted", 0))
-    slurm = slurm_states([e["job_id"] for e in ordered if e.get("executor", "slurm") == "slurm"])
+    first_of_array: dict[str, float] = {}
+    for entry in entries.values():
+        base = _array_index(entry["job_id"])[0]
+        first_of_array[base] = min(first_of_array.get(base, float("inf")), entry.get("submitted", 0))
+    ordered = sorted(entries.values(), key=lambda e: (first_of_array[_array_index(e["job_id"])[0]],
+                                                      _array_index(e["job_id"]), e.get("submitted", 0)))
+    on_slurm = [e for e in ordered if e.get("executor", "slurm") == "slurm"]
+    slurm = slurm_states(sorted({e["job_id"] for e in on_slurm} | {e["dependency"] for e in on_slurm
+                                                                 if e.get("dependency")}))
     rows = []
     for entry in ordered:
         run_dir = Path(entry["run_dir"])
         status = _read_json(run_dir / "status.json")
+        if is_stale(run_dir, status):
+            status["state"] = "stale"
         final = _read_json(run_dir / "metrics.json").get("final") or status.get("metrics") or {}
         record = slurm.get(entry["job_id"], {}) if entry.get("executor", "slurm") == "slurm" else \
             {"state": _local_state(entry)}
@@ -168,6 +190,9 @@ def list_jobs(registry: str | Path = DEFAULT_ROOT, tail: int = 20) -> list[dict]
         failed = state in ("FAILED",) + SLURM_BAD_STATES
         logs = log_tail(entry.get("stderr"), tail) if failed else []
         error = status.get("error") or (next((l for l in reversed(logs) if l.strip()), "") if failed else "")
+        blocked = _dependency_failure(entry, record, slurm)
+        if blocked:
+            error, logs = blocked, []
         rows.append({"job_id": entry["job_id"], "run_dir": str(run_dir), "state": state,
                      "slurm_state": record.get("state"), "run_state": status.get("state"),
                      "step": status.get("step"), "epoch": status.get("epoch"),
@@ -175,6 +200,19 @@ def list_jobs(registry: str | Path = DEFAULT_ROOT, tail: int = 20) -> list[dict]
                      "accuracy": final.get("accuracy"), "start": record.get("start"), "end": record.get("end"),
                      "error": error, "log_tail": logs, "overrides": entry.get("overrides", [])})
     return rows
+
+
+def _dependency_failure(entry: dict, record: dict, slurm: dict) -> str:
+    """Why a job that waits on another (a --chain's step 2, or --after) never ran: the job it depends on failed.
+    SLURM cancels it then (--kill-on-invalid-dep=yes) or leaves it PENDING with DependencyNeverSatisfied."""
+    dependency = entry.get("dependency")
+    if not dependency or record.get("state") not in ("PENDING", "CANCELLED"):
+        return ""
+    parent = slurm.get(dependency, {}).get("state")
+    if parent in SLURM_BAD_STATES or "DependencyNeverSatisfied" in record.get("reason", ""):
+        return (f"never started: job {dependency}, which it waits for (afterok), ended {parent or 'unsuccessfully'}"
+                f" ({record.get('reason') or 'DependencyNeverSatisfied'})")
+    return ""
 
 
 def _progress(row: dict) -> str:
@@ -188,22 +226,43 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_jobs(rows: list[dict]) -> None:
-    """A table (rich) of the jobs, then the error and log tail of each failed one."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("job", "state", "progress", "kappa", "accuracy", "run dir")
-    colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red"}
+def run_labels(rows: list[dict]) -> list[str]:
+    """What names each run in the table: its dir name, and for sweep dirs named by number ("0", "1", ...) the
+    sweep folder plus the overrides that tell the sweep's runs apart ("sweep/1 seed=1")."""
+    labels = []
     for row in rows:
+        path = Path(row["run_dir"])
+        if not path.name.isdigit():
+            labels.append(path.name)
+            continue
+        siblings = [r for r in rows if Path(r["run_dir"]).parent == path.parent]
+        shared = set.intersection(*(set(r["overrides"]) for r in siblings)) if len(siblings) > 1 else set()
+        own = [o for o in row["overrides"] if o not in shared and not o.startswith(("hydra.", "run_dir="))]
+        labels.append(" ".join([f"{path.parent.name}/{path.name}"] + own))
+    return labels
+
+
+def print_jobs(rows: list[dict]) -> None:
+    """A table (rich) of the jobs, then the error and log tail of each failed one. Every text that comes from
+    a run, a log or the user is escaped: error messages such as gloo's "[/__w/.../pair.cc:545] Read error"
+    look like rich markup and would otherwise raise a MarkupError or vanish."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("job", "state", "progress", "kappa", "accuracy", "run")
+    colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "STALE": "magenta"}
+    for row, label in zip(rows, run_labels(rows)):
         colour = colours.get(row["state"], "red" if row["state"] in SLURM_BAD_STATES else "white")
-        table.add_row(row["job_id"], f"[{colour}]{row['state']}[/]", _progress(row), _number(row["kappa"]),
-                      _number(row["accuracy"]), Path(row["run_dir"]).name)
+        table.add_row(Text(str(row["job_id"])), Text(str(row["state"]), style=colour), Text(_progress(row)),
+                      _number(row["kappa"]), _number(row["accuracy"]), Text(label))
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     for row in rows:
         if row["error"] or row["log_tail"]:
-            console.print(f"\n[red]{row['job_id']} {row['state']}[/]: {row['error']}", markup=True)
+            console.print(f"\n[red]{escape(str(row['job_id']))} {escape(str(row['state']))}[/]: "
+                          f"{escape(str(row['error']))}", highlight=False)
             for line in row["log_tail"]:
                 console.print(f"  {line}", markup=False, highlight=False)
 

@@ -30,6 +30,17 @@ from tltrain.launch.jobs import record_job, registry_path
 #: Exit code of a task that stops after a preemption without requeueing itself (EX_TEMPFAIL, as the engine).
 PREEMPTED_EXIT_CODE = 75
 
+#: Batch-script lines (before submitit's srun): USR2 sent to the batch shell (`scancel --signal=USR2 --batch`, or
+#: --full) must reach the tasks instead of killing the shell, and with it the job. bash runs a trap only after
+#: the foreground command ends, so srun runs in the background under a `wait` loop, and the trap passes the
+#: signal to srun, which forwards it to every task (they checkpoint, and rank 0 requeues the job).
+BATCH_SHELL_USR2 = [
+    'srun() { command srun "$@" & _tltrain_srun=$!; local rc; while :; do wait "$_tltrain_srun"; rc=$?; '
+    'kill -0 "$_tltrain_srun" 2>/dev/null || return "$rc"; done; }',
+    "trap 'echo \"tltrain: USR2 reached the batch shell; passing it to the tasks\" >&2; "
+    "kill -USR2 \"$_tltrain_srun\" 2>/dev/null' USR2",
+]
+
 
 class TrainJob:
     """The callable a SLURM task runs: one training run in a fixed run_dir, resumable and requeueable."""
@@ -43,7 +54,7 @@ class TrainJob:
         export_distributed_env()
         from tltrain.train_app import train_from_overrides
 
-        print(f"tltrain: run {self.run_dir} (attempt {self.attempt + 1})", flush=True)
+        print(f"tltrain: run {self.run_dir} (attempt {current_attempt(self.attempt)})", flush=True)
         try:
             result = train_from_overrides(self.overrides + [f"run_dir={self.run_dir}"])
         except BaseException as exc:
@@ -60,6 +71,17 @@ class TrainJob:
 
     def __repr__(self) -> str:
         return f"TrainJob(run_dir={self.run_dir!r}, attempt={self.attempt})"
+
+
+def current_attempt(requeues_known: int = 0) -> int:
+    """1 for the first start. A requeue by submitit (our checkpoint()) counts in requeues_known; one that SLURM
+    starts by itself (`scontrol requeue`, preemption, node failure) re-runs the original pickle, so SLURM's own
+    SLURM_RESTART_COUNT is the count that is always right."""
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        restarts = 0
+    return max(requeues_known, restarts) + 1
 
 
 def _mark_failed(run_dir: str, exc: BaseException) -> None:
@@ -132,11 +154,18 @@ def _new_run_dir(root: Path, name: str) -> Path:
     raise TltrainError(f"{root}: could not create a fresh run dir named {stamp}_{name}")
 
 
-def _check_overrides(overrides: list[str]) -> None:
-    """Compose the config here, so a misspelt key fails now rather than after waiting in the queue."""
+def check_run(overrides: list[str], launch: LaunchConfig) -> None:
+    """The whole run checked here, before anything waits in the queue: the composed config (misspelt keys, bad
+    values), its paths (data.shards, model.weights) and the strategy against the number of tasks. Torch and timm
+    are not imported (the config side is torch-free), so this takes well under a second."""
     from tltrain.config import compose
+    from tltrain.train_app import load_run_config
 
-    compose("config", [o for o in overrides if not o.startswith("run_dir=")])
+    run = load_run_config(compose("config", [o for o in overrides if not o.startswith("run_dir=")]))
+    tasks = launch.nodes * launch.tasks_per_node
+    if tasks > 1 and run.trainer.strategy == "single":
+        raise ConfigError(f"trainer.strategy=single runs one process, but --nodes {launch.nodes} x --tasks-per-node "
+                          f"{launch.tasks_per_node} starts {tasks}: use trainer=ddp or trainer=deepspeed")
 
 
 def _executor(cfg: LaunchConfig, folder: str, local: bool, job_name: str, dependency: str | None):
@@ -153,12 +182,13 @@ def _executor(cfg: LaunchConfig, folder: str, local: bool, job_name: str, depend
     if local:
         params["local_setup"] = list(cfg.setup)
     else:
-        params["slurm_setup"] = list(cfg.setup)
+        params["slurm_setup"] = BATCH_SHELL_USR2 + list(cfg.setup)
         params["slurm_signal_delay_s"] = cfg.signal_delay_s
         if cfg.partition:
             params["slurm_partition"] = cfg.partition
-        if dependency:
-            params["slurm_additional_parameters"] = {"dependency": f"afterok:{dependency}"}
+        if dependency:  # if the job it waits for fails, SLURM cancels this one instead of leaving it PENDING
+            params["slurm_additional_parameters"] = {"dependency": f"afterok:{dependency}",
+                                                     "kill_on_invalid_dep": "yes"}
     executor.update_parameters(**params)
     return executor
 
@@ -175,7 +205,7 @@ def submit(overrides: list[str], *, run_dir: str | Path | None = None, name: str
     cfg.validate()
     overrides = list(overrides)
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), run_dir)
-    _check_overrides(overrides)
+    check_run(overrides, cfg)
     use_local = cfg.local if cfg.local is not None else not slurm_available()
     if use_local and cfg.local is None:
         print("SLURM is not available here (no sbatch on PATH): the job runs on this machine with submitit's "

@@ -19,7 +19,7 @@ from torch import nn
 from tltrain.errors import DataError, choices_error
 
 CLASSIFIERS = ("svm", "logreg")
-SVM_KERNELS = ("rbf", "linear")
+from tltrain.transfer.schedule_config import SVM_KERNELS  # noqa: E402 (shared with the config)
 MAX_CALIBRATION_FOLDS = 5  # as libsvm's own probability estimates
 
 

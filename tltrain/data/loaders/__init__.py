@@ -1,7 +1,6 @@
 """Loader backends behind one call: build_loader(cfg, shard_dir, split, ...) -> iterable of Batch."""
 from __future__ import annotations
 
-from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 
 
@@ -18,3 +17,12 @@ def build_loader(cfg: LoaderConfig, shard_dir, split: str, *, train: bool, rank:
 
 
 __all__ = ["Batch", "LoaderConfig", "build_loader"]
+
+
+def __getattr__(name: str):
+    """Batch (a torch type) is imported on first use: the config side stays importable without torch."""
+    if name == "Batch":
+        from tltrain.data.loaders.batch import Batch
+
+        return Batch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

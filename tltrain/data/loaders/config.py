@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tltrain.errors import ConfigError, choices_error
-from tltrain.preprocess import AugmentConfig, PreprocessConfig, validate_dtype
+from tltrain.preprocess_config import AugmentConfig, PreprocessConfig, validate_dtype
 
 BACKENDS = ("torch", "dali")
 DECODE_ERRORS = ("skip", "fail")
@@ -25,7 +25,9 @@ class LoaderConfig:
     channels_last: bool = False
     pin_memory: bool = True  # torch backend, when the device is CUDA
     prefetch_factor: int = 2  # torch backend: batches prefetched per worker
-    draft_decode: bool = True  # torch backend: let libjpeg decode at a reduced scale when the crop allows it
+    # torch backend, opt-in speed option: libjpeg decodes at a reduced DCT scale when the crop allows it. Off by
+    # default: DALI, predict and load_pretrained decode at full size and cannot match it (warned when on)
+    draft_decode: bool = False
     dali_device: str = "auto"  # auto (gpu when CUDA is available) | gpu | cpu
     hw_decoder_load: float = 0.65  # dali on GPU: share of images sent to the hardware JPEG decoder (A100/H100)
     # where the Ben Graham filter runs: auto | torch | dali | triton (CUDA; tensor-core kernel where the window fits,

@@ -1,9 +1,14 @@
 """The `dali` backend: webdataset reader -> JPEG decode (nvJPEG 'mixed' on a GPU, CPU otherwise) -> disc crop
 -> resize -> Ben Graham filter -> normalise, all inside one DALI pipeline; the same numbers as tltrain.preprocess.
 
-Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards, pad_last_batch); evaluation
-pads each rank to the same batch count with valid=False rows, training drops the few samples that would make
-counts differ (LastBatchPolicy.DROP). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
+Ranks read disjoint contiguous parts of the sample list (DALI's shard_id/num_shards split per sample, not per
+tar: part i is samples [floor(N i / K), floor(N (i + 1) / K)), so uneven tars do not matter). pad_last_batch
+repeats a part's last sample to fill its last batch; evaluation flags those rows valid=False and pads every rank to
+the same batch count, training drops the last partial batch (LastBatchPolicy.DROP) and uses min(part) // batch
+batches on every rank (tests/test_rank_split.py checks both backends at world sizes 2, 3 and 4). Training rebuilds
+the pipeline per epoch (set_epoch), seeded from (seed, epoch, rank), with ranks rotating over the parts, so an
+epoch's order and augmentation do not depend on whether the run was resumed (DALI's own reshuffling continues from
+its state and cannot be positioned). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
 filter runs on the torch batch (the Triton kernel on CUDA, the torch reference on the CPU).
 Labels come from the `.lbl` member (int32), the same member the torch backend reads.
 Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says
@@ -26,6 +31,7 @@ from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards
+from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
 from tltrain.preprocess import DTYPES, circle_mask
 
@@ -39,9 +45,11 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
 
     pre, aug, size = cfg.preprocess, cfg.augment, cfg.size
     jpegs, labels, discs = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
+        paths=tars, index_paths=indexes, ext=["jpg;png", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer,
         pad_last_batch=True, seed=seed, name="reader")
+    # One decoder for both image members: prepare stores only images whose bytes give the shared decoding
+    # rule's pixels here (tltrain.data.decode); DALI applies EXIF orientation as the rule does.
     source_info = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
     decode_args = {"hw_decoder_load": cfg.hw_decoder_load} if gpu else {}
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decode_args)
@@ -177,32 +185,49 @@ class DaliLoader:
         tars = [str(Path(shard_dir) / s["tar"]) for s in shards]
         indexes = [t[:-4] + ".idx" for t in tars]
         self.shard_names = [s["tar"] for s in shards]
+        self.seed, self.epoch, self._started = seed, 0, False
 
-        @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-                      device_id=(self.device.index or 0) if gpu else None, seed=seed + 7919 * rank,
-                      prefetch_queue_depth=2)
-        def pipeline():
-            outputs = fundus_pipeline(tars, indexes, cfg, train=train, shard_id=rank, num_shards=world_size,
-                                      seed=seed, gpu=gpu, filter_in_dali=self.filter_in_dali)
-            return tuple(output for output in outputs if output is not None)
+        def build(epoch: int):
+            """The pipeline and iterator of one epoch. Training: the reader's shuffle and every random op are
+            seeded from (seed, epoch, rank) and ranks rotate over the contiguous parts per epoch, so the data of
+            epoch e is the same whether the run got there straight or resumed into it."""
+            shard_id = (rank + epoch) % world_size if train else rank
 
-        self.pipe = pipeline()
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
-        try:
-            self.pipe.build()
-            names = ["images", "labels", "info"] + ([] if self.filter_in_dali else ["valid", "angles"])
-            self.iterator = DALIGenericIterator([self.pipe], names, reader_name="reader",
-                                                last_batch_policy=policy, auto_reset=True)
-        except RuntimeError as exc:
-            raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({dali_reason(exc)}); run `tltrain verify` "
-                            "on the shard folder to find a damaged sample") from None
+            @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
+                          device_id=(self.device.index or 0) if gpu else None,
+                          seed=derive_seed(seed, epoch, rank, 0xDA11), prefetch_queue_depth=2)
+            def pipeline():
+                outputs = fundus_pipeline(tars, indexes, cfg, train=train, shard_id=shard_id, num_shards=world_size,
+                                          seed=derive_seed(seed, epoch, shard_id, 0x5EED), gpu=gpu,
+                                          filter_in_dali=self.filter_in_dali)
+                return tuple(output for output in outputs if output is not None)
+
+            pipe = pipeline()
+            policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+            try:
+                pipe.build()
+                names = ["images", "labels", "info"] + ([] if self.filter_in_dali else ["valid", "angles"])
+                return pipe, DALIGenericIterator([pipe], names, reader_name="reader", last_batch_policy=policy,
+                                                 auto_reset=True)
+            except RuntimeError as exc:
+                raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({dali_reason(exc)}); run "
+                                "`tltrain verify` on the shard folder to find a damaged sample") from None
+
+        self._build = build
+        self.pipe, self.iterator = build(0)
         self._images, self._seconds, self._wait = 0, 0.0, 0.0
 
     def __len__(self) -> int:
         return self.n_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """DALI reshuffles by itself from epoch to epoch (seeded); nothing to do."""
+        """Training: a pipeline seeded for this epoch (rebuilt unless the current one is this epoch's and unread),
+        so a resumed run sees the same order and augmentation as an uninterrupted one."""
+        if not self.train or (epoch == self.epoch and not self._started):
+            return
+        del self.iterator, self.pipe  # free the old pipeline's threads and buffers before building the next
+        self.pipe, self.iterator = self._build(epoch)
+        self.epoch, self._started = epoch, False
 
     def stats(self) -> dict:
         return {"images_per_s": self._images / self._seconds if self._seconds else 0.0,
@@ -241,6 +266,7 @@ class DaliLoader:
     def __iter__(self):
         started = last = time.perf_counter()
         produced = 0
+        self._started = True
         try:
             for data in self.iterator:
                 now = time.perf_counter()

@@ -1,5 +1,5 @@
 """The shards and samples of a split, read from manifest.json and the DALI index files, and how training shards
-are dealt to ranks. Both backends use these; the per-rank rules are described in torch_wds.py and dali.py.
+are split among ranks. Both backends use these; the per-rank rules are described in torch_wds.py and dali.py.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltrain.data.shards import read_index
+from tltrain.data.shards import image_ext, read_index
 from tltrain.errors import ConfigError, DataError
 
 
@@ -54,7 +54,7 @@ def sample_refs(shard_dir: str | Path, shards: list[dict]) -> list[SampleRef]:
     for shard in shards:
         tar = str(Path(shard_dir) / shard["tar"])
         for members in read_index(Path(shard_dir) / shard["index"]):
-            key = members["jpg"][2].rsplit(".", 1)[0]
+            key = members[image_ext(members) or "jpg"][2].rsplit(".", 1)[0]
             refs.append(SampleRef(tar, key, members))
     return refs
 
@@ -75,13 +75,20 @@ def read_labels(refs: list[SampleRef]) -> np.ndarray:
     return labels
 
 
-def assign_shards(shards: list[dict], world: int, epoch: int, seed: int) -> list[list[dict]]:
-    """Training: a per-epoch shuffle of whole shards dealt to ranks, each shard to the least-loaded rank so far."""
+def training_block(refs: list[SampleRef], shards: list[dict], world: int, rank: int, epoch: int,
+                   seed: int) -> list[SampleRef]:
+    """Training: this rank's samples of an epoch, split per sample rather than per shard.
+
+    The shards are put in an epoch-seeded random order and their samples cut into `world` equal contiguous
+    blocks of N // world samples, one per rank. Every rank gets the same count whatever the shard sizes, at most
+    world - 1 samples sit out an epoch (a different few each epoch), and a rank streams only the shards its block
+    touches (its share plus at most two shards it shares with a neighbour).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5A4D]))
-    per_rank: list[list[dict]] = [[] for _ in range(world)]
-    loads = [0] * world
-    for i in rng.permutation(len(shards)):
-        target = loads.index(min(loads))
-        per_rank[target].append(shards[i])
-        loads[target] += int(shards[i]["count"])
-    return per_rank
+    by_tar: dict[str, list[SampleRef]] = {}
+    for ref in refs:
+        by_tar.setdefault(ref.tar, []).append(ref)
+    tars = list(by_tar)
+    ordered = [ref for i in rng.permutation(len(tars)) for ref in by_tar[tars[i]]]
+    per_rank = len(ordered) // world
+    return ordered[rank * per_rank:(rank + 1) * per_rank]

@@ -6,9 +6,10 @@ Which samples a rank reads (plan.py):
 - evaluation: the sample list, in shard order, is cut into equal contiguous blocks, one per rank; a rank streams
   only the shards its block touches and keeps the block's keys, so every sample is seen exactly once in all;
   the last batches are padded with valid=False rows so every rank runs ceil(N / world / batch) batches.
-- training: whole shards are dealt to ranks per epoch (fewer shards than ranks: every rank streams all shards and
-  keeps its block of an epoch-seeded permutation); each rank loops its stream until it has the same number of
-  full batches as every other rank. Samples are shuffled in a buffer (loader.shuffle_buffer).
+- training: per sample, not per shard: the shards in an epoch-seeded order, their samples cut into equal contiguous
+  blocks of N // world, one per rank (plan.training_block); a rank streams the shards its block touches and keeps
+  the block's keys, so every rank has the same count and only the last partial batch is dropped. Samples are
+  shuffled in a buffer (loader.shuffle_buffer); a rank loops its stream if skipped samples leave it short.
 - balanced training (Sallam et al.): each streamed sample is repeated Poisson(N / (C * count[label])) times, the
   streaming form of drawing with replacement at inverse class frequency, so every class is drawn equally often.
 Workers split shards with wds.split_by_worker; the ranks are given explicitly (build_loader's rank), not read from
@@ -17,7 +18,6 @@ sample never shifts labels and both backends see the same label.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -27,34 +27,41 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tltrain import preprocess as P
-from tltrain.data.disc import estimate_disc
+from tltrain.data.decode import decode_image, open_image, warn_draft_decode
+from tltrain.data.disc import locate_disc
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import assign_shards, read_labels, sample_refs, select_shards
+from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards, training_block
+from tltrain.engine.reproducibility import derive_seed
+from tltrain.data.shards import image_ext
 from tltrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
-def decode_fundus(data: bytes, disc, work_size: int, draft: bool) -> tuple[torch.Tensor, tuple]:
-    """RGB (H, W, 3) uint8 and the disc in its pixels; with draft, libjpeg decodes at 1/2, 1/4 or 1/8 scale as
-    long as the disc square keeps at least work_size pixels (so the final resize still only shrinks)."""
-    img = Image.open(io.BytesIO(data))
-    factor = 1.0
-    if draft and img.format == "JPEG" and disc is not None:
-        w, h = img.size
+def decode_fundus(data: bytes, disc, work_size: int, draft: bool, name: str = "image") -> tuple[torch.Tensor, tuple]:
+    """RGB (H, W, 3) uint8 by the shared decoding rule (tltrain.data.decode) and the disc in its pixels (located
+    like `prepare` does when the shard has no .disc). draft (loader.draft_decode, off by default) lets libjpeg
+    decode at 1/2, 1/4 or 1/8 scale while the disc square keeps at least work_size pixels: faster, but these
+    pixels are no longer the definition's (the loader warns once)."""
+    draft_size = None
+    if draft and disc is not None:
+        with open_image(data) as header:
+            full = header.size
         keep = max(work_size / max(2 * disc[2], 1.0), 1e-3)
-        img.draft("RGB", (max(1, math.ceil(w * keep)), max(1, math.ceil(h * keep))))
-        factor = img.size[0] / w
-    array = np.array(img.convert("RGB"))  # a writable copy: torch warns on read-only buffers
+        draft_size = (max(1, math.ceil(full[0] * keep)), max(1, math.ceil(full[1] * keep)))
+    image = decode_image(data, name, draft_size)
+    array = torch.from_numpy(np.array(image))
     if disc is None:
-        return torch.from_numpy(array), estimate_disc(array)
-    return torch.from_numpy(array), tuple(v * factor for v in disc)
+        return array, locate_disc(image)
+    if draft_size is None:
+        return array, tuple(disc)
+    factor = sum(image.size) / sum(full)  # width + height: the same before and after an EXIF rotation
+    return array, tuple(v * factor for v in disc)
 
 
 def sample_label(sample: dict) -> int:
@@ -137,12 +144,13 @@ class _RankStream(IterableDataset):
     def _prepare(self, sample: dict, rng: np.random.Generator):
         """One sample -> (uint8 crop or None, valid profiles, rotation, label, key, error message or None)."""
         key, url = sample["__key__"], sample.get("__url__", "?")
-        if "lbl" not in sample or "jpg" not in sample:
-            raise DataError(f"{url}: sample {key} lacks its .jpg or .lbl member (not a tltrain shard?)")
+        ext = image_ext(sample)
+        if "lbl" not in sample or ext is None:
+            raise DataError(f"{url}: sample {key} lacks its image (.jpg/.png) or .lbl member (not a tltrain shard?)")
         label = sample_label(sample)
         try:
             disc = np.frombuffer(sample["disc"], "<f4").tolist() if "disc" in sample else None
-            image, disc = decode_fundus(sample["jpg"], disc, self.work_size, self.cfg.draft_decode)
+            image, disc = decode_fundus(sample[ext], disc, self.work_size, self.cfg.draft_decode, f"{url}:{key}")
         except Exception as exc:  # a corrupt member: skip it loudly (counted by the loader) or stop, by config
             message = f"{url}:{key}: cannot decode ({type(exc).__name__}: {exc})"
             if self.cfg.on_decode_error == "fail":
@@ -182,6 +190,8 @@ class TorchWdsLoader:
                  device: str = "cpu", seed: int = 0, fraction: float | None = None):
         self.cfg, self.train, self.rank, self.world_size, self.seed = cfg, train, rank, world_size, seed
         self.device = torch.device(device)
+        if cfg.draft_decode:
+            warn_draft_decode()
         self.manifest, self.shards = select_shards(shard_dir, split, fraction)
         self.refs = sample_refs(shard_dir, self.shards)
         for shard in self.shards:
@@ -211,16 +221,10 @@ class TorchWdsLoader:
             self.urls = sorted({ref.tar for ref in self.refs[start:stop]}, key=[s["url"] for s in self.shards].index)
             self.n_batches = max(1, math.ceil(per_rank / batch))
             return
-        if len(self.shards) >= world:
-            dealt = assign_shards(self.shards, world, self.epoch, self.seed)
-            self.urls, self.keep = [s["url"] for s in dealt[self.rank]], None
-            self.n_batches = min(sum(int(s["count"]) for s in mine) for mine in dealt) // batch
-        else:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, 0x7EA1]))
-            block = n // world
-            order = rng.permutation(n)[self.rank * block:(self.rank + 1) * block]
-            self.urls, self.keep = [s["url"] for s in self.shards], {keys[i] for i in order}
-            self.n_batches = block // batch
+        block = training_block(self.refs, self.shards, world, self.rank, self.epoch, self.seed)
+        self.keep = {ref.key for ref in block}
+        self.urls = list(dict.fromkeys(ref.tar for ref in block))
+        self.n_batches = len(block) // batch
         if self.n_batches < 1:
             raise ConfigError(f"{n} training samples cannot fill one batch of {batch} on each of {world} ranks; "
                               "lower loader.batch_size")
@@ -242,7 +246,10 @@ class TorchWdsLoader:
         if not self.urls:
             return iter(())
         stream = _RankStream(self, self.urls, self.keep, finish_in_worker=not self._finish_on_device)
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers,
+        # A generator of its own: the workers' base seed comes from (seed, epoch, rank), and starting an iterator
+        # never draws from the global torch RNG (which a resumed run restores from its checkpoint).
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0xD1))
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
                                pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
                                prefetch_factor=self.cfg.prefetch_factor if workers else None))
 

@@ -1,0 +1,298 @@
+"""Multi-node training on the real two-node cluster of `slurm/up.sh --nodes 2` (slurmd n1 and n2 in their own
+network namespaces, gloo between them over a bridge), submitted as a user would with `tltrain submit` and the
+shipped presets: DDP and DeepSpeed ZeRO-2 on 2 nodes x 1 task agree with 1 node x 2 tasks, 2 x 2 runs, USR2 to
+the batch shell and `scontrol requeue` resume to the weights of the uninterrupted run, a SIGKILLed rank fails the
+job quickly and `tltrain jobs` says so, a failed chain step 1 cancels step 2.
+
+The jobs are polled with sacct on this cluster's SLURM_CONF (never through submitit's shared job watcher, which
+would mix up job ids with the one-node cluster's when both run in one pytest process). Skipped with the reason
+when the cluster is not up; CI starts it (.ci/run) and runs this module with `make test-multinode`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_run_overrides
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multinode, pytest.mark.timeout(900)]
+
+STATE_DIR = Path(os.environ.get("TLTRAIN_SLURM_MN_DIR", "/tmp/tltrain-slurm-mn"))
+SLURM_CONF = STATE_DIR / "etc" / "slurm.conf"
+ROOT = Path(__file__).resolve().parents[1]
+END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_CONF=str(SLURM_CONF), TLTRAIN_SLURM_DIR=str(STATE_DIR), OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")
+    return env
+
+
+def _cluster_problem() -> str | None:
+    if not SLURM_CONF.is_file():
+        return f"no multi-node cluster at {STATE_DIR} (run `sudo bash slurm/up.sh --nodes 2`)"
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=15,
+                              env=_env())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed ({exc}): run `sudo bash slurm/up.sh --nodes 2`"
+    usable = [line.split()[0] for line in done.stdout.splitlines()
+              if line.split()[-1].rstrip("*~#") in {"idle", "mixed", "allocated", "completing"}]
+    return None if len(set(usable)) >= 2 else f"fewer than 2 usable nodes ({done.stdout.strip()!r})"
+
+
+_PROBLEM = _cluster_problem()
+if _PROBLEM:
+    pytestmark.append(pytest.mark.skip(reason=_PROBLEM))
+
+
+def _run(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}: {done.stdout[-1500:]}{done.stderr[-1500:]}")
+    return done
+
+
+_START_WEIGHTS: list[str] = []  # set by the start_weights fixture
+
+
+def _overrides(shards, *extra: str) -> list[str]:
+    """The tiny run of the other SLURM tests with a shipped trainer preset; 2 epochs give a requeue room. Every
+    run starts from the same local weights, so runs in different layouts can be compared weight for weight."""
+    base = [o for o in tiny_run_overrides(shards, "unused")
+            if not o.startswith(("run_dir=", "trainer=", "loader.batch_size=", "schedule.epochs_per_phase="))]
+    return base + ["loader.batch_size=4", "schedule.epochs_per_phase=2", "device=cpu", *_START_WEIGHTS, *extra]
+
+
+@pytest.fixture(autouse=True)
+def this_cluster(monkeypatch):
+    """In-process calls (list_jobs runs sacct) talk to this cluster too, only for the duration of a test."""
+    monkeypatch.setenv("SLURM_CONF", str(SLURM_CONF))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_weights(trained_run):
+    _START_WEIGHTS[:] = [f"model.weights={trained_run}"]
+    yield
+    _START_WEIGHTS.clear()
+
+
+def tltrain_submit(root: Path, name: str, nodes: int, tasks: int, overrides: list[str], *options: str) -> str:
+    done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--nodes", str(nodes), "--tasks-per-node",
+                str(tasks), "--time", "20", "--root", str(root), "--name", name, *options, *overrides)
+    return done.stdout.split()[-1]
+
+
+def sacct(job_id: str) -> dict:
+    out = _run("sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode,NodeList,Reason",
+               check=False).stdout.strip().splitlines()
+    if not out:
+        return {}
+    state, code, nodes, reason = out[0].split("|")
+    return {"state": state.split()[0], "exit_code": code, "nodes": nodes, "reason": reason}
+
+
+def restarts(job_id: str) -> int:
+    """How often SLURM requeued the job (scontrol keeps ended jobs MinJobAge=300 s)."""
+    fields = dict(t.split("=", 1) for t in _run("scontrol", "show", "job", "-o", job_id).stdout.split() if "=" in t)
+    return int(fields["Restarts"])
+
+
+def wait_end(job_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = sacct(job_id)
+        if record.get("state") in END_STATES:
+            return record
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not end in {timeout} s: {sacct(job_id)}")
+
+
+def run_dir(root: Path, name: str) -> Path:
+    [path] = [p for p in root.iterdir() if p.is_dir() and p.name.endswith(f"_{name}")]
+    return path
+
+
+def status(path: Path) -> dict:
+    try:
+        return json.loads((path / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_step(path: Path, step: int, timeout: float = 400) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = status(path)
+        if current.get("step", 0) >= step and current.get("state") == "running":
+            return current
+        time.sleep(0.3)
+    raise AssertionError(f"{path} did not reach step {step}: {status(path)}")
+
+
+def final_metrics(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())["final"]
+
+
+def weights(path: Path) -> dict:
+    from tltrain.engine.checkpoint import consolidate_checkpoint
+
+    return consolidate_checkpoint(path)
+
+
+def assert_same_run(a: Path, b: Path, atol: float = 1e-4) -> None:
+    fa, fb = final_metrics(a), final_metrics(b)
+    assert fa["count"] == fb["count"]
+    for key in ("accuracy", "kappa", "cross_entropy"):
+        assert fa[key] == pytest.approx(fb[key], abs=atol), (key, fa[key], fb[key])
+    wa, wb = weights(a), weights(b)
+    for key in wb:
+        torch.testing.assert_close(wa[key].float(), wb[key].float(), atol=atol, rtol=1e-3)
+
+
+def _submit_and_wait(root: Path, shards, plan: dict) -> tuple[dict, dict]:
+    started = time.monotonic()
+    jobs = {name: tltrain_submit(root, name, nodes, tasks, _overrides(shards, preset))
+            for name, (nodes, tasks, preset) in plan.items()}
+    records = {name: wait_end(job) for name, job in jobs.items()}
+    print(f"multinode: {', '.join(plan)} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return jobs, records
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("multinode")
+
+
+@pytest.fixture(scope="module")
+def runs(root, fundus_shards):
+    """The uninterrupted DDP runs, all submitted at once (the cluster queues what does not fit)."""
+    plan = {"ddp_2x1": (2, 1, "trainer=ddp"), "ddp_1x2": (1, 2, "trainer=ddp"), "ddp_2x2": (2, 2, "trainer=ddp")}
+    jobs, records = _submit_and_wait(root, fundus_shards, plan)
+    return root, jobs, records
+
+
+@pytest.fixture(scope="module")
+def ds_runs(root, fundus_shards):
+    plan = {"ds_2x1": (2, 1, "trainer=deepspeed"), "ds_1x2": (1, 2, "trainer=deepspeed")}
+    jobs, records = _submit_and_wait(root, fundus_shards, plan)
+    return root, jobs, records
+
+
+def _compare_layouts(root: Path, records: dict, strategy: str, atol: float) -> None:
+    two_nodes, one_node = records[f"{strategy}_2x1"], records[f"{strategy}_1x2"]
+    assert two_nodes["state"] == one_node["state"] == "COMPLETED", (two_nodes, one_node)
+    assert two_nodes["nodes"] == "n[1-2]" and one_node["nodes"] in ("n1", "n2")
+    a, b = run_dir(root, f"{strategy}_2x1"), run_dir(root, f"{strategy}_1x2")
+    assert status(a)["world_size"] == status(b)["world_size"] == 2
+    assert status(a)["strategy"] == ("ddp" if strategy == "ddp" else "deepspeed")
+    assert_same_run(a, b, atol=atol)  # the same global batches in the same order: float noise only
+
+
+def test_ddp_two_nodes_one_task_each_match_one_node_two_tasks(runs):
+    root, jobs, records = runs
+    _compare_layouts(root, records, "ddp", atol=1e-4)
+
+
+def test_two_nodes_two_tasks_each(runs):
+    root, jobs, records = runs
+    assert records["ddp_2x2"]["state"] == "COMPLETED" and records["ddp_2x2"]["nodes"] == "n[1-2]"
+    path = run_dir(root, "ddp_2x2")
+    assert status(path)["world_size"] == 4 and status(path)["state"] == "completed"
+    assert final_metrics(path)["count"] == final_metrics(run_dir(root, "ddp_2x1"))["count"]  # every val image once
+
+
+@pytest.mark.parametrize("interrupt", ["usr2_batch_shell", "scontrol_requeue"])
+def test_interrupted_two_node_run_resumes_to_the_same_weights(runs, fundus_shards, interrupt):
+    root, jobs, records = runs
+    job = tltrain_submit(root, interrupt, 2, 1, _overrides(fundus_shards, "trainer=ddp"))
+    path = run_dir(root, interrupt)
+    # status.json is written at epoch ends: the end of epoch 1 leaves all of epoch 2 for the signal to land in
+    reached = wait_step(path, status(run_dir(root, "ddp_2x1"))["steps_per_epoch"])
+    if interrupt == "usr2_batch_shell":  # what a user or a site's preemption script sends; used to kill the job
+        _run("scancel", "--signal=USR2", "--batch", job)
+    else:
+        _run("scontrol", "requeue", job)
+    record = wait_end(job)
+    assert record["state"] == "COMPLETED" and restarts(job) == 1, record
+    log = "\n".join(p.read_text() for p in (path / ".submitit").rglob("*_0_log.out"))
+    assert "(attempt 1)" in log and "(attempt 2)" in log and "(attempt 3)" not in log
+    assert "CalledProcessError" not in log
+    assert "resumed from step-" in log
+    assert status(path)["step"] == status(run_dir(root, "ddp_2x1"))["step"] > reached["step"]
+    assert_same_run(path, run_dir(root, "ddp_2x1"), atol=1e-5)
+
+
+def test_a_sigkilled_rank_fails_the_job_within_a_minute(root, fundus_shards):
+    job = tltrain_submit(root, "killed", 2, 1, _overrides(fundus_shards, "trainer=ddp"))
+    path = run_dir(root, "killed")
+    wait_step(path, 2)
+    victim = _task_pid(job, procid=1)
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    record = wait_end(job, timeout=120)
+    assert record["state"] in ("FAILED", "CANCELLED"), record
+    assert time.monotonic() - killed < 60
+    from tltrain.launch.jobs import list_jobs
+
+    [row] = [r for r in list_jobs(root) if r["job_id"] == job]
+    assert row["state"] in ("FAILED", "CANCELLED") and row["error"], row
+    shown = _run(sys.executable, "-m", "tltrain.cli", "jobs", str(root), check=False)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr[-2000:]
+    assert job in shown.stdout
+
+
+def _task_pid(job_id: str, procid: int) -> int:
+    """The training process of one task (all nodes share this machine's process table)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = dict(item.split("=", 1) for item in (proc / "environ").read_bytes().decode(errors="replace")
+                           .split("\0") if "=" in item)
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURM_PROCID") == str(procid) \
+                and "submitit.core._submit" in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no process of job {job_id} task {procid}")
+
+
+def test_a_failed_chain_step1_cancels_step2_and_jobs_says_why(root, fundus_shards):
+    chain_root = root / "chain"
+    step1 = [o for o in _overrides(fundus_shards, "trainer=ddp") if not o.startswith("loader.batch_size=")]
+    done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--time", "10", "--root", str(chain_root),
+                *step1, "loader.batch_size=4096", "--chain", *_overrides(fundus_shards, "trainer=ddp"))
+    job1, job2 = done.stdout.split()[-2:]
+    assert wait_end(job1)["state"] == "FAILED"
+    record = wait_end(job2, timeout=60)  # --kill-on-invalid-dep=yes: cancelled, not PENDING forever
+    assert record["state"] == "CANCELLED", record
+    from tltrain.launch.jobs import list_jobs
+
+    for _ in range(30):  # sacct's records of both jobs settle a moment after the states
+        rows = {r["job_id"]: r for r in list_jobs(chain_root)}
+        if rows[job1]["error"] and rows[job2]["error"]:
+            break
+        time.sleep(1)
+    assert "cannot fill one batch" in rows[job1]["error"]
+    assert f"job {job1}" in rows[job2]["error"] and "never started" in rows[job2]["error"]
+    watch = _run(sys.executable, "-m", "tltrain.cli", "jobs", str(chain_root), "--watch", "1", check=False,
+                 timeout=60)
+    assert watch.returncode == 1 and "never started" in watch.stdout
+
+
+def test_deepspeed_two_nodes_one_task_each_match_one_node_two_tasks(ds_runs):
+    """The shipped trainer=deepspeed preset (ZeRO-2, bf16, channels_last) across two nodes."""
+    root, jobs, records = ds_runs
+    _compare_layouts(root, records, "ds", atol=2e-2)
