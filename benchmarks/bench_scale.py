@@ -177,7 +177,7 @@ def camera_costs(images: int, out: Path) -> dict:
         for resize in ("none", "radius:256", "longest:1024"):
             start, cpu = time.perf_counter(), time.process_time()
             for p, info in zip(paths, infos):
-                _encode_image((p, info["disc"], info["width"], info["height"], resize, 90))
+                _encode_image((p, info["disc"], info["width"], info["height"], info["keep_as"], resize, 90))
             costs[f"write[{resize}]"] = {"wall_s": round((time.perf_counter() - start) / len(paths), 4),
                                          "cpu_s": round((time.process_time() - cpu) / len(paths), 4)}
         return costs
