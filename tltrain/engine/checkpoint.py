@@ -79,11 +79,16 @@ def to_plain(obj):
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
+    return _map_children(obj, to_plain)
+
+
+def _map_children(obj, fn):
+    """fn applied to the values of a dict, list or tuple (the container itself kept when nothing changed)."""
     if isinstance(obj, dict):
-        items = {key: to_plain(value) for key, value in obj.items()}
+        items = {key: fn(value) for key, value in obj.items()}
         return obj if all(items[k] is obj[k] for k in obj) else dict(items)
     if isinstance(obj, (list, tuple)):
-        items = [to_plain(value) for value in obj]
+        items = [fn(value) for value in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
         return list(items) if isinstance(obj, list) else tuple(items)
@@ -92,18 +97,10 @@ def to_plain(obj):
 
 def from_plain(obj):
     """Inverse of `to_plain`: tagged byte tensors back to numpy arrays of their dtype and shape."""
-    if isinstance(obj, dict):
-        if NDARRAY_TAG in obj:
-            raw = obj[NDARRAY_TAG].numpy().tobytes()
-            return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-        items = {key: from_plain(value) for key, value in obj.items()}
-        return obj if all(items[k] is obj[k] for k in obj) else dict(items)
-    if isinstance(obj, (list, tuple)):
-        items = [from_plain(value) for value in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            return obj
-        return list(items) if isinstance(obj, list) else tuple(items)
-    return obj
+    if isinstance(obj, dict) and NDARRAY_TAG in obj:
+        raw = obj[NDARRAY_TAG].numpy().tobytes()
+        return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+    return _map_children(obj, from_plain)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
