@@ -19,8 +19,11 @@ Class-balanced sampling is not offered (the reader cannot weight samples; config
 """
 from __future__ import annotations
 
+import gc
 import math
+import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +37,23 @@ from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
 from tltrain.preprocess import DTYPES, circle_mask
+
+
+_INHERITED_PIPELINES: list = []
+
+
+def _disown_inherited_dali_pipelines() -> None:
+    """A forked child (a DataLoader worker, a prepare pool process) inherits every object of its parent, DALI
+    pipelines included (a process that also ran the DALI backend, e.g. evaluate after training). If the child frees
+    one, the pipeline's C++ destructor waits for pipeline threads that exist only in the parent, and the child hangs
+    for ever. Those pipelines belong to the parent: right after fork, before any Python code of the child can free
+    one, the child takes a reference to every Pipeline object it holds, so none is ever freed there."""
+    dali_pipeline = sys.modules.get("nvidia.dali.pipeline")
+    if dali_pipeline is not None:
+        _INHERITED_PIPELINES.extend(o for o in gc.get_objects() if isinstance(o, dali_pipeline.Pipeline))
+
+
+os.register_at_fork(after_in_child=_disown_inherited_dali_pipelines)
 
 
 def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: int, num_shards: int, seed: int,

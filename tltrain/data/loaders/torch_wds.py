@@ -18,10 +18,10 @@ sample never shifts labels and both backends see the same label.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -250,8 +250,10 @@ class TorchWdsLoader:
         # A generator of its own: the workers' base seed comes from (seed, epoch, rank), and starting an iterator
         # never draws from the global torch RNG (which a resumed run restores from its checkpoint).
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0xD1))
+        if workers:
+            gc.collect()  # unreachable DALI pipelines are shut down here, in their own process, never in a worker
+            # (dali.py: forked children disown the pipelines they inherit)
         return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                               worker_init_fn=_forked_worker_init if workers else None,
                                pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
                                prefetch_factor=self.cfg.prefetch_factor if workers else None))
 
@@ -314,13 +316,3 @@ class TorchWdsLoader:
             last = time.perf_counter()
         chunks.close()  # a looping training stream: stops its DataLoader workers
         self._seconds += time.perf_counter() - started
-
-
-def _forked_worker_init(_worker_id: int) -> None:
-    """A forked worker inherits every object of its parent, DALI pipelines included (a process that also ran the
-    DALI backend, e.g. evaluate after training). If the garbage collector frees one in the worker, DALI's
-    Pipeline.__del__ waits for pipeline threads that exist only in the parent, and the worker hangs for ever.
-    Those pipelines belong to the parent: in the worker they must never be shut down."""
-    dali_pipeline = sys.modules.get("nvidia.dali.pipeline")
-    if dali_pipeline is not None:
-        dali_pipeline.Pipeline.__del__ = lambda self: None
