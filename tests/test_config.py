@@ -63,3 +63,15 @@ def test_cli_prints_errors_without_traceback(tmp_path):
 def test_paper_experiment_configs_validate(name, fundus_shards):
     run = load_run_config(compose("config", [f"+experiment={name}", f"data.shards={fundus_shards}"]))
     assert run.schedule.name and run.model.arch
+
+
+def test_sweep_run_folder_names_fit_the_file_system():
+    """A sweep with many overrides (the demo's grid has 13) once failed: 'File name too long'."""
+    from tltrain.config import MAX_SUBDIR_BYTES, sweep_subdir, weights_tag
+
+    short = sweep_subdir(3, "schedule=swft,seed=1")
+    assert short == "3_schedule=swft,seed=1"
+    many = ",".join(f"key{i}.option=value_{i}" for i in range(30))
+    cut, other = sweep_subdir(12, many), sweep_subdir(12, many + ",seed=2")
+    assert len(cut.encode()) <= MAX_SUBDIR_BYTES and cut.startswith("12_key0.option=value_0") and cut != other
+    assert weights_tag(None) == "scratch" and weights_tag("/runs/step1_fundus") == "run-step1_fundus"

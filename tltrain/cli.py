@@ -63,6 +63,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
     result = write_report(args.sweep_dir, args.out)
     print(Path(result["markdown"]).read_text())
     print(f"written: {result['csv']}, {result['markdown']}" + (f", {result['plot']}" if result["plot"] else ""))
+    if result.get("finding"):
+        print(f"\nFinding: {result['finding']}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

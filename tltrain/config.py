@@ -6,6 +6,7 @@ this module only composes, converts and reports errors in one readable form, bef
 from __future__ import annotations
 
 import dataclasses
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,32 @@ def register_schemas() -> None:
         OmegaConf.register_new_resolver("tltrain_or", lambda value, default: value or default)
     if not OmegaConf.has_resolver("tltrain_hydra_subdir"):
         OmegaConf.register_new_resolver("tltrain_hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
+    if not OmegaConf.has_resolver("tltrain_sweep_subdir"):
+        OmegaConf.register_new_resolver("tltrain_sweep_subdir", sweep_subdir)
+    if not OmegaConf.has_resolver("tltrain_weights_tag"):
+        OmegaConf.register_new_resolver("tltrain_weights_tag", weights_tag)
+
+
+MAX_SUBDIR_BYTES = 200  # file systems allow 255 bytes per name; Hydra's override_dirname has no limit
+
+
+def sweep_subdir(job_num, override_dirname: str) -> str:
+    """A sweep run's folder name, `<num>_<overrides>`, cut to MAX_SUBDIR_BYTES with a hash of the whole: a sweep
+    with many overrides on the command line would otherwise fail on a name too long for the file system."""
+    import hashlib
+
+    name = f"{job_num}_{override_dirname}"
+    if len(name.encode()) <= MAX_SUBDIR_BYTES:
+        return name
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    return name.encode()[:MAX_SUBDIR_BYTES - 12].decode(errors="ignore") + f"~{digest}"
+
+
+def weights_tag(weights) -> str:
+    """Initial weights as a short folder-name part: scratch, or the weights' run/package/file name."""
+    from tltrain.report import initial_weights
+
+    return initial_weights(weights).replace(":", "-").replace("/", "-")
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
@@ -86,6 +113,11 @@ def config_error_line(exc: BaseException, schema: type | None = None) -> str:
         hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))}?)" if close else ""
         where = parent or "the run config"
         return f"unknown key {full_key!r}{hint}; valid keys of {where}: {', '.join(valid)}"
+    env = re.search(r"Environment variable '([^']+)' not found", message)
+    if env:  # e.g. +experiment=thtl's TLTRAIN_INTERMEDIATE
+        where = f" (needed by {full_key})" if full_key else ""
+        return (f"environment variable {env.group(1)} is not set{where}: set it, or give that value on the command "
+                "line")
     if full_key:
         override = _first_line(exc) if cause is not exc else ""
         override = override.removeprefix("Error merging override ").strip()

@@ -235,6 +235,9 @@ def plot_panels(summary: list[dict], path: Path, metrics=PLOTTED_METRICS) -> dic
         lines: dict[str, list[dict]] = {}
         for entry in entries:
             lines.setdefault(_config_label(entry), []).append(entry)
+        # one colour per schedule, dashed lines from scratch: a pair of lines per schedule reads as "with / without
+        # the pretrained weights"
+        schedules = sorted({e["schedule"] for e in entries}, key=str)
         for ax, metric in zip(row_axes, metrics):
             if len(fractions) >= 2:
                 for label, points in lines.items():
@@ -242,9 +245,13 @@ def plot_panels(summary: list[dict], path: Path, metrics=PLOTTED_METRICS) -> dic
                     if points:
                         ax.errorbar([p["fraction"] * 100 for p in points], [p[metric] for p in points],
                                     yerr=[_or_nan(p.get(f"{metric}_ci")) for p in points], marker="o", capsize=3,
-                                    label=label)
+                                    label=label, color=f"C{schedules.index(points[0]['schedule']) % 10}",
+                                    linestyle="--" if points[0]["weights"] == "scratch" else "-")
                 ax.set_xlabel("training data used (%)")
-                ax.set_xticks([f * 100 for f in fractions])
+                if fractions[-1] / fractions[0] >= 4:  # 10 / 25 / 100 %: evenly spaced on a log axis
+                    ax.set_xscale("log")
+                    ax.minorticks_off()
+                ax.set_xticks([f * 100 for f in fractions], [f"{f * 100:g}" for f in fractions])
             else:
                 shown = [e for e in entries if e.get(metric) is not None]
                 positions = range(len(shown))
@@ -302,6 +309,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     failed = [r for r in rows if r["status"] not in ("completed",)]
     if failed:
         md += ["## Not completed", ""] + [f"- {r['run']}: {r['status']} {r.get('error', '')}" for r in failed] + [""]
+    finding, comparisons = _thtl_section(rows)
+    if comparisons:
+        md += ["## Two-step transfer: comparisons", "",
+               "Difference of the mean test metric of configurations a and b over their seeds, with the 95 % Welch "
+               "t-interval (verdict 'higher'/'lower' only when the interval excludes 0).", "",
+               *([f"**Finding.** {finding}", ""] if finding else []), comparisons, ""]
     plot_path = out_dir / "report.png"
     charts = plot_panels(summary, plot_path)
     has_plot = bool(charts)
@@ -316,4 +329,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         "charts": charts,
         "rows": rows,
         "summary": summary,
+        "finding": finding,
     }
+
+
+def _thtl_section(rows: list[dict]) -> tuple[str | None, str]:
+    """The finding sentence and the comparisons table (kappa, then AUC) of a THTL-shaped sweep, else (None, "")."""
+    from tltrain.finding import comparisons_markdown, finding_sentence, thtl_comparisons
+
+    by_metric = {metric: thtl_comparisons(rows, metric) for metric in ("kappa", "auc")}
+    table = [c for metric in by_metric for c in by_metric[metric]]
+    return finding_sentence(by_metric["kappa"]), comparisons_markdown(table) if table else ""

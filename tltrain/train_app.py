@@ -31,7 +31,7 @@ class DataConfig:
 
     name: str = "fundus"  # a label for reports (e.g. eyepacs, aptos, synthetic_fundus, target)
     shards: str = MISSING  # folder holding manifest.json and the shards
-    fraction: float = 1.0  # nested training fraction recorded by prepare (0.1, 0.2, 0.4, 0.6, 0.8, 1.0 by default)
+    fraction: float = 1.0  # nested training fraction recorded by prepare (0.1, 0.2, 0.25, 0.4, 0.6, 0.8, 1.0 by default)
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"  # "" skips the final test evaluation

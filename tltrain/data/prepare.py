@@ -44,7 +44,7 @@ class PrepareConfig:
     out: str = MISSING  # output folder for shards, index files and manifest.json
     val_fraction: float = 0.1  # share of patients in the validation split
     test_fraction: float = 0.1  # share of patients in the test split
-    fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])  # nested train subsets
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.25, 0.4, 0.6, 0.8, 1.0])  # nested train subsets
     seed: int = 0
     shard_samples: int = 1000  # samples per shard at most
     shard_mb: float = 0.0  # >0: also cap a shard's size (MB of source files)

@@ -1,0 +1,58 @@
+"""`tltrain demo --quick`, the main job at its small size, as a user starts it from another working directory:
+synthetic data -> shards -> step 1 -> the step-2 grid as one Hydra multirun through submitit's local executor ->
+report with the finding -> export. One grid run is then started again by hand from its own recorded overrides and
+must give the same test numbers (every run deterministic), and a second `tltrain demo` continues instead of
+redoing anything."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_demo_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TLTRAIN_INTERMEDIATE"}
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "tltrain.cli", "demo", "--quick", "--out", "demo"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finding = [line for line in done.stdout.splitlines() if line.startswith("FINDING: ")]
+    assert finding and finding[0].startswith("FINDING: With 25 % of the target's training images, starting from "
+                                             "run:step1_fundus_layerwise"), done.stdout[-2000:]
+    assert "95 % CI [" in finding[0] and "n = 2 seeds" in finding[0]
+
+    grid = out / "runs" / "step2_grid"
+    runs = sorted(p.parent for p in grid.glob("*/status.json"))
+    assert len(runs) == 16 and all(json.loads((r / "status.json").read_text())["state"] == "completed" for r in runs)
+    report = (grid / "report.md").read_text()
+    assert "## Two-step transfer: comparisons" in report and (grid / "report.png").stat().st_size > 10_000
+    package = out / "export" / "fundus_resnet18"
+    assert json.loads((package / "tltrain.json").read_text())["num_classes"] == 5
+
+    # one grid run again, by hand, from the overrides Hydra recorded for it: the same test numbers
+    run = next(r for r in runs if r.name.endswith("_swft_f1.0_s0") and "step1" in r.name)
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    weights = yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"]
+    again = tmp_path / "again"
+    rerun = subprocess.run([sys.executable, "-m", "tltrain.cli", "train", *overrides, f"run_dir={again}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                                "TLTRAIN_INTERMEDIATE": str(out / "runs" / "step1_fundus_layerwise")})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert yaml.safe_load((again / "config.yaml").read_text())["model"]["weights"] == weights
+    first, second = (json.loads((d / "metrics.json").read_text())["test"] for d in (run, again))
+    assert {k: first[k] for k in ("kappa", "auc", "accuracy", "confusion")} == \
+        {k: second[k] for k in ("kappa", "auc", "accuracy", "confusion")}
+
+    # a second demo continues: every step is found complete
+    resumed = subprocess.run([sys.executable, "-m", "tltrain.cli", "demo", "--quick", "--out", "demo"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and resumed.stdout.count("already completed") == 2, resumed.stdout[-2000:]
+    assert resumed.stdout.splitlines()[-1] == finding[0]

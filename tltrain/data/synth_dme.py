@@ -1,0 +1,103 @@
+"""A synthetic second fundus task for two-step transfer: macular-oedema risk on photographs from another camera.
+
+Why this target (docs/transfer.md): THTL's question is whether an intermediate domain helps a target with few
+images. A fair synthetic test needs a target that shares low-level content with the intermediate domain but asks
+a different question, so that neither "the same task again" nor "nothing in common" decides the answer:
+- another camera: a redder, darker colour cast, a wider field (smaller disc in the frame), stronger vignetting and
+  more blur than the EyePACS-style set;
+- another grading task: clinically significant macular oedema (CSME-like), i.e. hard exudates within ~0.25 R of
+  the macula. Both classes carry the same background retinopathy (microaneurysms, haemorrhages) and both may
+  carry exudates: class 0 has none or has them only far from the macula (> 0.45 R). So the label depends on
+  what an exudate is (something the fundus model has seen: exudates come with grades 2-4 there) and on where it
+  lies (something it was never asked).
+Every image is a pure function of (seed, index, label), like the other generators.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from tltrain.data.synth import _draw_vessels, _pool_map, _rng, _smooth_noise
+
+DME_CLASSES = ("no_csme", "csme")
+
+
+def render_dme(seed, label: int, size: int = 192) -> np.ndarray:
+    """(size*3/4, size, 3) uint8: one photograph of camera B; label 1 = exudates close to the macula."""
+    rng = seed if isinstance(seed, np.random.Generator) else _rng(seed)
+    w, h = size, int(round(size * 0.75))
+    radius = min(h, w) * rng.uniform(0.40, 0.46)
+    cx, cy = w / 2 + rng.normal(0, 0.03) * w, h / 2 + rng.normal(0, 0.03) * h
+    scale = radius / 200.0
+    base = np.array([rng.uniform(0.85, 1.0), rng.uniform(0.22, 0.34), rng.uniform(0.06, 0.14)], np.float32)
+    exposure = rng.uniform(0.55, 0.9)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius
+    img = base[None, None] * (np.clip(1.0 - 0.7 * dist ** 2, 0, 1) * (1 + 0.1 * _smooth_noise(rng, h, w))
+                              * exposure)[..., None]
+    side = 1 if rng.integers(0, 2) else -1  # right or left eye: optic disc on the nasal side
+    od = (cx + side * radius * rng.uniform(0.25, 0.35), cy + rng.normal(0, 0.05) * radius)
+    macula = (cx - side * radius * rng.uniform(0.12, 0.2), cy + rng.normal(0, 0.04) * radius)
+    d_od = np.sqrt((xx - od[0]) ** 2 + (yy - od[1]) ** 2) / (radius * rng.uniform(0.07, 0.1))
+    img += np.exp(-d_od ** 4)[..., None] * np.array([0.3, 0.3, 0.15], np.float32)
+    d_mac = np.sqrt((xx - macula[0]) ** 2 + (yy - macula[1]) ** 2) / (radius * 0.12)
+    img *= (1 - 0.3 * np.exp(-d_mac ** 2))[..., None]
+    pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    vessel = tuple(int(c) for c in (base * exposure * np.array([140, 50, 40])).clip(0, 255))
+    _draw_vessels(draw, rng, od, radius, scale, vessel)
+
+    def around(centre, r_min, r_max):
+        """A point at a distance in [r_min, r_max] * radius from centre, inside 0.85 R of the disc."""
+        while True:
+            r = radius * rng.uniform(r_min, r_max)
+            a = rng.uniform(0, 2 * math.pi)
+            x, y = centre[0] + r * math.cos(a), centre[1] + r * math.sin(a)
+            if math.hypot(x - cx, y - cy) <= 0.85 * radius:
+                return x, y
+
+    dark_red = tuple(int(c) for c in (exposure * np.array([115, 15, 12])).clip(0, 255))
+    for _ in range(int(rng.integers(2, 14))):  # background retinopathy in both classes
+        x, y = around((cx, cy), 0.0, 0.85)
+        r = rng.uniform(1.0, 2.2) * scale + 0.6
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=dark_red)
+    for _ in range(int(rng.integers(0, 6))):
+        x, y = around((cx, cy), 0.0, 0.85)
+        rx, ry = rng.uniform(4, 11) * scale + 1, rng.uniform(4, 11) * scale + 1
+        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=tuple(int(c * 0.85) for c in dark_red))
+    yellow = tuple(int(c) for c in (np.array([245, 215, 100]) * min(1.0, exposure + 0.25)).clip(0, 255))
+    if label == 1:
+        near, far = int(rng.integers(3, 12)), int(rng.integers(0, 8))
+    else:
+        near, far = 0, int(rng.integers(0, 2)) * int(rng.integers(3, 14))  # half have far exudates only
+    spots = [around(macula, 0.0, 0.25) for _ in range(near)] + [around(macula, 0.45, 0.9) for _ in range(far)]
+    for x, y in spots:
+        r = rng.uniform(1.5, 3.8) * scale + 0.6
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=yellow)
+
+    pil = pil.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.8, 1.6) * max(scale, 0.5)))
+    out = np.asarray(pil, np.float32) * (dist <= 1.0)[..., None]
+    out = np.clip(out + rng.normal(0, 2.0, out.shape), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out[:, ::-1]) if rng.uniform() < 0.5 else out
+
+
+def _write_dme(job):
+    path, seed, index, label, size = job
+    Image.fromarray(render_dme(_rng(seed, index, label, 0xD3E), label, size)).save(path, format="JPEG", quality=88)
+    return path
+
+
+def generate_dme_target(out_dir, n_per_class: int, size: int = 192, seed: int = 0, workers: int | None = None,
+                        progress: bool = True) -> dict:
+    """Write `<out>/<class>/<class>_<index>.jpg` (ImageFolder) of the macular-oedema task, classes DME_CLASSES."""
+    out = Path(out_dir)
+    jobs = []
+    for label, name in enumerate(DME_CLASSES):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        jobs += [(str(out / name / f"{name}_{i:05d}.jpg"), seed, i, label, size) for i in range(n_per_class)]
+    _pool_map(_write_dme, jobs, workers, progress, "synth DME target")
+    return {"root": str(out), "classes": list(DME_CLASSES), "per_class": n_per_class, "images": len(jobs),
+            "size": size}
