@@ -50,7 +50,9 @@ def _disown_inherited_dali_pipelines() -> None:
     one, the child takes a reference to every Pipeline object it holds, so none is ever freed there."""
     dali_pipeline = sys.modules.get("nvidia.dali.pipeline")
     if dali_pipeline is not None:
-        _INHERITED_PIPELINES.extend(o for o in gc.get_objects() if isinstance(o, dali_pipeline.Pipeline))
+        pipeline_type = dali_pipeline.Pipeline  # type(), not isinstance: no object's __class__ hook runs (torch's
+        # deprecated reduce_op warns on it in every child)
+        _INHERITED_PIPELINES.extend(o for o in gc.get_objects() if issubclass(type(o), pipeline_type))
 
 
 os.register_at_fork(after_in_child=_disown_inherited_dali_pipelines)
