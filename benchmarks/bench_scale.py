@@ -124,10 +124,11 @@ def prepare_parts(root: Path, shards: Path, layout: str, workers: int, shard_sam
     return {"parts": info}
 
 
-def verify_parts(shards: Path) -> dict:
+def verify_parts(shards: Path, workers: int) -> dict:
     from tltrain.data.verify import verify_shards
 
-    return {"verified": {p.name: verify_shards(p)["samples"] for p in sorted(shards.iterdir())}}
+    return {"workers": workers or len(os.sched_getaffinity(0)),
+            "verified": {p.name: verify_shards(p, workers=workers)["samples"] for p in sorted(shards.iterdir())}}
 
 
 def _import_loaders(backends) -> None:
@@ -226,7 +227,7 @@ def run_n(n: int, args) -> dict:
     try:
         stage(results, "synth", n, lambda: synth(raw, n, args.layout, args.width, args.workers))
         stage(results, "prepare", n, lambda: prepare_parts(raw, shards, args.layout, args.workers, args.shard_samples))
-        stage(results, "verify", n, lambda: verify_parts(shards))
+        stage(results, "verify", n, lambda: verify_parts(shards, args.workers))
         n_train = json.loads((shards / "train" / "manifest.json").read_text())["splits"]["train"]["count"]
         results["train_split"] = n_train
         _import_loaders(args.backends)  # torch/DALI imports are paid once per process, not per loader
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, nargs="*", default=[KAGGLE_TRAIN + KAGGLE_TEST], help="dataset sizes")
     parser.add_argument("--layout", choices=("kaggle", "train"), default="kaggle")
     parser.add_argument("--width", type=int, default=128, help="synthetic image width in px")
-    parser.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
+    parser.add_argument("--workers", type=int, default=2, help="processes for synth, prepare and verify")
     parser.add_argument("--shard-samples", type=int, default=1000)
     parser.add_argument("--backends", nargs="+", default=["torch", "dali"], choices=("torch", "dali"))
     parser.add_argument("--out", default="/tmp/tltrain_bench_scale", help="work folder (emptied per N)")

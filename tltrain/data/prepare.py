@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from PIL import Image
 import tltrain
 from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
 from tltrain.data.disc import disc_square, locate_disc_fit
+from tltrain.data.pool import pool_map
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -152,22 +152,12 @@ def _shard_sample(entry: dict, encoded) -> ShardSample:
     return ShardSample(e["key"], e["label"], image, tuple(disc), meta, image_ext=ext)
 
 
-def _pool_map(fn, jobs, workers: int):
-    """fn over jobs in order, per item across a process pool (lazy: results stream back as they finish in order)."""
-    workers = workers or len(os.sched_getaffinity(0))  # the cores SLURM gave this task, not the whole node's
-    if workers == 1 or len(jobs) <= 1:
-        yield from map(fn, jobs)
-        return
-    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-        yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 4))))
-
-
 def _parallel(fn, jobs, workers: int, progress: bool, desc: str) -> list:
     from tqdm import tqdm
 
     results = []
     with tqdm(total=len(jobs), desc=desc, disable=None if progress else True) as bar:
-        for result in _pool_map(fn, jobs, workers):
+        for result in pool_map(fn, jobs, workers):
             results.append(result)
             bar.update()
     return results
@@ -183,7 +173,7 @@ def _write_shards(out: Path, todo: list[tuple[str, str, list[dict]]], cfg: "Prep
     jobs = [(e["path"], e["disc"], e["width"], e["height"], e["keep_as"], cfg.resize, cfg.jpeg_quality)
             for _, _, entries in todo for e in entries]
     copy_only = mode == "none" and all(job[4] for job in jobs)  # plain byte copies need no pool
-    encoded = map(_encode_image, jobs) if copy_only else _pool_map(_encode_image, jobs, cfg.workers)
+    encoded = map(_encode_image, jobs) if copy_only else pool_map(_encode_image, jobs, cfg.workers)
     records = []
     with tqdm(total=len(jobs), desc="writing shards", disable=None if cfg.progress else True) as bar:
         for name, plan_hash, entries in todo:
@@ -347,7 +337,7 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
 
         from tltrain.data.verify import verify_shards
 
-        verify_shards(out)
+        verify_shards(out, workers=cfg.workers)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return manifest
 
