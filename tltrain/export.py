@@ -226,6 +226,11 @@ def timm_config(model, meta: dict) -> dict:
               "tltrain_preprocessing": pre, "tltrain_metadata": METADATA}
     if meta["num_outputs"] == meta["num_classes"]:
         config["label_names"] = meta["class_names"]
+    from tltrain.models import input_size_args
+
+    size_args = input_size_args(meta["architecture"], meta["input_size"][-1])
+    if size_args:  # a ViT trained at another size: timm builds it the same way (model_args) to accept it
+        config["model_args"] = size_args
     return config
 
 
@@ -371,7 +376,7 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
     """(model in eval mode, Preprocessing). num_classes differing from the package's gives a fresh head."""
     import timm
 
-    from tltrain.models import describe_mismatch, load_weights, read_state_dict
+    from tltrain.models import describe_mismatch, input_size_args, load_weights, read_state_dict
 
     path = Path(path)
     meta = read_metadata(path)
@@ -384,7 +389,8 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
     if arch not in timm.list_models():
         raise ConfigError(f"{path / METADATA}: architecture {arch!r} is not a timm model")
     outputs = num_classes or meta["num_outputs"]
-    model = timm.create_model(arch, pretrained=False, num_classes=outputs)
+    model = timm.create_model(arch, pretrained=False, num_classes=outputs,
+                              **input_size_args(arch, meta["preprocessing"]["size"]))
     if outputs == meta["num_outputs"]:
         state = read_state_dict(weights)  # safetensors; any other file only weights-only (a package is data)
         problem = describe_mismatch(state, model.state_dict())

@@ -37,17 +37,43 @@ class LoadReport:
 
 
 def create_model(arch: str, num_classes: int, weights: str | None = None, trust_pickle: bool = False,
-                 **timm_kwargs) -> nn.Module:
-    """timm.create_model(arch, pretrained=False, num_classes=...) then, optionally, weights from a local file."""
+                 input_size: int | None = None, **timm_kwargs) -> nn.Module:
+    """timm.create_model(arch, pretrained=False, num_classes=...) then, optionally, weights from a local file.
+
+    input_size: the loader's image size. Models built for one fixed size (timm's `fixed_input_size`: ViTs) are
+    created with `dynamic_img_size=True` when it differs, so the shipped vit preset trains at 512 px too: the
+    position embedding keeps its shape (pretrained weights load unchanged) and is interpolated per forward."""
     if arch not in timm.list_models():
         close = timm.list_models(f"*{arch}*")[:10]
         hint = f"; similar names: {', '.join(close)}" if close else ""
         raise ConfigError(f"model.arch={arch!r} is not a timm model{hint}")
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    size_args = input_size_args(arch, input_size)
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **size_args, **timm_kwargs)
+    except TypeError:
+        if not size_args:
+            raise
+        raise ConfigError(f"model.arch={arch} takes only {_fixed_input_size(arch)} px images: set loader.size="
+                          f"{_fixed_input_size(arch)}") from None
     if weights:
         report = load_weights(model, weights, trust_pickle=trust_pickle)
         model.tltrain_load_report = report  # kept for logging by the caller
     return model
+
+
+def input_size_args(arch: str, input_size: int | None) -> dict:
+    """timm kwargs for images of input_size: {"dynamic_img_size": True} for a fixed-size model (ViT) fed another
+    size, else {}."""
+    native = _fixed_input_size(arch)
+    return {"dynamic_img_size": True} if input_size and native and input_size != native else {}
+
+
+def _fixed_input_size(arch: str) -> int | None:
+    """The one image size a timm architecture accepts, or None when it takes any size (CNNs)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    return int(cfg.input_size[-1]) if cfg is not None and getattr(cfg, "fixed_input_size", False) else None
 
 
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -54,7 +54,8 @@ def run_transfer(cfg) -> dict:
         _check_shard_checksums(cfg, env, device)
     num_classes = int(manifest["num_classes"])
     model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
-                         trust_pickle=cfg.model.trust_pickle, drop_rate=cfg.model.drop_rate)
+                         trust_pickle=cfg.model.trust_pickle, input_size=cfg.loader.size,
+                         drop_rate=cfg.model.drop_rate)
     report = getattr(model, "tltrain_load_report", None)
     if report is not None:
         _log(env.is_main, f"weights {cfg.model.weights}: {report.summary()}")
