@@ -50,10 +50,21 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         print(manifest_summary(manifest))
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (argparse prints the error and exits with status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _cmd_verify(args: argparse.Namespace) -> None:
     from tltrain.data.verify import verify_shards
 
-    report = verify_shards(args.shards)
+    report = verify_shards(args.shards, workers=args.workers)
     print(json.dumps(report, indent=2, default=str))
 
 
@@ -212,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-read shards: checksums, decoding, counts vs manifest")
     p.add_argument("shards", help="folder with manifest.json and the shards")
+    p.add_argument("--workers", type=_non_negative_int, default=0,
+                   help="processes checking shards in parallel (default 0: every core this process may use)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("report", help="aggregate a sweep's runs into CSV, Markdown and a metric-vs-fraction plot")

@@ -15,9 +15,9 @@ import io
 import json
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from omegaconf import MISSING
@@ -26,6 +26,7 @@ from PIL import Image
 import tltrain
 from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
 from tltrain.data.disc import disc_square, locate_disc_fit
+from tltrain.data.pool import pool_map
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
@@ -90,6 +91,38 @@ def parse_task(spec: str) -> tuple[int, int]:
     raise ConfigError(f"prepare.task={spec!r} is not valid; expected i/K with 0 <= i < K, e.g. task=0/4")
 
 
+class PlanEntry(NamedTuple):
+    """One sample of the plan. A tuple, not a dict: tens of thousands are held until the shards are written, and
+    its strings are the Record's own objects."""
+    key: str
+    name: str
+    file: str
+    patient: str
+    label: int
+    path: str
+    grade_name: str
+    width: int
+    height: int
+    disc: tuple
+    keep_as: str | None
+    bytes: int
+    mtime_ns: int
+    split: str
+
+
+class Inspection(NamedTuple):
+    """inspect_image's result for a usable image, held compactly until planning (a problem is held as its text)."""
+    width: int
+    height: int
+    disc: tuple
+    keep_as: str | None
+
+
+def _compact(result: dict) -> "Inspection | str":
+    return result["problem"] if "problem" in result else Inspection(result["width"], result["height"],
+                                                                    tuple(result["disc"]), result["keep_as"])
+
+
 # -- per-image work (runs in worker processes) ------------------------------------------------------------------
 def inspect_image(path: str) -> dict:
     """Decode fully by the shared rule (tltrain.data.decode: EXIF orientation, 16-bit, alpha, ...) and locate the
@@ -143,49 +176,39 @@ def _encode_image(job):
     return image, new_disc, new_size, "jpg"
 
 
-def _shard_sample(entry: dict, encoded) -> ShardSample:
+def _shard_sample(e: PlanEntry, encoded) -> ShardSample:
     image, disc, (w, h), ext = encoded
-    e = entry
-    meta = {"key": e["key"], "name": e["name"], "file": e["file"], "patient": e["patient"], "label": e["label"],
-            "grade_name": e["grade_name"], "source": e["path"], "width": w, "height": h,
+    meta = {"key": e.key, "name": e.name, "file": e.file, "patient": e.patient, "label": e.label,
+            "grade_name": e.grade_name, "source": e.path, "width": w, "height": h,
             "disc": [round(v, 3) for v in disc]}
-    return ShardSample(e["key"], e["label"], image, tuple(disc), meta, image_ext=ext)
+    return ShardSample(e.key, e.label, image, tuple(disc), meta, image_ext=ext)
 
 
-def _pool_map(fn, jobs, workers: int):
-    """fn over jobs in order, per item across a process pool (lazy: results stream back as they finish in order)."""
-    workers = workers or len(os.sched_getaffinity(0))  # the cores SLURM gave this task, not the whole node's
-    if workers == 1 or len(jobs) <= 1:
-        yield from map(fn, jobs)
-        return
-    with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-        yield from pool.map(fn, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 4))))
-
-
-def _parallel(fn, jobs, workers: int, progress: bool, desc: str) -> list:
+def _parallel(fn, jobs, workers: int, progress: bool, desc: str, convert=lambda result: result) -> list:
     from tqdm import tqdm
 
     results = []
     with tqdm(total=len(jobs), desc=desc, disable=None if progress else True) as bar:
-        for result in _pool_map(fn, jobs, workers):
-            results.append(result)
+        for result in pool_map(fn, jobs, workers):
+            results.append(convert(result))
             bar.update()
     return results
 
 
-def _write_shards(out: Path, todo: list[tuple[str, str, list[dict]]], cfg: "PrepareConfig") -> list[dict]:
+def _write_shards(out: Path, todo: list[tuple[str, str, list[PlanEntry]]], cfg: "PrepareConfig") -> list[dict]:
     """Write the shards of `todo` [(name, plan_hash, entries)]: images are decoded/resized/encoded per image
     across the pool, and each tar is written here in plan order once its samples are in, so one shard's images
     are in memory at a time whatever the worker count."""
     from tqdm import tqdm
 
     mode, _ = parse_resize(cfg.resize)
-    jobs = [(e["path"], e["disc"], e["width"], e["height"], e["keep_as"], cfg.resize, cfg.jpeg_quality)
-            for _, _, entries in todo for e in entries]
-    copy_only = mode == "none" and all(job[4] for job in jobs)  # plain byte copies need no pool
-    encoded = map(_encode_image, jobs) if copy_only else _pool_map(_encode_image, jobs, cfg.workers)
+    count = sum(len(entries) for _, _, entries in todo)
+    jobs = ((e.path, e.disc, e.width, e.height, e.keep_as, cfg.resize, cfg.jpeg_quality)
+            for _, _, entries in todo for e in entries)  # drawn as the pool goes: never all held at once
+    copy_only = mode == "none" and all(e.keep_as for _, _, entries in todo for e in entries)  # byte copies: no pool
+    encoded = map(_encode_image, jobs) if copy_only else pool_map(_encode_image, jobs, cfg.workers, count=count)
     records = []
-    with tqdm(total=len(jobs), desc="writing shards", disable=None if cfg.progress else True) as bar:
+    with tqdm(total=count, desc="writing shards", disable=None if cfg.progress else True) as bar:
         for name, plan_hash, entries in todo:
             samples = []
             for entry in entries:
@@ -196,32 +219,32 @@ def _write_shards(out: Path, todo: list[tuple[str, str, list[dict]]], cfg: "Prep
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
-def _plan_shards(groups: dict[str, list[dict]], cfg: PrepareConfig) -> list[tuple[str, list[dict]]]:
+def _plan_shards(groups: dict[str, list[PlanEntry]], cfg: PrepareConfig) -> list[tuple[str, list[PlanEntry]]]:
     """Shuffle each (split, tier) group once with the seed, then cut it into shards."""
     plan = []
     for group_name in sorted(groups):
-        entries = sorted(groups[group_name], key=lambda e: e["key"])
+        entries = sorted(groups[group_name], key=lambda e: e.key)
         digest = int(hashlib.sha256(group_name.encode()).hexdigest()[:8], 16)
         order = np.random.default_rng(np.random.SeedSequence([cfg.seed, digest])).permutation(len(entries))
         limit_bytes = cfg.shard_mb * 1e6 if cfg.shard_mb > 0 else float("inf")
         shards, current, current_bytes = [], [], 0
         for index in order:
             entry = entries[index]
-            if current and (len(current) >= cfg.shard_samples or current_bytes + entry["bytes"] > limit_bytes):
+            if current and (len(current) >= cfg.shard_samples or current_bytes + entry.bytes > limit_bytes):
                 shards.append(current)
                 current, current_bytes = [], 0
             current.append(entry)
-            current_bytes += entry["bytes"]
+            current_bytes += entry.bytes
         if current:
             shards.append(current)
         plan += [(f"{group_name}-{number:06d}", shard) for number, shard in enumerate(shards)]
     return plan
 
 
-def _plan_hash(entries: list[dict], cfg: PrepareConfig) -> str:
+def _plan_hash(entries: list[PlanEntry], cfg: PrepareConfig) -> str:
     """Changes when anything that shapes the shard's bytes changes: inputs (path, size, mtime) or options."""
     spec = {"resize": cfg.resize, "decode": DECODE_RULE, "quality": cfg.jpeg_quality if cfg.resize != "none" else None,
-            "entries": [(e["key"], e["label"], e["path"], e["bytes"], e["mtime_ns"]) for e in entries]}
+            "entries": [(e.key, e.label, e.path, e.bytes, e.mtime_ns) for e in entries]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -254,13 +277,14 @@ def _check_file(out: Path, index: int, count: int) -> Path:
     return out / WORK_DIR / f"check-{index:05d}-of-{count:05d}.json"
 
 
-def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list[dict]:
-    """Every record's inspection, in record order: computed here (phase all), by this task for records i::K
-    (phase check: saved and returned), or read back from the K tasks' files (phases write and finish)."""
+def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list:
+    """Every record's inspection (an Inspection, or the problem's text), in record order: computed here (phase
+    all), by this task for records i::K (phase check: saved), or read back from the K tasks' files (phases write
+    and finish)."""
     index, count = parse_task(cfg.task)
     paths = [r.path for r in records]
     if cfg.phase == "all":
-        return _parallel(inspect_image, paths, cfg.workers, cfg.progress, "checking images")
+        return _parallel(inspect_image, paths, cfg.workers, cfg.progress, "checking images", convert=_compact)
     if cfg.phase == "check":
         mine = _parallel(inspect_image, paths[index::count], cfg.workers, cfg.progress, "checking images")
         target = _check_file(out, index, count)
@@ -268,14 +292,14 @@ def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list[dict]
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(json.dumps({"paths": paths[index::count], "results": mine}))
         os.replace(tmp, target)
-        return mine
+        return [_compact(result) for result in mine]
     if cfg.phase == "finish":  # one process after the K tasks: K is read off their file names
         counts = {int(p.stem.rsplit("-", 1)[1]) for p in (out / WORK_DIR).glob("check-*-of-*.json")}
         if len(counts) != 1:
             raise DataError(f"{out / WORK_DIR}: expected the check files of one split prepare, found task counts "
                             f"{sorted(counts) or 'none'}; run the check and write phases first")
         count = counts.pop()
-    inspected: list[dict | None] = [None] * len(records)
+    inspected: list = [None] * len(records)
     for task in range(count):
         target = _check_file(out, task, count)
         try:
@@ -285,7 +309,7 @@ def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list[dict]
                             " first (every check task must finish before the write phase)") from None
         if saved["paths"] != paths[task::count]:
             raise DataError(f"{target}: written for another source listing; run the check phase again")
-        inspected[task::count] = saved["results"]
+        inspected[task::count] = [_compact(result) for result in saved["results"]]
     return inspected
 
 
@@ -306,12 +330,13 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
     inspected = _inspect(cfg, records, out)
     if cfg.phase == "check":
         return None
-    good: list[tuple[Record, dict]] = []
+    good: list[tuple[Record, Inspection]] = []
     for record, info in zip(records, inspected):
-        if "problem" in info:
-            problems.append(Problem(record.path, info["problem"]))
+        if isinstance(info, str):
+            problems.append(Problem(record.path, info))
         else:
             good.append((record, info))
+    del inspected
     if problems and cfg.on_problem == "fail":
         listing = "\n".join(f"  - {p}" for p in problems)
         raise DataError(f"{len(problems)} problem(s) in {source.description.get('root')}; nothing was written "
@@ -320,6 +345,7 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
         raise DataError(f"{source.description.get('root')}: no usable samples ({len(problems)} problems)", problems)
 
     plan, fractions = _plan(cfg, source, good)
+    del good  # the plan holds what the shards need
     out.mkdir(parents=True, exist_ok=True)
     hashes = {name: _plan_hash(entries, cfg) for name, entries in plan}
     index, count = parse_task(cfg.task)
@@ -347,12 +373,12 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
 
         from tltrain.data.verify import verify_shards
 
-        verify_shards(out)
+        verify_shards(out, workers=cfg.workers)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return manifest
 
 
-def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, dict]]):
+def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, Inspection]]):
     """(plan, fractions): patient-level splits, nested train tiers, then shards: a pure function of the inputs."""
     splits = split_by_patient([r for r, _ in good], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     tiers = nested_fractions([r for r, _ in good if splits[r.key] == "train"], list(cfg.fractions), cfg.seed)
@@ -362,12 +388,10 @@ def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, dict]]):
         split = splits[record.key]
         group = f"train-{tier_name(tiers[record.key])}" if split == "train" else f"{split}-all"
         stat = Path(record.path).stat()
-        groups.setdefault(group, []).append({
-            "key": record.key, "name": record.name, "file": record.file, "patient": record.patient,
-            "label": record.label, "path": record.path,
-            "grade_name": source.class_names[record.label], "width": info["width"], "height": info["height"],
-            "disc": info["disc"], "keep_as": info["keep_as"], "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "split": split})
+        groups.setdefault(group, []).append(PlanEntry(
+            record.key, record.name, record.file, record.patient, record.label, record.path,
+            source.class_names[record.label], info.width, info.height, info.disc, info.keep_as, stat.st_size,
+            stat.st_mtime_ns, split))
     return _plan_shards(groups, cfg), fractions
 
 
@@ -382,8 +406,8 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
         info = splits.setdefault(split, {"count": 0, "class_counts": [0] * n_classes, "patients": set()})
         info["count"] += len(entries)
         for e in entries:
-            info["class_counts"][e["label"]] += 1
-            info["patients"].add(e["patient"])
+            info["class_counts"][e.label] += 1
+            info["patients"].add(e.patient)
     for info in splits.values():
         info["patients"] = len(info["patients"])
     fraction_info = {}
@@ -393,7 +417,7 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
         for name, entries in plan:
             if any(s["name"] == name for s in chosen):
                 for e in entries:
-                    counts[e["label"]] += 1
+                    counts[e.label] += 1
         fraction_info[f"{fraction:g}"] = {"tier": tier_name(fraction), "count": sum(s["count"] for s in chosen),
                                           "class_counts": counts, "shards": [s["name"] for s in chosen]}
     written = sum(s["count"] for s in shards)

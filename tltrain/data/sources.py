@@ -43,7 +43,7 @@ class SourceConfig:
             raise ConfigError("source.kind=csv needs source.labels_csv, source.key_column and source.label_column")
 
 
-@dataclass
+@dataclass(slots=True)  # one per image: no per-instance __dict__ (tens of thousands are held during prepare)
 class Record:
     key: str  # unique sample key: the name itself when safe (10_left), else a slug + hash (tltrain.data.keys)
     patient: str  # samples of one patient always land in the same split (derived from the original name)

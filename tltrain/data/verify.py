@@ -4,6 +4,10 @@ Checks, per shard: sha256 and size against the manifest, the DALI index against 
 every sample complete (all members present), its key safe for every reader, its image decodes, its two label
 encodings agree, and the counts per shard, split and class add up to the manifest's. Returns a report; raises
 DataError listing every problem.
+
+Shards are checked in parallel, one shard per job across a process pool (`workers`, 0 = every core this process
+may use); results are gathered in manifest order, so the report and the problem list are the same as a serial
+run's whatever the worker count.
 """
 from __future__ import annotations
 
@@ -14,8 +18,16 @@ from pathlib import Path
 
 from tltrain.data.decode import decode_rgb
 from tltrain.data.keys import is_safe_key
+from tltrain.data.pool import pool_map
 from tltrain.data.shards import MEMBER_ORDER, image_ext, read_index, sha256_file
 from tltrain.errors import DataError
+
+
+def _check_shard_job(job: tuple[Path, dict]) -> tuple[int, list[int], list[str]]:
+    """One pool job: (shard folder, manifest entry) -> (sample count, labels, problems) of that shard."""
+    problems: list[str] = []
+    count, labels = _check_shard(*job, problems)
+    return count, labels, problems
 
 
 def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int, list[int]]:
@@ -67,7 +79,9 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
     return len(samples), labels
 
 
-def verify_shards(shard_dir: str | Path) -> dict:
+def verify_shards(shard_dir: str | Path, workers: int = 0) -> dict:
+    """Check every shard of `shard_dir` against its manifest.json (see the module docstring); workers: processes
+    (0: every core this process may use; 1: in this process)."""
     shard_dir = Path(shard_dir)
     manifest_path = shard_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -75,8 +89,10 @@ def verify_shards(shard_dir: str | Path) -> dict:
     manifest = json.loads(manifest_path.read_text())
     problems: list[str] = []
     per_split: dict[str, list[int]] = {}
-    for entry in manifest["shards"]:
-        count, labels = _check_shard(shard_dir, entry, problems)
+    jobs = [(shard_dir, entry) for entry in manifest["shards"]]
+    for entry, (count, labels, shard_problems) in zip(manifest["shards"], pool_map(_check_shard_job, jobs, workers,
+                                                                                  chunksize=1)):
+        problems += shard_problems
         counts = per_split.setdefault(entry["split"], [0] * manifest["num_classes"])
         for label in labels:
             counts[label] += 1

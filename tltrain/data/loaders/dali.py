@@ -33,7 +33,7 @@ import torch
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards
+from tltrain.data.loaders.plan import sample_index, select_shards
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
 from tltrain.preprocess import DTYPES, circle_mask
@@ -191,15 +191,15 @@ class DaliLoader:
         self.device = torch.device(device)
         gpu = cfg.dali_device == "gpu" or (cfg.dali_device == "auto" and self.device.type == "cuda")
         self.manifest, shards = select_shards(shard_dir, split, fraction)
-        refs = sample_refs(shard_dir, shards)
+        index = sample_index(shard_dir, shards)  # only its size and labels are needed: DALI's reader does the rest
         self.num_classes = int(self.manifest["num_classes"])
-        self.class_counts = np.bincount(read_labels(refs), minlength=self.num_classes).tolist()
+        self.class_counts = np.bincount(index.labels, minlength=self.num_classes).tolist()
         self.batch_size = cfg.batch_size
-        counts = _rank_counts(len(refs), world_size)
+        counts = _rank_counts(len(index), world_size)
         if train:
             self.n_batches = min(counts) // cfg.batch_size
             if self.n_batches < 1:
-                raise DataError(f"{shard_dir}: {len(refs)} training samples cannot fill one batch of "
+                raise DataError(f"{shard_dir}: {len(index)} training samples cannot fill one batch of "
                                 f"{cfg.batch_size} on each of {world_size} ranks; lower loader.batch_size")
         else:
             self.n_batches = max(1, math.ceil(max(counts) / cfg.batch_size))

@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from tltrain.data.disc import locate_disc
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import read_labels, sample_refs, select_shards, training_block
+from tltrain.data.loaders.plan import sample_index, select_shards, training_block
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.data.shards import image_ext
 from tltrain.errors import ConfigError, DataError
@@ -194,13 +193,10 @@ class TorchWdsLoader:
         if cfg.draft_decode:
             warn_draft_decode()
         self.manifest, self.shards = select_shards(shard_dir, split, fraction)
-        self.refs = sample_refs(shard_dir, self.shards)
-        for shard in self.shards:
-            shard["url"] = str(Path(shard_dir) / shard["tar"])
+        self.index = sample_index(shard_dir, self.shards)
         self.num_classes = int(self.manifest["num_classes"])
-        labels = read_labels(self.refs)
-        self.class_counts = np.bincount(labels, minlength=self.num_classes).tolist()
-        self.balance_rates = self._balance_rates(labels) if (train and cfg.balanced) else None
+        self.class_counts = np.bincount(self.index.labels, minlength=self.num_classes).tolist()
+        self.balance_rates = self._balance_rates(self.index.labels) if (train and cfg.balanced) else None
         self.batch_size, self.epoch = cfg.batch_size, 0
         self.decode_errors: list[str] = []
         self._images, self._seconds, self._wait = 0, 0.0, 0.0
@@ -213,20 +209,21 @@ class TorchWdsLoader:
         return {c: len(labels) / (len(present) * self.class_counts[c]) for c in present}
 
     def _plan(self) -> None:
-        n, world, batch = len(self.refs), self.world_size, self.batch_size
-        keys = [ref.key for ref in self.refs]
+        """This epoch's shards (urls) and, when the rank takes only part of some of them, the keys it keeps
+        (keep; None: every sample of its shards, e.g. on one rank, so no per-sample set is held)."""
+        index, world, batch = self.index, self.world_size, self.batch_size
+        n = len(index)
         if not self.train:
             per_rank = math.ceil(n / world)
-            start, stop = min(n, self.rank * per_rank), min(n, (self.rank + 1) * per_rank)
-            self.keep = set(keys[start:stop])
-            self.urls = sorted({ref.tar for ref in self.refs[start:stop]}, key=[s["url"] for s in self.shards].index)
+            block = np.arange(min(n, self.rank * per_rank), min(n, (self.rank + 1) * per_rank))
             self.n_batches = max(1, math.ceil(per_rank / batch))
-            return
-        block = training_block(self.refs, self.shards, world, self.rank, self.epoch, self.seed)
-        self.keep = {ref.key for ref in block}
-        self.urls = list(dict.fromkeys(ref.tar for ref in block))
-        self.n_batches = len(block) // batch
-        if self.n_batches < 1:
+        else:
+            block = training_block(index, world, self.rank, self.epoch, self.seed)
+            self.n_batches = len(block) // batch
+        self.urls = index.tars_of(block)  # evaluation: in shard order; training: in the epoch's shard order
+        whole = np.isin(index.shard, np.unique(index.shard[block])).sum() == len(block)
+        self.keep = None if whole else index.key_set(block)
+        if self.train and self.n_batches < 1:
             raise ConfigError(f"{n} training samples cannot fill one batch of {batch} on each of {world} ranks; "
                               "lower loader.batch_size")
 

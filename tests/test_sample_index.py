@@ -1,0 +1,63 @@
+"""The loaders' compact sample index (numpy arrays instead of one object per sample) must hold the same samples,
+keys and labels as the per-sample member table, and training_block must give the same epoch order as the
+per-object algorithm it replaced, so runs keep their data order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tltrain.data.loaders import LoaderConfig, build_loader
+from tltrain.data.loaders.plan import sample_index, sample_refs, select_shards, training_block
+
+
+def _label(ref) -> int:
+    offset, size, _ = ref.members["lbl"]
+    with open(ref.tar, "rb") as f:
+        f.seek(offset)
+        return int.from_bytes(f.read(size), "little", signed=True)
+
+
+def _reference_block(refs, world, rank, epoch, seed):
+    """The previous per-SampleRef algorithm: shards (in first-seen order) permuted with the epoch's seed, their
+    samples concatenated and cut into `world` equal blocks."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5A4D]))
+    by_tar: dict[str, list] = {}
+    for ref in refs:
+        by_tar.setdefault(ref.tar, []).append(ref)
+    tars = list(by_tar)
+    ordered = [ref for i in rng.permutation(len(tars)) for ref in by_tar[tars[i]]]
+    per_rank = len(ordered) // world
+    return ordered[rank * per_rank:(rank + 1) * per_rank]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_index_matches_member_table(fundus_shards, split):
+    _, shards = select_shards(fundus_shards, split)
+    refs, index = sample_refs(fundus_shards, shards), sample_index(fundus_shards, shards)
+    assert len(index) == len(refs) > 0 and index.keys.dtype.kind == "U"  # fixed-width strings, no objects
+    assert index.keys.tolist() == [r.key for r in refs]
+    assert [index.tars[s] for s in index.shard] == [r.tar for r in refs]
+    assert index.labels.tolist() == [_label(r) for r in refs]
+
+
+def test_training_block_keeps_the_epoch_order(fundus_shards):
+    _, shards = select_shards(fundus_shards, "train")
+    refs, index = sample_refs(fundus_shards, shards), sample_index(fundus_shards, shards)
+    assert len(index.tars) >= 3
+    for world in (1, 2, 3):
+        for rank in range(world):
+            for epoch, seed in ((0, 0), (1, 0), (4, 7)):
+                block = training_block(index, world, rank, epoch, seed)
+                expected = _reference_block(refs, world, rank, epoch, seed)
+                assert index.keys[block].tolist() == [r.key for r in expected]
+                assert index.tars_of(block) == list(dict.fromkeys(r.tar for r in expected))
+
+
+def test_torch_loader_holds_no_key_set_on_one_rank(fundus_shards):
+    cfg = LoaderConfig(backend="torch", batch_size=4, size=32, workers=0)
+    one = build_loader(cfg, fundus_shards, "train", train=True)
+    assert one.keep is None and len(one.urls) == len(one.index.tars)  # every sample of every shard
+    two = build_loader(cfg, fundus_shards, "train", train=True, rank=1, world_size=2)
+    assert len(two.keep) == len(one.index) // 2  # a rank's share: the shard it splits with its neighbour
+    evaluation = build_loader(cfg, fundus_shards, "val", train=False, rank=0, world_size=2)
+    assert evaluation.keep is not None and evaluation.urls == sorted(evaluation.urls, key=evaluation.index.tars.index)
