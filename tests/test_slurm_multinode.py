@@ -296,3 +296,30 @@ def test_deepspeed_two_nodes_one_task_each_match_one_node_two_tasks(ds_runs):
     """The shipped trainer=deepspeed preset (ZeRO-2, bf16, channels_last) across two nodes."""
     root, jobs, records = ds_runs
     _compare_layouts(root, records, "ds", atol=2e-2)
+
+
+def test_prepare_as_three_array_tasks_on_two_nodes_matches_one_process(fundus_raw, tmp_path):
+    """`tltrain submit --prepare --tasks 3` on the two-node cluster, as a user starts it: the check and write arrays
+    spread over both nodes, the finish job writes the manifest and verifies, and the shards are byte-identical to a
+    one-process prepare."""
+    from test_prepare_tasks import same_result
+
+    from tltrain.data.prepare import PrepareConfig, run_prepare
+    from tltrain.data.sources import SourceConfig
+
+    run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)), out=str(tmp_path / "one"),
+                              shard_samples=7, resize="radius:24", workers=2, progress=False))
+    name = f"mnprep{os.getpid()}"
+    done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--prepare", "--tasks", "3", "--time", "10",
+                "--root", str(tmp_path), "--name", name, f"source.root={fundus_raw}", f"out={tmp_path / 'split'}",
+                "shard_samples=7", "resize=radius:24", "workers=1")
+    finish = wait_end(done.stdout.split()[-1], timeout=300)
+    assert finish["state"] == "COMPLETED", finish
+    same_result(tmp_path / "one", tmp_path / "split")
+    nodes = set()
+    for phase in ("check", "write"):
+        rows = _run("sacct", "-X", "-n", "-P", "--name", f"tltrain_{name}_{phase}", "-o", "JobID,NodeList,State"
+                    ).stdout.split()
+        assert len(rows) == 3 and all(r.split("|")[2] == "COMPLETED" for r in rows), rows
+        nodes |= {r.split("|")[1] for r in rows}
+    assert nodes == {"n1", "n2"}, nodes  # the tasks really ran on both nodes
