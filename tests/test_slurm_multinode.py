@@ -310,11 +310,12 @@ def test_prepare_as_three_array_tasks_on_two_nodes_matches_one_process(fundus_ra
     run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)), out=str(tmp_path / "one"),
                               shard_samples=7, resize="radius:24", workers=2, progress=False))
     name = f"mnprep{os.getpid()}"
+    # a whole node (2 CPUs) per task: the first two tasks of each array start on n1 and n2 at once
     done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--prepare", "--tasks", "3", "--time", "10",
-                "--root", str(tmp_path), "--name", name, f"source.root={fundus_raw}", f"out={tmp_path / 'split'}",
+                "--cpus-per-task", "2", "--root", str(tmp_path), "--name", name, f"source.root={fundus_raw}", f"out={tmp_path / 'split'}",
                 "shard_samples=7", "resize=radius:24", "workers=1")
     finish = wait_end(done.stdout.split()[-1], timeout=300)
-    assert finish["state"] == "COMPLETED", finish
+    assert finish["state"] == "COMPLETED", (finish, done.stderr[-1500:])
     same_result(tmp_path / "one", tmp_path / "split")
     nodes = set()
     for phase in ("check", "write"):
@@ -322,4 +323,4 @@ def test_prepare_as_three_array_tasks_on_two_nodes_matches_one_process(fundus_ra
                     ).stdout.split()
         assert len(rows) == 3 and all(r.split("|")[2] == "COMPLETED" for r in rows), rows
         nodes |= {r.split("|")[1] for r in rows}
-    assert nodes == {"n1", "n2"}, nodes  # the tasks really ran on both nodes
+    assert nodes == {"n1", "n2"}, (nodes, rows)  # the tasks really ran on both nodes
