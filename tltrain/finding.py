@@ -23,8 +23,8 @@ class Comparison:
 
     metric: str
     fraction: float
-    a: str  # e.g. "SWFT from run:step1"
-    b: str
+    a: tuple[str, str]  # (schedule, initial weights) as the report names them, e.g. ("swft", "run:step1")
+    b: tuple[str, str]
     n_a: int
     mean_a: float
     ci_a: float | None
@@ -44,6 +44,14 @@ class Comparison:
         if self.high < 0:
             return "lower"
         return "no clear difference"
+
+    @property
+    def label_a(self) -> str:
+        return _label(*self.a)
+
+    @property
+    def label_b(self) -> str:
+        return _label(*self.b)
 
     def interval(self) -> str:
         return "no interval (n < 2)" if self.low is None else f"95 % CI [{self.low:+.3f}, {self.high:+.3f}]"
@@ -85,8 +93,7 @@ def compare(rows: list[dict], metric: str, fraction: float, a: tuple[str, str], 
     n_a, mean_a, ci_a = mean_ci(values_a)
     n_b, mean_b, ci_b = mean_ci(values_b)
     diff, low, high = welch_interval(values_a, values_b)
-    return Comparison(metric, fraction, _label(*a), _label(*b), n_a, mean_a, ci_a, n_b, mean_b, ci_b, diff, low,
-                      high)
+    return Comparison(metric, fraction, a, b, n_a, mean_a, ci_a, n_b, mean_b, ci_b, diff, low, high)
 
 
 def intermediate_weights(rows: list[dict]) -> str | None:
@@ -117,24 +124,20 @@ def _mean(c_mean: float, c_ci: float | None) -> str:
 def finding_sentence(comparisons: list[Comparison]) -> str | None:
     """One sentence at the smallest fraction that has both questions answered: intermediate vs scratch (SWFT) and
     SWFT vs last-layer-only (both from the intermediate model), each with its interval."""
-    by_fraction: dict[float, dict[str, Comparison]] = {}
-    for c in comparisons:
-        by_fraction.setdefault(c.fraction, {})[f"{c.a} | {c.b}"] = c
-    for fraction in sorted(by_fraction):
-        found = by_fraction[fraction]
-        transfer = next((c for k, c in found.items() if k.startswith("SWFT from") and c.b.endswith("from scratch")),
-                        None)
-        versus_last = next((c for c in found.values() if c.a.startswith("SWFT") and
-                            c.b.startswith("last-layer-only") and not c.b.endswith("scratch")), None)
+    for fraction in sorted({c.fraction for c in comparisons}):
+        at = [c for c in comparisons if c.fraction == fraction and c.a[0] == "swft"]
+        transfer = next((c for c in at if c.b == ("swft", "scratch")), None)
+        versus_last = next((c for c in at if c.b == ("linear_probe", c.a[1])), None)
         if transfer is None or versus_last is None:
             continue
+        intermediate = transfer.a[1]
         metric = transfer.metric
         beat = {"higher": "beat", "lower": "fell below", "no clear difference": "did not clearly beat"}.get(
             versus_last.verdict, "could not be compared with")
         helped = {"higher": "raised", "lower": "lowered", "no clear difference": "did not clearly change"}.get(
             transfer.verdict, "could not be compared on")
         return (f"With {fraction * 100:g} % of the target's training images, starting from "
-                f"{transfer.a.split(' from ', 1)[1]} {helped} SWFT's test {metric} "
+                f"{intermediate} {helped} SWFT's test {metric} "
                 f"({_mean(transfer.mean_a, transfer.ci_a)} against {_mean(transfer.mean_b, transfer.ci_b)} from "
                 f"scratch; difference {transfer.diff:+.3f}, {transfer.interval()}), and SWFT {beat} last-layer-only "
                 f"from the same weights ({_mean(versus_last.mean_a, versus_last.ci_a)} against "
@@ -148,6 +151,6 @@ def comparisons_markdown(comparisons: list[Comparison]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         interval = "-" if c.low is None else f"[{c.low:+.3f}, {c.high:+.3f}]"
-        lines.append(f"| {c.fraction * 100:g} % | {c.metric} | {c.a} | {c.b} | {_mean(c.mean_a, c.ci_a)} | "
-                     f"{_mean(c.mean_b, c.ci_b)} | {c.diff:+.3f} | {interval} | {c.verdict} |")
+        lines.append(f"| {c.fraction * 100:g} % | {c.metric} | {c.label_a} | {c.label_b} | "
+                     f"{_mean(c.mean_a, c.ci_a)} | {_mean(c.mean_b, c.ci_b)} | {c.diff:+.3f} | {interval} | {c.verdict} |")
     return "\n".join(lines)
