@@ -15,6 +15,14 @@ MODEL_PRESETS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 SCHEDULE_PRESETS = sorted(p.stem for p in (CONFIGS / "schedule").glob("*.yaml"))
 
 
+def test_the_preset_lists_hold_what_ships():
+    """The globs above found the shipped presets (a wrong path would silently make the parametrized tests empty)."""
+    assert {"resnet18", "resnet50", "densenet121", "efficientnet_b0", "vgg16",
+            "vit_small_patch16_224"} <= set(MODEL_PRESETS)
+    assert {"scratch", "finetune_all", "linear_probe", "layerwise", "swft", "features_svm",
+            "features_logreg"} <= set(SCHEDULE_PRESETS)
+
+
 def _run(shards, run_dir, *extra) -> dict:
     result = train_from_overrides([f"data.shards={shards}", "loader.size=32", "loader.batch_size=8",
                                    "loader.workers=0", "trainer=cpu", "trainer.progress=false",

@@ -84,12 +84,17 @@ def sample_index(shard_dir: str | Path, shards: list[dict]) -> SampleIndex:
         tar = str(Path(shard_dir) / shard["tar"])
         tars.append(tar)
         members = read_index(Path(shard_dir) / shard["index"])
-        keys.append(np.array([m[image_ext(m) or "jpg"][2].rsplit(".", 1)[0] for m in members], dtype=str))
+        keys.append(np.array([_key_of(m) for m in members], dtype=str))
         shard_ids.append(np.full(len(members), number, np.int32))
         labels.append(_read_labels(tar, [m["lbl"][:2] for m in members]))
     if not tars:
         return SampleIndex([], np.zeros(0, np.int32), np.zeros(0, str), np.zeros(0, np.int64))
     return SampleIndex(tars, np.concatenate(shard_ids), np.concatenate(keys), np.concatenate(labels))
+
+
+def _key_of(members: dict) -> str:
+    """A sample's key: its image member's name without the extension."""
+    return members[image_ext(members) or "jpg"][2].rsplit(".", 1)[0]
 
 
 def _read_labels(tar: str, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -109,8 +114,7 @@ def sample_refs(shard_dir: str | Path, shards: list[dict]) -> list[SampleRef]:
     for shard in shards:
         tar = str(Path(shard_dir) / shard["tar"])
         for members in read_index(Path(shard_dir) / shard["index"]):
-            key = members[image_ext(members) or "jpg"][2].rsplit(".", 1)[0]
-            refs.append(SampleRef(tar, key, members))
+            refs.append(SampleRef(tar, _key_of(members), members))
     return refs
 
 

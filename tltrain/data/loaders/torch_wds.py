@@ -18,7 +18,6 @@ sample never shifts labels and both backends see the same label.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import random
@@ -36,8 +35,8 @@ from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import sample_index, select_shards, training_block
-from tltrain.engine.reproducibility import derive_seed
 from tltrain.data.shards import image_ext
+from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -247,9 +246,6 @@ class TorchWdsLoader:
         # A generator of its own: the workers' base seed comes from (seed, epoch, rank), and starting an iterator
         # never draws from the global torch RNG (which a resumed run restores from its checkpoint).
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0xD1))
-        if workers:
-            gc.collect()  # unreachable DALI pipelines are shut down here, in their own process, never in a worker
-            # (dali.py: forked children disown the pipelines they inherit)
         return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
                                pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
                                prefetch_factor=self.cfg.prefetch_factor if workers else None))
