@@ -310,6 +310,7 @@ def test_prepare_as_three_array_tasks_on_two_nodes_matches_one_process(fundus_ra
     run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)), out=str(tmp_path / "one"),
                               shard_samples=7, resize="radius:24", workers=2, progress=False))
     name = f"mnprep{os.getpid()}"
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 60))
     # a whole node (2 CPUs) per task: the first two tasks of each array start on n1 and n2 at once
     done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--prepare", "--tasks", "3", "--time", "10",
                 "--cpus-per-task", "2", "--root", str(tmp_path), "--name", name, f"source.root={fundus_raw}", f"out={tmp_path / 'split'}",
@@ -319,8 +320,14 @@ def test_prepare_as_three_array_tasks_on_two_nodes_matches_one_process(fundus_ra
     same_result(tmp_path / "one", tmp_path / "split")
     nodes = set()
     for phase in ("check", "write"):
-        rows = _run("sacct", "-X", "-n", "-P", "--name", f"tltrain_{name}_{phase}", "-o", "JobID,NodeList,State"
-                    ).stdout.split()
+        # -S: with --name and no -j, sacct lists only jobs since midnight, so a test that runs across midnight
+        # would lose the tasks that started before it; the records can also trail the finish job by a moment
+        for _ in range(30):
+            rows = _run("sacct", "-X", "-n", "-P", "-S", started, "--name", f"tltrain_{name}_{phase}",
+                        "-o", "JobID,NodeList,State").stdout.split()
+            if len(rows) == 3 and all(r.split("|")[2] == "COMPLETED" for r in rows):
+                break
+            time.sleep(1)
         assert len(rows) == 3 and all(r.split("|")[2] == "COMPLETED" for r in rows), rows
         nodes |= {r.split("|")[1] for r in rows}
     assert nodes == {"n1", "n2"}, (nodes, rows)  # the tasks really ran on both nodes
