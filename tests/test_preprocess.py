@@ -25,6 +25,20 @@ def test_gaussian_window_and_zero_border_match_scipy():
                                                       radius=8)).max() < 1e-12
 
 
+@pytest.mark.parametrize("shape,sigma", [((2, 3, 64, 64), 4.3), ((1, 3, 37, 45), 2.0), ((1, 1, 96, 80), 0.3),
+                                         ((1, 3, 512, 512), 512 / 2 * 1 / 30)])
+def test_banded_matrix_blur_matches_the_1d_convolutions_on_random_images(shape, sigma):
+    """float32 on the CPU blurs as two banded matrix products; the conv2d passes are its reference (and the float64
+    conv2d the ground truth for both)."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 255
+    fast = P.gaussian_blur(x, sigma)
+    conv = P._conv_blur(x, P.gaussian_taps(sigma, torch.float32))
+    exact = P.gaussian_blur(x.double(), sigma)
+    assert fast.dtype == torch.float32 and fast.shape == x.shape
+    assert (fast - conv).abs().max() < 2e-4
+    assert (fast.double() - exact).abs().max() < 2e-4
+
+
 def test_flat_photo_filters_to_offset_everywhere_even_at_square_and_cut_edges():
     """The normalised blur of a flat photo is the photo itself, so 4*(img - blur) vanishes up to every edge:
     at the square's border (no reflect) and at a cut (no black bar inside, no white bar outside)."""
