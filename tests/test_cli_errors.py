@@ -33,6 +33,8 @@ MALFORMED = [
     (["model.arch=resnet99"], ["model.arch='resnet99' is not a timm model"]),
     (["data.shards=/nonexistent/shards"], ["no manifest.json"]),
     (["model.weights=/nonexistent/w.pth"], ["model.weights='/nonexistent/w.pth'", "no such file"]),
+    (["model.arch="], ["model.arch is empty"]),
+    (["trainer.best_metric=kapa"], ["trainer.best_metric='kapa' is not valid", "kappa, referable_auc"]),
 ]
 
 
@@ -49,6 +51,16 @@ def test_malformed_train_invocation_is_one_line_exit_2(overrides, words, fundus_
     for word in words:
         assert word in err, (word, err)
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_referable_best_metric_on_a_two_class_run_is_one_line_before_training(target_shards, tmp_path, capsys):
+    """Otherwise no checkpoint would ever be "best": the test split and export would silently use another one."""
+    run_dir = tmp_path / "run"
+    code = main(["train", *tiny_run_overrides(target_shards, run_dir), "trainer.best_metric=sensitivity"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "trainer.best_metric='sensitivity' is a referable-DR metric, which a 2-class run does not" in err
+    assert _status(run_dir)["state"] == "failed" and not list(run_dir.glob("checkpoints/step-*"))
 
 
 def test_hydra_flags_may_follow_overrides():

@@ -49,3 +49,7 @@ def test_bad_weight_files_name_the_file(tmp_path):
         create_model("test_resnet", 5, weights=str(tmp_path / "other.pth"))
     with pytest.raises(DataError, match="not found"):
         create_model("test_resnet", 5, weights=str(tmp_path / "missing.pth"))
+    torch.save({"backbone.conv1.weight": torch.zeros(1), "backbone.fc.bias": torch.zeros(5)}, tmp_path / "prefixed.pth")
+    with pytest.raises(DataError, match=r"prefixed.pth: none of its 2 tensors is a tensor of test_resnet \(file keys "
+                                        r"backbone.conv1.weight, backbone.fc.bias, ...; model keys conv1.0.weight"):
+        create_model("test_resnet", 5, weights=str(tmp_path / "prefixed.pth"))  # not a silent random init

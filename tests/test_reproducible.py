@@ -149,3 +149,26 @@ def test_preemption_on_an_epochs_last_batch_keeps_its_train_loss(backend, fundus
     """The checkpoint then holds the whole epoch's loss sum; the resumed run reads no batch of that epoch."""
     _stop_and_resume(backend, fundus_shards, tmp_path / "run", "USR2", STEPS_PER_EPOCH)
     assert_same_run(tmp_path / "run", reference(backend), f"{backend}: USR2 on the first epoch's last batch")
+
+
+@pytest.mark.slow
+def test_trainer_deterministic_switches_on_torchs_deterministic_mode(fundus_shards, reference, tmp_path):
+    """trainer.deterministic=true reaches torch (deterministic algorithms in warn-only mode, cuDNN without
+    autotuning, a fixed cuBLAS workspace) in a real run, and on the CPU it changes no number of the run."""
+    script = ("import json, os, sys, torch\n"
+              "from tltrain.train_app import train_from_overrides\n"
+              "result = train_from_overrides(sys.argv[1:])\n"
+              "print(json.dumps({'status': result['status'], 'on': torch.are_deterministic_algorithms_enabled(),"
+              " 'warn_only': torch.is_deterministic_algorithms_warn_only_enabled(),"
+              " 'cudnn': [torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark],"
+              " 'cublas': os.environ.get('CUBLAS_WORKSPACE_CONFIG')}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    env.update(OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    args = [*overrides(fundus_shards, tmp_path / "run", "torch"), "trainer.deterministic=true"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert flags == {"status": "completed", "on": True, "warn_only": True, "cudnn": [True, False],
+                     "cublas": ":4096:8"}, flags
+    assert_same_run(tmp_path / "run", reference("torch"), "trainer.deterministic=true")

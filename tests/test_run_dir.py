@@ -148,6 +148,10 @@ def test_killed_run_shows_stale_in_jobs_and_resumes(fundus_shards, tmp_path):
     record_job(tmp_path / REGISTRY_NAME, {"job_id": "4242", "run_dir": str(run_dir), "executor": "slurm"})
     [row] = list_jobs(tmp_path)  # no SLURM here: the run's own files decide
     assert row["state"] == "STALE" and row["run_state"] == "stale"
+    from tltrain.report import collect_runs
+
+    [report_row] = collect_runs(tmp_path)  # `tltrain report` does not list the dead run as running either
+    assert report_row["status"] == "stale"
     resumed = subprocess.run([TLTRAIN, "train", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]

@@ -18,6 +18,12 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, log_loss, roc_a
 REFERABLE_GRADE = 2
 
 
+def referable_threshold_for(num_classes: int, referable_threshold: int | None = REFERABLE_GRADE) -> int | None:
+    """The grade from which an image counts as referable, or None when the referable metrics do not apply: they
+    are computed for the 5-grade DR scale (threshold 2) or when another threshold is given explicitly."""
+    return referable_threshold if (num_classes == 5 or referable_threshold != REFERABLE_GRADE) else None
+
+
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: int | None = REFERABLE_GRADE) -> dict:
     """Accuracy, top-2 accuracy, quadratic kappa, confusion, referable sensitivity/specificity, AUC, cross-entropy.
 
@@ -44,7 +50,7 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: 
         "cross_entropy": float(log_loss(labels, _normalised(probs), labels=class_ids)),
         "auc": _macro_auc(probs, labels, class_ids),
     }
-    threshold = referable_threshold if (num_classes == 5 or referable_threshold != REFERABLE_GRADE) else None
+    threshold = referable_threshold_for(num_classes, referable_threshold)
     if threshold is not None:
         out.update(_referable(labels, predicted, threshold))
         out["referable_auc"] = _referable_auc(probs, labels, threshold)

@@ -121,6 +121,11 @@ def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False)
             usable[key] = tensor
             report.matched.append(key)
     report.new = [k for k in own if k not in usable]
+    if saved and not report.matched and not report.mismatched:  # the run would silently start from random init
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise DataError(f"{path}: none of its {len(saved)} tensors is a tensor of {arch} (file keys "
+                        f"{', '.join(report.unused[:3])}, ...; model keys {', '.join(list(own)[:3])}, ...): weights "
+                        "of another architecture, or keys under a prefix to strip")
     head_keys = _classifier_keys(model)
     if report.mismatched and not all(k in head_keys for k, _, _ in report.mismatched):
         bad = [m for m in report.mismatched if m[0] not in head_keys]

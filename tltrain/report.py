@@ -2,7 +2,8 @@
 
 A run is any folder below SWEEP_DIR holding `metrics.json` (written by the trainer); its `config.yaml` says what
 was run (schedule, model, initial weights, data, fraction, seed) and `status.json` whether it finished. Runs that
-failed are listed with their status rather than dropped, so a sweep's table never hides a hole.
+failed are listed with their status rather than dropped, so a sweep's table never hides a hole; a "running" run
+whose process is gone (kill -9, lost node: rundir.is_stale) is listed as "stale", as `tltrain jobs` shows it.
 
 Configurations (dataset, label set, schedule, model, initial weights, fraction) are summarised over their seeds as
 n and mean ± the half-width of a 95 % t-interval (no interval for n = 1). Each dataset and label set gets its own
@@ -105,6 +106,15 @@ def _label_set(config: dict, metrics: dict, manifests: dict) -> str:
     return f"{len(confusion)} classes" if confusion else "unknown"
 
 
+def _run_state(run_dir: Path, status: dict, metrics: dict) -> str:
+    """status.json's state; "stale" when it says running but the run's process is gone."""
+    from tltrain.engine.rundir import is_stale
+
+    if is_stale(run_dir, status):
+        return "stale"
+    return status.get("state", "completed" if metrics else "unknown")
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict]:
     """One row per run folder below sweep_dir (recursively), finished or not."""
     sweep_dir = Path(sweep_dir)
@@ -119,7 +129,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
         split, final = _final_metrics(metrics)
         row = {
             "run": str(run_dir.relative_to(sweep_dir)) or ".",
-            "status": status.get("state", "completed" if metrics else "unknown"),
+            "status": _run_state(run_dir, status, metrics),
             "step": status.get("step"),
             "data": _dig(config, "data.name"),
             "classes": _label_set(config, metrics, manifests),

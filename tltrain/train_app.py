@@ -59,6 +59,9 @@ class ModelConfig:
     def validate(self) -> None:
         from tltrain.timm_names import timm_model_names
 
+        if not self.arch:
+            raise ConfigError("model.arch is empty: name a timm architecture (e.g. model=resnet18 or "
+                              "model.arch=resnet50; see timm.list_models())")
         if self.arch not in timm_model_names():
             import timm
 

@@ -11,6 +11,10 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "onecycle", "constant")
 LOSSES = ("cross_entropy", "ordinal")
 MODES = ("max", "min")
+#: Validation metrics a best checkpoint can be chosen by (tltrain.metrics.compute_metrics; the referable ones
+#: exist for the 5-grade DR scale or an explicit trainer.referable_threshold).
+BEST_METRICS = ("kappa", "accuracy", "top2_accuracy", "auc", "cross_entropy", "sensitivity", "specificity",
+                "referable_auc")
 
 
 @dataclass
@@ -68,7 +72,8 @@ class TrainerConfig:
     def validate(self) -> None:
         for key, value, valid in (("strategy", self.strategy, STRATEGIES), ("precision", self.precision, PRECISIONS),
                                   ("optimizer", self.optimizer, OPTIMIZERS), ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
-                                  ("loss", self.loss, LOSSES), ("best_mode", self.best_mode, MODES)):
+                                  ("loss", self.loss, LOSSES), ("best_mode", self.best_mode, MODES),
+                                  ("best_metric", self.best_metric, BEST_METRICS)):
             if value not in valid:
                 raise choices_error(f"trainer.{key}", value, valid)
         for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):

@@ -35,7 +35,11 @@ from tltrain.engine.rundir import claim_run_dir
 from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from tltrain.engine.strategies import build_strategy
 from tltrain.errors import ConfigError, TltrainError
-from tltrain.metrics import PredictionGatherer, compute_metrics
+from tltrain.metrics import PredictionGatherer, compute_metrics, referable_threshold_for
+
+
+#: Validation metrics that exist only where the referable-DR threshold applies (metrics.referable_threshold_for).
+REFERABLE_METRICS = ("sensitivity", "specificity", "referable_auc")
 
 
 class NonFiniteLoss(TltrainError):
@@ -106,6 +110,12 @@ class Trainer:
         self.num_classes = num_classes or getattr(train_loader, "num_classes", None)
         if not self.num_classes:
             raise ConfigError("num_classes unknown: pass num_classes= or give the loader a num_classes attribute")
+        if cfg.best_metric in REFERABLE_METRICS and referable_threshold_for(self.num_classes,
+                                                                            cfg.referable_threshold) is None:
+            raise ConfigError(f"trainer.best_metric={cfg.best_metric!r} is a referable-DR metric, which a "
+                              f"{self.num_classes}-class run does not compute (5 grades, or set "
+                              "trainer.referable_threshold); choose kappa, accuracy, top2_accuracy, auc or "
+                              "cross_entropy")
         self.batch_size = batch_size or getattr(train_loader, "batch_size", None) or len(next(iter(train_loader)).labels)
         self.steps_per_epoch = len(train_loader) // cfg.grad_accum
         if self.steps_per_epoch < 1:
