@@ -118,7 +118,7 @@ PYEOF
 deadline=$(( started + ${GPU_ALL_TOTAL_S:-$( [ $dry = 1 ] && echo 3600 || echo 525 )} ))
 
 if [ $dry = 1 ]; then
-    part gpu_tests 300 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests/test_kernels.py -m gpu
+    part gpu_tests 300 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests -m gpu  # the GPU command: collects all
     part kernels 300 $PY benchmarks/bench_kernels.py --device cpu --small --out "$out/kernels.json"
     part loaders 300 $PY benchmarks/bench_gpu_loaders.py --device cpu --images 8 --sources 256 640 --model-size 64 \
         --batch 4 --workers 1 --epochs 1 --out "$out/loaders.json"
