@@ -118,6 +118,7 @@ def main() -> None:
             row["dali_full_vs_plain"] = round(row["dali_full_img_s"] / row["dali_plain_img_s"], 3)
             row["dali_full_vs_pil"] = round(row["dali_full_img_s"] / row["pil_dataloader_img_s"], 3)
             report["results"].append(row)
+            write_json(args.out, {**report, "status": "partial"}, echo=False)
             print(row, flush=True)
         report["status"] = "ok"
         write_json(args.out, report)

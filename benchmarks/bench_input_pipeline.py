@@ -96,6 +96,7 @@ def main() -> None:
                    "synthetic_img_s": round(synthetic, 1), "loader_img_s": round(real, 1),
                    "efficiency": round(real / synthetic, 3), "loader_wait_fraction": loader.stats().get("wait_fraction")}
             report["results"].append(row)
+            write_json(args.out, {**report, "status": "partial"}, echo=False)
             print(row, flush=True)
         report["status"] = "ok"
         write_json(args.out, report)

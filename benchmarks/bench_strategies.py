@@ -65,6 +65,7 @@ def main() -> None:
             else:
                 row["log_tail"] = tail
             report["results"].append(row)
+            write_json(args.out, {**report, "status": "partial"}, echo=False)
             print(row, flush=True)
         report["status"] = "ok" if all(r["exit_code"] == 0 for r in report["results"]) else "failed"
         write_json(args.out, report)

@@ -15,7 +15,8 @@
 # The lent GPU machine has torch, triton, timm and tensorboard but not DALI, DeepSpeed, webdataset, Hydra or
 # submitit: carry them as wheels. Here: `bash benchmarks/gpu_carry.sh` downloads them into .whl/ (and splits the
 # DALI wheels with ../shared/tools/device-carry into .devcarry/ parts); this script installs whatever it finds in
-# .whl/ or /tmp/devcarry/ into /tmp/site before the first part.
+# .whl/ or /tmp/devcarry/ into /tmp/site before the first part (DALI only when device-carry's last call did not).
+# The whole run ends by GPU_ALL_TOTAL_S (525) seconds after its start, inside one 9-minute device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0
@@ -29,15 +30,20 @@ PY=${PYTHON:-python3}
 started=$(date +%s)
 
 # --- install what the device image lacks (no-op here: the venv has everything) ---------------------------
+# A call earlier in the same lease (device-carry's last call, or a first try of this script) may have filled
+# /tmp/site already: use it rather than unpacking the ~250 MB of DALI wheels again.
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 wheels=()
 [ -d .whl ] && wheels+=(.whl/*.whl)
-[ -d /tmp/devcarry ] && ls /tmp/devcarry/*.whl >/dev/null 2>&1 && wheels+=(/tmp/devcarry/*.whl)
+[ ! -d /tmp/site/nvidia/dali ] && ls /tmp/devcarry/*.whl >/dev/null 2>&1 && wheels+=(/tmp/devcarry/*.whl)
 if [ ${#wheels[@]} -gt 0 ] && ! $PY -c "import nvidia.dali, deepspeed, webdataset, hydra, submitit" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
         || echo "wheel install failed: the parts that need the missing packages will say so"
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
 fi
 if ! $PY -c "import tltrain.kernels" 2>/dev/null; then
+    # always from this tree: pip --target keeps an existing copy, so a rerun after a fix would test the old code
+    rm -rf /tmp/tltrain-site
     $PY -m pip install -q --no-deps --no-build-isolation --target /tmp/tltrain-site . || exit 1
     export PYTHONPATH=/tmp/tltrain-site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -64,6 +70,17 @@ part() {
     local name=$1 budget=$2
     shift 2
     local t0=$(date +%s)
+    # the whole run must end by $deadline: a part gets what is left, less 15 s for the kill grace and its JSON
+    local left=$(( deadline - t0 - 15 ))
+    if [ $left -lt 5 ]; then
+        status=1
+        $PY -c 'import json, sys; json.dump({"part": sys.argv[2], "status": "skipped", "seconds": 0, "budget_s": 0,
+    "planned_budget_s": int(sys.argv[3]), "reason": "no time left before the run deadline"}, open(sys.argv[1], "w"), indent=1)' \
+            "$out/$name.json" "$name" "$budget"
+        echo "=== part $name: skipped (no time left before the deadline)"
+        return
+    fi
+    [ $left -lt $budget ] && budget=$left
     echo "=== part $name (budget ${budget}s): $*"
     timeout --kill-after=10 "$budget" "$@" > "$out/$name.log" 2>&1
     local rc=$?
@@ -97,8 +114,11 @@ PYEOF
     fi
 }
 
+# The GPU run is one device call of at most 9 minutes: everything, install included, ends by started + 525 s.
+deadline=$(( started + ${GPU_ALL_TOTAL_S:-$( [ $dry = 1 ] && echo 3600 || echo 525 )} ))
+
 if [ $dry = 1 ]; then
-    part gpu_tests 300 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests/test_kernels.py -m gpu
+    part gpu_tests 300 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests -m gpu  # the GPU command: collects all
     part kernels 300 $PY benchmarks/bench_kernels.py --device cpu --small --out "$out/kernels.json"
     part loaders 300 $PY benchmarks/bench_gpu_loaders.py --device cpu --images 8 --sources 256 640 --model-size 64 \
         --batch 4 --workers 1 --epochs 1 --out "$out/loaders.json"
@@ -106,7 +126,7 @@ if [ $dry = 1 ]; then
     part trainer 300 $PY benchmarks/bench_trainer.py --small --no-compile --out "$out/trainer.json"
     part strategies 900 $PY benchmarks/bench_strategies.py --device cpu --small --out "$out/strategies.json"
 else
-    # budgets add up to 8 min; the install and environment above take well under a minute with carried wheels
+    # budgets add up to 8 min; the deadline above trims the last ones if the install or a part ran long
     part gpu_tests 75 $PY benchmarks/pytest_json.py "$out/gpu_tests.json" tests -m gpu
     part kernels 75 $PY benchmarks/bench_kernels.py --device cuda --batch 256 --size 512 --out "$out/kernels.json"
     part loaders 120 $PY benchmarks/bench_gpu_loaders.py --device cuda --images 1024 --sources 512 2592 \

@@ -38,9 +38,12 @@ def provenance(device: str) -> dict:
     return info
 
 
-def write_json(path: str | None, report: dict) -> None:
+def write_json(path: str | None, report: dict, echo: bool = True) -> None:
+    """Write the report; parts also call it (echo=False, status "partial") after each row, so that the rows
+    measured before a time-out survive in the JSON that gpu_all.sh completes."""
     text = json.dumps(report, indent=1, default=str)
-    print(text, flush=True)
+    if echo:
+        print(text, flush=True)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
