@@ -286,11 +286,12 @@ def test_submit_checks_the_whole_run_before_queueing(tmp_path, fundus_shards, ca
 
 def test_the_submit_check_imports_neither_torch_nor_timm(fundus_shards, tmp_path):
     """Why `tltrain submit` returns in well under 2 s: the config side is torch-free (torch + timm alone take
-    several seconds to import); timm's model names come from a per-version cache file."""
+    several seconds to import); timm's model names come from a per-version cache file. scipy too: the prepare
+    schema's module imports the disc finder (scipy.ndimage, ~0.6 s) only where it runs."""
     code = (f"import sys\nfrom tltrain.launch.config import LaunchConfig\nfrom tltrain.launch.submit import check_run\n"
             f"check_run(['data.shards={fundus_shards}', 'trainer=ddp'], LaunchConfig(tasks_per_node=2))\n"
             f"check_run(['data.shards={fundus_shards}', 'trainer=ddp'], LaunchConfig(tasks_per_node=2))\n"
-            "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'nvidia.dali') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'deepspeed', 'nvidia.dali', 'scipy') if m in sys.modules)\n"
             "print('heavy:', heavy)\n")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)

@@ -130,14 +130,23 @@ def status(path: Path) -> dict:
         return {}
 
 
-def wait_step(path: Path, step: int, timeout: float = 400) -> dict:
+def wait_checkpoint(path: Path, step: int, timeout: float = 400) -> int:
+    """The step of the run's latest checkpoint once it is at least `step`. With trainer.checkpoint_every_steps a
+    run records progress mid-epoch this way (status.json only at epoch ends), so a signal or a kill can be sent
+    early in epoch 1 and land with most of the run still ahead, however fast the machine trains."""
+    from tltrain.engine.checkpoint import CheckpointManager
+    from tltrain.errors import DataError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        current = status(path)
-        if current.get("step", 0) >= step and current.get("state") == "running":
-            return current
-        time.sleep(0.3)
-    raise AssertionError(f"{path} did not reach step {step}: {status(path)}")
+        try:
+            latest = CheckpointManager(path, is_main=False).latest()
+        except (OSError, DataError):
+            latest = None
+        if latest and latest["step"] >= step:
+            return latest["step"]
+        time.sleep(0.2)
+    raise AssertionError(f"{path} wrote no checkpoint at step {step} or later: {status(path)}")
 
 
 def final_metrics(path: Path) -> dict:
@@ -215,10 +224,12 @@ def test_two_nodes_two_tasks_each(runs):
 @pytest.mark.parametrize("interrupt", ["usr2_batch_shell", "scontrol_requeue"])
 def test_interrupted_two_node_run_resumes_to_the_same_weights(runs, fundus_shards, interrupt):
     root, jobs, records = runs
-    job = tltrain_submit(root, interrupt, 2, 1, _overrides(fundus_shards, "trainer=ddp"))
+    # a checkpoint every 2 steps (weights unchanged): the signal goes out at the first one, in epoch 1, and has the
+    # rest of the run to land in (waiting for epoch 1's end left only epoch 2: ~2 s here, less on a faster machine)
+    job = tltrain_submit(root, interrupt, 2, 1, _overrides(fundus_shards, "trainer=ddp",
+                                                           "trainer.checkpoint_every_steps=2"))
     path = run_dir(root, interrupt)
-    # status.json is written at epoch ends: the end of epoch 1 leaves all of epoch 2 for the signal to land in
-    reached = wait_step(path, status(run_dir(root, "ddp_2x1"))["steps_per_epoch"])
+    reached = wait_checkpoint(path, 2)
     if interrupt == "usr2_batch_shell":  # what a user or a site's preemption script sends; used to kill the job
         _run("scancel", "--signal=USR2", "--batch", job)
     else:
@@ -229,14 +240,15 @@ def test_interrupted_two_node_run_resumes_to_the_same_weights(runs, fundus_shard
     assert "(attempt 1)" in log and "(attempt 2)" in log and "(attempt 3)" not in log
     assert "CalledProcessError" not in log
     assert "resumed from step-" in log
-    assert status(path)["step"] == status(run_dir(root, "ddp_2x1"))["step"] > reached["step"]
+    assert status(path)["step"] == status(run_dir(root, "ddp_2x1"))["step"] > reached
     assert_same_run(path, run_dir(root, "ddp_2x1"), atol=1e-5)
 
 
 def test_a_sigkilled_rank_fails_the_job_within_a_minute(root, fundus_shards):
-    job = tltrain_submit(root, "killed", 2, 1, _overrides(fundus_shards, "trainer=ddp"))
+    job = tltrain_submit(root, "killed", 2, 1, _overrides(fundus_shards, "trainer=ddp",
+                                                          "trainer.checkpoint_every_steps=2"))
     path = run_dir(root, "killed")
-    wait_step(path, 2)
+    wait_checkpoint(path, 2)  # early in epoch 1: the rank is killed mid-run, not after the run ended
     victim = _task_pid(job, procid=1)
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()

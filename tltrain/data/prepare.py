@@ -25,7 +25,6 @@ from PIL import Image
 
 import tltrain
 from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
-from tltrain.data.disc import disc_square, locate_disc_fit
 from tltrain.data.pool import pool_map
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
@@ -128,6 +127,9 @@ def inspect_image(path: str) -> dict:
     """Decode fully by the shared rule (tltrain.data.decode: EXIF orientation, 16-bit, alpha, ...) and locate the
     disc in those oriented pixels; {'width','height','disc','keep_as'} or {'problem'}. keep_as names the member
     ('jpg'/'png') when the file's own bytes can go into the shard, None when it must be re-encoded."""
+    from tltrain.data.disc import locate_disc_fit  # here, not at the top: scipy.ndimage would slow every config
+    # composition (`tltrain submit` checks a run through the config schemas, which import this module)
+
     try:
         with open_image(path) as img:
             keep_as = ("jpg" if img.format in JPEG_FORMATS else "png") if passes_through(img) else None
@@ -142,6 +144,8 @@ def inspect_image(path: str) -> dict:
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
     """Re-encoded image bytes and the disc in the new pixel grid (decoded by the shared rule first)."""
+    from tltrain.data.disc import disc_square
+
     img = decode_image(path, path)
     cx, cy, r = disc
     if mode == "longest":
