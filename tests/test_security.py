@@ -147,6 +147,20 @@ def test_resume_from_someone_elses_checkpoint_refused(fundus_shards, tmp_path, m
     with pytest.raises(PickleRefused) as info:
         train_from_overrides(tiny_run_overrides(fundus_shards, run_dir))
     assert_refused(info, evil, marker)
+    assert f"convert-weights {run_dir} " in str(info.value)  # the run, which convert-weights consolidates
+
+
+def test_deepspeed_trainer_state_refused_with_the_run_to_convert(tmp_path, marker):
+    """Resuming a DeepSpeed run reads our tltrain_trainer.pt first: refused, and the hint converts the run (the
+    trainer file alone holds no weights)."""
+    run_dir = tmp_path / "ds_run"
+    trainer_file = write_evil(run_dir / "checkpoints" / "step-00000003" / "tltrain_trainer.pt", marker)
+    manager = CheckpointManager(run_dir)
+    manager._record("step-00000003", "deepspeed", {"step": 3, "epoch": 1}, None)
+    with pytest.raises(PickleRefused) as info:
+        manager.read(manager.latest())
+    assert_refused(info, trainer_file, marker)
+    assert f"convert-weights {run_dir} {run_dir.name}.safetensors --trust-pickle" in str(info.value)
 
 
 def test_features_head_refused_and_saved_without_pickle(tmp_path, marker):

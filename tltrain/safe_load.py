@@ -88,11 +88,14 @@ def torchscript_refusal(path: str | Path, source: str | Path | None = None) -> P
                          "weights_only=True", source)
 
 
-def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "weights"):
-    """torch.load on CPU with weights_only=True (plain pickle only with trust_pickle); errors name the file."""
+def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "weights",
+               source: str | Path | None = None):
+    """torch.load on CPU with weights_only=True (plain pickle only with trust_pickle); errors name the file.
+
+    source: what a refusal tells the user to convert (default: the file itself; a run dir for its checkpoints)."""
     path = Path(path)
     if not trust_pickle and is_torchscript_archive(path):
-        raise torchscript_refusal(path)
+        raise torchscript_refusal(path, source)
     try:
         with _no_forced_pickle(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)  # refused anyway
@@ -100,7 +103,7 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "wei
     except pickle.UnpicklingError as exc:
         detail = None if trust_pickle else _refused_detail(str(exc), path)
         if detail is not None:
-            raise refusal(path, detail) from None
+            raise refusal(path, detail, source) from None
         why = "not a PyTorch or safetensors file" if "Weights only load failed" in str(exc) else _first_line(exc)
         raise DataError(f"{path}: cannot read {what} ({why})") from None
     except Exception as exc:  # corrupt, truncated or foreign file
