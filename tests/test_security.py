@@ -267,6 +267,25 @@ def test_legacy_pickle_needs_the_opt_in_and_converts(tmp_path, capsys):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
+@pytest.mark.slow  # a whole tiny run (~20 s alone, 90 s on a loaded 2-core machine)
+def test_trust_pickle_opt_in_through_a_run(fundus_shards, tmp_path):
+    """model.trust_pickle=true (the config opt-in) lets a run start from a trusted legacy checkpoint."""
+    import timm
+
+    from tltrain.train_app import train_from_overrides
+
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": source.state_dict(), "trainer": {"rng": np.random.get_state()}}, legacy)
+    run_dir = tmp_path / "run"
+    result = train_from_overrides(tiny_run_overrides(fundus_shards, run_dir, f"model.weights={legacy}",
+                                                     "model.trust_pickle=true"))
+    assert result["status"] == "completed"
+    report = json.loads((run_dir / "weights_report.json").read_text())
+    assert len(report["matched"]) + len(report["mismatched"]) == len(source.state_dict()) and not report["unused"]
+    assert {k for k, _, _ in report["mismatched"]} <= {"fc.weight", "fc.bias"}  # only the head, if classes differ
+
+
 def test_checkpoints_load_weights_only_with_nothing_allowed(tmp_path):
     """Full training state (model, optimizer, scaler, EMA, RNG of python/numpy/torch, loader position) goes
     through torch.load(weights_only=True) with no extra global, and comes back exactly."""
