@@ -15,6 +15,11 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(DALI_EXTRA),test,bench]"
+	# DeepSpeed JIT-compiles its CPU shared-memory op on first use (minutes on 2 busy cores); building it here keeps
+	# that out of the first DeepSpeed test's time limit. It goes to TORCH_EXTENSIONS_DIR (default ~/.cache).
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	    b = a().create_op_builder('ShareMemCommBuilder'); b.load(verbose=False) if b else None" \
+	    || echo "note: DeepSpeed's CPU op did not build now; the first DeepSpeed run builds it"
 	touch $@
 
 demo: install

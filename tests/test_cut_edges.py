@@ -156,3 +156,20 @@ def test_training_batches_of_cut_photos(cut_shards, backend, filter_kernel):
     grey = batch.images * torch.tensor(P.IMAGENET_STD).view(1, 3, 1, 1) * 255 + \
         torch.tensor(P.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     assert (grey[:, :, 0, 0] - 128).abs().max() < 1.0
+
+
+def test_docs_figure_script_draws_every_case(tmp_path):
+    """docs/make_figures.py (the before/after pictures in docs/architecture.md) runs on the current disc finder
+    and definition: one sheet per case, photo with its found circle beside the model input."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "make_figures.py"
+    spec = importlib.util.spec_from_file_location("make_figures", script)
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    for name in figures.CASES:
+        out = figures.draw(name, tmp_path, 320, 240)
+        with Image.open(out) as sheet:
+            assert sheet.height == figures.PANEL + 18 and sheet.width > 2 * figures.PANEL, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"preprocessing_{n}.png" for n in figures.CASES)

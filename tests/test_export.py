@@ -14,6 +14,7 @@ from PIL import Image
 
 from tltrain import preprocess as P
 from tltrain.errors import DataError
+from tltrain.data.synth import render_fundus
 from tltrain.export import evaluate, export_run, load_pretrained, predict, read_metadata
 
 
@@ -58,6 +59,24 @@ def test_export_matches_consolidated_checkpoint(trained_run, package):
     exported = load_file(str(package / "model.safetensors"))
     best = consolidate_checkpoint(trained_run, "best")
     assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in best)
+
+
+def test_preprocess_warns_only_for_a_package_of_another_filter_version(package):
+    """A package records the preprocessing definition its weights were trained on; one made before the version was
+    recorded (version 1: bars at cut edges) still loads, but its preprocess says that it now applies version 2."""
+    import warnings
+
+    from tltrain.export import Preprocessing
+
+    _, preprocess = load_pretrained(package)
+    image = Image.fromarray(render_fundus(0, grade=1, width=160))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the package's own version: silent
+        current = preprocess(image)
+    older = {k: v for k, v in preprocess.config.items() if k != "filter_version"}
+    with pytest.warns(RuntimeWarning, match="filter version 1; this tltrain applies version 2"):
+        again = Preprocessing(preprocess.size, older)(image)
+    assert torch.equal(current, again)  # the warning is all that differs: the current definition is applied
 
 
 def test_new_head_reports_matched_new_and_mismatched(package):

@@ -151,7 +151,8 @@ def variant_set(tmp_path_factory):
 
 def _package(size: int) -> Preprocessing:
     """The preprocessing a package exported with the default recipe carries (export.py's metadata shape)."""
-    return Preprocessing(size, {"recipe": "ben_graham", "size": size, **dataclasses.asdict(P.PreprocessConfig())})
+    return Preprocessing(size, {"recipe": "ben_graham", "filter_version": P.FILTER_VERSION, "size": size,
+                                **dataclasses.asdict(P.PreprocessConfig())})
 
 
 def _preset(name: str, **changes) -> LoaderConfig:

@@ -156,6 +156,51 @@ def test_offline_radius_resize_keeps_a_cut_edge_a_cut_edge(tmp_path):
     assert size == (64, 45) and disc == pytest.approx((32.0, 32.0 - 15 * 45 / 70, 32.0))
 
 
+@pytest.mark.parametrize("resize", ["longest:80", "radius:48"])
+def test_resized_oriented_photos_are_stored_upright_without_their_tag(fundus_raw, tmp_path, resize):
+    """With resize, prepare re-encodes the rule's (oriented) pixels: the stored JPEG must carry no orientation tag
+    (DALI would turn it a second time) and its disc must be the true disc of the oriented photo, scaled."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from tltrain.data.decode import orientation
+    from tltrain.data.disc import find_disc
+
+    truth = json.loads((fundus_raw / "truth.json").read_text())
+    turned = {stem for stem, info in truth.items() if info["orientation"] in (5, 6, 7, 8)}  # width and height swap
+    assert turned
+    out = tmp_path / "o"
+    run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(fundus_raw)), out=str(out), resize=resize,
+                              workers=1, progress=False))
+    seen = set()
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        for name, data in members.items():
+            if not name.endswith(".json"):
+                continue
+            meta = json.loads(data)
+            if meta["name"] not in turned:
+                continue
+            seen.add(meta["name"])
+            with Image.open(io.BytesIO(members[f"{meta['key']}.jpg"])) as img:
+                assert orientation(img) == 1, meta["name"]
+                pixels = np.asarray(img.convert("RGB"))
+            disc = np.frombuffer(members[f"{meta['key']}.disc"], "<f4").astype(float)
+            if resize.startswith("longest"):
+                assert (pixels.shape[1], pixels.shape[0]) == (80, 60), meta["name"]  # upright landscape
+                want = np.asarray(truth[meta["name"]]["disc"]) * 80 / 160
+            else:
+                assert disc[2] == 48.0 and max(pixels.shape[:2]) <= 96
+                want = disc
+            found = np.asarray(find_disc(pixels).disc)  # the retina really lies where .disc says, upright
+            assert np.abs(disc - want).max() <= 0.015 * want[2], (meta["name"], disc, want)
+            assert np.abs(found - disc).max() <= 0.03 * disc[2], (meta["name"], found, disc)
+    assert seen == turned
+
+
 def test_prepare_crop_box_equals_the_training_crop_box():
     """prepare's torch-free disc_square must cut exactly the square the loaders cut (tltrain.preprocess.disc_box)."""
     from tltrain.data.disc import disc_square

@@ -89,6 +89,14 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: int = 1800
     return True
 
 
+def leave_process_group() -> None:
+    """Destroy the process group at the end of a successful run. Without it NCCL warns at exit that the group was
+    not destroyed (pending work may be lost), and an in-process sweep's next run would reuse a stale group. No
+    barrier first: a rank whose peer failed after the last collective must not wait for it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

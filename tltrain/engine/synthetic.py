@@ -99,7 +99,7 @@ class TinyConvNet(torch.nn.Module):
 
 def main(argv: list[str] | None = None) -> int:
     from tltrain.engine.config import DeepSpeedConfig, TrainerConfig
-    from tltrain.engine.distributed import read_env
+    from tltrain.engine.distributed import leave_process_group, read_env
     from tltrain.engine.losses import model_outputs
     from tltrain.engine.trainer import NonFiniteLoss, train
     from tltrain.models import create_model
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    leave_process_group()
     if env.rank == 0 and args.result:
         with open(args.result, "w") as handle:
             json.dump({k: v for k, v in result.items() if k != "history"}, handle, default=str)
