@@ -267,7 +267,7 @@ def test_legacy_pickle_needs_the_opt_in_and_converts(tmp_path, capsys):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
-@pytest.mark.slow  # a whole tiny run: 93 s measured on the shared 2-core machine
+@pytest.mark.slow  # a whole tiny run: 31-93 s measured on the shared 2-core machine
 def test_trust_pickle_opt_in_through_a_run(fundus_shards, tmp_path):
     """model.trust_pickle=true (the config opt-in) lets a run start from a trusted legacy checkpoint."""
     import timm
