@@ -147,6 +147,20 @@ def test_resume_from_someone_elses_checkpoint_refused(fundus_shards, tmp_path, m
     with pytest.raises(PickleRefused) as info:
         train_from_overrides(tiny_run_overrides(fundus_shards, run_dir))
     assert_refused(info, evil, marker)
+    assert f"convert-weights {run_dir} " in str(info.value)  # the run, which convert-weights consolidates
+
+
+def test_deepspeed_trainer_state_refused_with_the_run_to_convert(tmp_path, marker):
+    """Resuming a DeepSpeed run reads our tltrain_trainer.pt first: refused, and the hint converts the run (the
+    trainer file alone holds no weights)."""
+    run_dir = tmp_path / "ds_run"
+    trainer_file = write_evil(run_dir / "checkpoints" / "step-00000003" / "tltrain_trainer.pt", marker)
+    manager = CheckpointManager(run_dir)
+    manager._record("step-00000003", "deepspeed", {"step": 3, "epoch": 1}, None)
+    with pytest.raises(PickleRefused) as info:
+        manager.read(manager.latest())
+    assert_refused(info, trainer_file, marker)
+    assert f"convert-weights {run_dir} {run_dir.name}.safetensors --trust-pickle" in str(info.value)
 
 
 def test_features_head_refused_and_saved_without_pickle(tmp_path, marker):
@@ -253,6 +267,25 @@ def test_legacy_pickle_needs_the_opt_in_and_converts(tmp_path, capsys):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
+@pytest.mark.slow  # a whole tiny run: 31-93 s measured on the shared 2-core machine
+def test_trust_pickle_opt_in_through_a_run(fundus_shards, tmp_path):
+    """model.trust_pickle=true (the config opt-in) lets a run start from a trusted legacy checkpoint."""
+    import timm
+
+    from tltrain.train_app import train_from_overrides
+
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": source.state_dict(), "trainer": {"rng": np.random.get_state()}}, legacy)
+    run_dir = tmp_path / "run"
+    result = train_from_overrides(tiny_run_overrides(fundus_shards, run_dir, f"model.weights={legacy}",
+                                                     "model.trust_pickle=true"))
+    assert result["status"] == "completed"
+    report = json.loads((run_dir / "weights_report.json").read_text())
+    assert len(report["matched"]) + len(report["mismatched"]) == len(source.state_dict()) and not report["unused"]
+    assert {k for k, _, _ in report["mismatched"]} <= {"fc.weight", "fc.bias"}  # only the head, if classes differ
+
+
 def test_checkpoints_load_weights_only_with_nothing_allowed(tmp_path):
     """Full training state (model, optimizer, scaler, EMA, RNG of python/numpy/torch, loader position) goes
     through torch.load(weights_only=True) with no extra global, and comes back exactly."""
@@ -291,6 +324,69 @@ def test_checkpoints_load_weights_only_with_nothing_allowed(tmp_path):
     assert restored["optimizer"]["state"][0]["exp_avg"].shape == next(model.parameters()).shape
     assert restored["model"]._metadata == model.state_dict()._metadata  # module versions kept
     assert list(torch.serialization.get_safe_globals()) == allowed_before  # nothing registered process-wide
+
+
+class WritesAtLoad(torch.nn.Module):
+    """A TorchScript module whose __setstate__ writes a file: it runs while torch loads the archive."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(2, 2))
+        self.target = target
+
+    def forward(self, x):
+        return x @ self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.weight, self.target, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        torch.save(torch.zeros(1), state[1])  # code from the file, run at load
+        self.weight, self.target, self.training = state[0], state[1], state[2]
+
+
+def write_torchscript(path: Path, marker: Path) -> Path:
+    import warnings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch >= 2.10: torch.jit.script is deprecated (still loadable)
+        torch.jit.script(WritesAtLoad(str(marker))).save(str(path))
+    return path
+
+
+def test_torchscript_archive_refused(tmp_path, marker):
+    """torch.load hands a TorchScript archive to torch.jit.load, which runs its code; torch < 2.6 did so even with
+    weights_only=True (CVE-2025-32434). tltrain refuses such archives itself, on every torch, on every path."""
+    from tltrain.models import create_model, read_state_dict
+
+    evil = write_torchscript(tmp_path / "scripted.pt", marker)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.load(evil, weights_only=False)  # the archive is real: loading it writes the marker
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(PickleRefused) as info:  # model.weights as a file
+        create_model("resnet10t", 5, weights=str(evil))
+    assert_refused(info, evil, marker)
+    assert "TorchScript" in str(info.value)
+
+    run_dir = tmp_path / "ds_run"  # a DeepSpeed run dir whose shard is an archive: refused before DeepSpeed reads
+    tag = run_dir / "checkpoints" / "step-00000003"
+    write_torchscript(tag / "mp_rank_00_model_states.pt", marker)
+    CheckpointManager(run_dir)._record("step-00000003", "deepspeed", {"step": 3, "epoch": 1}, None)
+    with pytest.raises(PickleRefused) as info:
+        consolidate_checkpoint(run_dir)
+    assert_refused(info, tag / "mp_rank_00_model_states.pt", marker)
+    assert f"convert-weights {run_dir} " in str(info.value)
+
+    assert torch.equal(read_state_dict(evil, trust_pickle=True)["weight"], torch.ones(2, 2))  # opted in: read
+    assert marker.exists()  # ... and its code ran, as the opt-in says it may
 
 
 def test_corrupt_file_is_a_read_error_not_a_refusal(tmp_path):

@@ -97,6 +97,8 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         except Exception as exc:  # corrupt or foreign file: name it
             raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
     obj = torch_load(path, trust_pickle=trust_pickle)
+    if isinstance(obj, torch.jit.ScriptModule):  # a trusted TorchScript archive (only read with trust_pickle)
+        obj = dict(obj.state_dict())
     for key in ("model", "state_dict", "module"):  # tltrain checkpoint / common wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -8,6 +8,9 @@ crafted to run a command when unpickled) is refused with one line naming the fil
 
 DeepSpeed reads its own checkpoint files with `torch.load(weights_only=False)`; `deepspeed_weights_only` makes
 those loads weights-only too (see docs/architecture.md, "What is trusted").
+
+TorchScript archives are refused before torch sees them: torch < 2.6 hands such a file to torch.jit.load even
+with weights_only=True (CVE-2025-32434), which runs the archive's TorchScript code (e.g. a `__setstate__`).
 """
 from __future__ import annotations
 
@@ -66,9 +69,33 @@ def _looks_pickled(path: Path | None) -> bool:
     return head[:2] == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "weights"):
-    """torch.load on CPU with weights_only=True (plain pickle only with trust_pickle); errors name the file."""
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True when torch.load would hand `path` to torch.jit.load: a zip (by its first bytes) whose records, read
+    with torch's own zip reader, include constants.pkl (the test torch.load itself makes, 2.4 to 2.14)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":
+                return False
+        records = torch._C.PyTorchFileReader(str(path)).get_all_records()
+    except Exception:  # unreadable or not a torch zip: torch.load reports it itself
+        return False
+    return "constants.pkl" in records
+
+
+def torchscript_refusal(path: str | Path, source: str | Path | None = None) -> PickleRefused:
+    """The one-line refusal of a TorchScript archive (torch.load runs its code; torch < 2.6 even weights-only)."""
+    return refusal(path, "a TorchScript archive, whose code torch runs while loading it, on torch < 2.6 even with "
+                         "weights_only=True", source)
+
+
+def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "weights",
+               source: str | Path | None = None):
+    """torch.load on CPU with weights_only=True (plain pickle only with trust_pickle); errors name the file.
+
+    source: what a refusal tells the user to convert (default: the file itself; a run dir for its checkpoints)."""
     path = Path(path)
+    if not trust_pickle and is_torchscript_archive(path):
+        raise torchscript_refusal(path, source)
     try:
         with _no_forced_pickle(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)  # refused anyway
@@ -76,7 +103,7 @@ def torch_load(path: str | Path, *, trust_pickle: bool = False, what: str = "wei
     except pickle.UnpicklingError as exc:
         detail = None if trust_pickle else _refused_detail(str(exc), path)
         if detail is not None:
-            raise refusal(path, detail) from None
+            raise refusal(path, detail, source) from None
         why = "not a PyTorch or safetensors file" if "Weights only load failed" in str(exc) else _first_line(exc)
         raise DataError(f"{path}: cannot read {what} ({why})") from None
     except Exception as exc:  # corrupt, truncated or foreign file
@@ -150,6 +177,10 @@ def deepspeed_weights_only(where: str | Path, source: str | Path | None = None, 
     if trust_pickle:
         yield
         return
+    folder = Path(where)
+    for candidate in sorted(folder.rglob("*") if folder.is_dir() else [folder]):  # what DeepSpeed may torch.load
+        if candidate.is_file() and is_torchscript_archive(candidate):
+            raise torchscript_refusal(candidate, source)
     with allowed_globals(deepspeed_data_classes()), _no_forced_pickle():
         saved = os.environ.get(FORCE_WEIGHTS_ONLY)
         os.environ[FORCE_WEIGHTS_ONLY] = "1"

@@ -228,7 +228,8 @@ class CheckpointManager:
         """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (engine loads the rest)."""
         path = self.path_of(entry)
         target = path / TRAINER_STATE if entry["kind"] == "deepspeed" else path
-        obj = from_plain(torch_load(target, trust_pickle=self.trust_pickle, what="checkpoint"))
+        obj = from_plain(torch_load(target, trust_pickle=self.trust_pickle, what="checkpoint",
+                                    source=self.run_dir))  # a refused file: convert the run (its weights)
         if not isinstance(obj, dict):
             raise DataError(f"{target}: not a tltrain checkpoint (found {type(obj).__name__})")
         return {"trainer": obj} if entry["kind"] == "deepspeed" else obj
