@@ -207,6 +207,58 @@ def test_sigusr2_during_validation_checkpoints_within_seconds_and_resumes(single
         torch.testing.assert_close(consolidate_checkpoint(run_dir)[key], value, atol=1e-6, rtol=1e-5)
 
 
+def test_sigusr2_during_a_long_data_wait_checkpoints_within_seconds_and_resumes(single_run, tmp_path):
+    """A rank waiting for its next batch (slow file system, workers starting) is interrupted by the stop signal:
+    the state after the last optimizer step is saved at once, not after a 120 s wait, and the resumed run reads
+    that batch again and ends equal to an uninterrupted run."""
+    run_dir = tmp_path / "stalled"
+    proc = subprocess.Popen(single_cmd(run_dir, "--stall", "1:3:120"), cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert wait_for(lambda: (run_dir / "stalled").exists()), "the stall never started"
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    assert time.monotonic() - signalled < 12.0
+    entry = CheckpointManager(run_dir, is_main=False).latest()
+    assert (entry["step"], entry["epoch"], entry["batch_in_epoch"]) == (STEPS_PER_EPOCH + 3, 1, 3)
+    resumed = run(single_cmd(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result_of(run_dir)["step"] == 60
+    straight = consolidate_checkpoint(single_run)
+    for key, value in consolidate_checkpoint(run_dir).items():
+        assert torch.equal(value, straight[key]), key  # bit-identical on the CPU
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def test_two_ranks_stop_together_when_one_waits_for_data(single_run, tmp_path):
+    """Rank 1 waits 120 s for a batch while rank 0 waits for rank 1 before the step: a stop signal reaches both,
+    rank 1 leaves its wait, and both agree (a small gloo all-reduce before each step) to save the same step."""
+    run_dir = tmp_path / "stalled_ddp"
+    proc = subprocess.Popen(torchrun_cmd(run_dir, "--strategy", "ddp", "--stall", "1:3:120:1"), cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (run_dir / "stalled").exists()), "the stall never started"
+    signalled = time.monotonic()
+    for pid in _children(proc.pid):  # the two ranks, as SLURM signals every task
+        os.kill(pid, signal.SIGUSR2)
+    proc.wait(timeout=60)
+    assert time.monotonic() - signalled < 15.0
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", status
+    entry = CheckpointManager(run_dir, is_main=False).latest()
+    assert (entry["step"], entry["batch_in_epoch"]) == (STEPS_PER_EPOCH + 3, 3)
+    resumed = run(torchrun_cmd(run_dir, "--strategy", "ddp"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result_of(run_dir)["step"] == 60
+    ddp, single = consolidate_checkpoint(run_dir), consolidate_checkpoint(single_run)
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+
+
 def test_nan_loss_stops_with_step_and_keys_and_keeps_last_checkpoint(tmp_path):
     run_dir = tmp_path / "nan"
     # The sample at position 5*16 of epoch 0's order is met at optimizer step 6, after checkpoints at steps 2 and 4.

@@ -101,3 +101,35 @@ def test_single_strategy_accumulation_and_clipping_step(precision):
     assert norm is not None and norm > 0.01  # clipped: the pre-clip norm is reported
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())  # zeroed after the step
+
+
+def test_stop_signal_interrupts_only_a_marked_wait_and_restores_handlers():
+    """interrupting(): a stop signal raises StopWhileWaiting out of the wait (at once if one came already);
+    elsewhere it only sets the flag; close() puts the previous handlers back."""
+    import os
+    import signal
+    import time
+
+    from tltrain.engine.signals import StopRequest, StopWhileWaiting
+
+    before = signal.getsignal(signal.SIGUSR2)
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)  # outside a wait: a flag, no exception
+        time.sleep(0.05)
+        assert stop.is_set and stop.requested == signal.SIGUSR2
+        with pytest.raises(StopWhileWaiting):  # flag already set: no wait at all
+            with stop.interrupting():
+                raise AssertionError("the block must not run")
+        stop.requested = None
+        started = time.monotonic()
+        with pytest.raises(StopWhileWaiting):
+            with stop.interrupting():
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(30)  # a long data wait
+        assert time.monotonic() - started < 5 and stop.is_set
+        os.kill(os.getpid(), signal.SIGUSR2)  # after the wait: a flag again
+        time.sleep(0.05)
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR2) == before

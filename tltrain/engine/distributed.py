@@ -93,8 +93,10 @@ def leave_process_group() -> None:
     """Destroy the process group at the end of a successful run. Without it NCCL warns at exit that the group was
     not destroyed (pending work may be lost), and an in-process sweep's next run would reuse a stale group. No
     barrier first: a rank whose peer failed after the last collective must not wait for it."""
+    global _control_group
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group too
+    _control_group = None
 
 
 def is_distributed() -> bool:
@@ -107,6 +109,23 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
         return list(flags)
     tensor = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+_control_group = None
+
+
+def any_rank_on_cpu(flags: list[bool]) -> list[bool]:
+    """any_rank over a gloo group on the CPU: no GPU synchronisation, so it can run before each step's forward
+    pass without stalling the device queue (one small message per step; NCCL runs get their own gloo group)."""
+    global _control_group
+    if not is_distributed():
+        return list(flags)
+    cpu_capable = "gloo" in str(dist.get_backend())  # "gloo", or "cpu:gloo,cuda:nccl"
+    if not cpu_capable and _control_group is None:
+        _control_group = dist.new_group(backend="gloo")  # collective: every rank reaches this first call together
+    tensor = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=None if cpu_capable else _control_group)
     return [bool(v) for v in tensor.tolist()]
 
 

@@ -2,7 +2,9 @@
 
 The handler only sets a flag; the trainer checks it at the next optimizer-step boundary, all ranks OR their
 flags (so they stop at the same step), write a checkpoint and exit with PREEMPTED_EXIT_CODE, which a requeue
-wrapper recognises as "resume me" rather than "failed".
+wrapper recognises as "resume me" rather than "failed". While a rank waits for its next batch (a slow file
+system, workers starting up), the handler instead raises StopWhileWaiting out of the wait (`interrupting()`),
+so a long data wait does not outlast SLURM's grace period either.
 
 Start-up: importing torch and building loaders takes seconds, and a signal then would kill the process with the
 default action (exit 143/140, no status). `tltrain train` therefore calls install_early() first thing; a signal
@@ -11,6 +13,7 @@ with PREEMPTED_EXIT_CODE before training.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -26,6 +29,10 @@ class Preempted(Exception):
     """Raised after the preemption checkpoint is written; carries the exit code for the entry point."""
 
     exit_code = PREEMPTED_EXIT_CODE
+
+
+class StopWhileWaiting(Exception):
+    """Raised by the handler out of a blocking wait marked with StopRequest.interrupting()."""
 
 
 #: A stop signal received by install_early()'s handler while no StopRequest was listening.
@@ -52,6 +59,7 @@ class StopRequest:
         global _pending
         self.requested: int | None = _pending  # the signal number received
         _pending = None
+        self._interrupt = False  # True inside interrupting(): the handler raises StopWhileWaiting
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -59,10 +67,25 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.requested = signum
+        if self._interrupt:
+            self._interrupt = False  # raise once: the code that catches it may run on
+            raise StopWhileWaiting(signum)
 
     @property
     def is_set(self) -> bool:
         return self.requested is not None
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """Inside this block a stop signal raises StopWhileWaiting (at once if one came already). For waits whose
+        abandonment loses nothing: the loader's next batch, read again after a resume."""
+        if self.is_set:
+            raise StopWhileWaiting(self.requested)
+        self._interrupt = True
+        try:
+            yield
+        finally:
+            self._interrupt = False
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

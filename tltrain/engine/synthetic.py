@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds per batch (signal tests)")
     parser.add_argument("--val-sleep", type=float, default=0.0,
                         help="seconds per validation batch; <run-dir>/validating marks the first one (signal tests)")
+    parser.add_argument("--stall", default=None, metavar="EPOCH:BATCH:SECONDS[:RANK]",
+                        help="the train loader waits SECONDS before that batch (on RANK only, default every rank); "
+                             "<run-dir>/stalled marks the wait (signal tests: a slow file system)")
     parser.add_argument("--ema", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default=None, help="write the result dict here as JSON (rank 0)")
@@ -148,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                                 train=False, rank=env.rank, world_size=env.world_size)
     if args.step_sleep:
         train_loader = _Slow(train_loader, args.step_sleep)
+    if args.stall:
+        epoch, batch, seconds, *rank = args.stall.split(":")
+        if not rank or int(rank[0]) == env.rank:
+            train_loader = _Stall(train_loader, int(epoch), int(batch), float(seconds), Path(args.run_dir) / "stalled")
     if args.val_sleep:
         val_loader = _Slow(val_loader, args.val_sleep, marker=Path(args.run_dir) / "validating")
     try:
@@ -182,6 +189,33 @@ class _Slow:
             if self.marker is not None:
                 self.marker.touch()
             time.sleep(self.seconds)
+            yield batch
+
+
+class _Stall:
+    """Wraps the train loader to wait once, before one batch of one epoch (a data wait a test can signal into)."""
+
+    def __init__(self, loader, epoch: int, batch: int, seconds: float, marker: Path):
+        self.loader, self.at, self.seconds, self.marker = loader, (epoch, batch), seconds, marker
+        self.epoch = 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        import time
+
+        for index, batch in enumerate(self.loader):
+            if (self.epoch, index) == self.at:
+                self.marker.touch()
+                time.sleep(self.seconds)
             yield batch
 
 

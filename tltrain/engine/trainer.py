@@ -32,7 +32,7 @@ from tltrain.engine.optim import (build_ema, build_optimizer, carry_optimizer_st
                                   lr_factor, set_lr)
 from tltrain.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
 from tltrain.engine.rundir import claim_run_dir
-from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
+from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest, StopWhileWaiting
 from tltrain.engine.strategies import build_strategy
 from tltrain.errors import ConfigError, TltrainError
 from tltrain.metrics import PredictionGatherer, compute_metrics, referable_threshold_for
@@ -148,6 +148,7 @@ class Trainer:
         self._stop: StopRequest | None = None
         # An epoch whose training finished but whose validation a preemption interrupted: {"epoch", "train"}.
         self._pending_epoch_end: dict | None = None
+        self._saved_step: int | None = None  # optimizer step of the latest checkpoint written or resumed from
 
     # -- set-up helpers -------------------------------------------------------------------------------------
     def _phase_starts(self) -> list[int]:
@@ -205,7 +206,16 @@ class Trainer:
 
     def _save(self, metrics: dict | None = None) -> str:
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-        return self.checkpoints.save(self.strategy, self._trainer_state(), metrics, extra)
+        name = self.checkpoints.save(self.strategy, self._trainer_state(), metrics, extra)
+        self._saved_step = self.step
+        return name
+
+    def _preempt_before_step(self) -> None:
+        """A stop signal came while a rank waited for data: checkpoint the state after the last optimizer step
+        (unless the latest checkpoint already is that state) and stop."""
+        if self._saved_step != self.step:
+            self._save()
+        raise _Preempted()
 
     def _resume(self) -> bool:
         entry = self.checkpoints.latest()
@@ -235,6 +245,7 @@ class Trainer:
                                f"{self.steps_per_epoch} (different world size or batch size); the LR curve shifts")
         if self.is_main:
             self.progress.line(f"resumed from {entry['name']} (epoch {self.epoch}, step {self.step})")
+        self._saved_step = self.step
         return True
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -296,7 +307,17 @@ class Trainer:
         iterator = iter(self.train_loader) if left else iter(())
         for batch_index in range(used_batches if left else 0):
             fetch_start = time.perf_counter()
-            batch = next(iterator)
+            # the first micro-batch of an optimizer step may be abandoned for a stop signal: the state after the
+            # previous step is complete, and a resumed run reads this batch again
+            step_start = batch_index >= skip and batch_index % cfg.grad_accum == 0
+            try:
+                with stop.interrupting() if step_start else contextlib.nullcontext():
+                    batch = next(iterator)
+                waited_out = False
+            except StopWhileWaiting:
+                batch, waited_out = None, True
+            if step_start and D.any_rank_on_cpu([waited_out])[0]:  # every rank stops before this step's forward
+                self._preempt_before_step()
             waited = time.perf_counter() - fetch_start
             errors_seen = self._note_skipped(errors_seen)
             if batch_index < skip:  # consumed before the checkpoint we resumed from
