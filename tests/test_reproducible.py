@@ -123,10 +123,14 @@ def _stop_and_resume(backend, shards, run_dir, signal_name: str, at: int) -> Non
         assert status["state"] == "running"  # nobody wrote an end: rundir.is_stale tells readers
     else:
         assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
-        assert status["state"] == "preempted" and status["step"] == at  # checkpointed the step it was told at
+        # a signal during the fetch of batch `at` interrupts that data wait: the checkpoint holds step at - 1;
+        # one after the fetch lets the step complete: step at
+        saved = at if signal_name.endswith("-after") else at - 1
+        assert status["state"] == "preempted" and status["step"] == saved, (status, at)
+        assert CheckpointManager(run_dir, is_main=False).latest()["step"] == saved
     resumed = launch("none", 0, args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ("resumed from" in resumed.stdout) == (at > 1 or signal_name == "USR2"), resumed.stdout[-2000:]
+    assert ("resumed from" in resumed.stdout) == (at > 1 or signal_name != "KILL"), resumed.stdout[-2000:]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.slow)])
@@ -139,16 +143,32 @@ def test_kill_9_at_a_random_step_then_resume_equals_uninterrupted(backend, fundu
 @pytest.mark.parametrize("backend", [pytest.param("torch", marks=pytest.mark.slow), "dali"])
 def test_usr2_at_a_random_step_then_resume_equals_uninterrupted(backend, fundus_shards, reference, tmp_path):
     at = random.randint(1, TOTAL_STEPS)
-    _stop_and_resume(backend, fundus_shards, tmp_path / "run", "USR2", at)
-    assert_same_run(tmp_path / "run", reference(backend), f"{backend}: USR2 at batch {at}, resumed")
+    mode = random.choice(["USR2", "USR2-after"])  # during the data wait, or during the step
+    _stop_and_resume(backend, fundus_shards, tmp_path / "run", mode, at)
+    assert_same_run(tmp_path / "run", reference(backend), f"{backend}: {mode} at batch {at}, resumed")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_preemption_on_an_epochs_last_batch_keeps_its_train_loss(backend, fundus_shards, reference, tmp_path):
     """The checkpoint then holds the whole epoch's loss sum; the resumed run reads no batch of that epoch."""
-    _stop_and_resume(backend, fundus_shards, tmp_path / "run", "USR2", STEPS_PER_EPOCH)
+    _stop_and_resume(backend, fundus_shards, tmp_path / "run", "USR2-after", STEPS_PER_EPOCH)
     assert_same_run(tmp_path / "run", reference(backend), f"{backend}: USR2 on the first epoch's last batch")
+
+
+@pytest.mark.slow
+def test_usr2_while_fetching_an_epochs_first_batch_saves_nothing_new(fundus_shards, reference, tmp_path):
+    """The epoch-end checkpoint already holds the state when the next epoch's first fetch is interrupted: no new
+    checkpoint, and the resumed run still equals the uninterrupted one."""
+    args = overrides(fundus_shards, tmp_path / "run", "torch")
+    stopped = launch("USR2", STEPS_PER_EPOCH + 1, args)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    manager = CheckpointManager(tmp_path / "run", is_main=False)
+    assert manager.latest()["step"] == STEPS_PER_EPOCH
+    assert manager.latest()["kappa"] is not None  # still the epoch-end save with its validation metric
+    resumed = launch("none", 0, args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "run", reference("torch"), "torch: USR2 while fetching epoch 2's first batch")
 
 
 @pytest.mark.slow
