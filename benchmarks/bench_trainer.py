@@ -65,10 +65,12 @@ def engine_loop(model, batch, steps, warmup, precision, num_classes, channels_la
     """The engine on the same batch: epoch 0 warms up, epoch 1 is timed by the engine itself."""
     cfg = TrainerConfig(epochs=2, precision=precision, channels_last=channels_last, lr=1e-4, warmup_epochs=0,
                         lr_schedule="constant", log_every_steps=max(steps // 4, 1), image_grid=0, progress=False,
-                        keep_last=1, best_metric="none")
+                        keep_last=1)  # no validation loader: no checkpoint is ever "best"
     loader = RepeatLoader(batch, max(steps, warmup), num_classes)
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(cfg, model, loader, None, run_dir, num_classes=num_classes)
+    if result["status"] != "completed":  # e.g. gpu_all's time-out sent SIGTERM: the engine stopped cleanly
+        raise SystemExit(f"engine run {result['status']} at step {result['step']}: no timing")
     return result["history"][1]["images_per_s"]
 
 
