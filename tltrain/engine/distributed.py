@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tltrain.errors import ConfigError
 
 DEFAULT_PORT = 29500
+_control_group = None  # any_rank_on_cpu's gloo group beside an NCCL default group (made on first use)
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,6 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     tensor = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(v) for v in tensor.tolist()]
-
-
-_control_group = None
 
 
 def any_rank_on_cpu(flags: list[bool]) -> list[bool]:

@@ -170,17 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     return result["exit_code"]
 
 
-class _Slow:
-    """Wraps a loader to sleep per batch, so a test can signal a run mid-epoch."""
+class _LoaderWrapper:
+    """Base of the test wrappers below: everything but iteration goes to the wrapped loader."""
 
-    def __init__(self, loader, seconds: float, marker: Path | None = None):
-        self.loader, self.seconds, self.marker = loader, seconds, marker
+    def __init__(self, loader):
+        self.loader = loader
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
     def __len__(self):
         return len(self.loader)
+
+
+class _Slow(_LoaderWrapper):
+    """Wraps a loader to sleep per batch, so a test can signal a run mid-epoch."""
+
+    def __init__(self, loader, seconds: float, marker: Path | None = None):
+        super().__init__(loader)
+        self.seconds, self.marker = seconds, marker
 
     def __iter__(self):
         import time
@@ -192,18 +200,13 @@ class _Slow:
             yield batch
 
 
-class _Stall:
+class _Stall(_LoaderWrapper):
     """Wraps the train loader to wait once, before one batch of one epoch (a data wait a test can signal into)."""
 
     def __init__(self, loader, epoch: int, batch: int, seconds: float, marker: Path):
-        self.loader, self.at, self.seconds, self.marker = loader, (epoch, batch), seconds, marker
+        super().__init__(loader)
+        self.at, self.seconds, self.marker = (epoch, batch), seconds, marker
         self.epoch = 0
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __len__(self):
-        return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -25,7 +25,7 @@ from torch import nn
 
 from tltrain.engine import distributed as D
 from tltrain.engine.checkpoint import CheckpointManager
-from tltrain.engine.config import TrainerConfig
+from tltrain.engine.config import BEST_METRICS, TrainerConfig
 from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics, write_metrics, write_status
 from tltrain.engine.losses import build_loss, outputs_to_probs, tune_thresholds
 from tltrain.engine.optim import (build_ema, build_optimizer, carry_optimizer_state, default_param_groups,
@@ -114,8 +114,8 @@ class Trainer:
                                                                             cfg.referable_threshold) is None:
             raise ConfigError(f"trainer.best_metric={cfg.best_metric!r} is a referable-DR metric, which a "
                               f"{self.num_classes}-class run does not compute (5 grades, or set "
-                              "trainer.referable_threshold); choose kappa, accuracy, top2_accuracy, auc or "
-                              "cross_entropy")
+                              "trainer.referable_threshold); choose one of "
+                              f"{', '.join(m for m in BEST_METRICS if m not in REFERABLE_METRICS)}")
         self.batch_size = batch_size or getattr(train_loader, "batch_size", None) or len(next(iter(train_loader)).labels)
         self.steps_per_epoch = len(train_loader) // cfg.grad_accum
         if self.steps_per_epoch < 1:
@@ -310,13 +310,13 @@ class Trainer:
             # the first micro-batch of an optimizer step may be abandoned for a stop signal: the state after the
             # previous step is complete, and a resumed run reads this batch again
             step_start = batch_index >= skip and batch_index % cfg.grad_accum == 0
+            batch = None  # stays None when a stop signal ended the wait
             try:
                 with stop.interrupting() if step_start else contextlib.nullcontext():
                     batch = next(iterator)
-                waited_out = False
             except StopWhileWaiting:
-                batch, waited_out = None, True
-            if step_start and D.any_rank_on_cpu([waited_out])[0]:  # every rank stops before this step's forward
+                pass
+            if step_start and D.any_rank_on_cpu([batch is None])[0]:  # every rank stops before this step's forward
                 self._preempt_before_step()
             waited = time.perf_counter() - fetch_start
             errors_seen = self._note_skipped(errors_seen)
