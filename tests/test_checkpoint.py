@@ -57,3 +57,25 @@ def test_half_written_checkpoint_is_ignored_and_missing_run_is_clear(tmp_path):
     assert manager.latest()["name"] == "step-00000001"
     with pytest.raises(DataError, match="no latest checkpoint"):
         consolidate_checkpoint(tmp_path / "elsewhere")
+
+
+def test_prune_after_run_keeps_the_best_weights_and_stale_files_go(tmp_path):
+    from tltrain.engine.checkpoint import remove_stale_writes
+
+    strategy = make_strategy()
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step, kappa in enumerate([0.3, 0.8, 0.5], start=1):
+        with torch.no_grad():
+            strategy.raw_model.fc.bias.fill_(step)
+        manager.save(strategy, {"step": step, "epoch": step, "batch_in_epoch": 0}, {"kappa": kappa})
+    best = consolidate_checkpoint(tmp_path, "best")
+    assert manager.prune_after_run("best") == ["step-00000002", "step-00000003"]
+    assert sorted(p.name for p in manager.dir.iterdir()) == ["index.json", "step-00000002.weights.pt"]
+    kept = manager.read(manager.best())
+    assert set(kept) == {"model", "trainer"}  # no optimizer state
+    assert all(torch.equal(best[k], v) for k, v in consolidate_checkpoint(tmp_path, "best").items())
+    assert manager.prune_after_run("none") == []  # pruned once: a second call changes nothing
+    # a weights file written by a prune that was killed before index.json committed is removed on the next claim
+    (manager.dir / "step-00000003.weights.pt").write_bytes(b"half")
+    assert [p.name for p in remove_stale_writes(tmp_path)] == ["step-00000003.weights.pt"]
+    assert (manager.dir / "step-00000002.weights.pt").is_file()

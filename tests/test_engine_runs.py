@@ -126,6 +126,14 @@ def test_deepspeed_zero2_two_ranks_learns_and_consolidates(tmp_path):
     state = consolidate_checkpoint(run_dir)
     assert set(state) == {"features.0.weight", "features.0.bias", "fc.weight", "fc.bias"}
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    # trainer.keep_after_run=best merges the best checkpoint's ZeRO partitions into one weights file
+    from tltrain.engine.checkpoint import CheckpointManager
+
+    best = consolidate_checkpoint(run_dir, "best")
+    CheckpointManager(run_dir).prune_after_run("best")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "index.json"] == [
+        f"{CheckpointManager(run_dir).best()['name']}.weights.pt"]
+    assert all(torch.equal(best[k], v) for k, v in consolidate_checkpoint(run_dir).items())
 
 
 def wait_for(predicate, timeout=120):

@@ -144,5 +144,6 @@ def test_thtl_experiment_is_the_54_run_grid_and_every_run_validates(trained_run,
         run = load_run_config(compose("config", ["+experiment=thtl", f"data.shards={target_shards}", *overrides]))
         assert run.schedule.name == values[list(grid).index("schedule")]
         assert run.model.weights in (None, str(trained_run)) and run.loader.size == 512
+        assert run.trainer.keep_after_run == "best"  # 54 runs of full checkpoints would fill a disk
         seen.add((run.model.weights, run.schedule.name, run.data.fraction))
     assert len(seen) == 18  # every (weights, schedule, fraction) once per seed

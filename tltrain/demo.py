@@ -159,6 +159,7 @@ def _run_grid(grid_dir: Path, step1: Path, target_shards: Path, common: list[str
     command = [sys.executable, "-m", "tltrain.cli", "train", "-m", "+experiment=thtl", "hydra/launcher=local",
                f"hydra.sweeper.max_batch_size={RUNS_AT_ONCE}", f"hydra.sweep.dir={grid_dir}", "data=synthetic_dme",
                f"data.shards={target_shards}", *common, "loader.batch_size=8", "trainer.eval_every=3", *STEP2_EPOCHS,
+               "trainer.keep_after_run=none",  # the grid is read for its metrics; 54 weight files would be 2.4 GB
                *size.grid]
     env = dict(os.environ, TLTRAIN_INTERMEDIATE=str(step1), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     print("TLTRAIN_INTERMEDIATE=" + str(step1) + " " + " ".join(["tltrain", *command[3:]]), flush=True)

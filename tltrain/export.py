@@ -58,7 +58,8 @@ def _checkpoint_entry(run_dir: Path, which: str) -> dict:
     manager = CheckpointManager(run_dir, is_main=False)
     entry = manager.best() if which == "best" else manager.latest()
     if entry is None:
-        raise DataError(f"{manager.dir}: no {which} checkpoint (is this a finished tltrain run folder?)")
+        raise DataError(manager.pruned_message(f"--which {which}" if which != "best" else "an export")
+                        or f"{manager.dir}: no {which} checkpoint (is this a finished tltrain run folder?)")
     return entry
 
 

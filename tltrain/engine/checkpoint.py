@@ -4,8 +4,11 @@ Layout under <run_dir>/checkpoints/:
   step-00000420.pt           single/DDP: one file {model, optimizer, scaler, ema, trainer}, written by rank 0
   step-00000420/             DeepSpeed: the engine's own tag folder (every rank writes its ZeRO partition)
      tltrain_trainer.pt      ... plus our trainer state (epoch, step, RNG, phase, config), written by rank 0
+  step-00000360.weights.pt   after a completed run with trainer.keep_after_run=best: only the best checkpoint's
+                             evaluated weights ({"model": fp32 state dict}), everything else removed
   index.json                 the list of complete checkpoints, latest and best; rewritten atomically LAST,
                              so a checkpoint killed half-written is never referenced and resume skips it.
+                             "after_run" (best | none) marks a completed run whose checkpoints were pruned.
 
 Our files hold only tensors and plain containers (numpy arrays such as numpy's RNG state are stored as tagged
 byte tensors, see `to_plain`), so they load with torch.load(weights_only=True): resuming from, or starting from,
@@ -25,13 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tltrain.engine.config import KEEP_AFTER_RUN
 from tltrain.engine.distributed import barrier
 from tltrain.errors import DataError
 from tltrain.safe_load import deepspeed_weights_only, torch_load
 
 INDEX = "index.json"
 TRAINER_STATE = "tltrain_trainer.pt"
-CHECKPOINT_NAME = re.compile(r"step-\d{8}(\.pt)?$")
+CHECKPOINT_NAME = re.compile(r"step-\d{8}(\.weights)?(\.pt)?$")
+
+
+def entry_filename(entry: dict) -> str:
+    """The file (or DeepSpeed tag folder) name of an index entry."""
+    return {"deepspeed": entry["name"], "weights": f"{entry['name']}.weights.pt"}.get(entry["kind"],
+                                                                                     f"{entry['name']}.pt")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -119,13 +129,12 @@ def remove_stale_writes(run_dir: str | Path) -> list[Path]:
     index_path = ckpt_dir / INDEX
     if ckpt_dir.is_dir():
         try:
-            listed = {c["name"] for c in json.loads(index_path.read_text())["checkpoints"]} \
+            listed = {entry_filename(c) for c in json.loads(index_path.read_text())["checkpoints"]} \
                 if index_path.is_file() else set()
         except (ValueError, KeyError, TypeError):
             listed = None  # a damaged index: resume reports it; delete nothing it might still name
         if listed is not None:
-            removed += [p for p in ckpt_dir.iterdir() if CHECKPOINT_NAME.match(p.name)
-                        and p.name.removesuffix(".pt") not in listed]
+            removed += [p for p in ckpt_dir.iterdir() if CHECKPOINT_NAME.match(p.name) and p.name not in listed]
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -221,7 +230,52 @@ class CheckpointManager:
             path.unlink(missing_ok=True)
 
     def path_of(self, entry: dict) -> Path:
-        return self.dir / entry["name"] if entry["kind"] == "deepspeed" else self.dir / f"{entry['name']}.pt"
+        return self.dir / entry_filename(entry)
+
+    # -- after a completed run ------------------------------------------------------------------------------
+    def prune_after_run(self, keep: str) -> list[str]:
+        """Shrink a completed run's checkpoints (main rank only): `all` keeps them (the run can still be extended
+        with more epochs), `best` keeps only the best checkpoint's evaluated weights (EMA when enabled) as one fp32
+        file (no optimizer state, ZeRO partitions merged), `none` removes them all (metrics, predictions and
+        TensorBoard stay). A sweep of many runs otherwise keeps up to keep_last + 1 full checkpoints per run.
+        Crash-safe: the weights file is written first, index.json (marked "after_run") commits, then the rest
+        goes. Returns the removed names."""
+        if keep not in KEEP_AFTER_RUN:
+            raise DataError(f"trainer.keep_after_run={keep!r}: expected one of {', '.join(KEEP_AFTER_RUN)}")
+        index = self.index()
+        if keep == "all" or index.get("after_run"):
+            return []
+        kept = []
+        chosen = self.best() or self.latest()
+        if keep == "best" and chosen is not None:
+            state = consolidate_checkpoint(self.run_dir, "best" if self.best() else "latest",
+                                           trust_pickle=self.trust_pickle)
+            slim = {**{k: chosen[k] for k in chosen if k != "kind"}, "kind": "weights"}
+            atomic_torch_save({"model": state, "trainer": {"step": chosen["step"], "epoch": chosen["epoch"]}},
+                              self.path_of(slim))
+            kept = [slim]
+        removed = index["checkpoints"]
+        # "latest" is gone (the final training state); the kept weights are the best (or, with no best, the last)
+        index.update(checkpoints=kept, latest=None, best=kept[0]["name"] if kept else None, after_run=keep)
+        atomic_write_json(self.dir / INDEX, index)
+        for entry in removed:
+            self._delete(entry)
+        if any(entry["kind"] == "deepspeed" for entry in removed):  # DeepSpeed's pointer to its last tag, its script
+            for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
+                (self.dir / name).unlink(missing_ok=True)
+        return [entry["name"] for entry in removed]
+
+    def pruned_message(self, what: str) -> str | None:
+        """Why a completed run has no checkpoint for `what` (None when it was not pruned)."""
+        after_run = self.index().get("after_run")
+        if after_run == "none":
+            return (f"{self.run_dir}: the run completed with trainer.keep_after_run=none, so its checkpoints were "
+                    f"removed and there are no weights for {what}; its metrics and predictions are still there. "
+                    f"Run it again with trainer.keep_after_run=best (or all) to keep weights")
+        if after_run == "best":
+            return (f"{self.run_dir}: the run completed with trainer.keep_after_run=best; only the best "
+                    f"checkpoint's weights were kept, not the training state {what} needs")
+        return None
 
     # -- load -----------------------------------------------------------------------------------------------
     def read(self, entry: dict) -> dict:
@@ -248,9 +302,11 @@ def consolidate_checkpoint(run_dir: str | Path, which: str = "latest",
     on CPU, no process group), its file reads made weights-only.
     """
     manager = CheckpointManager(run_dir, is_main=False, trust_pickle=trust_pickle)
-    entry = manager.best() if which == "best" else manager.latest()
+    # a run pruned to its best weights (trainer.keep_after_run=best) offers those as its weights
+    entry = manager.best() if which == "best" else (manager.latest() or manager.best())
     if entry is None:
-        raise DataError(f"{manager.dir}: no {which} checkpoint (is this a tltrain run directory?)")
+        raise DataError(manager.pruned_message("its weights")
+                        or f"{manager.dir}: no {which} checkpoint (is this a tltrain run directory?)")
     if entry["kind"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

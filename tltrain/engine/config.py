@@ -15,6 +15,8 @@ MODES = ("max", "min")
 #: exist for the 5-grade DR scale or an explicit trainer.referable_threshold).
 BEST_METRICS = ("kappa", "accuracy", "top2_accuracy", "auc", "cross_entropy", "sensitivity", "specificity",
                 "referable_auc")
+#: What a completed run keeps of its checkpoints (CheckpointManager.prune_after_run).
+KEEP_AFTER_RUN = ("all", "best", "none")
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrainerConfig:
     best_metric: str = "kappa"  # metric that picks the best checkpoint
     best_mode: str = "max"
     keep_last: int = 2  # last N checkpoints kept, plus the best one
+    keep_after_run: str = "all"  # once the run completes: all (can be extended) | best (its weights only) | none
     checkpoint_every_steps: int = 0  # 0 = epoch ends only (and on preemption); >0 also every N optimizer steps
     log_every_steps: int = 10  # TensorBoard scalars interval
     image_grid: int = 16  # images in the TensorBoard input grid (0 = none)
@@ -73,7 +76,8 @@ class TrainerConfig:
         for key, value, valid in (("strategy", self.strategy, STRATEGIES), ("precision", self.precision, PRECISIONS),
                                   ("optimizer", self.optimizer, OPTIMIZERS), ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
                                   ("loss", self.loss, LOSSES), ("best_mode", self.best_mode, MODES),
-                                  ("best_metric", self.best_metric, BEST_METRICS)):
+                                  ("best_metric", self.best_metric, BEST_METRICS),
+                                  ("keep_after_run", self.keep_after_run, KEEP_AFTER_RUN)):
             if value not in valid:
                 raise choices_error(f"trainer.{key}", value, valid)
         for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):

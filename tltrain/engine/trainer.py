@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -257,6 +258,9 @@ class Trainer:
     def _fit(self) -> dict:
         stop = self._stop = StopRequest()  # also adopts a stop signal that arrived while the run was starting up
         try:
+            pruned = D.broadcast_object(self.checkpoints.index().get("after_run") if self.is_main else None)
+            if pruned:  # completed before, checkpoints pruned: nothing to resume from, and nothing left to do
+                return self._completed_before(pruned)
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 if self._config_yaml() is not None:
@@ -278,8 +282,11 @@ class Trainer:
                 seen = self._errors_seen(self.test_loader)
                 self.test_metrics = self._evaluate_best(self.test_loader)
                 self.skipped["test"] = self._gather_skipped(self.test_loader, seen)
-            return self._finish()
+            result = self._finish()
+            self.strategy.close()
+            return result
         except _Preempted:
+            self.strategy.close()
             self._status("preempted", signal=stop.requested)
             return {"status": "preempted", "exit_code": PREEMPTED_EXIT_CODE, "step": self.step, "epoch": self.epoch,
                     "run_dir": str(self.run_dir)}
@@ -552,7 +559,28 @@ class Trainer:
                              **self.hparams}, {"best_val": best_record.get("val") or self.last_val,
                                                "test": self.test_metrics})
         self._status("completed")
+        if self.is_main and self.cfg.keep_after_run != "all":  # every rank is past its last checkpoint read
+            removed = self.checkpoints.prune_after_run(self.cfg.keep_after_run)
+            kept = "the best checkpoint's weights" if self.cfg.keep_after_run == "best" else "no checkpoint"
+            self.progress.line(f"trainer.keep_after_run={self.cfg.keep_after_run}: kept {kept}, removed "
+                               f"{len(removed)} checkpoint(s)")
         return result
+
+    def _completed_before(self, pruned: str) -> dict:
+        """The recorded result of a run that completed and then pruned its checkpoints (trainer.keep_after_run):
+        a relaunch (a sweep started again to finish its failed runs) neither retrains it nor changes its results."""
+        result = None
+        if self.is_main:
+            metrics = json.loads((self.run_dir / "metrics.json").read_text())
+            status = json.loads((self.run_dir / "status.json").read_text())
+            index = self.checkpoints.index()
+            result = {"status": "completed", "exit_code": 0, "step": status.get("step"), "epoch": status.get("epoch"),
+                      "run_dir": str(self.run_dir), "final": metrics.get("final", {}), "test": metrics.get("test") or None,
+                      "perf": metrics.get("perf", {}), "best": {"name": index.get("best"), "value": index.get("best_value")},
+                      "history": metrics.get("history", []), "completed_before": True}
+            self.progress.line(f"{self.run_dir}: completed before (checkpoints pruned, trainer.keep_after_run="
+                               f"{pruned}); nothing to do")
+        return D.broadcast_object(result)
 
     def _status(self, state: str, **extra) -> None:
         if not self.is_main:
