@@ -100,6 +100,10 @@ def test_damaged_shard_on_dali_is_one_line(fundus_shards, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert victim.name in err
     assert _status(run_dir)["state"] == "failed"
+    # Hydra's log file handler does not outlive the in-process app (it pointed later runs' logs at this run_dir)
+    import logging
+
+    assert not [h for h in logging.getLogger().handlers if str(run_dir) in str(getattr(h, "baseFilename", ""))]
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small tmpfs needs root")

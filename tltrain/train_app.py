@@ -6,6 +6,7 @@ checkpoints in its run_dir, so a requeued job simply calls it again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -232,7 +233,26 @@ def hydra_main() -> None:
         return {k: v for k, v in result.items()
                 if k in ("status", "step", "epoch", "run_dir", "final", "test", "error")}
 
-    _app()
+    with _logging_restored():
+        _app()
+
+
+@contextlib.contextmanager
+def _logging_restored():
+    """Hydra points the root logger at <run_dir>/train_app.log and leaves it so: called in-process (cli.main from
+    Python or a test), the next run's log lines would go to this run's file, or fail once it is deleted. Close
+    and drop the handlers Hydra added, and restore the level."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
 
 
 def record_sweep_run(result: dict, run_dir: str) -> None:
