@@ -109,6 +109,9 @@ class Strategy:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def close(self) -> None:
+        """Release what the strategy holds on to beyond the model (a no-op except for DeepSpeed)."""
+
 
 class DDPStrategy(Strategy):
     """DistributedDataParallel over the process group (nccl on GPU, gloo on CPU)."""
@@ -173,6 +176,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.close()  # a new phase: the previous engine's ZeRO gradient hooks must not stay on the parameters
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config(micro_batch_size))
         dtype = AUTOCAST_DTYPES.get(self.cfg.precision)
@@ -180,6 +184,14 @@ class DeepSpeedStrategy(Strategy):
             for buffer in self.model.module.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(dtype)
+
+    def close(self) -> None:
+        """Destroy the engine: removes its ZeRO hooks and drops its buffers (and their pending communication
+        handles) now, while the interpreter and the process group are alive, not in finalization at exit."""
+        engine = getattr(self, "model", None)
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        self.model = self.optimizer = None
 
     @property
     def param_groups(self) -> list[dict]:
