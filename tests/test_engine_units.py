@@ -133,3 +133,17 @@ def test_stop_signal_interrupts_only_a_marked_wait_and_restores_handlers():
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_determinism_switches_follow_the_config_both_ways():
+    """An in-process sweep over trainer.deterministic=true,false: the second run must not stay deterministic."""
+    from tltrain.engine.reproducibility import configure_determinism
+
+    try:
+        configure_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        configure_determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    finally:
+        configure_determinism(False)

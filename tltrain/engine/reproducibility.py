@@ -36,12 +36,14 @@ def configure_determinism(enabled: bool) -> None:
 
     Ops that have no deterministic implementation (on CUDA, e.g. adaptive average pooling's backward) warn once,
     naming themselves, instead of stopping the run (warn_only): the run is then deterministic except for them.
+    Called with False it switches them back to torch's defaults (an in-process sweep over trainer.deterministic
+    would otherwise keep the first deterministic run's switches); CUBLAS_WORKSPACE_CONFIG stays, since cuBLAS reads
+    it once.
     """
-    if not enabled:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(enabled, warn_only=enabled)
+    torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
 
 
