@@ -574,9 +574,10 @@ class Trainer:
             metrics = json.loads((self.run_dir / "metrics.json").read_text())
             status = json.loads((self.run_dir / "status.json").read_text())
             index = self.checkpoints.index()
-            result = {"status": "completed", "exit_code": 0, "step": status.get("step"), "epoch": status.get("epoch"),
-                      "run_dir": str(self.run_dir), "final": metrics.get("final", {}), "test": metrics.get("test") or None,
-                      "perf": metrics.get("perf", {}), "best": {"name": index.get("best"), "value": index.get("best_value")},
+            result = {"status": "completed", "exit_code": 0, "step": status.get("step"),
+                      "epoch": status.get("epoch"), "run_dir": str(self.run_dir), "final": metrics.get("final", {}),
+                      "test": metrics.get("test") or None, "perf": metrics.get("perf", {}),
+                      "best": {"name": index.get("best"), "value": index.get("best_value")},
                       "history": metrics.get("history", []), "completed_before": True}
             self.progress.line(f"{self.run_dir}: completed before (checkpoints pruned, trainer.keep_after_run="
                                f"{pruned}); nothing to do")
