@@ -65,11 +65,13 @@ def test_relaunching_a_pruned_run_changes_nothing(full_and_best, fundus_shards):
     _, best, (_, first) = full_and_best
     before = {name: (best / name).read_bytes() for name in ("metrics.json", "config.yaml", "status.json",
                                                             "predictions_test.csv")}
+    event_files = sorted((best / "tb").rglob("events.out.tfevents.*"))
     again = train_from_overrides(tiny_run_overrides(fundus_shards, best, "trainer.keep_after_run=best",
                                                     "schedule.epochs_per_phase=5"))  # a different config: ignored
     assert again["completed_before"] and again["status"] == "completed" and again["exit_code"] == 0
     assert again["test"]["kappa"] == first["test"]["kappa"] and again["step"] == first["step"]
     assert {name: (best / name).read_bytes() for name in before} == before
+    assert sorted((best / "tb").rglob("events.out.tfevents.*")) == event_files  # no empty event file added
 
 
 def test_none_keeps_no_checkpoint_and_says_so(fundus_shards, tmp_path):

@@ -50,14 +50,22 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 
 
 class TensorBoardLogger:
-    """SummaryWriter on rank 0; a no-op elsewhere so call sites need no rank checks."""
+    """SummaryWriter on rank 0; a no-op elsewhere so call sites need no rank checks.
+
+    The event file is created on the first write, so a run that has nothing to log (a relaunch of a completed,
+    pruned run) adds no empty event file to its tb/ folder."""
 
     def __init__(self, log_dir: str | Path, enabled: bool = True):
-        self.writer = None
-        if enabled:
+        self.log_dir, self.enabled, self._writer = str(log_dir), enabled, None
+
+    @property
+    def writer(self):
+        """The SummaryWriter (opened on first use), or None on ranks that do not log."""
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.writer is None:
@@ -105,12 +113,12 @@ class TensorBoardLogger:
         self.writer.add_hparams(plain, final, run_name=".")
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def confusion_figure(confusion: np.ndarray):
