@@ -63,6 +63,13 @@ def test_referable_best_metric_on_a_two_class_run_is_one_line_before_training(ta
     assert _status(run_dir)["state"] == "failed" and not list(run_dir.glob("checkpoints/step-*"))
 
 
+def test_top2_best_metric_on_a_two_class_run_is_one_line(target_shards, tmp_path, capsys):
+    code = main(["train", *tiny_run_overrides(target_shards, tmp_path / "run"), "trainer.best_metric=top2_accuracy"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "trainer.best_metric='top2_accuracy' means nothing for a 2-class run" in err
+
+
 def test_hydra_flags_may_follow_overrides():
     assert _hydra_argv(["a=1", "-m", "b=1,2", "--cfg", "job"]) == ["-m", "--cfg", "job", "a=1", "b=1,2"]
 

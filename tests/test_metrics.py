@@ -47,6 +47,7 @@ def test_auc_ignores_absent_class_and_binary_has_no_referable_metrics():
     assert got["auc"] == pytest.approx(expected)
     binary = compute_metrics(*random_predictions(c=2, seed=2))
     assert "sensitivity" not in binary and 0.0 <= binary["auc"] <= 1.0
+    assert "top2_accuracy" not in binary and "top2_accuracy" in got  # two classes: the top two are all of them
     one_class = compute_metrics(np.tile([[0.9, 0.1]], (4, 1)), np.zeros(4, int))
     assert math.isnan(one_class["auc"]) and one_class["kappa"] == 0.0
 

@@ -51,6 +51,12 @@ def test_one_panel_per_label_set_and_bars_for_one_fraction(sweep):
     fundus_table = text.split(panels[0])[1].split("## ")[0] if "synthetic_fundus" in panels[0] else \
         text.split(panels[1])[1].split("## ")[0]
     assert "| 2 |" in fundus_table and " ± " in fundus_table and "target" not in fundus_table
+    # a panel shows the metrics its runs have: the 2-class target has no top-2 accuracy and no referable metrics
+    target_panel = next(p for p in panels if "2: " in p)
+    target_header = text.split(target_panel)[1].split("## ")[0].strip().splitlines()[0]
+    fundus_header = fundus_table.strip().splitlines()[0]
+    assert "top2_accuracy" not in target_header and "sensitivity" not in target_header and "kappa" in target_header
+    assert "top2_accuracy" in fundus_header and "sensitivity" in fundus_header
     assert len(report["charts"]) == 2 and set(report["charts"].values()) == {"bars"}
     from PIL import Image
 

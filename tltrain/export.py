@@ -256,7 +256,8 @@ def model_card(meta: dict, out_dir: Path) -> str:
     if referable is not None:
         rows += [("referable sensitivity", "sensitivity"), ("referable specificity", "specificity"),
                  ("referable AUC", "referable_auc")]
-    rows += [("accuracy", "accuracy"), ("top-2 accuracy", "top2_accuracy"), ("cross-entropy", "cross_entropy")]
+    rows += [("accuracy", "accuracy"), *([("top-2 accuracy", "top2_accuracy")] if meta["num_classes"] > 2 else []),
+             ("cross-entropy", "cross_entropy")]
     table = "\n".join(f"| {label} | {_ci_text(ci, key, test.get(key)) if test else '-'} | "
                       f"{_ci_text({}, key, val.get(key))} |" for label, key in rows)
     if test_set:

@@ -25,7 +25,8 @@ def referable_threshold_for(num_classes: int, referable_threshold: int | None = 
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: int | None = REFERABLE_GRADE) -> dict:
-    """Accuracy, top-2 accuracy, quadratic kappa, confusion, referable sensitivity/specificity, AUC, cross-entropy.
+    """Accuracy, top-2 accuracy (more than 2 classes), quadratic kappa, confusion, referable sensitivity/specificity,
+    AUC, cross-entropy.
 
     probs: [N, C] class probabilities (rows sum to 1); labels: [N] integer grades in [0, C).
     Referable sensitivity/specificity are reported for 5-class problems (threshold 2) or when a threshold is
@@ -40,16 +41,17 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: 
     if len(labels) == 0:
         return {"count": 0}
     predicted = probs.argmax(axis=1)
-    top2 = np.argsort(-probs, axis=1)[:, :2]
     out = {
         "count": int(len(labels)),
         "accuracy": float((predicted == labels).mean()),
-        "top2_accuracy": float((top2 == labels[:, None]).any(axis=1).mean()),
         "kappa": _quadratic_kappa(labels, predicted, class_ids),
         "confusion": confusion_matrix(labels, predicted, labels=class_ids).tolist(),
         "cross_entropy": float(log_loss(labels, _normalised(probs), labels=class_ids)),
         "auc": _macro_auc(probs, labels, class_ids),
     }
+    if num_classes > 2:  # with two classes the top two are every class: always 1
+        top2 = np.argsort(-probs, axis=1)[:, :2]
+        out["top2_accuracy"] = float((top2 == labels[:, None]).any(axis=1).mean())
     threshold = referable_threshold_for(num_classes, referable_threshold)
     if threshold is not None:
         out.update(_referable(labels, predicted, threshold))

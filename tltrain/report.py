@@ -210,6 +210,12 @@ def markdown_table(rows: list[dict], columns: list[str], formatters: dict | None
     return "\n".join(lines)
 
 
+def _has_values(entries: list[dict], metric: str) -> bool:
+    """Whether any configuration of a panel has this metric (a 2-class panel has no top-2 accuracy, and no
+    referable sensitivity without trainer.referable_threshold): empty columns are left out of its table."""
+    return any(_fmt(entry.get(metric)) != "-" for entry in entries)
+
+
 def _panels(summary: list[dict]) -> dict[tuple, list[dict]]:
     panels: dict[tuple, list[dict]] = {}
     for entry in summary:
@@ -314,7 +320,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     summary_columns = CONFIG_KEYS + ["n"] + METRIC_COLUMNS
     formatters = {m: (lambda r, m=m: _fmt_ci(r, m)) for m in METRIC_COLUMNS}
     for (data, classes), entries in _panels(summary).items():
-        md += [f"## {data} (classes {classes})", "", markdown_table(entries, summary_columns, formatters), ""]
+        shown = [c for c in summary_columns if c not in METRIC_COLUMNS or _has_values(entries, c)]
+        md += [f"## {data} (classes {classes})", "", markdown_table(entries, shown, formatters), ""]
     md += ["## Runs", "", markdown_table(rows, columns), ""]
     failed = [r for r in rows if r["status"] not in ("completed",)]
     if failed:

@@ -117,6 +117,9 @@ class Trainer:
                               f"{self.num_classes}-class run does not compute (5 grades, or set "
                               "trainer.referable_threshold); choose one of "
                               f"{', '.join(m for m in BEST_METRICS if m not in REFERABLE_METRICS)}")
+        if cfg.best_metric == "top2_accuracy" and self.num_classes <= 2:
+            raise ConfigError(f"trainer.best_metric='top2_accuracy' means nothing for a {self.num_classes}-class run "
+                              "(the top two classes are all of them); choose kappa, accuracy, auc or cross_entropy")
         self.batch_size = batch_size or getattr(train_loader, "batch_size", None) or len(next(iter(train_loader)).labels)
         self.steps_per_epoch = len(train_loader) // cfg.grad_accum
         if self.steps_per_epoch < 1:
