@@ -241,7 +241,7 @@ def hydra_main() -> None:
 def _logging_restored():
     """Hydra points the root logger at <run_dir>/train_app.log and leaves it so: called in-process (cli.main from
     Python or a test), the next run's log lines would go to this run's file, or fail once it is deleted. Close
-    and drop the handlers Hydra added, and restore the level."""
+    and drop the handlers Hydra added, put back the ones its logging config replaced, and restore the level."""
     import logging
 
     root = logging.getLogger()
@@ -252,6 +252,8 @@ def _logging_restored():
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
             handler.close()
+        for handler in [h for h in handlers if h not in root.handlers]:
+            root.addHandler(handler)
         root.setLevel(level)
 
 

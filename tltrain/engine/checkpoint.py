@@ -246,10 +246,10 @@ class CheckpointManager:
         if keep == "all" or index.get("after_run"):
             return []
         kept = []
-        chosen = self.best() or self.latest()
+        which = "best" if index.get("best") else "latest"  # with no best (nothing validated), the last one
+        chosen = next((c for c in index["checkpoints"] if c["name"] == index.get(which)), None)
         if keep == "best" and chosen is not None:
-            state = consolidate_checkpoint(self.run_dir, "best" if self.best() else "latest",
-                                           trust_pickle=self.trust_pickle)
+            state = consolidate_checkpoint(self.run_dir, which, trust_pickle=self.trust_pickle)
             slim = {**{k: chosen[k] for k in chosen if k != "kind"}, "kind": "weights"}
             atomic_torch_save({"model": state, "trainer": {"step": chosen["step"], "epoch": chosen["epoch"]}},
                               self.path_of(slim))
