@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from tltrain.engine.config import KEEP_AFTER_RUN
 from tltrain.engine.distributed import barrier
 from tltrain.errors import DataError
+from tltrain.safe_io import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 from tltrain.safe_load import deepspeed_weights_only, torch_load
 
 INDEX = "index.json"
@@ -42,27 +41,6 @@ def entry_filename(entry: dict) -> str:
     """The file (or DeepSpeed tag folder) name of an index entry."""
     return {"deepspeed": entry["name"], "weights": f"{entry['name']}.weights.pt"}.get(entry["kind"],
                                                                                      f"{entry['name']}.pt")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush + fsync, rename over the target, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -113,10 +91,6 @@ def from_plain(obj):
     return _map_children(obj, from_plain)
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
-
-
 def remove_stale_writes(run_dir: str | Path) -> list[Path]:
     """Delete what a killed run left half-written: atomic_write_bytes' temporaries (.NAME.XXXX.tmp) in the run
     folder and its checkpoint folders, and checkpoints that never reached index.json (killed between the file
@@ -141,12 +115,6 @@ def remove_stale_writes(run_dir: str | Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return removed
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 class CheckpointManager:
