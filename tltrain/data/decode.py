@@ -16,6 +16,17 @@ The rule (docs/architecture.md, "Decoding"):
    finder and the filter's mask take for "outside the photo"; dropping alpha instead would show whatever
    colour the writer left under it (often white), which moves the disc.
 5. Anything else (32-bit float pixels, multi-band scientific modes) is a DataError naming the mode.
+6. Bounded work: an image over MAX_PIXELS (50 megapixels) is a DataError naming the file and its size, checked
+   from the header before a pixel is decoded. Why 50 MP: the largest fundus cameras give ~24 MP (EyePACS tops
+   out near 18 MP), and the costliest file, an RGBA one, peaks near 23 bytes per pixel (Pillow's pixels, their
+   RGBA copy, the 16-bit products of the alpha composite, the RGB result): measured 1.1 GB for 49 MP (2.3 GB with
+   the former 32-bit composite), so two prepare workers stay near 2.2 GB on a 24 GiB, 2-core machine, with room
+   for the loaders' workers. A 0.56 MB PNG of 12000 x 12000 (144 MP, under Pillow's own limit of 179 MP) took
+   6.6 GB to decode before this check; it is now refused in 31 MB.
+7. One picture per file: a file holding several frames or pages (an animated GIF/WebP/PNG, a multi-page TIFF) is
+   a DataError naming the file and the frame count: which page is the photograph is not for tltrain to guess,
+   and using the first without a word trained on whatever it was. (An MPO camera JPEG, whose extra pictures
+   follow the main one and which every decoder reads as that main one, is one picture.)
 
 What `prepare` stores: the original bytes where every decoder meets the rule by itself
 (8-bit RGB or greyscale JPEG, any orientation; 8-bit RGB or greyscale PNG without orientation or
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -42,13 +54,39 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 _CONVERTIBLE = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 writes 5 MP in a fraction of the default level's time
+MAX_PIXELS = 50_000_000  # rule 6: width x height of any image tltrain decodes (a header check)
 
 
-def open_image(source) -> Image.Image:
-    """A lazily opened Pillow image from a path, raw bytes or a file object."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source)))
-    return Image.open(source)
+def open_image(source, name: str | None = None) -> Image.Image:
+    """A lazily opened Pillow image from a path, raw bytes or a file object, refused (DataError naming `name`,
+    else the path) from its header when it is over MAX_PIXELS or holds several frames (rules 6 and 7)."""
+    raw = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("image" if raw else str(source))
+    with warnings.catch_warnings():  # our own limit (rule 6) is lower than Pillow's and says which file
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(bytes(source)) if raw else source)
+        except Image.DecompressionBombError as exc:
+            raise DataError(f"{name}: over the {MAX_PIXELS / 1e6:.0f} MP limit for one image ({exc}); "
+                            "not decoded") from None
+    try:
+        check_header(img, name)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def check_header(img: Image.Image, name: str) -> None:
+    """Rules 6 and 7 on an opened, not yet decoded image."""
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{name}: {width} x {height} pixels ({width * height / 1e6:.0f} MP) is over the "
+                        f"{MAX_PIXELS / 1e6:.0f} MP limit for one image (tltrain.data.decode); not decoded")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format not in JPEG_FORMATS:
+        raise DataError(f"{name}: {img.format} file with {frames} frames/pages; tltrain reads one picture per "
+                        "file (save the photograph on its own as PNG or JPEG)")
 
 
 def orientation(img: Image.Image) -> int:
@@ -62,9 +100,11 @@ def orientation(img: Image.Image) -> int:
 
 def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
     """(H, W, 4) uint8 -> (H, W, 3) uint8: rgb * alpha / 255, rounded half up."""
-    rgb = rgba[..., :3].astype(np.uint32)
-    alpha = rgba[..., 3:].astype(np.uint32)
-    return ((rgb * alpha + 127) // 255).astype(np.uint8)
+    rgb = rgba[..., :3].astype(np.uint16)  # 255 * 255 + 127 fits 16 bits: half the memory of 32-bit products
+    product = rgb * rgba[..., 3:].astype(np.uint16)
+    product += 127
+    product //= 255
+    return product.astype(np.uint8)
 
 
 def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
@@ -91,7 +131,7 @@ def decode_image(source, name: str = "image", draft_size: tuple[int, int] | None
     """Decode fully and apply the rule -> RGB Pillow image. draft_size (the torch loader's opt-in
     draft_decode) lets libjpeg decode at 1/2, 1/4 or 1/8 scale no smaller than that size: faster, but no
     longer the definition's pixels."""
-    img = open_image(source)  # not `with`: closing would also drop the pixels of an image returned as is
+    img = open_image(source, name)  # not `with`: closing would also drop the pixels of an image returned as is
     try:
         if draft_size is not None and img.format in JPEG_FORMATS:
             img.draft("RGB", draft_size)

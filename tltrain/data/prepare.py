@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
-import os
+import math
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -24,14 +27,20 @@ from omegaconf import MISSING
 from PIL import Image
 
 import tltrain
-from tltrain.data.decode import DECODE_RULE, JPEG_FORMATS, decode_image, encode_png, open_image, passes_through
+from tltrain import safe_io
+from tltrain.data.decode import (DECODE_RULE, JPEG_FORMATS, MAX_PIXELS, decode_image, encode_png, open_image,
+                                 passes_through)
+from tltrain.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from tltrain.data.pool import pool_map
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
 from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
 from tltrain.errors import ConfigError, DataError, choices_error
 
-MANIFEST_FORMAT = "tltrain-shards/1"
+OWNER_FILE = ".tltrain-prepare.json"  # which source an `out` folder's shards come from (written before any shard)
+MAX_RESIZE = 16_384  # longest:N only shrinks; radius:N scales the disc square to 2N: kept under decode.MAX_PIXELS
+MAX_SHARD_SAMPLES = 1_000_000
+MAX_WORKERS = 1024
 ON_PROBLEM = ("fail", "skip")
 PHASES = ("all", "check", "write", "finish")
 WORK_DIR = ".prepare"  # per-task inspection results of a split prepare (removed by the finish phase)
@@ -55,31 +64,54 @@ class PrepareConfig:
     progress: bool = True
     phase: str = "all"  # all | check | write | finish: the steps of a prepare split across cluster tasks
     task: str = "0/1"  # i/K: this process is task i of K (check and write phases); see run_prepare
+    replace: bool = False  # true: `out` may hold another dataset's shards and manifest, which are replaced
+    follow_links_outside: bool = False  # true: images reached through symlinks leading outside source.root are read
 
     def validate(self) -> None:
+        """Every value checked before anything is read or written: one ConfigError naming the key."""
         self.source.validate()
         if self.on_problem not in ON_PROBLEM:
             raise choices_error("prepare.on_problem", self.on_problem, ON_PROBLEM)
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        _number("val_fraction", self.val_fraction, 0, 1)
+        _number("test_fraction", self.test_fraction, 0, 1)
+        if not (self.val_fraction < 1 and self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("prepare.val_fraction and test_fraction must be in [0, 1) and leave room for training")
-        if any(not 0 < f <= 1 for f in self.fractions):
-            raise ConfigError(f"prepare.fractions={list(self.fractions)} must lie in (0, 1]")
-        if self.shard_samples < 1:
-            raise ConfigError("prepare.shard_samples must be >= 1")
+        if not self.fractions or any(not _is_number(f) or not 0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"prepare.fractions={list(self.fractions)} must be a non-empty list of numbers in (0, 1]")
+        _number("shard_samples", self.shard_samples, 1, MAX_SHARD_SAMPLES, integer=True)
+        _number("shard_mb", self.shard_mb, 0, 1e7)
+        _number("jpeg_quality", self.jpeg_quality, 1, 100, integer=True)
+        _number("workers", self.workers, 0, MAX_WORKERS, integer=True)
+        _number("seed", self.seed, 0, 2**63 - 1, integer=True)
         parse_resize(self.resize)
         if self.phase not in PHASES:
             raise choices_error("prepare.phase", self.phase, PHASES)
         parse_task(self.task)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(key: str, value, low: float, high: float, integer: bool = False) -> None:
+    """prepare.<key> within [low, high] (a whole number when integer), else one ConfigError naming it."""
+    ok = _is_number(value) and (not integer or float(value).is_integer()) and low <= value <= high
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(f"prepare.{key}={value!r} must be {kind} in [{low:g}, {high:g}]")
+
+
 def parse_resize(spec: str) -> tuple[str, int]:
-    """'none' | 'longest:N' | 'radius:N' -> (mode, N)."""
+    """'none' | 'longest:N' | 'radius:N' -> (mode, N). radius:N writes a square of side 2N, so N is kept at most
+    sqrt(decode.MAX_PIXELS) / 2 (3535): larger would give shards no reader may decode."""
     if spec == "none":
         return "none", 0
-    mode, _, size = spec.partition(":")
-    if mode in ("longest", "radius") and size.isdigit() and int(size) > 0:
+    mode, _, size = str(spec).partition(":")
+    limit = {"longest": MAX_RESIZE, "radius": int(math.sqrt(MAX_PIXELS) / 2)}.get(mode)
+    if limit and re.fullmatch(r"[0-9]{1,6}", size) and 0 < int(size) <= limit:
         return mode, int(size)
-    raise ConfigError(f"prepare.resize={spec!r} is not valid; choose one of: none, longest:N, radius:N")
+    raise ConfigError(f"prepare.resize={spec!r} is not valid; choose one of: none, longest:N (1 <= N <= "
+                      f"{MAX_RESIZE}), radius:N (1 <= N <= {int(math.sqrt(MAX_PIXELS) / 2)})")
 
 
 def parse_task(spec: str) -> tuple[int, int]:
@@ -131,9 +163,11 @@ def inspect_image(path: str) -> dict:
     # composition (`tltrain submit` checks a run through the config schemas, which import this module)
 
     try:
-        with open_image(path) as img:
+        with open_image(path) as img:  # over the pixel limit, or several frames: refused here, from the header
             keep_as = ("jpg" if img.format in JPEG_FORMATS else "png") if passes_through(img) else None
         img = decode_image(path, path)  # truncated or corrupt files fail here, not in the middle of training
+    except DataError as exc:  # the rule's own refusals name the file: the problem line names it once
+        return {"problem": str(exc).removeprefix(f"{path}: ")}
     except Exception as exc:  # PIL raises several types for bad files; the reason text names the cause
         return {"problem": f"cannot decode image ({type(exc).__name__}: {exc})"}
     fit = locate_disc_fit(img)
@@ -258,11 +292,11 @@ def _write_problems(out: Path, problems: list[Problem]) -> None:
         for name in ("problems.json", "problems.csv"):
             (out / name).unlink(missing_ok=True)
         return
-    (out / "problems.json").write_text(json.dumps([asdict(p) for p in problems], indent=1))
-    with open(out / "problems.csv", "w", newline="") as f:
+    safe_io.atomic_write_json(out / "problems.json", [asdict(p) for p in problems])
+    with safe_io.atomic_open(out / "problems.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "reason"])
-        writer.writerows((p.file, p.reason) for p in problems)
+        writer.writerows((safe_io.csv_cell(p.file), safe_io.csv_cell(p.reason)) for p in problems)
 
 
 def _clean_stale(out: Path, planned: set[str], own: set[str] | None = None) -> None:
@@ -292,10 +326,7 @@ def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list:
     if cfg.phase == "check":
         mine = _parallel(inspect_image, paths[index::count], cfg.workers, cfg.progress, "checking images")
         target = _check_file(out, index, count)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps({"paths": paths[index::count], "results": mine}))
-        os.replace(tmp, target)
+        safe_io.atomic_write_json(target, {"paths": paths[index::count], "results": mine})
         return [_compact(result) for result in mine]
     if cfg.phase == "finish":  # one process after the K tasks: K is read off their file names
         counts = {int(p.stem.rsplit("-", 1)[1]) for p in (out / WORK_DIR).glob("check-*-of-*.json")}
@@ -307,8 +338,10 @@ def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list:
     for task in range(count):
         target = _check_file(out, task, count)
         try:
-            saved = json.loads(target.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            saved = safe_io.load_json(target, what="check file")
+            if not isinstance(saved, dict) or not isinstance(saved.get("results"), list):
+                raise DataError(f"{target}: not a check file")
+        except (OSError, DataError):
             raise DataError(f"{target}: missing or unreadable; run `tltrain prepare ... phase=check task={task}/{count}`"
                             " first (every check task must finish before the write phase)") from None
         if saved["paths"] != paths[task::count]:
@@ -327,10 +360,22 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
     byte-identical to a one-process prepare. check and write return None.
     """
     cfg.validate()
-    source = read_source(cfg.source)
     out = Path(cfg.out)
+    check_writable(out)
+    try:
+        return _run_prepare(cfg, out)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile, a file vanishing: one line, exit 2
+        raise _os_problem(exc, out) from None
+
+
+def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
+    source = read_source(cfg.source, follow_links_outside=cfg.follow_links_outside)
+    identity = source_identity(source.description)
+    claim_out(out, identity, cfg.replace, write=False)  # refused now, not after hours of checking images
     problems = list(source.problems)
     records = source.records
+    if cfg.phase == "check":
+        claim_out(out, identity, cfg.replace, write=True, whole=False)
     inspected = _inspect(cfg, records, out)
     if cfg.phase == "check":
         return None
@@ -351,6 +396,8 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
     plan, fractions = _plan(cfg, source, good)
     del good  # the plan holds what the shards need
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.phase != "finish":
+        claim_out(out, identity, cfg.replace, write=True, whole=cfg.phase == "all")
     hashes = {name: _plan_hash(entries, cfg) for name, entries in plan}
     index, count = parse_task(cfg.task)
     mine = plan if cfg.phase == "all" else plan[index::count]
@@ -369,17 +416,102 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
                         f"(e.g. {missing[0]}); run the write phase (all its tasks) again")
     manifest = _manifest(cfg, source, plan, done, problems, fractions)
     _write_problems(out, problems)
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    safe_io.atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     if cfg.phase == "finish":
-        import shutil
-
         from tltrain.data.verify import verify_shards
 
         verify_shards(out, workers=cfg.workers)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return manifest
+
+
+# -- the output folder ------------------------------------------------------------------------------------------
+def check_writable(out: Path) -> None:
+    """out, or the nearest folder above it that exists, takes a new file: a read-only or unwritable place is one
+    DataError before any image is read (an unnamed temporary file, gone when closed, is the probe)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"out={out}: {folder} is not a folder; choose a folder for out=")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise _os_problem(exc, out, folder) from None
+
+
+def _os_problem(exc: OSError, out: Path, where: Path | None = None) -> DataError:
+    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM:
+               "operation not permitted", errno.ENOSPC: "no space left on the device", errno.EDQUOT:
+               "disk quota exceeded"}
+    reason = reasons.get(exc.errno, exc.strerror or type(exc).__name__)
+    target = Path(exc.filename or where or out)
+    writing = target.resolve() == out.resolve() or out.resolve() in target.resolve().parents or where is not None
+    advice = "; choose a writable folder for out=" \
+        if writing and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else ""
+    return DataError(f"{target}: {reason} (prepare out={out}){advice}")
+
+
+def source_identity(description: dict) -> dict:
+    """What makes two prepares "the same dataset": the source kind, its root and (CSV kinds) the labels CSV and
+    image folder, as resolved paths. Options (resize, fractions, seed...) may change between runs of the same
+    dataset: its shards are then rewritten, as a re-run always did."""
+    identity = {"kind": description.get("kind"), "root": description.get("root")}
+    for key in ("labels_csv", "image_dir"):
+        if description.get(key):
+            identity[key] = str(Path(str(description[key])).resolve())
+    return identity
+
+
+def _owner(out: Path):
+    """The identity of the dataset in `out`: from OWNER_FILE, else from an existing manifest's source (folders
+    written before OWNER_FILE existed); "unreadable" when either is there but cannot be read; None when out
+    holds neither."""
+    for name in (OWNER_FILE, MANIFEST_NAME):
+        path = out / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            value = safe_io.load_json(path, safe_io.MiB if name == OWNER_FILE else safe_io.JSON_LIMIT)
+        except (OSError, DataError):
+            return "unreadable"
+        if name == MANIFEST_NAME:
+            value = value.get("source") if isinstance(value, dict) else None
+            return source_identity(value) if isinstance(value, dict) else "unreadable"
+        return value
+    return None
+
+
+def _dataset_files(out: Path) -> list[Path]:
+    """The files of a prepared dataset in `out`: manifest, problem reports and every shard file (by its name)."""
+    if not out.is_dir():
+        return []
+    return [path for path in out.iterdir()
+            if path.name in (MANIFEST_NAME, "problems.json", "problems.csv")
+            or SHARD_NAME.match(path.name.lstrip(".").split(".", 1)[0])]
+
+
+def claim_out(out: Path, identity: dict, replace: bool, *, write: bool, whole: bool = True) -> None:
+    """Refuse an `out` that holds another dataset's shards or manifest (DataError) unless replace; with write,
+    remove that dataset's files (replace) and record this dataset as the folder's owner before any shard.
+    whole=False (the tasks of a split prepare, which run side by side) leaves the work folder alone."""
+    owner = _owner(out)
+    foreign = owner != identity if owner is not None else bool(_dataset_files(out))
+    if foreign and not replace:
+        what = owner.get("root") if isinstance(owner, dict) else "an unknown source" if owner is None else \
+            "a source it cannot tell (its manifest is unreadable)"
+        raise DataError(f"out={out}: holds the shards of another dataset (from {safe_io.printable(what, 300)}); "
+                        "nothing was written. Pass replace=true to replace them, or choose another out")
+    if not write:
+        return
+    if foreign:
+        for path in _dataset_files(out):
+            path.unlink(missing_ok=True)
+        if whole:
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    if owner != identity:
+        safe_io.atomic_write_json(out / OWNER_FILE, identity)
 
 
 def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, Inspection]]):
@@ -430,7 +562,8 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
         "tool": {"name": "tltrain", "version": tltrain.__version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source.description,
-        "options": {k: v for k, v in asdict(cfg).items() if k not in ("source", "workers", "progress", "phase", "task")},
+        "options": {k: v for k, v in asdict(cfg).items()
+                    if k not in ("source", "workers", "progress", "phase", "task", "replace")},
         "num_classes": n_classes,
         "classes": source.classes,
         "class_names": source.class_names,

@@ -7,15 +7,22 @@ Structural problems (a CSV with the wrong columns, an empty folder) are fatal: t
 from __future__ import annotations
 
 import csv
+import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING
 
+from tltrain import safe_io
 from tltrain.data.keys import key_collisions, make_keys, relative_file
 from tltrain.errors import ConfigError, DataError, choices_error
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")  # what decode reads
+#: Image types found in the wild that tltrain does not read: listed as problems, never silently passed over.
+UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx", ".jxl", ".dcm", ".dicom", ".svg",
+                           ".psd", ".dng", ".nef", ".cr2", ".arw", ".raw", ".ppm", ".pgm", ".pbm", ".ico", ".tga")
+LABELS_CSV_BYTES = 1 << 30  # 1 GiB: ~10 million label rows
 DR_GRADES = ("0", "1", "2", "3", "4")
 DR_GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative DR")
 SOURCE_KINDS = ("eyepacs", "aptos", "imagefolder", "csv")
@@ -72,30 +79,68 @@ class SourceData:
     candidates: set[str] = field(default_factory=set)  # every key seen (files and label rows): "found"
 
 
-def _index_images(folder: Path) -> dict[str, list[Path]]:
-    """Image files of a folder by key (name without extension); several files per key = a duplicate."""
+def _index_images(folder: Path, problems: list[Problem]) -> dict[str, list[Path]]:
+    """Image files of a folder by key (name without extension); several files per key = a duplicate. Images of
+    a type tltrain does not read are added to `problems`."""
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder not found")
     by_key: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+    files = [path for path in sorted(folder.iterdir()) if path.is_file()]
+    for path in files:
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
             by_key.setdefault(path.stem, []).append(path)
+    problems += unread_images(files)
     if not by_key:
         raise DataError(f"{folder}: empty folder (no {'/'.join(IMAGE_EXTENSIONS)} images)")
     return by_key
 
 
+def unread_images(files: list[Path]) -> list[Problem]:
+    """A problem for each file of an image type tltrain does not read (HEIC, JPEG 2000, DICOM, ...)."""
+    return [Problem(str(path), f"image type {path.suffix.lower()} is not read by tltrain (it reads "
+                               f"{', '.join(IMAGE_EXTENSIONS)}); convert it to PNG or JPEG")
+            for path in files if path.suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
+
+
+def outside_root(records: list[Record], problems: list[Problem], root: Path, allow: bool) -> list[Record]:
+    """Records whose file, symlinks followed, stays inside the source root; the others become problems naming
+    the file and where it leads (a dataset folder from someone else must not pull in files from elsewhere on
+    this machine). allow (prepare's follow_links_outside=true) keeps them."""
+    if allow:
+        return records
+    base = root.resolve()
+    kept = []
+    for record in records:
+        resolved = Path(record.path).resolve()
+        if resolved == base or base not in resolved.parents:
+            problems.append(Problem(record.path, f"leads outside source.root {base} (to {resolved}) through a "
+                                                 "symbolic link; not read (pass follow_links_outside=true to "
+                                                 "allow it)"))
+        else:
+            kept.append(record)
+    return kept
+
+
 def _read_label_rows(csv_path: Path, key_column: str, label_column: str) -> list[tuple[int, dict]]:
-    if not csv_path.is_file():
+    """The labelled rows of a CSV someone else wrote: a regular file (a FIFO or device is refused at once) of at
+    most LABELS_CSV_BYTES; a malformed CSV is one DataError naming the file."""
+    if not csv_path.exists():
         raise DataError(f"{csv_path}: labels CSV not found")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in (key_column, label_column) if c not in columns]
-        if missing:
-            raise DataError(f"{csv_path}: wrong columns: expected {key_column!r} and {label_column!r}, "
-                            f"found {', '.join(map(repr, columns)) or 'no header'}")
-        return [(line, row) for line, row in enumerate(reader, start=2)]
+    with safe_io.open_regular(csv_path, "labels CSV") as raw:
+        size = os.fstat(raw.fileno()).st_size
+        if size > LABELS_CSV_BYTES:
+            raise DataError(f"{csv_path}: labels CSV is {size:,} bytes, over the {LABELS_CSV_BYTES:,}-byte limit")
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+        try:
+            reader = csv.DictReader(text)
+            columns = reader.fieldnames or []
+            missing = [c for c in (key_column, label_column) if c not in columns]
+            if missing:
+                raise DataError(f"{csv_path}: wrong columns: expected {key_column!r} and {label_column!r}, "
+                                f"found {', '.join(map(repr, columns)) or 'no header'}")
+            return [(line, row) for line, row in enumerate(reader, start=2)]
+        except csv.Error as exc:
+            raise DataError(f"{csv_path}:{reader.line_num}: not a readable CSV ({exc})") from None
 
 
 def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, label_column: str,
@@ -133,10 +178,12 @@ def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, 
     return records, problems, set(by_key) | labelled_keys
 
 
-def read_source(cfg: SourceConfig) -> SourceData:
+def read_source(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
+    """The records and problems of a source. Files whose resolved path leaves cfg.root are problems unless
+    follow_links_outside."""
     root = Path(cfg.root)
     if cfg.kind == "imagefolder":
-        return _read_imagefolder(root, cfg)
+        return _read_imagefolder(root, cfg, follow_links_outside)
     if cfg.kind == "eyepacs":
         csv_name, image_dir, key_col, label_col = cfg.labels_csv or "trainLabels.csv", cfg.image_dir or "train", \
             "image", "level"
@@ -158,16 +205,18 @@ def read_source(cfg: SourceConfig) -> SourceData:
     classes = [str(c) for c in (cfg.classes or DR_GRADES)]
     csv_path = root / csv_name
     rows = _read_label_rows(csv_path, key_col, label_col)
-    by_key = _index_images(root / image_dir)
+    unread: list[Problem] = []
+    by_key = _index_images(root / image_dir, unread)
     records, problems, candidates = _join(csv_path, rows, by_key, key_col, label_col, classes, patient_of)
-    records = _assign_keys(records, problems, root)
+    problems = unread + problems
+    records = _assign_keys(outside_root(records, problems, root, follow_links_outside), problems, root)
     names = list(DR_GRADE_NAMES) if classes == list(DR_GRADES) else classes
     return SourceData(records, problems, classes, names, candidates=candidates,
-                      description={"kind": cfg.kind, "root": str(root.resolve()), "labels_csv": str(csv_path),
-                                   "image_dir": str(root / image_dir)})
+                      description={"kind": cfg.kind, "root": str(root.resolve()),
+                                   "labels_csv": str(csv_path.resolve()), "image_dir": str((root / image_dir).resolve())})
 
 
-def _read_imagefolder(root: Path, cfg: SourceConfig) -> SourceData:
+def _read_imagefolder(root: Path, cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: empty folder (an ImageFolder dataset has one sub-folder per class)")
@@ -184,6 +233,7 @@ def _read_imagefolder(root: Path, cfg: SourceConfig) -> SourceData:
             candidates.update(f"{folder.name}/{p.stem}" for p in files)
             continue
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        problems += unread_images(files)
         if not images:
             raise DataError(f"{folder}: empty folder (class {folder.name!r} has no images)")
         for path in images:
@@ -194,7 +244,7 @@ def _read_imagefolder(root: Path, cfg: SourceConfig) -> SourceData:
                 continue
             seen[folder.name, path.stem] = path.name
             records.append(Record(key, key, classes.index(folder.name), str(path), name=key))
-    records = _assign_keys(records, problems, root)
+    records = _assign_keys(outside_root(records, problems, root, follow_links_outside), problems, root)
     return SourceData(records, problems, classes, classes, candidates=candidates,
                       description={"kind": "imagefolder", "root": str(root.resolve())})
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from tltrain.data.decode import decode_rgb
 from tltrain.data.keys import is_safe_key
 from tltrain.data.pool import pool_map
-from tltrain.data.shards import MEMBER_ORDER, image_ext, read_index, sha256_file
+from tltrain import safe_io
+from tltrain.data.manifest import load_manifest, manifest_path as manifest_path_of
+from tltrain.data.shards import MEMBER_ORDER, image_ext, member_problem, read_index, sha256_file
 from tltrain.errors import DataError
 
 
@@ -39,24 +41,17 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
         problems.append(f"{tar_path}: sha256/size differ from manifest.json (file changed or corrupt)")
     try:
         index = read_index(idx_path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, DataError) as exc:
         problems.append(f"{idx_path}: unreadable index ({exc})")
         index = None
+    indexed = None if index is None else \
+        {name: (off, size) for sample in index for off, size, name in sample.values()}
     samples: dict[str, dict[str, bytes]] = {}
-    offsets: dict[str, tuple[int, int]] = {}
     try:
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-                offsets[member.name] = (member.offset_data, member.size)
+        samples = _read_members(tar_path, idx_path, indexed, problems)
     except (tarfile.TarError, OSError) as exc:
         problems.append(f"{tar_path}: unreadable tar ({exc})")
         return 0, []
-    if index is not None:
-        indexed = {name: (off, size) for sample in index for off, size, name in sample.values()}
-        if indexed != offsets:
-            problems.append(f"{idx_path}: offsets do not match {tar_path.name}")
     labels = []
     for key, members in samples.items():
         if not is_safe_key(key):
@@ -66,8 +61,14 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
         if missing:
             problems.append(f"{tar_path}:{key}: missing members {missing}")
             continue
-        label_text, label_bin = int(members["cls"]), struct.unpack("<i", members["lbl"])[0]
-        if label_text != label_bin or json.loads(members["json"])["label"] != label_text:
+        try:
+            label_text, label_bin = int(members["cls"]), struct.unpack("<i", members["lbl"])[0]
+            label_meta = json.loads(members["json"])["label"]
+        except (ValueError, struct.error, TypeError, KeyError) as exc:
+            problems.append(f"{tar_path}:{key}: unreadable label members ({type(exc).__name__}: "
+                            f"{safe_io.printable(exc, 200)})")
+            continue
+        if label_text != label_bin or label_meta != label_text:
             problems.append(f"{tar_path}:{key}: label encodings disagree ({label_text}, {label_bin})")
         try:
             decode_rgb(members[image_ext(members)], f"{tar_path}:{key}")
@@ -79,14 +80,32 @@ def _check_shard(shard_dir: Path, entry: dict, problems: list[str]) -> tuple[int
     return len(samples), labels
 
 
+def _read_members(tar_path: Path, idx_path: Path, indexed: dict | None, problems: list[str]) -> dict:
+    """key -> {extension: bytes} of the tar's members. Each member is checked from its header first (regular
+    file, at most MEMBER_BYTES, where the index says): one that fails is a problem and is never read, so a small
+    tar declaring a huge member costs no memory."""
+    samples: dict[str, dict[str, bytes]] = {}
+    found: dict[str, tuple[int, int]] = {}
+    with safe_io.open_regular(tar_path, "shard") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        for member in tar:
+            found[member.name] = (member.offset_data, member.size)
+            problem = member_problem(member)
+            if problem:
+                problems.append(f"{tar_path}: {problem}")
+                continue
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    if indexed is not None and indexed != found:
+        problems.append(f"{idx_path}: offsets do not match {tar_path.name}")
+    return samples
+
+
 def verify_shards(shard_dir: str | Path, workers: int = 0) -> dict:
     """Check every shard of `shard_dir` against its manifest.json (see the module docstring); workers: processes
     (0: every core this process may use; 1: in this process)."""
     shard_dir = Path(shard_dir)
-    manifest_path = shard_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path}: not found (is this a folder written by `tltrain prepare`?)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest_path = manifest_path_of(shard_dir)
+    manifest = load_manifest(shard_dir, missing_hint="is this a folder written by `tltrain prepare`?")
     problems: list[str] = []
     per_split: dict[str, list[int]] = {}
     jobs = [(shard_dir, entry) for entry in manifest["shards"]]
@@ -95,7 +114,10 @@ def verify_shards(shard_dir: str | Path, workers: int = 0) -> dict:
         problems += shard_problems
         counts = per_split.setdefault(entry["split"], [0] * manifest["num_classes"])
         for label in labels:
-            counts[label] += 1
+            if 0 <= label < len(counts):
+                counts[label] += 1
+            else:
+                problems.append(f"{shard_dir / entry['tar']}: label {label} outside 0..{len(counts) - 1}")
     for split, info in manifest["splits"].items():
         if per_split.get(split) != info["class_counts"]:
             problems.append(f"{manifest_path}: split {split!r} class counts {info['class_counts']} "

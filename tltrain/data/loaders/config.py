@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tltrain.engine.config import check_number
 from tltrain.errors import ConfigError, choices_error
 from tltrain.preprocess_config import AugmentConfig, PreprocessConfig, validate_dtype
 
@@ -10,6 +11,14 @@ BACKENDS = ("torch", "dali")
 DECODE_ERRORS = ("skip", "fail")
 DALI_DEVICES = ("auto", "gpu", "cpu")
 FILTER_KERNELS = ("auto", "torch", "triton", "triton_dot", "triton_direct", "dali")
+#: Model input side: the range export.validate_metadata accepts for a package (export.MIN_SIZE, MAX_SIZE; export
+#: imports timm, so the values are kept here and tests/test_config_ranges.py checks they agree).
+MIN_SIZE, MAX_SIZE = 8, 4096
+MAX_BATCH_SIZE = 65_536  # per rank
+MAX_WORKERS = 1024  # worker processes (torch) or CPU threads (dali)
+#: Samples held for shuffling (encoded, ~0.1-3 MB each for fundus photos): 10^5 is already tens of GB.
+MAX_SHUFFLE_BUFFER = 100_000
+MAX_PREFETCH_FACTOR = 64  # batches prefetched per worker
 
 
 @dataclass
@@ -20,7 +29,9 @@ class LoaderConfig:
     workers: int = 4  # torch: DataLoader worker processes; dali: CPU threads
     shuffle_buffer: int = 1000  # training shuffle buffer in samples (dali: reader initial_fill; torch: wds.shuffle)
     balanced: bool = False  # training: draw samples with inverse class frequency (Sallam et al.); torch backend
-    on_decode_error: str = "skip"  # torch: skip = log the key, count it, drop the sample | fail: stop (dali: fails)
+    # torch: skip = log the key, count it, drop the sample | fail: stop (dali: fails). A missing or damaged shard
+    # (not one sample) always stops the run, naming it
+    on_decode_error: str = "skip"
     dtype: str = "fp32"  # fp32 | fp16 | bf16 model input
     channels_last: bool = False
     pin_memory: bool = True  # torch backend, when the device is CUDA
@@ -47,6 +58,7 @@ class LoaderConfig:
         if self.batch_size < 1 or self.size < 8 or self.workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError("loader.batch_size >= 1, loader.size >= 8, loader.workers >= 0 and "
                               "loader.shuffle_buffer >= 1 are required")
+        self._check_numbers()
         if self.backend == "dali" and self.balanced:
             raise ConfigError("loader.balanced=true needs loader.backend=torch (DALI's reader cannot weight samples); "
                               "with DALI use trainer.class_weights instead")
@@ -54,3 +66,13 @@ class LoaderConfig:
             raise ConfigError("loader.filter_kernel=dali needs loader.backend=dali")
         self.preprocess.validate()
         self.augment.validate()
+
+    def _check_numbers(self) -> None:
+        """Whole numbers within bounds for everything that sizes memory or processes, checked before anything is
+        built: a batch of 10^9 images or a 10^6-pixel side would otherwise fail only once allocation starts."""
+        check_number("loader.batch_size", self.batch_size, 1, MAX_BATCH_SIZE, integer=True)
+        check_number("loader.size", self.size, MIN_SIZE, MAX_SIZE, integer=True)
+        check_number("loader.workers", self.workers, 0, MAX_WORKERS, integer=True)
+        check_number("loader.shuffle_buffer", self.shuffle_buffer, 1, MAX_SHUFFLE_BUFFER, integer=True)
+        check_number("loader.prefetch_factor", self.prefetch_factor, 1, MAX_PREFETCH_FACTOR, integer=True)
+        check_number("loader.hw_decoder_load", self.hw_decoder_load, 0, 1)

@@ -8,14 +8,17 @@ sizes, names) for tools and tests that read single members.
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tltrain import safe_io
+from tltrain.data.manifest import load_manifest, manifest_path as manifest_path_of
 from tltrain.data.shards import image_ext, read_index
 from tltrain.errors import ConfigError, DataError
+from tltrain.safe_io import printable
 
 
 @dataclass
@@ -28,18 +31,13 @@ class SampleRef:
 def select_shards(shard_dir: str | Path, split: str, fraction: float | None = None) -> tuple[dict, list[dict]]:
     """The manifest and the shard entries of a split (training: of the chosen nested fraction)."""
     shard_dir = Path(shard_dir)
-    manifest_path = shard_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{manifest_path}: not found (run `tltrain prepare` first)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{manifest_path}: not valid JSON ({exc}); re-run `tltrain prepare`") from None
+    manifest = load_manifest(shard_dir)
+    manifest_path = manifest_path_of(shard_dir)
     if split == "train" and fraction is not None:
         key = f"{fraction:g}"
-        if key not in manifest["fractions"]:
+        if key not in manifest.get("fractions", {}):
             raise ConfigError(f"data.fraction={fraction!r} was not prepared; choose one of: "
-                              f"{', '.join(manifest['fractions'])}")
+                              f"{', '.join(manifest.get('fractions', {}))}")
         names = set(manifest["fractions"][key]["shards"])
         shards = [s for s in manifest["shards"] if s["name"] in names]
     else:
@@ -84,6 +82,7 @@ def sample_index(shard_dir: str | Path, shards: list[dict]) -> SampleIndex:
         tar = str(Path(shard_dir) / shard["tar"])
         tars.append(tar)
         members = read_index(Path(shard_dir) / shard["index"])
+        _check_spans(Path(shard_dir) / shard["index"], tar, members)
         keys.append(np.array([_key_of(m) for m in members], dtype=str))
         shard_ids.append(np.full(len(members), number, np.int32))
         labels.append(_read_labels(tar, [m["lbl"][:2] for m in members]))
@@ -97,11 +96,25 @@ def _key_of(members: dict) -> str:
     return members[image_ext(members) or "jpg"][2].rsplit(".", 1)[0]
 
 
+def _check_spans(idx_path: Path, tar: str, members: list[dict]) -> None:
+    """Every member the index lists lies inside its tar: DALI reads (and allocates) what the index says, so an
+    index naming bytes past the end of a small tar is refused here, naming both files."""
+    size = os.stat(tar).st_size
+    for number, sample in enumerate(members, start=2):
+        for offset, length, name in sample.values():
+            if offset + length > size:
+                raise DataError(f"{idx_path}:{number}: member {printable(name, 200)} ends at byte {offset + length:,}"
+                                f" but {tar} has {size:,} bytes (damaged shard: run `tltrain verify`)")
+
+
 def _read_labels(tar: str, spans: list[tuple[int, int]]) -> np.ndarray:
-    """The labels of one tar's samples from their .lbl (offset, size) spans: one seek each."""
+    """The labels of one tar's samples from their 4-byte .lbl (offset, size) spans: one seek each."""
     labels = np.empty(len(spans), np.int64)
-    with open(tar, "rb") as f:
+    with safe_io.open_regular(tar, "shard") as f:
         for i, (offset, size) in enumerate(spans):
+            if size != 4:
+                raise DataError(f"{tar}: a .lbl member of {size:,} bytes, expected 4 (damaged shard: run "
+                                "`tltrain verify`)")
             f.seek(offset)
             labels[i] = int.from_bytes(f.read(size), "little", signed=True)
     return labels

@@ -1,6 +1,7 @@
-"""The `torch` backend: the webdataset library streams the tars in DataLoader workers, PIL decodes, the disc is
-cropped and resized in the workers; the Ben Graham filter runs on the GPU batch (Triton) when there is one, in
-the workers (torch reference) otherwise.
+"""The `torch` backend: the webdataset library's pipeline streams the tars in DataLoader workers (read by
+tltrain.data.shards.iter_tar_samples: members checked before they are read, a missing shard stops the run), PIL
+decodes, the disc is cropped and resized in the workers; the Ben Graham filter runs on the GPU batch (Triton) when
+there is one, in the workers (torch reference) otherwise.
 
 Which samples a rank reads (plan.py):
 - evaluation: the sample list, in shard order, is cut into equal contiguous blocks, one per rank; a rank streams
@@ -35,7 +36,7 @@ from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import sample_index, select_shards, training_block
-from tltrain.data.shards import image_ext
+from tltrain.data.shards import image_ext, iter_tar_samples
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
 
@@ -93,6 +94,23 @@ def augment_crop(crop: torch.Tensor, valid: torch.Tensor, a: P.AugmentConfig, rn
     return torch.where(photo, crop, 0), valid, angle  # contrast lifts the black outside the photo: zero it again
 
 
+def _shard_samples(src):
+    """webdataset stage: {"url"} -> samples, by tltrain.data.shards.iter_tar_samples (members checked before they
+    are read; a missing or damaged shard stops the run naming it, whatever loader.on_decode_error says: the
+    samples of a whole shard cannot be skipped one by one and counted)."""
+    for item in src:
+        yield from iter_tar_samples(item["url"])
+
+
+def worker_error(exc: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker arrives wrapped ("Caught DataError in DataLoader worker ...",
+    then the worker's traceback): back to its own one-line message."""
+    text = str(exc)
+    if not text.startswith("Caught DataError") or "DataError: " not in text:
+        return exc
+    return DataError(text.rsplit("DataError: ", 1)[1].strip())
+
+
 class _RankStream(IterableDataset):
     """One rank's samples as worker-side batches: dicts of uint8 crops (or finished images), labels, keys, errors."""
 
@@ -110,14 +128,13 @@ class _RankStream(IterableDataset):
         while True:  # training loops its stream: the loader stops after its batch count
             produced = 0
             for batch in self._pipeline(rng):
-                produced += 1
+                produced += len(batch["keys"])
                 yield batch
-            if not self.train or produced == 0:
+            if not self.train or produced == 0:  # a pass without one good sample would loop for ever
                 return
 
     def _pipeline(self, rng: np.random.Generator):
-        stages = [wds.SimpleShardList(self.urls), wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=self._tar_error)]
+        stages = [wds.SimpleShardList(self.urls), wds.split_by_worker, _shard_samples]
         if self.keep is not None:
             stages.append(wds.select(lambda sample: sample["__key__"] in self.keep))
         if self.train and self.repeats is not None:
@@ -128,12 +145,6 @@ class _RankStream(IterableDataset):
         stages += [wds.map(lambda sample: self._prepare(sample, rng)),
                    wds.batched(self.cfg.batch_size, collation_fn=self._collate, partial=True)]
         return iter(wds.DataPipeline(*stages))
-
-    def _tar_error(self, exc: Exception) -> bool:
-        if self.cfg.on_decode_error == "fail":
-            raise DataError(f"cannot read a shard ({type(exc).__name__}: {exc})") from None
-        log.warning("skipped unreadable tar data: %s", exc)
-        return True
 
     def _oversample(self, src, rng: np.random.Generator):
         for sample in src:
@@ -219,6 +230,7 @@ class TorchWdsLoader:
         else:
             block = training_block(index, world, self.rank, self.epoch, self.seed)
             self.n_batches = len(block) // batch
+        self.expected = len(block)
         self.urls = index.tars_of(block)  # evaluation: in shard order; training: in the epoch's shard order
         whole = np.isin(index.shard, np.unique(index.shard[block])).sum() == len(block)
         self.keep = None if whole else index.key_set(block)
@@ -301,11 +313,35 @@ class TorchWdsLoader:
         """Exactly n_batches batches; ranks whose stream ends early pad with valid=False rows."""
         started = last = time.perf_counter()
         chunks = self._rebatch(self._worker_batches())
+        seen, errors_before = 0, len(self.decode_errors)
         for _ in range(self.n_batches):
-            batch = self._to_batch(next(chunks, None))
+            try:
+                chunk = next(chunks, None)
+            except DataError as exc:
+                raise worker_error(exc) from None
+            if chunk is None and self.train:
+                raise DataError(f"no sample of this epoch's shards could be read ({self._lost_text()}); "
+                                "run `tltrain verify`")
+            batch = self._to_batch(chunk)
             self._wait += time.perf_counter() - last
             yield batch
+            seen += int(batch.valid.sum())
             self._images += int(batch.valid.sum())
             last = time.perf_counter()
         chunks.close()  # a looping training stream: stops its DataLoader workers
         self._seconds += time.perf_counter() - started
+        if not self.train:
+            self._check_all_seen(seen + len(self.decode_errors) - errors_before)
+
+    def _lost_text(self) -> str:
+        errors = f"{len(self.decode_errors)} decode error(s), e.g. {self.decode_errors[-1]}" \
+            if self.decode_errors else "no decode errors"
+        return f"{len(self.urls)} shard(s) from {self.urls[0] if self.urls else '?'}; {errors}"
+
+    def _check_all_seen(self, accounted: int) -> None:
+        """Evaluation: every sample of the rank's block was either evaluated or counted as skipped; samples the
+        shards no longer hold would otherwise vanish into padding rows."""
+        if accounted < self.expected:
+            raise DataError(f"{self.expected - accounted} of the {self.expected} samples listed in the index "
+                            f"files were not found in their shards ({self._lost_text()}); the shards changed "
+                            "after `tltrain prepare`: run `tltrain verify`")
