@@ -68,50 +68,60 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2, default=str))
 
 
-def _cmd_report(args: argparse.Namespace) -> None:
+def _cmd_report(args: argparse.Namespace) -> int:
     from tltrain.report import write_report
 
     result = write_report(args.sweep_dir, args.out)
-    print(Path(result["markdown"]).read_text())
+    print(result["markdown_text"])  # what was written, not a re-read of a file in a shared folder
     print(f"written: {result['csv']}, {result['markdown']}" + (f", {result['plot']}" if result["plot"] else ""))
     if result.get("finding"):
         print(f"\nFinding: {result['finding']}")
+    if result.get("unreadable"):
+        print(f"{result['unreadable']} run folder(s) could not be read (listed under 'Not completed')",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from tltrain.export import export_run
 
     meta = export_run(args.run_dir, args.out_dir, which=args.which, license=args.license,
-                      description=args.description, shards=args.shards)
+                      description=args.description, shards=args.shards, force=args.force)
     checkpoint = meta["checkpoint"]
     print(f"exported {meta['architecture']} ({meta['num_classes']} classes) to {args.out_dir}: checkpoint "
           f"{checkpoint['name']} (step {checkpoint['step']}), {checkpoint['chosen_by']}")
     print(f"weights sha256 {meta['weights']['sha256']}")
+    print(f"package digest {meta['digest']} (sha256 of SHA256SUMS: publish it beside the package)")
     print(f"load it with: tltrain.load_pretrained('{args.out_dir}')  (see {args.out_dir}/README.md)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from tltrain.export import evaluate
+    from tltrain.export import default_evaluation_path, evaluate
 
-    out = args.out or str(Path(args.checkpoint) / f"evaluation_{args.split}.json")
+    out = args.out or str(default_evaluation_path(args.checkpoint, args.shards, args.split))  # not in the package
     metrics = evaluate(args.checkpoint, args.shards, split=args.split, batch_size=args.batch_size,
-                       device=args.device, out=out, backend=args.backend)
+                       device=args.device, out=out, backend=args.backend, digest=args.digest)
     print(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}, indent=2, default=str))
     print("confusion (rows: true, columns: predicted):")
     for row in metrics["confusion"]:
         print("  " + " ".join(f"{v:6d}" for v in row))
+    print(f"package digest {metrics['package_digest'] or '(none: no SHA256SUMS)'}")
     print(f"saved: {out} and per-image predictions {metrics['predictions']}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from tltrain.export import predict
+    from tltrain.safe_io import printable
 
-    result = predict(args.checkpoint, args.image_dir, args.out, batch_size=args.batch_size, device=args.device)
-    print(f"{result['predicted']} images predicted -> {result['csv']}")
+    result = predict(args.checkpoint, args.image_dir, args.out, batch_size=args.batch_size, device=args.device,
+                     digest=args.digest)
+    print(f"{result['predicted']} images predicted -> {result['csv']} (package digest "
+          f"{result['package_digest'] or '(none: no SHA256SUMS)'})")
     if result["skipped"]:
         print(f"{len(result['skipped'])} images skipped:")
         for item in result["skipped"]:
-            print(f"  - {item['file']}: {item['reason']}")
+            print(f"  - {printable(item['file'], 500)}: {printable(item['reason'], 500)}")
 
 
 def _cmd_convert_weights(args: argparse.Namespace) -> None:
@@ -180,10 +190,18 @@ def _train(args: list[str]) -> int:
     except SystemExit as exc:  # a single run's own exit status (its error line is already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except TltrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"error: {config_error_line(exc)}", file=sys.stderr)
+        print_error(config_error_line(exc))
+        return 2
+    except (OSError, ValueError) as exc:  # Hydra creating the run folder or its log file: read-only, full, ...
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        from tltrain.errors import os_error
+
+        print_error(os_error(cause, "starting the run"))
         return 2
     if summary.last_summary and summary.last_summary["failed"]:
         return 1
@@ -239,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default="CC-BY-4.0")
     p.add_argument("--description", default="")
     p.add_argument("--shards", default=None, help="the run's shard folder, if it moved since the run")
+    p.add_argument("--force", action="store_true",
+                   help="replace the package already in out_dir (atomically; stale files do not survive)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics of a pretrained package on a prepared split")
@@ -248,16 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=["torch", "dali"], default="torch")
-    p.add_argument("--out", default=None, help="JSON file (default: <checkpoint>/evaluation_<split>.json); per-image "
-                   "predictions go beside it as <name>_predictions.csv")
+    p.add_argument("--out", default=None, help="JSON file (default: <shards>/evaluation_<split>_<package name>.json, "
+                   "never inside the package); per-image predictions go beside it as <name>_predictions.csv")
+    p.add_argument("--digest", default=None, help="the package digest its publisher announced; refused if different")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="grade probabilities for every image in a folder, as CSV")
     p.add_argument("checkpoint")
     p.add_argument("image_dir")
-    p.add_argument("--out", default="predictions.csv")
+    p.add_argument("--out", default="predictions.csv", help="CSV file (its folder is created)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--digest", default=None, help="the package digest its publisher announced; refused if different")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("convert-weights", help="rewrite weights (a .pth/.pt/.bin file, run folder or package) as "
@@ -290,15 +312,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return (cli_submit if argv[0] == "submit" else cli_jobs)(argv[1:])
         except TltrainError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print_error(exc)
             return 2
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except TltrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
-    return 0
+    return code or 0
+
+
+def print_error(error) -> None:
+    """The error on stderr (one line, except for reports built as lists, such as verify's); text that came from
+    files (names, values, error text in status.json) is shown with terminal control characters escaped (ESC, CR,
+    bidi overrides as \\xNN), never executed."""
+    from tltrain.safe_io import printable
+
+    print(f"error: {printable(error, None, keep_newlines=True)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -171,5 +171,7 @@ def to_typed(node: Any, schema: type[T], where: str = "") -> T:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write a resolved config (dataclass or DictConfig) as YAML, for provenance in run and shard folders."""
+    from tltrain.safe_io import atomic_write_text
+
     node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    Path(path).write_text(OmegaConf.to_yaml(node, resolve=True))
+    atomic_write_text(path, OmegaConf.to_yaml(node, resolve=True))  # a new file renamed into place: no link followed

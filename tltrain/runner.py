@@ -14,17 +14,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tltrain.errors import DataError
+from tltrain.errors import DataError, os_error
+from tltrain.safe_io import atomic_write_json, atomic_write_text, csv_cell
 
 
 def read_manifest(shards: str | Path) -> dict:
-    path = Path(shards) / "manifest.json"
+    """The shards' manifest.json, read bounded and validated (tltrain.data.manifest) before a model is built."""
+    from tltrain.data.manifest import load_manifest
+
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (run `tltrain prepare` first)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+        return load_manifest(shards)
+    except OSError as exc:
+        raise os_error(exc, "reading the manifest") from None
 
 
 def _log(is_main: bool, message: str) -> None:
@@ -61,7 +62,7 @@ def run_transfer(cfg) -> dict:
         _log(env.is_main, f"weights {cfg.model.weights}: {report.summary()}")
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "weights_report.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+            atomic_write_json(run_dir / "weights_report.json", dataclasses.asdict(report))
 
     def loader(split: str, train_mode: bool, fraction: float | None = None):
         """Training loaders read the chosen nested fraction; evaluation loaders a whole split (or `fraction`)."""
@@ -85,18 +86,17 @@ def run_transfer(cfg) -> dict:
 
 def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, config_yaml: str) -> dict:
     """Li et al. method 3: the pretrained CNN as a fixed feature extractor, a scikit-learn classifier on top."""
-    from tltrain.engine.checkpoint import atomic_write_json
-    from tltrain.engine.logging import write_status
+    from tltrain.engine.logging import own_folder, write_status
     from tltrain.metrics import compute_metrics, write_predictions_csv
     from tltrain.transfer.features import extract_features, fit_classifier
 
     started = time.time()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
         write_status(run_dir, "running", step=0, epoch=0)
     model = model.to(device).eval()
-    cache = run_dir / "features"
+    cache = own_folder(run_dir / "features", "feature cache folder")
     kind = "svm" if cfg.schedule.name == "features_svm" else "logreg"
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
     if cfg.data.test_split:
@@ -118,7 +118,8 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
             probs = classifier.predict_proba(feats[name][0], num_classes=int(manifest["num_classes"]))
             results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
             if name == "test" and env.is_main:
-                write_predictions_csv(run_dir / "predictions_test.csv", feats[name][2], feats[name][1], probs)
+                keys = [csv_cell(key) for key in feats[name][2]]  # from the shards: no spreadsheet formulas
+                write_predictions_csv(run_dir / "predictions_test.csv", keys, feats[name][1], probs)
     perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
     if env.is_main:
         classifier.save(run_dir / "classifier")  # classifier.safetensors + classifier.json: data, not pickle

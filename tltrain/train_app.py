@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import errno
+import logging
 import os
+import stat
 import sys
 import time
 import traceback
@@ -21,9 +23,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tltrain.config import CONFIG_DIR, compose, to_typed
 from tltrain.data.loaders.config import LoaderConfig
-from tltrain.engine.config import TrainerConfig
-from tltrain.errors import ConfigError, DataError, TltrainError, os_error
+from tltrain.engine.config import MAX_SEED, TrainerConfig, check_number
+from tltrain.errors import ConfigError, DataError, TltrainError, choices_error, os_error
+from tltrain.safe_io import printable
 from tltrain.transfer.schedule_config import ScheduleConfig
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -39,10 +45,13 @@ class DataConfig:
     verify_checksums: bool = True  # before training: each shard's size + sha256 against manifest.json (~0.7 CPU-s per GB)
 
     def validate(self) -> None:
+        check_number("data.fraction", self.fraction, 0, 1, above=True)
         manifest = Path(self.shards) / "manifest.json"
         if not manifest.is_file():
             raise DataError(f"data.shards={self.shards!r}: no manifest.json there (run `tltrain prepare` first)")
-        fractions = sorted(float(f) for f in json.loads(manifest.read_text()).get("fractions", {}))
+        from tltrain.data.manifest import load_manifest  # bounded and validated before anything is built
+
+        fractions = sorted(float(f) for f in load_manifest(self.shards).get("fractions", {}))
         if fractions and not any(abs(self.fraction - f) < 1e-9 for f in fractions):
             raise ConfigError(f"data.fraction={self.fraction!r} was not prepared in {manifest}; "
                               f"choose one of: {', '.join(f'{f:g}' for f in fractions)}")
@@ -60,6 +69,7 @@ class ModelConfig:
     def validate(self) -> None:
         from tltrain.timm_names import timm_model_names
 
+        check_number("model.drop_rate", self.drop_rate, 0, 1, below=True)  # timm's dropout needs p < 1 to learn
         if not self.arch:
             raise ConfigError("model.arch is empty: name a timm architecture (e.g. model=resnet18 or "
                               "model.arch=resnet50; see timm.list_models())")
@@ -82,9 +92,12 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     run_dir: str = ""  # empty: Hydra's output folder (outputs/... or multirun/...)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda (cuda:<local rank> of each process)
 
     def validate(self) -> None:
+        check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        if self.device not in DEVICES:
+            raise choices_error("device", self.device, DEVICES)
         for part in (self.data, self.model, self.loader, self.schedule, self.trainer):
             part.validate()
         if self.trainer.epochs is not None:
@@ -159,16 +172,18 @@ def run(cfg: RunConfig) -> dict:
     return result
 
 
+STATUS_LIMIT = 1 << 20  # status.json is a few hundred bytes; a link to /dev/zero or a huge file there is not read
+
+
 def mark_failed(run_dir: str | Path, reason: str) -> None:
     """status.json = failed with the reason (rank 0 only; best effort: on a full disk even this may not land)."""
     from tltrain.engine.logging import write_status
 
     if os.environ.get("RANK", "0") != "0" or not run_dir:
         return
-    try:
-        previous = json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        previous = {}
+    from tltrain.safe_io import load_json_or_empty
+
+    previous = load_json_or_empty(Path(run_dir) / "status.json", STATUS_LIMIT, "status file")
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         kept = {k: previous[k] for k in ("step", "epoch", "total_epochs", "pid", "host") if k in previous}
@@ -202,6 +217,8 @@ def hydra_main() -> None:
         run_dir = ""
         try:
             cfg = load_run_config(dict_cfg)
+            if multirun:  # several runs in one run_dir would each resume the one before
+                refuse_multirun_run_dir(cfg)
             if not cfg.run_dir:
                 if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "SUBMITIT_EXECUTOR" not in os.environ:
                     # each rank's Hydra would pick its own timestamped folder: they must share one
@@ -211,7 +228,7 @@ def hydra_main() -> None:
             run_dir = cfg.run_dir
             result = run(cfg)
         except TltrainError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {printable(exc, None, keep_newlines=True)}", file=sys.stderr, flush=True)
             if not multirun:
                 raise SystemExit(getattr(exc, "exit_code", 2)) from None
             # a sweep goes on past a failed run; the sweep's summary lists it (tltrain.launch.sweep)
@@ -233,8 +250,70 @@ def hydra_main() -> None:
         return {k: v for k, v in result.items()
                 if k in ("status", "step", "epoch", "run_dir", "final", "test", "error")}
 
-    with _logging_restored():
+    refuse_unsafe_hydra_argv(sys.argv[1:])
+    with _logging_restored(), _log_files_follow_no_link():
         _app()
+
+
+#: Why a multirun refuses run_dir: one folder for several runs, each would resume the one before.
+MULTIRUN_RUN_DIR = ("run_dir={run_dir!r} names one run's folder, but a multirun (-m) runs several: each would "
+                    "resume the previous one's run there; refused. Use hydra.sweep.dir=FOLDER instead (one folder "
+                    "per run, FOLDER/<num>_<overrides>), or `tltrain submit` for one run on SLURM")
+#: Hydra's command-line flags that unpickle a file (Hydra's --experimental-rerun loads config.pickle).
+PICKLE_FLAGS = ("--experimental-rerun",)
+
+
+def refuse_unsafe_hydra_argv(argv: list[str]) -> None:
+    """ConfigError for a flag that would make Hydra unpickle a file (which can run any code). argparse also takes
+    an unambiguous prefix of a flag (--experimental) and --flag=value, so those count too."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--e") and any(name.startswith(flag) for name in PICKLE_FLAGS):
+            raise ConfigError(f"{printable(flag, 100)}: Hydra's --experimental-rerun loads a pickle file, which can "
+                              "run any code; refused. Re-run with the same overrides instead (a run resumes from "
+                              "its run_dir)")
+
+
+def refuse_multirun_run_dir(config) -> None:
+    """ConfigError when a multirun's config sets run_dir (from the command line or a config file).
+
+    Called in each job before anything is written; a Hydra callback's on_multirun_start may call it too, to stop
+    the sweep before any job starts."""
+    run_dir = config.get("run_dir") if hasattr(config, "get") else getattr(config, "run_dir", "")
+    if run_dir:
+        raise ConfigError(MULTIRUN_RUN_DIR.format(run_dir=str(run_dir)))
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """logging.FileHandler that opens its file without following a symbolic link and never waits on a FIFO.
+
+    Hydra logs each job to <run_dir>/train_app.log; in a shared run folder a link planted there would otherwise
+    have every log line appended to the file it points at. A link is removed (the log starts anew); a FIFO or
+    device is refused with the run folder's one-line error."""
+
+    def _open(self):
+        path = Path(self.baseFilename)
+        if path.is_symlink():
+            path.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        flags |= os.O_TRUNC if "w" in self.mode else os.O_APPEND
+        fd = os.open(path, flags, 0o666)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO or device?); refused as the log file", str(path))
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+@contextlib.contextmanager
+def _log_files_follow_no_link():
+    """Hydra's job logging config names logging.FileHandler; while the app runs that name means NoFollowFileHandler
+    (dictConfig looks the class up by name when it configures each job's log)."""
+    original = logging.FileHandler
+    logging.FileHandler = NoFollowFileHandler
+    try:
+        yield
+    finally:
+        logging.FileHandler = original
 
 
 @contextlib.contextmanager

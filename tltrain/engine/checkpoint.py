@@ -18,9 +18,11 @@ tltrain.safe_load.deepspeed_weights_only.
 from __future__ import annotations
 
 import io
-import json
+import math
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +30,110 @@ import torch
 
 from tltrain.engine.config import KEEP_AFTER_RUN
 from tltrain.engine.distributed import barrier
-from tltrain.errors import DataError
-from tltrain.safe_io import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from tltrain.errors import DataError, os_error
+from tltrain.safe_io import MiB, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from tltrain.safe_io import finite_number, load_json, plain_name, printable
 from tltrain.safe_load import deepspeed_weights_only, torch_load
 
 INDEX = "index.json"
+INDEX_LIMIT = 16 * MiB  # ~150 bytes an entry; a run lists keep_last + 1 of them
 TRAINER_STATE = "tltrain_trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-\d{8}(\.weights)?(\.pt)?$")
+#: The name an index entry may have (the file or tag folder adds a suffix by kind, see entry_filename).
+ENTRY_NAME = re.compile(r"step-\d{8}")
+#: Index entry kinds: a single-file checkpoint, a DeepSpeed tag folder, the best weights kept after a run.
+ENTRY_KINDS = ("file", "deepspeed", "weights")
+AFTER_RUN_MARKS = (None, "best", "none")
+#: What DeepSpeed writes beside its tag folders (removed with them after a run).
+DEEPSPEED_EXTRAS = ("latest", "zero_to_fp32.py", "zero_to_torch.py")
 
 
-def entry_filename(entry: dict) -> str:
-    """The file (or DeepSpeed tag folder) name of an index entry."""
-    return {"deepspeed": entry["name"], "weights": f"{entry['name']}.weights.pt"}.get(entry["kind"],
-                                                                                     f"{entry['name']}.pt")
+def entry_filename(entry: dict, where: str = "checkpoint index") -> str:
+    """The file (or DeepSpeed tag folder) name of an index entry; DataError unless its name is step-NNNNNNNN and
+    its kind a known one, so no name read from index.json can lead outside the checkpoints folder."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: checkpoint entry {str(entry)[:100]!r} is not an object; refused")
+    name = plain_name(entry.get("name"), ENTRY_NAME, where, "checkpoint name")
+    kind = entry.get("kind")
+    if kind not in ENTRY_KINDS:
+        raise DataError(f"{where}: checkpoint {name} has kind {str(kind)[:50]!r}, not one of "
+                        f"{', '.join(ENTRY_KINDS)}; refused")
+    return {"deepspeed": name, "weights": f"{name}.weights.pt"}.get(kind, f"{name}.pt")
+
+
+def _check_entry(entry, where: str) -> dict:
+    """An index entry as resume and pruning use it: a valid name and kind, whole numbers where numbers go."""
+    entry_filename(entry, where)
+    finite_number(entry.get("step"), f"{where}: {entry['name']} step", low=0, integer=True)
+    for key in ("epoch", "batch_in_epoch"):
+        if key in entry:
+            finite_number(entry[key], f"{where}: {entry['name']} {key}", low=0, integer=True)
+    return entry
+
+
+def check_index(index, where: str) -> dict:
+    """index.json as written by CheckpointManager._record, checked before any path is built from it."""
+    for entry in _index_entries(index, where):
+        _check_entry(entry, where)
+    names = {entry["name"] for entry in index["checkpoints"]}
+    for key in ("latest", "best"):
+        value = index.setdefault(key, None)
+        if value is not None and value not in names:
+            plain_name(value, ENTRY_NAME, where, f"{key} checkpoint")
+    if index.setdefault("best_value", None) is not None:
+        finite_number(index["best_value"], f"{where}: best_value")
+    if index.get("after_run") not in AFTER_RUN_MARKS:
+        raise DataError(f"{where}: after_run={str(index.get('after_run'))[:50]!r} is not one of best, none; refused")
+    return index
+
+
+def _index_entries(index, where: str) -> list:
+    if not isinstance(index, dict) or not isinstance(index.get("checkpoints"), list):
+        raise DataError(f"{where}: not a checkpoint index (expected an object with a \"checkpoints\" list)")
+    return index["checkpoints"]
+
+
+def _load_index(ckpt_dir: str | Path):
+    """The parsed index.json (bounded: a regular file, INDEX_LIMIT bytes), or None when there is none."""
+    path = Path(ckpt_dir) / INDEX
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        return load_json(path, INDEX_LIMIT, "checkpoint index")
+    except OSError as exc:
+        raise os_error(exc, "reading the checkpoint index") from None
+
+
+def read_index(ckpt_dir: str | Path) -> dict:
+    """<ckpt_dir>/index.json, bounded and checked; an empty index when there is none."""
+    index = _load_index(ckpt_dir)
+    if index is None:
+        return {"checkpoints": [], "latest": None, "best": None, "best_value": None}
+    return check_index(index, str(Path(ckpt_dir) / INDEX))
+
+
+def listed_files(ckpt_dir: str | Path) -> set[str]:
+    """The file and tag folder names index.json lists (names checked; the other fields are resume's concern)."""
+    index = _load_index(ckpt_dir)
+    where = str(Path(ckpt_dir) / INDEX)
+    return set() if index is None else {entry_filename(entry, where) for entry in _index_entries(index, where)}
+
+
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint file or tag folder; a symbolic link is removed itself, never what it points to."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoints_folder(run_dir: str | Path) -> Path:
+    """<run_dir>/checkpoints; refused when it is a symbolic link (pruning would delete files where it points)."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_symlink():
+        raise DataError(f"{folder}: the checkpoints folder is a symbolic link (to {printable(os.readlink(folder), 200)}"
+                        "); refused: a run reads, writes and deletes checkpoints only inside its own folder")
+    return folder
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -86,9 +179,33 @@ def _map_children(obj, fn):
 def from_plain(obj):
     """Inverse of `to_plain`: tagged byte tensors back to numpy arrays of their dtype and shape."""
     if isinstance(obj, dict) and NDARRAY_TAG in obj:
-        raw = obj[NDARRAY_TAG].numpy().tobytes()
-        return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        return _tagged_array(obj)
     return _map_children(obj, from_plain)
+
+
+def _tagged_array(obj: dict) -> np.ndarray:
+    """The numpy array of a tagged byte tensor, its dtype, shape and byte count checked before anything is built
+    (a checkpoint someone else wrote may declare a shape its bytes do not hold)."""
+    data, dtype, shape = obj[NDARRAY_TAG], obj.get("dtype"), obj.get("shape")
+    problem = ""
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        problem = "its data is not a 1-D uint8 tensor"
+    elif not isinstance(shape, (list, tuple)) or len(shape) > 32 or \
+            not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        problem = f"shape {shape!r} is not a list of whole numbers"
+    else:
+        try:
+            dtype = np.dtype(dtype) if isinstance(dtype, str) else None
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.hasobject:
+            problem = f"dtype {obj.get('dtype')!r} is not a plain numpy dtype"
+        elif math.prod(shape) * dtype.itemsize != data.numel():
+            problem = f"shape {list(shape)} of {dtype} needs {math.prod(shape) * dtype.itemsize} bytes, it holds " \
+                      f"{data.numel()}"
+    if problem:
+        raise DataError(f"checkpoint holds a malformed numpy array: {problem}; refused")
+    return np.frombuffer(data.numpy().tobytes(), dtype=dtype).reshape(shape).copy()
 
 
 def remove_stale_writes(run_dir: str | Path) -> list[Path]:
@@ -98,23 +215,36 @@ def remove_stale_writes(run_dir: str | Path) -> list[Path]:
     same. Returns the removed paths."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    folders = [run_dir, ckpt_dir, *(p for p in ckpt_dir.glob("step-*") if p.is_dir())]
-    removed = [p for folder in folders for p in folder.glob(".*.tmp") if p.is_file()]
-    index_path = ckpt_dir / INDEX
-    if ckpt_dir.is_dir():
+    own_ckpt_dir = ckpt_dir.is_dir() and not ckpt_dir.is_symlink()  # a link: resume refuses it, clean nothing there
+    tag_dirs = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.is_symlink()] if own_ckpt_dir else []
+    folders = [run_dir, *([ckpt_dir] if own_ckpt_dir else []), *tag_dirs]
+    removed = [p for folder in folders for p in folder.glob(".*.tmp") if p.is_file() and not p.is_symlink()]
+    if own_ckpt_dir:
         try:
-            listed = {entry_filename(c) for c in json.loads(index_path.read_text())["checkpoints"]} \
-                if index_path.is_file() else set()
-        except (ValueError, KeyError, TypeError):
+            listed = listed_files(ckpt_dir)
+        except (OSError, DataError):
             listed = None  # a damaged index: resume reports it; delete nothing it might still name
         if listed is not None:
             removed += [p for p in ckpt_dir.iterdir() if CHECKPOINT_NAME.match(p.name) and p.name not in listed]
     for path in removed:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path)
     return removed
+
+
+def _own_file(path: Path, ckpt_dir: Path) -> None:
+    """DataError unless path, and each folder between it and ckpt_dir, is itself a regular file/folder of the
+    checkpoints folder: a link (to /dev/zero, to a file elsewhere) or a FIFO is never read."""
+    part = path
+    while part != ckpt_dir:
+        try:
+            mode = part.lstat().st_mode
+        except FileNotFoundError:
+            raise DataError(f"{path}: checkpoint listed in {ckpt_dir / INDEX} is missing") from None
+        expected = stat.S_ISREG if part == path else stat.S_ISDIR
+        if not expected(mode):
+            raise DataError(f"{part}: a checkpoint {'file' if part == path else 'folder'} that is a symbolic link or "
+                            "not a regular file; refused")
+        part = part.parent
 
 
 class CheckpointManager:
@@ -122,7 +252,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2, best_metric: str = "kappa", best_mode: str = "max",
                  is_main: bool = True, trust_pickle: bool = False):
-        self.run_dir, self.dir = Path(run_dir), Path(run_dir) / "checkpoints"
+        self.run_dir, self.dir = Path(run_dir), checkpoints_folder(run_dir)
         self.keep_last, self.best_metric, self.best_mode, self.is_main = keep_last, best_metric, best_mode, is_main
         self.trust_pickle = trust_pickle  # True only for legacy checkpoints the user wrote (plain pickle)
         if is_main:
@@ -130,13 +260,8 @@ class CheckpointManager:
 
     # -- index ----------------------------------------------------------------------------------------------
     def index(self) -> dict:
-        path = self.dir / INDEX
-        if not path.is_file():
-            return {"checkpoints": [], "latest": None, "best": None, "best_value": None}
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: corrupt checkpoint index ({exc})") from None
+        """index.json, read bounded and checked: every entry a step-NNNNNNNN name of a known kind."""
+        return read_index(self.dir)
 
     def latest(self) -> dict | None:
         index = self.index()
@@ -157,7 +282,12 @@ class CheckpointManager:
     def save(self, strategy, trainer_state: dict, metrics: dict | None = None, extra: dict | None = None) -> str:
         """Write a checkpoint for trainer_state["step"]; call on every rank. Returns its name."""
         name = f"step-{trainer_state['step']:08d}"
+        if self.is_main:  # a link planted at a name we write would be written through (DeepSpeed writes itself)
+            for planted in (self.dir / name, self.dir / f"{name}.pt", *(self.dir / n for n in DEEPSPEED_EXTRAS)):
+                if planted.is_symlink():
+                    planted.unlink()
         if strategy.saves_with_engine:
+            barrier()  # every rank writes its partition into the tag folder: only after a planted link is gone
             strategy.save(self.dir, name, client_state={"tltrain": True})
             barrier()
             if self.is_main:
@@ -191,14 +321,10 @@ class CheckpointManager:
             self._delete(entry)
 
     def _delete(self, entry: dict) -> None:
-        path = self.path_of(entry)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(self.path_of(entry))
 
     def path_of(self, entry: dict) -> Path:
-        return self.dir / entry_filename(entry)
+        return self.dir / entry_filename(entry, str(self.dir / INDEX))
 
     # -- after a completed run ------------------------------------------------------------------------------
     def prune_after_run(self, keep: str) -> list[str]:
@@ -229,7 +355,7 @@ class CheckpointManager:
         for entry in removed:
             self._delete(entry)
         if any(entry["kind"] == "deepspeed" for entry in removed):  # DeepSpeed's pointer to its last tag, its script
-            for name in ("latest", "zero_to_fp32.py", "zero_to_torch.py"):
+            for name in DEEPSPEED_EXTRAS:
                 (self.dir / name).unlink(missing_ok=True)
         return [entry["name"] for entry in removed]
 
@@ -250,6 +376,7 @@ class CheckpointManager:
         """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (engine loads the rest)."""
         path = self.path_of(entry)
         target = path / TRAINER_STATE if entry["kind"] == "deepspeed" else path
+        _own_file(target, self.dir)
         obj = from_plain(torch_load(target, trust_pickle=self.trust_pickle, what="checkpoint",
                                     source=self.run_dir))  # a refused file: convert the run (its weights)
         if not isinstance(obj, dict):

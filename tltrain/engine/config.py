@@ -1,6 +1,7 @@
 """TrainerConfig: every knob of the training engine, typed and validated before anything runs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tltrain.errors import ConfigError, choices_error
@@ -17,6 +18,27 @@ BEST_METRICS = ("kappa", "accuracy", "top2_accuracy", "auc", "cross_entropy", "s
                 "referable_auc")
 #: What a completed run keeps of its checkpoints (CheckpointManager.prune_after_run).
 KEEP_AFTER_RUN = ("all", "best", "none")
+MAX_SEED = 2**63 - 2**20  # torch.manual_seed takes up to 2**64 - 1; seed + rank must stay below it
+
+
+def check_number(key: str, value, low: float | None = None, high: float | None = None, *, below: bool = False,
+                 above: bool = False, integer: bool = False) -> None:
+    """ConfigError unless value is a finite number (a whole one when integer) in its range, checked before the run
+    starts: a probability of 2 or a NaN learning rate would otherwise fail, or silently diverge, mid-training.
+
+    below/above make the bounds exclusive: value < high, value > low."""
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if ok and high is not None:
+        ok = value < high if below else value <= high
+    if not ok:
+        kind = "a whole number" if integer else "a finite number"
+        left = "" if low is None else f"{'>' if above else '>='} {low:g}"
+        right = "" if high is None else f"{'<' if below else '<='} {high:g}"
+        where = " and ".join(part for part in (left, right) if part)
+        raise ConfigError(f"{key}={value!r} must be {kind}{' ' + where if where else ''}")
 
 
 @dataclass
@@ -33,6 +55,8 @@ class DeepSpeedConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise choices_error("trainer.deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            check_number(f"trainer.deepspeed.{key}", getattr(self, key), 1, integer=True)
 
 
 @dataclass
@@ -80,17 +104,29 @@ class TrainerConfig:
                                   ("keep_after_run", self.keep_after_run, KEEP_AFTER_RUN)):
             if value not in valid:
                 raise choices_error(f"trainer.{key}", value, valid)
-        for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} must be >= 1")
-        for key in ("lr", "weight_decay", "clip_grad_norm", "warmup_epochs", "label_smoothing", "checkpoint_every_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"trainer.{key}={getattr(self, key)!r} must be >= 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"trainer.ema_decay={self.ema_decay!r} must be in [0, 1)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"trainer.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        self._check_numbers()
         if self.strategy == "deepspeed" and (self.compile or self.ema_decay):
             raise ConfigError("trainer.strategy=deepspeed does not support trainer.compile or trainer.ema_decay here; "
                               "set them to false/0")
         self.deepspeed.validate()
+
+    def _check_numbers(self) -> None:
+        """Every numeric field in its range (whole numbers where counts go, probabilities below 1)."""
+        for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):
+            if getattr(self, key) is not None:
+                check_number(f"trainer.{key}", getattr(self, key), 1, integer=True)
+        for key in ("checkpoint_every_steps", "image_grid"):
+            check_number(f"trainer.{key}", getattr(self, key), 0, integer=True)
+        for key in ("lr", "weight_decay", "clip_grad_norm", "warmup_epochs"):
+            check_number(f"trainer.{key}", getattr(self, key), 0)
+        for key in ("momentum", "ema_decay", "label_smoothing"):  # 1 would stop learning (or learn nothing)
+            check_number(f"trainer.{key}", getattr(self, key), 0, 1, below=True)
+        check_number("trainer.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("trainer.seed", self.seed, 0, MAX_SEED, integer=True)
+        if self.referable_threshold is not None:
+            check_number("trainer.referable_threshold", self.referable_threshold, 1, integer=True)
+        if self.class_weights is not None:
+            for index, weight in enumerate(self.class_weights):
+                check_number(f"trainer.class_weights[{index}]", weight, 0)
+            if not any(weight > 0 for weight in self.class_weights):
+                raise ConfigError("trainer.class_weights: at least one weight must be > 0")

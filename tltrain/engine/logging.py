@@ -44,6 +44,19 @@ def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: d
                        "skipped_samples": skipped or {"train": 0, "val": 0, "test": 0, "examples": []}})
 
 
+def own_folder(path: str | Path, what: str) -> Path:
+    """A folder a run writes new files into (tb/, features/): refused when it is a symbolic link, which in a
+    shared run folder could lead anywhere. Checked when the run starts, not at its first write."""
+    path = Path(path)
+    if path.is_symlink():
+        from tltrain.errors import DataError
+        from tltrain.safe_io import printable
+
+        raise DataError(f"{path}: the run's {what} is a symbolic link (to {printable(os.readlink(path), 200)}); "
+                        "refused: a run writes only inside its own folder")
+    return path
+
+
 def scalar_metrics(metrics: dict) -> dict[str, float]:
     """The plottable numbers of a metrics dict (drops the confusion matrix, counts stay)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -56,6 +69,8 @@ class TensorBoardLogger:
     pruned run) adds no empty event file to its tb/ folder."""
 
     def __init__(self, log_dir: str | Path, enabled: bool = True):
+        if enabled:
+            own_folder(log_dir, "TensorBoard folder")
         self.log_dir, self.enabled, self._writer = str(log_dir), enabled, None
 
     @property

@@ -18,14 +18,18 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 import sys
 import time
 from pathlib import Path
 
-from tltrain.errors import TltrainError
+from tltrain.errors import DataError, TltrainError
 
 LOCK_NAME = ".tltrain.lock"
+OWNER_LIMIT = 64 * 1024  # the owner line is ~250 bytes; a lock file is never read beyond this
+#: The lock is opened without following a symbolic link and without waiting on a FIFO (checked to be regular).
+_LOCK_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 #: Locks this process holds: resolved lock path -> [file descriptor, nesting depth]. POSIX locks belong to the
 #: process, and closing *any* descriptor of the file drops them, so the same process must never open it twice.
@@ -48,14 +52,40 @@ def _owner_text() -> bytes:
 
 
 def read_owner(run_dir: str | Path) -> dict:
-    """What the lock file says about its (last) owner; {} when there is none."""
+    """What the lock file says about its (last) owner; {} when there is none or it is not a small regular file
+    (a FIFO, a device or a link there is never waited on or read)."""
+    from tltrain.safe_io import parse_json, read_bytes
+
     path = lock_path(run_dir)
     if str(path) in _HELD:
         return json.loads(_owner_text())
     try:
-        return json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
+        owner = parse_json(read_bytes(path, OWNER_LIMIT, "lock file", follow_links=False) or b"{}", str(path))
+    except (OSError, DataError):
         return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file's descriptor, created if needed; DataError when what is there is not our kind of file.
+
+    A link (to /dev/zero, to someone's file) is never followed, a FIFO never waited on, a file with other hard
+    links never truncated: the owner line is written into the file, so it must be the run folder's own."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _LOCK_FLAGS, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            from tltrain.safe_io import printable
+
+            raise DataError(f"{path}: the run folder's lock file is a symbolic link (to "
+                            f"{printable(os.readlink(path), 200)}); refused: remove it (a run creates its own)") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = "has other hard links" if stat.S_ISREG(info.st_mode) else "is not a regular file"
+        raise DataError(f"{path}: the run folder's lock file {what}; refused: remove it (a run creates its own)")
+    return fd
 
 
 @contextlib.contextmanager
@@ -75,7 +105,7 @@ def claim_run_dir(run_dir: str | Path):
             _HELD[key][1] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(path)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -112,10 +142,12 @@ def lock_state(run_dir: str | Path) -> str:
     if str(path) in _HELD:
         return "held"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _LOCK_FLAGS)
     except OSError:
         return "absent"
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "absent"  # a FIFO or device is no lock a run took: the pid decides
         probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         l_type = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0]
     except OSError:
@@ -123,6 +155,9 @@ def lock_state(run_dir: str | Path) -> str:
     finally:
         os.close(fd)
     return "free" if l_type == fcntl.F_UNLCK else "held"
+
+
+PID_MAX = 1 << 22  # Linux's largest pid_max
 
 
 def pid_alive(pid: int) -> bool:
@@ -142,6 +177,8 @@ def is_stale(run_dir: str | Path, status: dict) -> bool:
     state = lock_state(run_dir)
     if state != "absent":
         return state == "free"
-    if status.get("pid") and status.get("host") == socket.gethostname():
-        return not pid_alive(status["pid"])
+    pid = status.get("pid")  # from a file: a whole number in Linux's pid range, or it says nothing
+    if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= PID_MAX \
+            and status.get("host") == socket.gethostname():
+        return not pid_alive(pid)
     return False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -35,8 +34,9 @@ from tltrain.engine.reproducibility import configure_determinism, rng_state, see
 from tltrain.engine.rundir import claim_run_dir
 from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest, StopWhileWaiting
 from tltrain.engine.strategies import build_strategy
-from tltrain.errors import ConfigError, TltrainError
+from tltrain.errors import ConfigError, DataError, TltrainError, os_error
 from tltrain.metrics import PredictionGatherer, compute_metrics, referable_threshold_for
+from tltrain.safe_io import atomic_write_text, csv_cell, load_json
 
 
 #: Validation metrics that exist only where the referable-DR threshold applies (metrics.referable_threshold_for).
@@ -111,8 +111,11 @@ class Trainer:
         self.num_classes = num_classes or getattr(train_loader, "num_classes", None)
         if not self.num_classes:
             raise ConfigError("num_classes unknown: pass num_classes= or give the loader a num_classes attribute")
-        if cfg.best_metric in REFERABLE_METRICS and referable_threshold_for(self.num_classes,
-                                                                            cfg.referable_threshold) is None:
+        referable = referable_threshold_for(self.num_classes, cfg.referable_threshold)
+        if referable is not None and not 1 <= referable < self.num_classes:
+            raise ConfigError(f"trainer.referable_threshold={referable} must be a grade in [1, "
+                              f"{self.num_classes - 1}] for a {self.num_classes}-class run")
+        if cfg.best_metric in REFERABLE_METRICS and referable is None:
             raise ConfigError(f"trainer.best_metric={cfg.best_metric!r} is a referable-DR metric, which a "
                               f"{self.num_classes}-class run does not compute (5 grades, or set "
                               "trainer.referable_threshold); choose one of "
@@ -266,8 +269,8 @@ class Trainer:
                 return self._completed_before(pruned)
             if self.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                if self._config_yaml() is not None:
-                    (self.run_dir / "config.yaml").write_text(self._config_yaml())
+                if self._config_yaml() is not None:  # a new file renamed into place: a link there is replaced
+                    atomic_write_text(self.run_dir / "config.yaml", self._config_yaml())
             D.barrier()
             resumed = self._resume()
             self._status("running", resumed=resumed)
@@ -523,7 +526,8 @@ class Trainer:
         if self.is_main:
             from tltrain.metrics import write_predictions_csv
 
-            write_predictions_csv(self.run_dir / "predictions_test.csv", *self.last_predictions)
+            keys, labels, scores = self.last_predictions  # keys come from the shards: no spreadsheet formulas
+            write_predictions_csv(self.run_dir / "predictions_test.csv", [csv_cell(k) for k in keys], labels, scores)
             self.tb.scalars({f"test/{k}": v for k, v in scalar_metrics(metrics).items()}, self.step)
             self.progress.line("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()
                                                      if k != "count"))
@@ -574,8 +578,7 @@ class Trainer:
         a relaunch (a sweep started again to finish its failed runs) neither retrains it nor changes its results."""
         result = None
         if self.is_main:
-            metrics = json.loads((self.run_dir / "metrics.json").read_text())
-            status = json.loads((self.run_dir / "status.json").read_text())
+            metrics, status = (self._recorded(name) for name in ("metrics.json", "status.json"))
             index = self.checkpoints.index()
             result = {"status": "completed", "exit_code": 0, "step": status.get("step"),
                       "epoch": status.get("epoch"), "run_dir": str(self.run_dir), "final": metrics.get("final", {}),
@@ -585,6 +588,17 @@ class Trainer:
             self.progress.line(f"{self.run_dir}: completed before (checkpoints pruned, trainer.keep_after_run="
                                f"{pruned}); nothing to do")
         return D.broadcast_object(result)
+
+    def _recorded(self, name: str) -> dict:
+        """A JSON object the completed run left in its folder (bounded: a regular file of limited size)."""
+        path = self.run_dir / name
+        try:
+            value = load_json(path, what=f"the completed run's {name}")
+        except OSError as exc:
+            raise os_error(exc, f"reading the completed run's {name}") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}: expected a JSON object, found {type(value).__name__}")
+        return value
 
     def _status(self, state: str, **extra) -> None:
         if not self.is_main:
