@@ -15,7 +15,7 @@ from PIL import Image
 from tltrain import preprocess as P
 from tltrain.errors import DataError
 from tltrain.data.synth import render_fundus
-from tltrain.export import evaluate, export_run, load_pretrained, predict, read_metadata
+from tltrain.export import evaluate, export_run, load_pretrained, predict, read_metadata, write_checksums
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,15 @@ def test_new_head_reports_matched_new_and_mismatched(package):
     assert len(report.matched) > 10 and model.get_classifier().out_features == 2
 
 
+def _consistent_edit(package):
+    """After an edit of tltrain.json's architecture: timm's config.json says the same and SHA256SUMS is
+    recomputed, so the load gets past the package's own consistency checks to the weights check under test."""
+    config = json.loads((package / "config.json").read_text())
+    config["architecture"] = "resnet18"
+    (package / "config.json").write_text(json.dumps(config))
+    write_checksums(package)
+
+
 def test_bad_package_inputs(package, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(package, broken)
@@ -99,6 +108,7 @@ def test_bad_package_inputs(package, tmp_path):
     meta = json.loads((other / "tltrain.json").read_text())
     meta["architecture"] = "resnet18"
     (other / "tltrain.json").write_text(json.dumps(meta))
+    _consistent_edit(other)
     with pytest.raises(DataError, match="do not fit resnet18"):
         load_pretrained(other)
     _, preprocess = load_pretrained(package)
@@ -136,8 +146,12 @@ def test_cli_export_evaluate_predict(trained_run, fundus_shards, tmp_path):
     done = subprocess.run([tool, "export", str(trained_run), str(out)], capture_output=True, text=True)
     assert done.returncode == 0 and "load_pretrained" in done.stdout
     done = subprocess.run([tool, "evaluate", str(out), str(fundus_shards)], capture_output=True, text=True)
-    assert done.returncode == 0 and "kappa" in done.stdout and (out / "evaluation_test.json").exists()
-    assert (out / "evaluation_test_predictions.csv").exists() and "evaluation_test_predictions.csv" in done.stdout
+    # written beside the shards, never inside the package (a link shipped in a package would be written through)
+    assert done.returncode == 0 and "kappa" in done.stdout
+    assert (fundus_shards / "evaluation_test_pkg.json").exists()
+    assert (fundus_shards / "evaluation_test_pkg_predictions.csv").exists()
+    assert "evaluation_test_pkg_predictions.csv" in done.stdout
+    assert not list(out.glob("evaluation_*"))
     done = subprocess.run([tool, "evaluate", str(tmp_path), str(fundus_shards)], capture_output=True, text=True)
     assert done.returncode == 2 and "tltrain.json: not found" in done.stderr
 
@@ -258,6 +272,7 @@ def test_mismatched_weights_error_lists_keys_and_shapes(package, tmp_path):
     meta = json.loads((other / "tltrain.json").read_text())
     meta["architecture"] = "resnet18"
     (other / "tltrain.json").write_text(json.dumps(meta))
+    _consistent_edit(other)
     with pytest.raises(DataError) as error:
         load_pretrained(other)
     message = str(error.value)

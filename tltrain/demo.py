@@ -68,6 +68,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     from tltrain.config import compose, to_typed
     from tltrain.data import synth
     from tltrain.data.prepare import PrepareConfig, run_prepare
+    from tltrain.data.manifest import load_manifest
     from tltrain.data.summary import manifest_summary
     from tltrain.data.synth_dme import DME_CLASSES, generate_dme_target
     from tltrain.report import write_report
@@ -100,9 +101,8 @@ def run_demo(out: Path, quick: bool = False) -> dict:
                     f"val_fraction={size.target_val}", f"test_fraction={size.target_test}", "fractions=[0.1,0.25,1.0]",
                     "shard_samples=100"]),
     ):
-        manifest = shards / name / "manifest.json"
-        if manifest.exists():
-            manifests[name] = json.loads(manifest.read_text())
+        if (shards / name / "manifest.json").exists():
+            manifests[name] = load_manifest(shards / name)
         else:
             manifests[name] = run_prepare(to_typed(compose("prepare", overrides + [
                 f"out={shards / name}", "resize=radius:64", "progress=false"]), PrepareConfig, where="prepare"))
@@ -179,7 +179,9 @@ def _export_step1(run_dir: Path, export_dir: Path) -> dict:
     """Export step 1 (the fundus model) as a pretrained package others can load."""
     from tltrain.export import export_run
 
-    info = export_run(run_dir, export_dir, description="Synthetic-fundus intermediate-domain checkpoint from "
+    # force: a re-run of the demo re-exports into its own package (export refuses to replace one otherwise)
+    info = export_run(run_dir, export_dir, force=True,
+                      description="Synthetic-fundus intermediate-domain checkpoint from "
                       "`tltrain demo` (layer-wise schedule); a demonstration, not a clinical model.")
     print(f"pretrained fundus checkpoint: {export_dir}")
     print(f"load it with:  tltrain.load_pretrained('{export_dir}')  or plain timm (see {export_dir}/README.md)")

@@ -8,35 +8,101 @@ A package is a folder:
   config.json         timm's config: `timm.create_model("local-dir:PKG", pretrained=True)` loads the package
   README.md           model card: intended use, data, test set, checkpoint choice, metrics with 95 % intervals,
                       what referable means, how to load it (tltrain or plain timm)
-`load_pretrained` checks the sha256 before trusting the weights.
+  SHA256SUMS          sha256 of every file that changes what is loaded (weights, tltrain.json, config.json), in
+                      `sha256sum -c` format; the sha256 of SHA256SUMS itself is the package digest, printed by
+                      export, evaluate and predict, for users to compare with the value the publisher announced
+
+A package is someone else's data. Before a model is built, `load_pretrained`, `evaluate`, `predict` and
+`model.weights=<package>` (tltrain.models) read tltrain.json bounded, validate every value it holds (weights.file
+a plain name inside the package, a timm architecture, bounded class counts, sizes and filter parameters), verify
+SHA256SUMS, and compare config.json (what plain timm builds) with tltrain.json. The checksums catch accidental
+edits and mismatched files; they do not make a package trustworthy: whoever can edit it can recompute them, which
+only the digest compared with a published value reveals.
+
+Export writes the package into a temporary folder beside the target and renames it into place; an existing
+package is replaced only with force=True (`--force`). The same checkpoint gives the same bytes (no timestamps, no
+unordered metadata, the card names the package folder rather than an absolute path).
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import os
 import platform
+import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 import tltrain
+from tltrain import safe_io
+from tltrain.data.manifest import load_manifest
 from tltrain.data.shards import sha256_file
 from tltrain.errors import ConfigError, DataError
 from tltrain.preprocess import FILTER_VERSION
+from tltrain.preprocess_config import MAX_RADIUS
 
 WEIGHTS = "model.safetensors"
 METADATA = "tltrain.json"
+TIMM_CONFIG = "config.json"
+CHECKSUMS = "SHA256SUMS"
+CARD = "README.md"
 FORMAT = "tltrain-pretrained/1"
+#: tltrain.json holds the run's config and metrics: a few hundred KB at most; config.json a few KB.
+METADATA_LIMIT = 16 * safe_io.MiB
+CHECKSUMS_LIMIT = 64 * 1024
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    """A run's or dataset's JSON file, bounded (safe_io); {} when it does not exist."""
+    if not os.path.lexists(path):
         return {}
+    value = safe_io.load_json(path)
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The run's config.yaml as plain containers, read without resolving anything (safe_io.load_yaml).
+
+    A run writes config.yaml resolved, so a `${...}` left in it was put there by hand; resolving it would publish
+    whatever it names (`${oc.env:AWS_SECRET_ACCESS_KEY}`) in tltrain.json and the card, and keeping it as text
+    would publish a config that is not the one the run used. It is refused, naming the key."""
+    path = run_dir / "config.yaml"
+    config = safe_io.load_yaml(path, what="run config")
+    stack = [((), config)]
+    while stack:
+        keys, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((*keys, str(k)), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*keys, str(i)), v) for i, v in enumerate(value))
+        elif isinstance(value, str) and "${" in value:
+            raise DataError(f"{path}: {'.'.join(keys)} holds an unresolved interpolation "
+                            f"{safe_io.printable(repr(value), 100)} (a run writes its config resolved: this one was "
+                            "edited); refused, so that nothing it names is published")
+    for dotted, kind in (("model.arch", str), ("data", dict), ("loader.size", int), ("loader.preprocess", dict),
+                         ("loader.preprocess.enabled", bool)):
+        _config_value(config, dotted, kind, path)
+    return config
+
+
+def _config_value(config: dict, dotted: str, kind: type, path: Path):
+    """config[a][b]... of the expected type, or one DataError naming the key (not a KeyError traceback)."""
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(f"{path}: {dotted} is {safe_io.printable(repr(value), 100)}, expected a {kind.__name__} "
+                        "(is this a tltrain run's config?)")
+    return value
 
 
 def _shards_of(config: dict, run_dir: Path, shards: str | Path | None) -> Path:
@@ -103,29 +169,35 @@ def _head_outputs(arch: str, state: dict) -> tuple[str, tuple]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", license: str = "CC-BY-4.0",
-               description: str = "", shards: str | Path | None = None, resamples: int = 1000) -> dict:
-    """Write a pretrained package for a finished run; returns its metadata.
+               description: str = "", shards: str | Path | None = None, resamples: int = 1000,
+               force: bool = False) -> dict:
+    """Write a pretrained package for a finished run; returns its metadata (with "digest": the package digest).
 
     Everything the metadata says is of the exported checkpoint: its validation metrics, the test metrics the run
     computed on it (with bootstrap intervals from its per-image predictions), and how it was chosen. Export refuses
-    (DataError) when the class names, num_classes and the head's output size disagree."""
+    (DataError) when the class names, num_classes and the head's output size disagree, and when out_dir holds a
+    package already unless force=True."""
     import timm
-    from safetensors.torch import save_file
 
     from tltrain.engine.checkpoint import consolidate_checkpoint
     from tltrain.metrics import bootstrap_ci, read_predictions_csv
     from tltrain.models import describe_mismatch
 
-    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir)
+    run_dir = Path(run_dir).resolve()
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
+    _check_target(out_dir, force)  # before the slow part
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir}: no config.yaml (is this a tltrain run folder?)")
-    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    config = read_run_config(run_dir)
+    arch = config["model"]["arch"]
+    if arch not in timm.list_models():
+        raise ConfigError(f"{run_dir / 'config.yaml'}: model.arch {safe_io.printable(repr(arch), 100)} is not a timm "
+                          "model")
     entry = _checkpoint_entry(run_dir, which)
     state = consolidate_checkpoint(run_dir, which)
-    arch = config["model"]["arch"]
     shard_dir = _shards_of(config, run_dir, shards)
     manifest_path = shard_dir / "manifest.json"
-    manifest = _read_json(manifest_path)
+    manifest = load_manifest(shard_dir)  # bounded and validated (tltrain.data.manifest)
     loss = config.get("trainer", {}).get("loss", "cross_entropy")
 
     # classes: the manifest's names, its num_classes and the head must tell one story
@@ -157,9 +229,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
                     "class_counts": [int(c) for c in counts]}
         ci = bootstrap_ci(probs, labels, referable, resamples=resamples, seed=0)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = out_dir / WEIGHTS
-    save_file({k: v.contiguous() for k, v in state.items()}, str(weights_path), metadata={"format": "pt", "arch": arch})
     fraction = config["data"].get("fraction", 1.0)
     size = config["loader"]["size"]
     preprocessing = {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
@@ -195,15 +264,129 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
                      "python": platform.python_version()},
         "license": license,
         "description": description,
-        "weights": {"file": WEIGHTS, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size},
     }
-    (out_dir / METADATA).write_text(json.dumps(metadata, indent=1, default=str))
-    (out_dir / TIMM_CONFIG).write_text(json.dumps(timm_config(model, metadata), indent=1))
-    (out_dir / "README.md").write_text(model_card(metadata, out_dir.resolve()))
+    validate_metadata({**metadata, "weights": {"file": WEIGHTS, "sha256": "0" * 64}},
+                      f"{run_dir / 'config.yaml'} (as {METADATA})")  # never publish what load would refuse
+    metadata["digest"] = _publish(out_dir, force,
+                                  lambda folder: _write_package(folder, state, metadata, model, out_dir.name))
     return metadata
 
 
-TIMM_CONFIG = "config.json"
+# -- writing a package: into a temporary folder beside the target, renamed into place ---------------------------
+def _check_target(target: Path, force: bool) -> None:
+    """Refuse a target that holds something: without force anything but an empty folder; with force anything but
+    a tltrain package (a folder with tltrain.json) or an empty folder, so --force never deletes a user's folder."""
+    if not os.path.lexists(target):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    is_package = target.is_dir() and os.path.lexists(target / METADATA)
+    if not force:
+        what = "a package" if is_package else "files"
+        raise DataError(f"{target}: already holds {what}; pass --force (export_run(force=True)) to replace it")
+    if not is_package:
+        raise DataError(f"{target}: exists and is not a tltrain package (no {METADATA}); refused to replace it")
+
+
+def _temp_names(target: Path) -> tuple[str, str]:
+    return f".{target.name}.export-{os.getpid()}-", f".{target.name}.old-{os.getpid()}-"
+
+
+def _remove_stale_temps(target: Path) -> list[Path]:
+    """Delete what a killed export of `target` left beside it: its temporary and moved-aside folders, once the
+    process that made them (its pid is in the name) is gone; a live export's folders are left alone."""
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(export|old)-(\d+)-[^/]*")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
+        found = pattern.fullmatch(path.name)
+        if not found or _process_alive(int(found.group(2))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not exporting that target yet: anything of its own there is stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def _publish(target: Path, force: bool, write) -> str:
+    """Run write(folder) on a new temporary folder beside `target`, then rename it into place; returns the digest.
+
+    An existing package (force) is renamed aside, the new one renamed in, the old one removed: a reader sees the
+    old package or the new one, never a mix; a kill leaves the old package (or none, between the two renames) and
+    temporary folders, which the next export of the target removes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
+    export_prefix, old_prefix = _temp_names(target)
+    folder = Path(tempfile.mkdtemp(prefix=export_prefix, dir=target.parent))
+    try:
+        digest = write(folder)
+        os.chmod(folder, 0o777 & ~safe_io._umask())
+        safe_io.fsync_folder(folder)
+        _check_target(target, force)  # again: another export may have finished meanwhile
+        aside = None
+        if os.path.lexists(target) and not (target.is_dir() and not target.is_symlink()
+                                            and not any(target.iterdir())):
+            aside = target.parent / f"{old_prefix}{os.urandom(4).hex()}"
+            os.rename(target, aside)
+        os.replace(folder, target)  # replaces an empty folder too
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    safe_io.fsync_folder(target.parent)
+    if aside is not None:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
+    return digest
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """One file of a fresh temporary package folder (ours alone: no link to follow), flushed to disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_package(folder: Path, state: dict, metadata: dict, model, name: str) -> str:
+    """The package's files, in an order that lets each describe the ones before it; returns the digest."""
+    from safetensors.torch import save_file
+
+    weights_path = folder / WEIGHTS
+    # one metadata key only: safetensors keeps metadata in a hash map, whose order differs between processes
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights_path), metadata={"format": "pt"})
+    metadata["weights"] = {"file": WEIGHTS, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size}
+    _write_file(folder / METADATA, (json.dumps(metadata, indent=1, default=str) + "\n").encode())
+    _write_file(folder / TIMM_CONFIG, (json.dumps(timm_config(model, metadata), indent=1) + "\n").encode())
+    _write_file(folder / CARD, model_card(metadata, Path(name)).encode())  # the folder's name: no local path
+    return write_checksums(folder, [WEIGHTS, METADATA, TIMM_CONFIG])
+
+
+def write_checksums(folder: str | Path, names: list[str] | None = None) -> str:
+    """Write SHA256SUMS for `names` (default: the files it lists now) in `folder`; returns the package digest.
+
+    export calls it; it is also how a publisher who edits a package on purpose re-seals it (which is why the
+    digest, compared with a value published elsewhere, is what tells a user the package is the announced one)."""
+    folder = Path(folder)
+    if names is None:
+        names = [name for _, name in _read_checksums(folder)]
+    lines = "".join(f"{_sha256_regular(safe_io.inside(folder, name, 'file'))}  {name}\n" for name in sorted(names))
+    safe_io.atomic_write_text(folder / CHECKSUMS, lines)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def timm_config(model, meta: dict) -> dict:
@@ -235,11 +418,176 @@ def timm_config(model, meta: dict) -> dict:
     return config
 
 
+# -- reading a package: every value validated, every file that matters checksummed --------------------------------
+MAX_OUTPUTS = 100_000  # classes / outputs (ImageNet-22k has 21 843); the head is features x outputs floats
+MIN_SIZE, MAX_SIZE = 8, 4096  # input side in pixels (Ben Graham's recipe works at 512-1024)
+MAX_NAME = 256
+_WEIGHTS_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,200}\.(safetensors|pth|pt|bin)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHECKSUM_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
+_TIMM_KEYS = {"architecture", "num_classes", "num_features", "pretrained_cfg", "tltrain_preprocessing",
+              "tltrain_metadata", "label_names", "model_args"}
+
+
+def _number(meta: dict, key: str, where: str, low, high, integer: bool, required: bool = True):
+    if key not in meta and not required:
+        return None
+    return safe_io.finite_number(meta.get(key), f"{where}: {key}", low, high, integer)
+
+
+def validate_metadata(meta: dict, path: str | Path) -> None:
+    """Refuse a tltrain.json value a model, an array or a path would be built from unless it is of the right kind
+    and within bounds: one DataError (ConfigError for an unknown architecture) naming the file and the key."""
+    import timm
+
+    where = str(path)
+    arch = meta.get("architecture")
+    if not isinstance(arch, str) or arch not in timm.list_models():
+        raise ConfigError(f"{where}: architecture {safe_io.printable(repr(arch), 100)} is not a timm model")
+    classes = _number(meta, "num_classes", where, 1, MAX_OUTPUTS, True)
+    outputs = _number(meta, "num_outputs", where, 1, MAX_OUTPUTS, True)
+    loss = meta.get("loss", "cross_entropy")
+    if loss not in ("cross_entropy", "ordinal"):
+        raise DataError(f"{where}: loss {safe_io.printable(repr(loss), 100)} is not cross_entropy or ordinal")
+    if outputs != (1 if loss == "ordinal" else classes):
+        raise DataError(f"{where}: num_outputs={outputs} does not fit num_classes={classes} with loss {loss}")
+    for key in ("classes", "class_names"):
+        names = meta.get(key)
+        if names is not None and (not isinstance(names, list) or len(names) != classes or not all(
+                isinstance(n, (str, int)) and not isinstance(n, bool) and len(str(n)) <= MAX_NAME for n in names)):
+            raise DataError(f"{where}: {key} must be a list of {classes} names of at most {MAX_NAME} characters")
+    thresholds = meta.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, list) or len(thresholds) != classes - 1:
+            raise DataError(f"{where}: thresholds must be a list of {classes - 1} numbers")
+        for i, value in enumerate(thresholds):
+            safe_io.finite_number(value, f"{where}: thresholds[{i}]", -1e6, 1e6)
+    if meta.get("referable_threshold") is not None:
+        _number(meta, "referable_threshold", where, 1, max(classes - 1, 1), True)
+    _validate_weights_entry(meta.get("weights"), where)
+    size = _validate_preprocessing(meta.get("preprocessing"), where)
+    if "input_size" in meta and meta["input_size"] != [3, size, size]:
+        raise DataError(f"{where}: input_size {safe_io.printable(repr(meta['input_size']), 100)} is not "
+                        f"[3, {size}, {size}] (preprocessing.size)")
+
+
+def _validate_weights_entry(weights, where: str) -> None:
+    if not isinstance(weights, dict):
+        raise DataError(f"{where}: weights must be an object with file and sha256")
+    safe_io.plain_name(weights.get("file"), _WEIGHTS_NAME, where, "weights.file")
+    if not isinstance(weights.get("sha256"), str) or not _SHA256.fullmatch(weights["sha256"]):
+        raise DataError(f"{where}: weights.sha256 must be 64 lower-case hex digits")
+
+
+def _validate_preprocessing(pre, where: str) -> int:
+    """The preprocessing values Preprocessing and the loaders use, bounded; returns the input size."""
+    if not isinstance(pre, dict):
+        raise DataError(f"{where}: preprocessing must be an object")
+    where = f"{where}: preprocessing"
+    size = _number(pre, "size", where, MIN_SIZE, MAX_SIZE, True)
+    _number(pre, "radius", where, 0, MAX_RADIUS, True, required=False)  # the run config's bound
+    _number(pre, "sigma_ratio", where, 1e-6, 0.999999, False, required=False)
+    _number(pre, "gain", where, -1e4, 1e4, False, required=False)
+    _number(pre, "offset", where, -1e4, 1e4, False, required=False)
+    _number(pre, "mask_ratio", where, 0, 1.5, False, required=False)
+    _number(pre, "filter_version", where, 1, 1000, True, required=False)
+    for key in ("enabled", "applied_offline", "crop_to_disc"):
+        if key in pre and not isinstance(pre[key], bool):
+            raise DataError(f"{where}: {key} must be true or false, not {safe_io.printable(repr(pre[key]), 100)}")
+    for key, low in (("mean", -1e3), ("std", 1e-6)):
+        if key in pre:
+            values = pre[key]
+            if not isinstance(values, list) or len(values) != 3:
+                raise DataError(f"{where}: {key} must be a list of 3 numbers")
+            for i, value in enumerate(values):
+                safe_io.finite_number(value, f"{where}: {key}[{i}]", low, 1e3)
+    return size
+
+
+def validate_timm_config(path: Path, meta: dict) -> None:
+    """config.json is what plain timm builds the model from (`local-dir:PKG`): it must describe exactly the model
+    tltrain.json does. model_args (keyword arguments to the model's constructor: an activation, a depth) must be
+    the ones export writes for this architecture and size, and no others."""
+    from tltrain.models import input_size_args
+
+    config = safe_io.load_json(path, 1 * safe_io.MiB, "timm config")
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    unknown = sorted(set(config) - _TIMM_KEYS)
+    if unknown:
+        raise DataError(f"{path}: unknown keys {safe_io.printable(unknown, 200)} (timm would apply them); refused")
+    arch, size, pre = meta["architecture"], meta["preprocessing"]["size"], meta["preprocessing"]
+    expected_args = input_size_args(arch, size)
+    cfg = config.get("pretrained_cfg")
+    checks = [("architecture", config.get("architecture"), arch),
+              ("num_classes", config.get("num_classes"), meta["num_outputs"]),
+              ("model_args", config.get("model_args", {}), expected_args),
+              ("pretrained_cfg", type(cfg).__name__, "dict")]
+    if isinstance(cfg, dict):
+        checks += [("pretrained_cfg.num_classes", cfg.get("num_classes"), meta["num_outputs"]),
+                   ("pretrained_cfg.input_size", cfg.get("input_size"), [3, size, size])]
+        checks += [(f"pretrained_cfg.{key}", cfg.get(key), pre[key]) for key in ("mean", "std") if key in pre]
+    if "tltrain_preprocessing" in config:
+        checks.append(("tltrain_preprocessing", config["tltrain_preprocessing"], pre))
+    for key, found, wanted in checks:
+        if found != wanted:
+            raise DataError(f"{path}: {key} {safe_io.printable(repr(found), 150)} differs from what {METADATA} "
+                            f"describes ({safe_io.printable(repr(wanted), 150)}); refused")
+
+
+def _sha256_regular(path: Path) -> str:
+    """sha256 of a regular file (a FIFO or device is refused, not read)."""
+    digest = hashlib.sha256()
+    with safe_io.open_regular(path, "package file") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_checksums(folder: Path) -> list[tuple[str, str]]:
+    """(sha256, name) pairs of SHA256SUMS: each a plain file name inside the package, listed once."""
+    path = folder / CHECKSUMS
+    entries, names = [], set()
+    for number, line in enumerate(safe_io.read_text(path, CHECKSUMS_LIMIT, "checksum file").splitlines(), 1):
+        found = _CHECKSUM_LINE.fullmatch(line)
+        if not found:
+            raise DataError(f"{path}: line {number} is not `<sha256>  <file name>`")
+        name = safe_io.plain_name(found.group(2), None, str(path), "file")
+        if name in names:
+            raise DataError(f"{path}: {safe_io.printable(name, 100)} is listed twice")
+        names.add(name)
+        entries.append((found.group(1), name))
+    return entries
+
+
+def verify_checksums(folder: Path, meta: dict) -> str | None:
+    """Check every file SHA256SUMS lists, and that it lists all that change what is loaded; returns the digest
+    (sha256 of SHA256SUMS), or None with a warning for a package without one (exported before it existed)."""
+    path = folder / CHECKSUMS
+    if not os.path.lexists(path):
+        warnings.warn(f"{folder}: no {CHECKSUMS} (a package exported before tltrain wrote one, or one it was removed "
+                      f"from): only the weights' sha256 in {METADATA} is checked; re-export it to seal it",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    entries = _read_checksums(folder)
+    required = {METADATA, meta["weights"]["file"]} | ({TIMM_CONFIG} if os.path.lexists(folder / TIMM_CONFIG) else set())
+    missing = sorted(required - {name for _, name in entries})
+    if missing:
+        raise DataError(f"{path}: does not list {', '.join(missing)}, which change what is loaded; refused")
+    for expected, name in entries:
+        if _sha256_regular(safe_io.inside(folder, name, "file")) != expected:
+            raise DataError(f"{folder / name}: sha256 does not match {CHECKSUMS} (edited or replaced after "
+                            "export); refused")
+    return hashlib.sha256(safe_io.read_bytes(path, CHECKSUMS_LIMIT, "checksum file")).hexdigest()
+
+
 def _ci_text(ci: dict, name: str, fallback) -> str:
     entry = ci.get(name)
     if entry:
         return f"{entry['value']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})"
-    return "-" if fallback is None or (isinstance(fallback, float) and fallback != fallback) else f"{fallback:.3f}"
+    if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or fallback != fallback:
+        return "-"  # absent, NaN, or not a number (metrics.json is a file someone may have edited)
+    return f"{fallback:.3f}"
 
 
 def model_card(meta: dict, out_dir: Path) -> str:
@@ -247,7 +595,7 @@ def model_card(meta: dict, out_dir: Path) -> str:
     metrics = meta["metrics"]
     test, val, ci, test_set = metrics["test"], metrics["validation"], metrics.get("test_ci") or {}, metrics.get("test_set")
     referable = meta.get("referable_threshold")
-    names = [str(n) for n in (meta["class_names"] or meta["classes"])]
+    names = [safe_io.markdown_text(n, 200) for n in (meta["class_names"] or meta["classes"])]  # from the manifest
     value = checkpoint.get("value")
     chosen = (f"checkpoint `{checkpoint['name']}` (optimizer step {checkpoint['step']}, after epoch "
               f"{checkpoint['epoch']}), the {checkpoint['chosen_by']}"
@@ -275,6 +623,7 @@ def model_card(meta: dict, out_dir: Path) -> str:
                       f"Sensitivity and specificity count the predicted grade (argmax) against that threshold; "
                       f"referable AUC ranks images by P(grade >= {referable})." if referable is not None else
                       "Referable-DR metrics do not apply: the label set is not the 5-grade DR scale.")
+    data = {**data, "name": safe_io.markdown_text(data["name"], 200)}
     return f"""# {meta['architecture']} pretrained on {data['name']} (tltrain)
 
 {meta['description'] or 'An intermediate-domain checkpoint for transfer learning on fundus photographs.'}
@@ -364,32 +713,52 @@ class Preprocessing:
 
 
 def read_metadata(path: str | Path) -> dict:
+    """A package's tltrain.json, read bounded and validated (validate_metadata) before anyone uses a value."""
     path = Path(path)
     meta_path = path / METADATA if path.is_dir() else path
-    if not meta_path.is_file():
+    if not os.path.lexists(meta_path):
         raise DataError(f"{meta_path}: not found (is this a tltrain pretrained package?)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT}")
+    meta = safe_io.load_json(meta_path, METADATA_LIMIT, "package metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{meta_path}: format {safe_io.printable(repr(found), 100)}, expected {FORMAT}")
+    validate_metadata(meta, meta_path)
     return meta
 
 
-def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | None = None):
-    """(model in eval mode, Preprocessing). num_classes differing from the package's gives a fresh head."""
+def open_package(path: str | Path) -> tuple[dict, Path, str | None]:
+    """(validated metadata, weights file, package digest or None) of a package folder, after every check that
+    needs no model: tltrain.json validated, SHA256SUMS verified, the weights' sha256, config.json against
+    tltrain.json. What load_pretrained, evaluate, predict and model.weights=<package> all go through."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    meta = read_metadata(path)
+    digest = verify_checksums(folder, meta)
+    weights = safe_io.inside(folder, meta["weights"]["file"], "weights.file")
+    if not weights.is_file():
+        raise DataError(f"{weights}: weights file missing")
+    if _sha256_regular(weights) != meta["weights"]["sha256"]:
+        raise DataError(f"{weights}: sha256 does not match {METADATA} (corrupt or replaced file)")
+    if os.path.lexists(folder / TIMM_CONFIG):
+        validate_timm_config(folder / TIMM_CONFIG, meta)
+    return meta, weights, digest
+
+
+def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | None = None,
+                    digest: str | None = None):
+    """(model in eval mode, Preprocessing). num_classes differing from the package's gives a fresh head.
+
+    digest: the package digest its publisher announced; a package whose SHA256SUMS hashes to another value is
+    refused. The model carries the digest it was loaded from as `model.tltrain_package_digest`."""
     import timm
 
     from tltrain.models import describe_mismatch, input_size_args, load_weights, read_state_dict
 
     path = Path(path)
-    meta = read_metadata(path)
-    weights = path / meta["weights"]["file"]
-    if not weights.is_file():
-        raise DataError(f"{weights}: weights file missing")
-    if sha256_file(weights) != meta["weights"]["sha256"]:
-        raise DataError(f"{weights}: sha256 does not match {METADATA} (corrupt or replaced file)")
+    meta, weights, found = open_package(path)
+    if digest is not None and found != digest.strip().lower():
+        raise DataError(f"{path}: package digest {found or '(no ' + CHECKSUMS + ')'} is not the expected {digest}")
     arch = meta["architecture"]
-    if arch not in timm.list_models():
-        raise ConfigError(f"{path / METADATA}: architecture {arch!r} is not a timm model")
     outputs = num_classes or meta["num_outputs"]
     model = timm.create_model(arch, pretrained=False, num_classes=outputs,
                               **input_size_args(arch, meta["preprocessing"]["size"]))
@@ -402,6 +771,7 @@ def load_pretrained(path: str | Path, device: str = "cpu", num_classes: int | No
         model.tltrain_load_report = None
     else:
         model.tltrain_load_report = load_weights(model, weights)
+    model.tltrain_package_digest = found
     return model.to(device).eval(), Preprocessing(meta["preprocessing"]["size"], meta["preprocessing"])
 
 
@@ -432,14 +802,15 @@ def predict_input(pre: Preprocessing, path: str | Path) -> torch.Tensor:
 
 
 def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch_size: int = 32,
-             device: str = "cpu", out: str | Path | None = None, backend: str = "torch") -> dict:
+             device: str = "cpu", out: str | Path | None = None, backend: str = "torch",
+             digest: str | None = None) -> dict:
     """Metrics of a package on a prepared split, with the package's own preprocessing.
 
     With `out` (a JSON file) the per-image predictions go beside it: <out stem>_predictions.csv with key, label,
     predicted class and the class probabilities."""
     from tltrain.metrics import compute_metrics, write_predictions_csv
 
-    model, pre = load_pretrained(package, device)
+    model, pre = load_pretrained(package, device, digest=digest)
     meta = read_metadata(package)
     loader = evaluation_loader(pre, shards, split, batch_size, device, backend)
     probs, labels, keys = [], [], []
@@ -450,30 +821,42 @@ def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch
             labels.append(batch.labels.cpu().numpy()[mask])
             keys += [k for k, m in zip(batch.keys, mask) if m]
     threshold = meta.get("referable_threshold", 2 if meta["num_classes"] == 5 else None)
+    if not sum(len(part) for part in labels):  # every sample skipped (unreadable): there is nothing to score
+        raise DataError(f"{shards}: split {split!r}: no sample could be read and scored; run `tltrain verify "
+                        f"{shards}`")
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     metrics = compute_metrics(probs, labels, threshold)
-    metrics.update({"package": str(package), "shards": str(shards), "split": split})
+    metrics.update({"package": str(package), "package_digest": model.tltrain_package_digest,
+                    "shards": str(shards), "split": split})
     if out:
         out = Path(out)
         predictions = out.with_name(out.stem + "_predictions.csv")
-        write_predictions_csv(predictions, keys, labels, probs)
+        write_predictions_csv(predictions, [safe_io.csv_cell(k) for k in keys], labels, probs)
         metrics["predictions"] = str(predictions)
-        out.write_text(json.dumps(metrics, indent=1, default=str))
+        safe_io.atomic_write_text(out, json.dumps(metrics, indent=1, default=str))
     return metrics
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+def default_evaluation_path(package: str | Path, shards: str | Path, split: str) -> Path:
+    """evaluate's output when --out is not given: beside the shards (the data it measures), named after the
+    package, never inside the package (a folder someone else made)."""
+    name = Path(os.path.abspath(package)).name or "package"
+    return Path(shards) / f"evaluation_{split}_{name}.json"
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 def predict(package: str | Path, image_dir: str | Path, out_csv: str | Path, batch_size: int = 16,
-            device: str = "cpu", progress: bool = True) -> dict:
+            device: str = "cpu", progress: bool = True, digest: str | None = None) -> dict:
     """CSV of class probabilities and predicted class per image; unreadable or disc-less images are listed."""
     import csv
 
     from tqdm import tqdm
 
-    model, pre = load_pretrained(package, device)
+    model, pre = load_pretrained(package, device, digest=digest)
     meta = read_metadata(package)
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)  # before predicting, not after
     files = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{image_dir}: no images found ({', '.join(IMAGE_SUFFIXES)})")
@@ -486,8 +869,8 @@ def predict(package: str | Path, image_dir: str | Path, out_csv: str | Path, bat
         with torch.no_grad():
             probs = _probabilities(model(torch.stack([t for _, t in batch]).to(device)), meta).numpy()
         for (path, _), p in zip(batch, probs):
-            rows.append([str(path.relative_to(image_dir)), *[f"{v:.6f}" for v in p], int(p.argmax()),
-                         names[int(p.argmax())]])
+            rows.append([safe_io.csv_cell(str(path.relative_to(image_dir))), *[f"{v:.6f}" for v in p],
+                         int(p.argmax()), safe_io.csv_cell(names[int(p.argmax())])])
 
     pending = []
     for path in tqdm(files, desc="predict", disable=None if progress else True):
@@ -504,11 +887,14 @@ def predict(package: str | Path, image_dir: str | Path, out_csv: str | Path, bat
             flush(pending)
             pending = []
     flush(pending)
-    with open(out_csv, "w", newline="") as f:
+    with safe_io.atomic_open(out_csv, "w", newline="") as f:  # creates the folder; never writes through a link
         writer = csv.writer(f)
-        writer.writerow(["image", *[f"p_{c}" for c in meta["classes"]], "predicted", "predicted_name"])
+        writer.writerow(["image", *[safe_io.csv_cell(f"p_{c}") for c in meta["classes"]], "predicted",
+                         "predicted_name"])
         writer.writerows(rows)
-    return {"csv": str(out_csv), "predicted": len(rows), "skipped": skipped}
+    return {"csv": str(out_csv), "predicted": len(rows), "skipped": skipped,
+            "package_digest": model.tltrain_package_digest}
 
 
-__all__ = ["export_run", "load_pretrained", "evaluate", "predict", "read_metadata", "Preprocessing"]
+__all__ = ["export_run", "load_pretrained", "open_package", "evaluate", "predict", "read_metadata", "Preprocessing",
+           "write_checksums"]

@@ -82,7 +82,11 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     trust_pickle=True reads torch files with plain pickle (legacy files whose author the user trusts).
     """
     path = Path(path)
-    if path.is_dir():  # a tltrain export folder or run dir
+    if path.is_dir() and (path / "tltrain.json").exists():  # a tltrain package: verified as load_pretrained does
+        from tltrain.export import open_package
+
+        return read_state_dict(open_package(path)[1], trust_pickle)
+    if path.is_dir():  # a folder of weights or a run dir
         for candidate in ("model.safetensors", "pytorch_model.bin", "model.pth"):
             if (path / candidate).is_file():
                 return read_state_dict(path / candidate, trust_pickle)
@@ -90,8 +94,16 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         return consolidate_checkpoint(path, trust_pickle=trust_pickle)
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
+    if _is_package_weights(path):  # a package's weights file named directly: the package is verified too
+        from tltrain.export import open_package
+
+        path = open_package(path.parent)[1]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
+        from tltrain.safe_load import check_safetensors_header
+
+        check_safetensors_header(path)  # header length, entry count and declared bytes, before safetensors reads it
         try:
             return load_file(str(path))
         except Exception as exc:  # corrupt or foreign file: name it
@@ -106,6 +118,18 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"{path}: not a state dict of tensors (found {type(obj).__name__})")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def _is_package_weights(path: Path) -> bool:
+    """True for the weights file a package's tltrain.json names (read bounded; a broken one is open_package's to
+    report, so it counts as a package)."""
+    meta_path = path.parent / "tltrain.json"
+    if not meta_path.exists():
+        return False
+    from tltrain.safe_io import load_json_or_empty
+
+    weights = load_json_or_empty(meta_path, 16 << 20).get("weights")
+    return not isinstance(weights, dict) or weights.get("file") in (path.name, None)
 
 
 def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False) -> LoadReport:

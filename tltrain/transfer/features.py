@@ -8,7 +8,6 @@ classifier on the same features) skips the CNN, and changed weights or data neve
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tltrain import safe_io
 from tltrain.errors import DataError, choices_error
 
 CLASSIFIERS = ("svm", "logreg")
@@ -59,10 +59,8 @@ def extract_features(model: nn.Module, loader, device, cache_dir: str | Path | N
         result = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                   [k for p in parts for k in p[2]])
     if cache is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.stem + ".tmp.npz")  # np.savez keeps a name that already ends in .npz
-        np.savez(tmp, features=result[0], labels=result[1], keys=np.array(result[2], dtype=str))
-        tmp.replace(cache)
+        with safe_io.atomic_open(cache, "wb") as handle:  # a new file renamed into place: no planted link followed
+            np.savez(handle, features=result[0], labels=result[1], keys=np.array(result[2], dtype=str))
     return result
 
 
@@ -183,7 +181,7 @@ def load_classifier(path: str | Path) -> FeatureClassifier:
     """
     from safetensors.numpy import load_file
 
-    from tltrain.safe_load import PickleRefused
+    from tltrain.safe_load import PickleRefused, check_safetensors_header
 
     path = Path(path)
     stem = path / "classifier" if path.is_dir() else path.with_suffix("")
@@ -196,13 +194,14 @@ def load_classifier(path: str | Path) -> FeatureClassifier:
                                     "run to re-fit the head from the cached features as classifier.safetensors "
                                     "+ classifier.json")
         raise DataError(f"{meta_path}: not found (a features run writes classifier.json + classifier.safetensors)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
-    if meta.get("format") != HEAD_FORMAT:
-        raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {HEAD_FORMAT}")
-    arrays_path = meta_path.with_name(meta.get("arrays", stem.name + ".safetensors"))
+    meta = safe_io.load_json(meta_path, 1 << 20, "classifier metadata")  # bounded: a head's JSON is a few hundred bytes
+    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{meta_path}: format {safe_io.printable(repr(found), 100)}, expected {HEAD_FORMAT}")
+    arrays_name = safe_io.plain_name(meta.get("arrays", stem.name + ".safetensors"), None, str(meta_path), "arrays")
+    arrays_path = safe_io.inside(meta_path.parent, arrays_name, "arrays")
+    if arrays_path.exists():
+        check_safetensors_header(arrays_path)  # before safetensors parses a header of any size
     try:
         arrays = load_file(str(arrays_path))
     except Exception as exc:  # missing, corrupt or foreign file: name it
