@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from tltrain.report import CONFIDENCE, mean_ci
+from tltrain.safe_io import markdown_cell
 
 SCHEDULE_NAMES = {"linear_probe": "last-layer-only", "swft": "SWFT", "finetune_all": "fine-tune-all"}
 
@@ -123,14 +124,15 @@ def _mean(c_mean: float, c_ci: float | None) -> str:
 
 def finding_sentence(comparisons: list[Comparison]) -> str | None:
     """One sentence at the smallest fraction that has both questions answered: intermediate vs scratch (SWFT) and
-    SWFT vs last-layer-only (both from the intermediate model), each with its interval."""
+    SWFT vs last-layer-only (both from the intermediate model), each with its interval. The intermediate model's
+    name (from a config file) is escaped for Markdown, which also makes it safe to print."""
     for fraction in sorted({c.fraction for c in comparisons}):
         at = [c for c in comparisons if c.fraction == fraction and c.a[0] == "swft"]
         transfer = next((c for c in at if c.b == ("swft", "scratch")), None)
         versus_last = next((c for c in at if c.b == ("linear_probe", c.a[1])), None)
         if transfer is None or versus_last is None:
             continue
-        intermediate = transfer.a[1]
+        intermediate = markdown_cell(transfer.a[1])  # a run or package name from a config: shown in Markdown
         metric = transfer.metric
         beat = {"higher": "beat", "lower": "fell below", "no clear difference": "did not clearly beat"}.get(
             versus_last.verdict, "could not be compared with")
@@ -151,6 +153,7 @@ def comparisons_markdown(comparisons: list[Comparison]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         interval = "-" if c.low is None else f"[{c.low:+.3f}, {c.high:+.3f}]"
-        lines.append(f"| {c.fraction * 100:g} % | {c.metric} | {c.label_a} | {c.label_b} | "
-                     f"{_mean(c.mean_a, c.ci_a)} | {_mean(c.mean_b, c.ci_b)} | {c.diff:+.3f} | {interval} | {c.verdict} |")
+        a, b = markdown_cell(c.label_a), markdown_cell(c.label_b)  # names from config files
+        lines.append(f"| {c.fraction * 100:g} % | {c.metric} | {a} | {b} | {_mean(c.mean_a, c.ci_a)} | "
+                     f"{_mean(c.mean_b, c.ci_b)} | {c.diff:+.3f} | {interval} | {c.verdict} |")
     return "\n".join(lines)

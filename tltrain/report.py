@@ -4,6 +4,9 @@ A run is any folder below SWEEP_DIR holding `metrics.json` (written by the train
 was run (schedule, model, initial weights, data, fraction, seed) and `status.json` whether it finished. Runs that
 failed are listed with their status rather than dropped, so a sweep's table never hides a hole; a "running" run
 whose process is gone (kill -9, lost node: rundir.is_stale) is listed as "stale", as `tltrain jobs` shows it.
+A run folder may be someone else's (a shared sweep): its files are read bounded (tltrain.safe_io), every value the
+report uses is checked, and a folder that cannot be read is listed as "unreadable" with the reason; text from the
+files is escaped in Markdown, CSV and on the terminal, and every output is a new file renamed into place.
 
 Configurations (dataset, label set, schedule, model, initial weights, fraction) are summarised over their seeds as
 n and mean ± the half-width of a 95 % t-interval (no interval for n = 1). Each dataset and label set gets its own
@@ -13,11 +16,11 @@ the configurations.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from pathlib import Path
-from typing import Any
 
+from tltrain import safe_io
 from tltrain.errors import DataError
 
 # Columns of the report, in order; metric names as the trainer writes them.
@@ -40,38 +43,105 @@ BOUNDED_METRICS = {"kappa", "accuracy", "auc", "top2_accuracy", "sensitivity", "
 CONFIDENCE = 0.95
 
 
-def _dig(tree: Any, dotted: str, default=None):
-    """Read a dotted key from nested dicts (config.yaml loaded as plain dicts)."""
+#: Caps for the files of one run folder (someone else's files: a shared sweep). metrics.json holds the per-epoch
+#: history; a few MB is a very long run.
+STATUS_BYTES = 4 * safe_io.MiB
+METRICS_BYTES = 16 * safe_io.MiB
+MAX_TEXT_CHARS = 1000  # a name read from a config (data.name, schedule.name, model.arch, model.weights)
+MAX_LABEL_CHARS = 500  # the label set built from a manifest's class names
+UNREADABLE = "unreadable"
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything is at path (a dangling symlink counts: reading it gives the reason)."""
+    return path.exists() or path.is_symlink()
+
+
+def _read_config(path: Path) -> dict:
+    """config.yaml as plain containers ({} when absent): bounded, alias-bomb capped, never resolved."""
+    if not _exists(path):
+        return {}
+    try:
+        return safe_io.load_yaml(path, what="config.yaml")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _read_object(path: Path, limit: int, what: str) -> dict:
+    """A JSON object a run wrote ({} when absent): regular file, size and depth capped; DataError otherwise."""
+    if not _exists(path):
+        return {}
+    try:
+        value = safe_io.load_json(path, limit, what)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _shards_manifest(shard_dir: Path) -> dict:
+    """The shards' manifest.json, bounded and validated by the one manifest reader; {} when absent."""
+    from tltrain.data.manifest import load_manifest
+
+    return load_manifest(shard_dir) if _exists(shard_dir / "manifest.json") else {}
+
+
+def _part(tree: dict, key: str, where: str) -> dict:
+    """A block of a file that must be a JSON object when present ({} when absent or null)."""
+    value = tree.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: {key} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _config_value(tree: dict, dotted: str, where: str):
+    """A dotted key of config.yaml (None if unset); a part on the way that is not a mapping (`data: fundus`) is a
+    DataError, not a silent None."""
     node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
+    for depth, part in enumerate(dotted.split(".")):
+        if node is None:
+            return None
+        if not isinstance(node, dict):
+            above = ".".join(dotted.split(".")[:depth])
+            raise DataError(f"{where}: {above} must be a mapping, not {type(node).__name__}")
+        node = node.get(part)
     return node
 
 
-def _load_yaml(path: Path) -> dict:
-    from omegaconf import OmegaConf
+def _text_value(tree: dict, dotted: str, where: str):
+    """A name from config.yaml: text (or a plain number, as YAML reads `data.name: 2020`), bounded; None if unset."""
+    value = _config_value(tree, dotted, where)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: {dotted} must be text, not {type(value).__name__}")
+    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise DataError(f"{where}: {dotted} is {len(value):,} characters long (at most {MAX_TEXT_CHARS}); refused")
+    return value
 
-    if not path.exists():
-        return {}
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+def _optional_number(value, where: str, low=None, high=None, integer: bool = False):
+    return None if value is None else safe_io.finite_number(value, where, low, high, integer=integer)
 
 
-def _read_json(path: Path) -> dict:
+def _metric_value(value, where: str):
+    """A metric as the trainer writes it: a number (NaN and inf allowed: a diverged run's loss) or null.
+    Bounded metrics (kappa, accuracy, ...) lie in [-1, 1] or are NaN; a number too large for a float is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where} must be a number, not {safe_io.printable(repr(value), 100)}")
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _final_metrics(metrics: dict) -> tuple[str, dict]:
-    """The evaluation the report shows: the test split (best checkpoint) if the run has it, else validation of
-    the best checkpoint, else the last validation."""
-    if metrics.get("test"):
-        return "test", metrics["test"]
-    best = (metrics.get("best") or {}).get("val") or metrics.get("final", {})
-    return ("val", best) if best else ("", {})
+        number = float(value)
+    except OverflowError:
+        raise DataError(f"{where} is too large a number ({len(str(value))} digits)") from None
+    if where.rsplit(".", 1)[-1] in BOUNDED_METRICS and not math.isnan(number) and not -1 <= number <= 1:
+        raise DataError(f"{where} must lie in [-1, 1], not {number:g}")  # (NaN is allowed: an AUC without both
+        # classes present)
+    return number
 
 
 def initial_weights(weights: str | None) -> str:
@@ -93,17 +163,59 @@ def initial_weights(weights: str | None) -> str:
     return f"file:{path.stem}"
 
 
-def _label_set(config: dict, metrics: dict, manifests: dict) -> str:
-    """The run's classes as read from its shards' manifest (cached), else the size of its confusion matrix."""
-    shards = _dig(config, "data.shards")
-    if shards not in manifests:
-        manifests[shards] = _read_json(Path(str(shards)) / "manifest.json") if shards else {}
-    manifest = manifests[shards]
+def _final_metrics(metrics: dict, where: str) -> tuple[str, dict]:
+    """The evaluation the report shows: the test split (best checkpoint) if the run has it, else validation of
+    the best checkpoint, else the last validation."""
+    test = _part(metrics, "test", where)
+    if test:
+        return "test", test
+    best = _part(_part(metrics, "best", where), "val", f"{where}: best") or _part(metrics, "final", where)
+    return ("val", best) if best else ("", {})
+
+
+def _manifest_label(manifest: dict, where: str) -> str | None:
+    """"N: name, name, ..." from a manifest's class names (cut to MAX_LABEL_CHARS); None when it lists none."""
     names = manifest.get("class_names") or manifest.get("classes")
-    if names:
-        return f"{len(names)}: " + ", ".join(map(str, names))
-    confusion = (metrics.get("test") or metrics.get("final") or {}).get("confusion")
+    if not names:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, (str, int, float)) for n in names):
+        raise DataError(f"{where}: class_names must be a list of names")
+    label = f"{len(names)}: " + ", ".join(map(str, names))
+    return label if len(label) <= MAX_LABEL_CHARS else label[:MAX_LABEL_CHARS] + "..."
+
+
+def _label_set(config: dict, metrics: dict, manifests: dict, where: str) -> str:
+    """The run's classes as read from its shards' manifest (cached), else the size of its confusion matrix."""
+    shards = _text_value(config, "data.shards", where)
+    if shards not in manifests:
+        try:
+            manifests[shards] = _shards_manifest(Path(str(shards))) if shards else {}
+        except DataError as exc:
+            manifests[shards] = exc
+    manifest = manifests[shards]
+    if isinstance(manifest, DataError):
+        raise DataError(f"{where}: data.shards: {manifest}")
+    label = _manifest_label(manifest, str(Path(str(shards)) / "manifest.json"))
+    if label:
+        return label
+    confusion = (_part(metrics, "test", where) or _part(metrics, "final", where)).get("confusion")
+    if confusion is not None and not isinstance(confusion, list):
+        raise DataError(f"{where}: confusion must be a list, not {type(confusion).__name__}")
     return f"{len(confusion)} classes" if confusion else "unknown"
+
+
+def _status_fields(status: dict, where: str) -> dict:
+    """The status.json values the report and is_stale use, type-checked (pid and host decide staleness)."""
+    fields = {"state": status.get("state"), "step": status.get("step"), "error": status.get("error"),
+              "pid": status.get("pid"), "host": status.get("host")}
+    for key in ("state", "error", "host"):
+        if fields[key] is not None and not isinstance(fields[key], str):
+            raise DataError(f"{where}: {key} must be text, not {type(fields[key]).__name__}")
+    if fields["state"] is not None and len(fields["state"]) > 100:
+        raise DataError(f"{where}: state is {len(fields['state']):,} characters long; refused")
+    _optional_number(fields["step"], f"{where}: step", 0, 2 ** 63, integer=True)
+    _optional_number(fields["pid"], f"{where}: pid", 1, 2 ** 31 - 1, integer=True)
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 def _run_state(run_dir: Path, status: dict, metrics: dict) -> str:
@@ -115,39 +227,65 @@ def _run_state(run_dir: Path, status: dict, metrics: dict) -> str:
     return status.get("state", "completed" if metrics else "unknown")
 
 
+def _run_row(run_dir: Path, name: str, manifests: dict) -> dict:
+    """One run folder as a report row; DataError naming the file and the value when any of its files is bad."""
+    config_where, status_where = str(run_dir / "config.yaml"), str(run_dir / "status.json")
+    metrics_where = str(run_dir / "metrics.json")
+    config = _read_config(run_dir / "config.yaml")
+    status = _status_fields(_read_object(run_dir / "status.json", STATUS_BYTES, "status.json"), status_where)
+    metrics = _read_object(run_dir / "metrics.json", METRICS_BYTES, "metrics.json")
+    split, final = _final_metrics(metrics, metrics_where)
+    if split and final.get("count") == 0:  # an evaluation that read no sample has no metric to show
+        raise DataError(f"{metrics_where}: the {split} evaluation read no sample (count 0): no metrics to report")
+    weights = _text_value(config, "model.weights", config_where)
+    row = {
+        "run": name,
+        "status": _run_state(run_dir, status, metrics),
+        "step": status.get("step"),
+        "data": _text_value(config, "data.name", config_where),
+        "classes": _label_set(config, metrics, manifests, config_where),
+        "schedule": _text_value(config, "schedule.name", config_where),
+        "model": _text_value(config, "model.arch", config_where),
+        "weights": initial_weights(None if weights is None else str(weights)),
+        "fraction": _optional_number(_config_value(config, "data.fraction", config_where),
+                                     f"{config_where}: data.fraction", 0, 1),
+        "seed": _optional_number(_config_value(config, "seed", config_where), f"{config_where}: seed",
+                                 -2 ** 63, 2 ** 64, integer=True),
+        "split": split,
+    }
+    if row["fraction"] == 0:
+        raise DataError(f"{config_where}: data.fraction must be above 0")
+    for key in METRIC_COLUMNS:
+        row[key] = _metric_value(final.get(key), f"{metrics_where}: {split}.{key}")
+    perf = _part(metrics, "perf", metrics_where)
+    for key in PERF_COLUMNS:
+        row[key] = _metric_value(perf.get(key), f"{metrics_where}: perf.{key}")
+    if status.get("error"):
+        row["error"] = status["error"]
+    return row
+
+
+def _unreadable_row(name: str, reason: str) -> dict:
+    """A run folder the report could not read: listed with the reason, never dropped."""
+    row = {column: None for column in RUN_COLUMNS + ["split"] + METRIC_COLUMNS + PERF_COLUMNS}
+    row.update(run=name, status=UNREADABLE, error=reason)
+    return row
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict]:
-    """One row per run folder below sweep_dir (recursively), finished or not."""
+    """One row per run folder below sweep_dir (recursively), finished or not; a folder whose files cannot be read
+    is one row with status "unreadable" and the reason (the others are still reported)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DataError(f"{sweep_dir}: not a folder")
     run_dirs = sorted({p.parent for name in ("metrics.json", "status.json") for p in sweep_dir.rglob(name)})
     rows, manifests = [], {}
     for run_dir in run_dirs:
-        config = _load_yaml(run_dir / "config.yaml")
-        status = _read_json(run_dir / "status.json")
-        metrics = _read_json(run_dir / "metrics.json")
-        split, final = _final_metrics(metrics)
-        row = {
-            "run": str(run_dir.relative_to(sweep_dir)) or ".",
-            "status": _run_state(run_dir, status, metrics),
-            "step": status.get("step"),
-            "data": _dig(config, "data.name"),
-            "classes": _label_set(config, metrics, manifests),
-            "schedule": _dig(config, "schedule.name"),
-            "model": _dig(config, "model.arch"),
-            "weights": initial_weights(_dig(config, "model.weights")),
-            "fraction": _dig(config, "data.fraction"),
-            "seed": _dig(config, "seed"),
-            "split": split,
-        }
-        for key in METRIC_COLUMNS:
-            row[key] = final.get(key)
-        perf = metrics.get("perf", {})
-        for key in PERF_COLUMNS:
-            row[key] = perf.get(key)
-        if status.get("error"):
-            row["error"] = status["error"]
-        rows.append(row)
+        name = str(run_dir.relative_to(sweep_dir)) or "."
+        try:
+            rows.append(_run_row(run_dir, name, manifests))
+        except DataError as exc:
+            rows.append(_unreadable_row(name, str(exc)))
     if not rows:
         raise DataError(f"{sweep_dir}: no runs found (no metrics.json or status.json below it)")
     return rows
@@ -202,10 +340,16 @@ def _fmt_ci(entry: dict, metric: str) -> str:
     return _fmt(mean) if half is None else f"{_fmt(mean)} ± {_fmt(half)}"
 
 
+def _md(value) -> str:
+    """A value as Markdown: text from a file escaped (no links, HTML, table bars, newlines), numbers formatted."""
+    return safe_io.markdown_cell(value) if isinstance(value, str) else _fmt(value)
+
+
 def markdown_table(rows: list[dict], columns: list[str], formatters: dict | None = None) -> str:
+    """A Markdown table; every cell not produced by a formatter is escaped (run names and errors come from files)."""
     formatters = formatters or {}
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(formatters.get(c, lambda r, c=c: _fmt(r.get(c)))(r) for c in columns) + " |"
+    lines += ["| " + " | ".join(formatters.get(c, lambda r, c=c: _md(r.get(c)))(r) for c in columns) + " |"
               for r in rows]
     return "\n".join(lines)
 
@@ -228,7 +372,14 @@ def _or_nan(value) -> float:
 
 
 def _config_label(entry: dict) -> str:
-    return f"{entry['schedule']} / {entry['model']} / {entry['weights']}"
+    return _plot_text(f"{entry['schedule']} / {entry['model']} / {entry['weights']}")
+
+
+def _plot_text(text, limit: int = 80) -> str:
+    """Text from a file as a matplotlib label: control characters shown, cut, `$` not read as mathtext (a stray
+    one would abort the chart), and no leading underscore (matplotlib hides such legend entries)."""
+    text = safe_io.printable(text, limit).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def plot_panels(summary: list[dict], path: Path, metrics=PLOTTED_METRICS) -> dict[str, str]:
@@ -279,7 +430,7 @@ def plot_panels(summary: list[dict], path: Path, metrics=PLOTTED_METRICS) -> dic
                 if fractions:
                     ax.set_xlabel(f"configuration (training fraction {fractions[0] * 100:g} %)")
             ax.set_ylabel(metric)
-            ax.set_title(f"{data} ({classes.split(':')[0].split()[0]} classes): {metric}", fontsize=10)
+            ax.set_title(_plot_text(f"{data} ({classes.split(':')[0].split()[0]} classes): {metric}"), fontsize=10)
             ax.grid(alpha=0.3, axis="y")
             if metric in BOUNDED_METRICS:  # one scale for every panel: bars of 0 stay visible as 0
                 ends = [e[metric] + s * (e.get(f"{metric}_ci") or 0) for e in entries if e.get(metric) is not None
@@ -290,13 +441,51 @@ def plot_panels(summary: list[dict], path: Path, metrics=PLOTTED_METRICS) -> dic
         kinds[f"{data} ({classes})"] = "vs_fraction" if len(fractions) >= 2 else "bars"
     fig.suptitle("mean over seeds; error bars: 95 % t-interval (none for n = 1)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with _output(path) as handle:  # replaces a symlink at path, never follows it
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
     return kinds
 
 
+def _csv_frame(frame):
+    """The table as written to CSV: text from files with control characters shown and formula-like cells quoted
+    (a run named `=HYPERLINK(...)` is text in a spreadsheet); numbers unchanged."""
+    def cell(value):
+        return safe_io.csv_cell(safe_io.printable(value, None)) if isinstance(value, str) else value
+    return frame.apply(lambda column: column.map(cell)) if len(frame.columns) else frame
+
+
+@contextlib.contextmanager
+def _output(path: Path, mode: str = "wb", **kwargs):
+    """An output written as a new file renamed into place (a symlink at path is replaced, never followed); a
+    failure (a folder at path, a read-only folder, a full disk) is one DataError line naming the file."""
+    try:
+        with safe_io.atomic_open(path, mode, durable=False, **kwargs) as handle:
+            yield handle
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+
+
+def _write_csv(frame, path: Path) -> None:
+    with _output(path, "w", newline="", encoding="utf-8") as handle:
+        _csv_frame(frame).to_csv(handle, index=False)
+
+
+def _not_completed_lines(rows: list[dict]) -> list[str]:
+    """The runs that did not complete, each with its state and error, escaped: one Markdown line per run."""
+    failed = [r for r in rows if r["status"] != "completed"]
+    if not failed:
+        return []
+    return ["## Not completed", ""] + [
+        f"- {safe_io.markdown_cell(r['run'])}: {safe_io.markdown_cell(str(r['status']))} "
+        f"{safe_io.markdown_cell(r.get('error') or '')}".rstrip() for r in failed] + [""]
+
+
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Write report.csv (runs), summary.csv (configurations), report.md and report.png; return paths and rows."""
+    """Write report.csv (runs), summary.csv (configurations), report.md and report.png; return paths and rows.
+
+    Every output is a new file renamed into place; run folders that could not be read are listed with the reason
+    and counted ("unreadable" in the result)."""
     import pandas as pd
 
     sweep_dir = Path(sweep_dir)
@@ -308,12 +497,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     for column in columns:
         if column not in frame:
             frame[column] = None
-    frame[columns + (["error"] if "error" in frame else [])].to_csv(out_dir / "report.csv", index=False)
+    _write_csv(frame[columns + (["error"] if "error" in frame else [])], out_dir / "report.csv")
     summary = summarise(rows)
-    pd.DataFrame(summary).to_csv(out_dir / "summary.csv", index=False)
+    _write_csv(pd.DataFrame(summary), out_dir / "summary.csv")
 
     done = [r for r in rows if r["status"] == "completed"]
-    md = [f"# Sweep report: {sweep_dir}", "", f"{len(rows)} runs, {len(done)} completed.", "",
+    unreadable = sum(r["status"] == UNREADABLE for r in rows)
+    counts = f"{len(rows)} runs, {len(done)} completed" + (f", {unreadable} unreadable" if unreadable else "")
+    md = [f"# Sweep report: {safe_io.markdown_cell(str(sweep_dir))}", "", counts + ".", "",
           "Each configuration: n runs (seeds) and mean ± half-width of the 95 % t-interval over them "
           "(a single run shows its value alone). Metrics: the test split of the best checkpoint by validation "
           "(split column says when only validation exists).", ""]
@@ -321,11 +512,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     formatters = {m: (lambda r, m=m: _fmt_ci(r, m)) for m in METRIC_COLUMNS}
     for (data, classes), entries in _panels(summary).items():
         shown = [c for c in summary_columns if c not in METRIC_COLUMNS or _has_values(entries, c)]
-        md += [f"## {data} (classes {classes})", "", markdown_table(entries, shown, formatters), ""]
+        md += [f"## {_md(data)} (classes {_md(classes)})", "", markdown_table(entries, shown, formatters), ""]
     md += ["## Runs", "", markdown_table(rows, columns), ""]
-    failed = [r for r in rows if r["status"] not in ("completed",)]
-    if failed:
-        md += ["## Not completed", ""] + [f"- {r['run']}: {r['status']} {r.get('error', '')}" for r in failed] + [""]
+    md += _not_completed_lines(rows)
     finding, comparisons = _thtl_section(rows)
     if comparisons:
         md += ["## Two-step transfer: comparisons", "",
@@ -337,16 +526,21 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
     has_plot = bool(charts)
     if has_plot:
         md += [f"![results per dataset]({plot_path.name})", ""]
-    (out_dir / "report.md").write_text("\n".join(md))
+    markdown = "\n".join(md)
+    with _output(out_dir / "report.md") as handle:
+        handle.write(markdown.encode("utf-8"))
     return {
         "csv": str(out_dir / "report.csv"),
         "summary_csv": str(out_dir / "summary.csv"),
         "markdown": str(out_dir / "report.md"),
+        "markdown_text": markdown,  # what was written: print this, not the file (which a shared folder may swap)
         "plot": str(plot_path) if has_plot else None,
         "charts": charts,
         "rows": rows,
         "summary": summary,
         "finding": finding,
+        "unreadable": unreadable,
+        "counts": counts,
     }
 
 

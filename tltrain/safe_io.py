@@ -321,3 +321,15 @@ def finite_number(value, where: str, low: float | None = None, high: float | Non
         bounds = f" in [{low}, {high}]" if low is not None or high is not None else ""
         raise DataError(f"{where} must be {kind}{bounds}, not {printable(repr(value), 100)}")
     return value
+
+
+_ESCAPED_INTRAWORD_UNDERSCORE = re.compile(r"(?<=[A-Za-z0-9])\\_(?=[A-Za-z0-9])")
+
+
+def markdown_cell(text, limit: int | None = 2000) -> str:
+    """markdown_text, except that an underscore between two letters or digits stays as it is.
+
+    For names shown in reports (finetune_all, run:step1_fundus): CommonMark never reads an intraword underscore
+    as emphasis, so the name renders the same and stays greppable in the Markdown source; everything else
+    (links, HTML, table bars, newlines, control characters) is escaped as markdown_text does."""
+    return _ESCAPED_INTRAWORD_UNDERSCORE.sub("_", markdown_text(text, limit))

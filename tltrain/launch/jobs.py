@@ -6,17 +6,26 @@ accounting is down) and with each run's own status.json / metrics.json. The run'
 when it says "failed": a Hydra sweep job that caught its run's error ends COMPLETED for SLURM. A status that
 says "running" while the run's lock is free (or its pid is gone on this host) is shown as STALE: the process
 died without writing its end (kill -9, lost node); resubmitting the run resumes it.
+
+A registry, and the run folders it names, may be someone else's (a shared root): every file is read bounded
+(regular files only, size-capped; of a log only its end), every entry's values are checked (paths it names stay
+where they belong: the stderr log and result pickle inside the job's submitit folder), text is shown escaped,
+and a line or run file that cannot be read is a row in state UNREADABLE with the reason; the listing goes on.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tltrain import safe_io
 from tltrain.engine.rundir import is_stale
 from tltrain.errors import DataError
 from tltrain.launch.config import DEFAULT_ROOT
@@ -25,6 +34,15 @@ REGISTRY_NAME = ".tltrain_jobs.jsonl"
 #: SLURM end states that mean the job did not finish its work.
 SLURM_BAD_STATES = ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                     "PREEMPTED")
+#: Caps on what `tltrain jobs` reads (registries, run files and logs may be someone else's: a shared root).
+REGISTRY_BYTES = 64 * safe_io.MiB  # ~100k submissions
+RUN_FILE_BYTES = 16 * safe_io.MiB  # a run's status.json / metrics.json
+RESULT_PREFIX_BYTES = 64 * 1024  # the outcome string comes first in submitit's result pickle
+LOG_TAIL_BYTES = 64 * 1024  # of a failed job's stderr log, only the end is read
+MAX_ID_CHARS = 200
+#: A SLURM job id as submitit records it: "123", an array task "123_4", a heterogeneous component "123+0".
+SLURM_JOB_ID = re.compile(r"[0-9]+(?:[_+][0-9]+)?")
+UNREADABLE = "UNREADABLE"
 
 
 def registry_path(root: str | Path, registry: str | Path | None = None) -> Path:
@@ -33,27 +51,131 @@ def registry_path(root: str | Path, registry: str | Path | None = None) -> Path:
 
 
 def record_job(path: str | Path, entry: dict) -> Path:
-    """Append one submission to the registry file (one short write: safe from parallel array tasks)."""
+    """Append one submission to the registry file: one short write (safe from parallel array tasks), with
+    O_APPEND | O_NOFOLLOW, so a symlink planted at the registry's path is refused rather than written through;
+    a FIFO, device or hard-linked file there is refused too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(entry, sort_keys=True) + "\n"
-    with open(path, "a") as handle:
-        handle.write(line)
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link at the registry's path
+            raise DataError(f"{path}: job registry is a symbolic link; refused (planted by someone else?)") from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads (O_NONBLOCK: never waited on)
+            raise DataError(f"{path}: job registry is a FIFO, not a regular file; refused") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            kind = "a file with several hard links" if stat.S_ISREG(info.st_mode) else "not a regular file"
+            raise DataError(f"{path}: job registry is {kind}; refused")
+        os.write(fd, line)
+    finally:
+        os.close(fd)
     return path
+
+
+def registry_lines(path: str | Path) -> list[tuple[str, dict | DataError]]:
+    """("FILE:LINE", entry) for each line of one registry file; a damaged line (or an unreadable file) is a
+    DataError in its place that names the file and line, so a listing can show it and go on."""
+    path = Path(path)
+    try:
+        text = safe_io.read_text(path, REGISTRY_BYTES, "job registry")
+    except OSError as exc:
+        return [(str(path), DataError(f"{path}: cannot read the job registry ({exc.strerror or exc})"))]
+    except DataError as exc:
+        return [(str(path), exc)]
+    entries: list[tuple[str, dict | DataError]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entries.append((where, safe_io.parse_json(line, where, max_depth=8)))
+        except DataError as exc:
+            entries.append((where, DataError(str(exc).replace(f"{where}: not valid JSON", f"{where}: not a JSON "
+                                                                                           "line", 1))))
+    return entries
 
 
 def read_registry(path: str | Path) -> list[dict]:
     """Entries of one registry file; a damaged line is an error naming the file and line."""
-    path = Path(path)
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+    for _, entry in registry_lines(path):
+        if isinstance(entry, DataError):
+            raise entry
+        entries.append(entry)
     return entries
+
+
+def _entry_path(value, base: Path, what: str, where: str) -> Path:
+    """A path a registry entry names: absolute (as `submit` writes it) without `..`, or relative to the registry's
+    folder and inside it (safe_io.inside)."""
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
+        raise DataError(f"{where}: {what} {safe_io.printable(repr(value), 200)} is not a path")
+    path = Path(value)
+    if not path.is_absolute():
+        return safe_io.inside(base, value, what)
+    if ".." in path.parts:
+        raise DataError(f"{where}: {what} {safe_io.printable(repr(value), 200)} contains '..'; refused")
+    return path
+
+
+def _job_id(value, where: str, what: str = "job_id") -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise DataError(f"{where}: {what} {safe_io.printable(repr(value), 100)} is not a job id")
+    return value
+
+
+def _checked_entry(entry, where: str, base: Path) -> dict:
+    """A registry entry with every value `tltrain jobs` uses checked: ids, the executor, run_dir and submitit
+    folder (see _entry_path), the stderr log inside that folder, the overrides a list of text."""
+    if isinstance(entry, DataError):
+        raise entry
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected a JSON object, not {type(entry).__name__}")
+    checked = dict(entry)
+    checked["job_id"] = _job_id(entry.get("job_id"), where)
+    checked["executor"] = entry.get("executor", "slurm")
+    if checked["executor"] not in ("slurm", "local"):
+        raise DataError(f"{where}: executor {safe_io.printable(repr(checked['executor']), 100)} is not "
+                        "'slurm' or 'local'")
+    dependency = entry.get("dependency")
+    checked["dependency"] = None if dependency is None else _job_id(dependency, where, "dependency")
+    if checked["executor"] == "slurm":  # ids go to sacct/squeue
+        for key in ("job_id", "dependency"):
+            if checked[key] is not None and not SLURM_JOB_ID.fullmatch(checked[key]):
+                raise DataError(f"{where}: {key} {safe_io.printable(repr(checked[key]), 100)} is not a SLURM job id")
+    checked["run_dir"] = str(_entry_path(entry.get("run_dir"), base, "run_dir", where))
+    folder = entry.get("folder")
+    checked["folder"] = None if folder is None else str(_entry_path(folder, base, "folder", where))
+    checked["stderr"] = _stderr_in_folder(entry.get("stderr"), checked["folder"], where)
+    overrides = entry.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise DataError(f"{where}: overrides must be a list of text")
+    checked["overrides"] = overrides
+    submitted = entry.get("submitted", 0)
+    checked["submitted"] = 0 if submitted is None else safe_io.finite_number(submitted, f"{where}: submitted")
+    return checked
+
+
+def _stderr_in_folder(stderr, folder: str | None, where: str) -> str | None:
+    """The job's stderr log: a file inside its submitit folder (where submitit writes it), else refused."""
+    if stderr is None:
+        return None
+    if not isinstance(stderr, str) or folder is None:
+        raise DataError(f"{where}: stderr {safe_io.printable(repr(stderr), 200)} is not a log in the job's folder")
+    path = Path(stderr)
+    try:
+        relative = str(path.relative_to(folder)) if path.is_absolute() else stderr
+    except ValueError:
+        raise DataError(f"{where}: stderr {safe_io.printable(repr(stderr), 200)} lies outside the job's folder "
+                        f"{safe_io.printable(folder, 200)}; refused") from None
+    return str(safe_io.inside(folder, relative, "stderr log"))
 
 
 def registry_files(where: str | Path) -> list[Path]:
@@ -98,45 +220,80 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A run's status.json / metrics.json: {} when absent, DataError (naming the file) when it cannot be read."""
+    if not path.exists() and not path.is_symlink():
         return {}
+    try:
+        value = safe_io.load_json(path, RUN_FILE_BYTES, path.name)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _result_pickle(entry: dict) -> Path | None:
+    """submitit's result pickle of a local job (task 0) in the job's folder; None when the job id cannot be part
+    of a file name there (then the pickle is not looked for). One planted as a symlink out of the folder is a
+    DataError."""
+    name = f"{entry['job_id']}_0_result.pkl"
+    try:
+        safe_io.plain_name(name)
+    except DataError:
+        return None
+    return safe_io.inside(entry["folder"], name, "result pickle")
 
 
 def _local_state(entry: dict) -> str:
     """State of a job run by submitit's local executor: its result pickle, else whether its process lives."""
-    from submitit.core.utils import JobPaths
-
-    result = JobPaths(entry["folder"], job_id=entry["job_id"], task_id=0).result_pickle
-    if result.exists():
+    result = _result_pickle(entry) if entry.get("folder") else None
+    if result is not None and (result.exists() or result.is_symlink()):
         outcome = _pickled_outcome(result)
         if outcome is None:  # a half-written pickle: the job is finishing
             return "RUNNING"
         return "COMPLETED" if outcome == "success" else "FAILED"
-    try:
-        os.kill(int(entry["job_id"]), 0)
-        return "RUNNING"
-    except (OSError, ValueError):
-        return "UNKNOWN"
+    job_id = str(entry["job_id"])
+    if job_id.isdigit() and 0 < int(job_id) < 2 ** 31:  # the local executor's job id is the job's pid
+        try:
+            os.kill(int(job_id), 0)
+            return "RUNNING"
+        except OSError:
+            pass
+    return "UNKNOWN"
 
 
-def log_tail(path: str | Path | None, lines: int = 20) -> list[str]:
-    if not path or not Path(path).is_file():
+def log_tail(path: str | Path | None, lines: int = 20, max_bytes: int = LOG_TAIL_BYTES) -> list[str]:
+    """The last `lines` lines of a log, from its last `max_bytes` only (a log may be huge, or a link to a device:
+    only regular files are read); [] when there is none or it cannot be read."""
+    if not path or lines <= 0:
         return []
-    return Path(path).read_text(errors="replace").splitlines()[-lines:]
+    try:
+        with safe_io.open_regular(path, "log") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read(max_bytes)
+    except (OSError, DataError):
+        return []
+    text = data.decode("utf-8", errors="replace")
+    if len(data) == max_bytes and size > max_bytes:
+        text = text.split("\n", 1)[-1]  # the first line read is cut in the middle
+    return text.splitlines()[-lines:]
 
 
 def _pickled_outcome(path: Path) -> str | None:
     """"success" or "error": the first string of submitit's (outcome, value) result pickle, read with pickletools
-    (which only lists opcodes, never runs them), so listing jobs unpickles nothing; None if unreadable."""
+    (which only lists opcodes, never runs them), so listing jobs unpickles nothing; None if unreadable.
+
+    Only the first RESULT_PREFIX_BYTES of a regular file are read: the outcome is the pickle's first string."""
     import pickletools
 
     try:
-        for opcode, arg, _ in pickletools.genops(path.read_bytes()):
+        with safe_io.open_regular(path, "result pickle") as handle:
+            data = handle.read(RESULT_PREFIX_BYTES)
+        for opcode, arg, _ in pickletools.genops(data):
             if isinstance(arg, str) and "UNICODE" in opcode.name:
                 return arg
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # (DataError, a FIFO or device planted there, goes to the caller)
         return None
     return None
 
@@ -161,45 +318,112 @@ def _array_index(job_id: str) -> tuple[str, int]:
     return base, int(index) if index.isdigit() else -1
 
 
+def _run_status(run_dir: Path) -> dict:
+    """The values of status.json that the table shows (and is_stale reads), type-checked; {} when absent."""
+    status = _read_json(run_dir / "status.json")
+    where = str(run_dir / "status.json")
+    for key in ("state", "error", "host"):
+        if status.get(key) is not None and not isinstance(status[key], str):
+            raise DataError(f"{where}: {key} must be text, not {type(status[key]).__name__}")
+    for key, high in (("step", 2 ** 63), ("epoch", 2 ** 31), ("total_epochs", 2 ** 31), ("pid", 2 ** 31 - 1)):
+        if status.get(key) is not None:
+            safe_io.finite_number(status[key], f"{where}: {key}", 0, high, integer=True)
+    if status.get("metrics") is not None and not isinstance(status["metrics"], dict):
+        raise DataError(f"{where}: metrics must be an object")
+    if is_stale(run_dir, status):
+        status["state"] = "stale"
+    return status
+
+
+def _final_metrics(run_dir: Path, status: dict) -> dict:
+    """{"kappa", "accuracy"} of the last validation (metrics.json, else status.json), as numbers or None."""
+    metrics = _read_json(run_dir / "metrics.json")
+    final = metrics.get("final") or status.get("metrics") or {}
+    if not isinstance(final, dict):
+        raise DataError(f"{run_dir / 'metrics.json'}: final must be an object")
+    values = {}
+    for key in ("kappa", "accuracy"):
+        value = final.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DataError(f"{run_dir / 'metrics.json'}: final.{key} must be a number, "
+                            f"not {safe_io.printable(repr(value), 100)}")
+        try:
+            values[key] = None if value is None else float(value)
+        except OverflowError:
+            raise DataError(f"{run_dir / 'metrics.json'}: final.{key} is too large a number") from None
+    return values
+
+
+def _unreadable_row(where: str, entry, problem: str) -> dict:
+    """A registry line that cannot be listed: shown (with the reason) where its job would be, never dropped."""
+    job_id = entry.get("job_id") if isinstance(entry, dict) else None
+    return {"job_id": job_id if isinstance(job_id, (str, int)) and not isinstance(job_id, bool) else "?",
+            "run_dir": where, "state": UNREADABLE, "slurm_state": None, "run_state": None, "step": None,
+            "epoch": None, "total_epochs": None, "kappa": None, "accuracy": None, "start": None, "end": None,
+            "error": problem if where in problem else f"{where}: {problem}", "log_tail": [], "overrides": []}
+
+
+def _registered(registry: str | Path) -> tuple[list[dict], list[dict]]:
+    """(checked entries, latest per job id and run dir; rows for the lines that could not be read)."""
+    entries: dict[tuple, dict] = {}
+    unreadable = []
+    for path in registry_files(registry):
+        for where, entry in registry_lines(path):
+            try:
+                checked = _checked_entry(entry, where, path.parent)
+            except DataError as exc:
+                unreadable.append(_unreadable_row(where, entry, str(exc)))
+                continue
+            entries[(checked["job_id"], checked["run_dir"])] = checked
+    return list(entries.values()), unreadable
+
+
 def list_jobs(registry: str | Path = DEFAULT_ROOT, tail: int = 20) -> list[dict]:
     """One row per registered job (latest entry per job id and run dir): plain jobs in submission order, the
-    tasks of an array in array-index order at the place of the array's first registration."""
-    entries: dict[tuple, dict] = {}
-    for path in registry_files(registry):
-        for entry in read_registry(path):
-            entries[(entry["job_id"], entry["run_dir"])] = entry
+    tasks of an array in array-index order at the place of the array's first registration. Registry lines and
+    run files that cannot be read are rows in state UNREADABLE with the reason; the listing goes on."""
+    entries, unreadable = _registered(registry)
     first_of_array: dict[str, float] = {}
-    for entry in entries.values():
+    for entry in entries:
         base = _array_index(entry["job_id"])[0]
-        first_of_array[base] = min(first_of_array.get(base, float("inf")), entry.get("submitted", 0))
-    ordered = sorted(entries.values(), key=lambda e: (first_of_array[_array_index(e["job_id"])[0]],
-                                                      _array_index(e["job_id"]), e.get("submitted", 0)))
-    on_slurm = [e for e in ordered if e.get("executor", "slurm") == "slurm"]
+        first_of_array[base] = min(first_of_array.get(base, float("inf")), entry["submitted"])
+    ordered = sorted(entries, key=lambda e: (first_of_array[_array_index(e["job_id"])[0]],
+                                             _array_index(e["job_id"]), e["submitted"]))
+    on_slurm = [e for e in ordered if e["executor"] == "slurm"]
     slurm = slurm_states(sorted({e["job_id"] for e in on_slurm} | {e["dependency"] for e in on_slurm
                                                                  if e.get("dependency")}))
-    rows = []
-    for entry in ordered:
-        run_dir = Path(entry["run_dir"])
-        status = _read_json(run_dir / "status.json")
-        if is_stale(run_dir, status):
-            status["state"] = "stale"
-        final = _read_json(run_dir / "metrics.json").get("final") or status.get("metrics") or {}
-        record = slurm.get(entry["job_id"], {}) if entry.get("executor", "slurm") == "slurm" else \
-            {"state": _local_state(entry)}
-        state = combined_state(record.get("state"), status.get("state"))
-        failed = state in ("FAILED",) + SLURM_BAD_STATES
-        logs = log_tail(entry.get("stderr"), tail) if failed else []
-        error = status.get("error") or (next((l for l in reversed(logs) if l.strip()), "") if failed else "")
-        blocked = _dependency_failure(entry, record, slurm)
-        if blocked:
-            error, logs = blocked, []
-        rows.append({"job_id": entry["job_id"], "run_dir": str(run_dir), "state": state,
-                     "slurm_state": record.get("state"), "run_state": status.get("state"),
-                     "step": status.get("step"), "epoch": status.get("epoch"),
-                     "total_epochs": status.get("total_epochs"), "kappa": final.get("kappa"),
-                     "accuracy": final.get("accuracy"), "start": record.get("start"), "end": record.get("end"),
-                     "error": error, "log_tail": logs, "overrides": entry.get("overrides", [])})
-    return rows
+    return [_job_row(entry, slurm, tail) for entry in ordered] + unreadable
+
+
+def _job_row(entry: dict, slurm: dict, tail: int) -> dict:
+    """One table row: SLURM's (or the local executor's) state joined with the run's own files."""
+    run_dir = Path(entry["run_dir"])
+    problem = ""
+    try:
+        status = _run_status(run_dir)
+        final = _final_metrics(run_dir, status)
+    except DataError as exc:
+        status, final, problem = {"state": UNREADABLE.lower()}, {}, str(exc)
+    if entry["executor"] == "slurm":
+        record = slurm.get(entry["job_id"], {})
+    else:
+        try:
+            record = {"state": _local_state(entry)}
+        except DataError as exc:
+            record, problem = {"state": UNREADABLE}, problem or str(exc)
+    state = combined_state(record.get("state"), status.get("state"))
+    failed = state in ("FAILED",) + SLURM_BAD_STATES
+    logs = log_tail(entry.get("stderr"), tail) if failed else []
+    error = problem or status.get("error") or (next((l for l in reversed(logs) if l.strip()), "") if failed else "")
+    blocked = _dependency_failure(entry, record, slurm)
+    if blocked:
+        error, logs = blocked, []
+    return {"job_id": entry["job_id"], "run_dir": str(run_dir), "state": state,
+            "slurm_state": record.get("state"), "run_state": status.get("state"),
+            "step": status.get("step"), "epoch": status.get("epoch"),
+            "total_epochs": status.get("total_epochs"), "kappa": final.get("kappa"),
+            "accuracy": final.get("accuracy"), "start": record.get("start"), "end": record.get("end"),
+            "error": error, "log_tail": logs, "overrides": entry.get("overrides", [])}
 
 
 def _dependency_failure(entry: dict, record: dict, slurm: dict) -> str:
@@ -244,27 +468,36 @@ def run_labels(rows: list[dict]) -> list[str]:
 
 def print_jobs(rows: list[dict]) -> None:
     """A table (rich) of the jobs, then the error and log tail of each failed one. Every text that comes from
-    a run, a log or the user is escaped: error messages such as gloo's "[/__w/.../pair.cc:545] Read error"
-    look like rich markup and would otherwise raise a MarkupError or vanish."""
+    a run, a log or the user is made printable (terminal escapes shown, not run) and escaped: error messages
+    such as gloo's "[/__w/.../pair.cc:545] Read error" look like rich markup and would otherwise raise a
+    MarkupError or vanish."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
+    def shown(value, limit: int | None = 2000) -> str:
+        return safe_io.printable(value, limit)
+
     table = Table("job", "state", "progress", "kappa", "accuracy", "run")
     colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "STALE": "magenta"}
     for row, label in zip(rows, run_labels(rows)):
         colour = colours.get(row["state"], "red" if row["state"] in SLURM_BAD_STATES else "white")
-        table.add_row(Text(str(row["job_id"])), Text(str(row["state"]), style=colour), Text(_progress(row)),
-                      _number(row["kappa"]), _number(row["accuracy"]), Text(label))
+        table.add_row(Text(shown(row["job_id"], 200)), Text(shown(row["state"], 100), style=colour),
+                      Text(shown(_progress(row), 200)), _number(row["kappa"]), _number(row["accuracy"]),
+                      Text(shown(label, 500)))
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     for row in rows:
         if row["error"] or row["log_tail"]:
-            console.print(f"\n[red]{escape(str(row['job_id']))} {escape(str(row['state']))}[/]: "
-                          f"{escape(str(row['error']))}", highlight=False)
+            console.print(f"\n[red]{escape(shown(row['job_id'], 200))} {escape(shown(row['state'], 100))}[/]: "
+                          f"{escape(shown(row['error']))}", highlight=False)
             for line in row["log_tail"]:
-                console.print(f"  {line}", markup=False, highlight=False)
+                console.print(f"  {shown(line, 1000)}", markup=False, highlight=False)
+    unreadable = sum(row["state"] == UNREADABLE for row in rows)
+    if unreadable:
+        console.print(f"\n{unreadable} of {len(rows)} jobs could not be read (see above)", highlight=False,
+                      markup=False)
 
 
 def cli_jobs(argv: list[str]) -> int:

@@ -13,7 +13,6 @@ performs), and a second requeue would fight it.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from tltrain import safe_io
 from tltrain.errors import ConfigError, TltrainError
 from tltrain.launch.config import LaunchConfig
 from tltrain.launch.env import export_distributed_env, in_submitit_job
@@ -29,6 +29,8 @@ from tltrain.launch.jobs import record_job, registry_path
 
 #: Exit code of a task that stops after a preemption without requeueing itself (EX_TEMPFAIL, as the engine).
 PREEMPTED_EXIT_CODE = 75
+#: Cap on reading a run's status.json here (the run folder may be shared: run_dir=...).
+STATUS_BYTES = 4 * safe_io.MiB
 
 #: Batch-script lines (before submitit's srun): USR2 sent to the batch shell (`scancel --signal=USR2 --batch`, or
 #: --full) must reach the tasks instead of killing the shell, and with it the job. bash runs a trap only after
@@ -93,7 +95,7 @@ def _mark_failed(run_dir: str, exc: BaseException) -> None:
         return
     status = Path(run_dir) / "status.json"
     try:
-        if status.is_file() and json.loads(status.read_text()).get("state") == "failed":
+        if safe_io.load_json_or_empty(status, STATUS_BYTES, "status.json").get("state") == "failed":
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -122,10 +124,9 @@ def requeue_preempted(state: str | None, run_dir: str | Path) -> None:
 
 
 def _stop_signal(run_dir: str | Path) -> int | None:
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text()).get("signal")
-    except (OSError, ValueError):
-        return None
+    """The signal that stopped the run, as its status.json records it (bounded read; None if absent or odd)."""
+    value = safe_io.load_json_or_empty(Path(run_dir) / "status.json", STATUS_BYTES, "status.json").get("signal")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # -- submitting ----------------------------------------------------------------------------------------------
@@ -220,6 +221,7 @@ def submit(overrides: list[str], *, run_dir: str | Path | None = None, name: str
     submitit_folder = cfg.folder or str(run_path / ".submitit" / "%j")
     executor = _executor(cfg, submitit_folder, use_local, f"tltrain_{run_path.name}", dependency)
     job = executor.submit(TrainJob(overrides, run_path))
+    job.tltrain_run_dir = str(run_path)  # job_run_dir reads it here instead of unpickling the submission file
     record_job(registry_path(root_path, cfg.registry), {
         "job_id": str(job.job_id), "run_dir": str(run_path), "overrides": overrides,
         "executor": "local" if use_local else "slurm", "folder": str(job.paths.folder),
@@ -230,5 +232,7 @@ def submit(overrides: list[str], *, run_dir: str | Path | None = None, name: str
 
 
 def job_run_dir(job) -> str:
-    """The run dir of a job submitted by `submit` (read back from submitit's pickled submission)."""
-    return job.submission().function.run_dir
+    """The run dir of a job submitted by `submit` (as submit recorded it on the job; for a job object made
+    elsewhere, read back from submitit's pickled submission, which this process wrote)."""
+    run_dir = getattr(job, "tltrain_run_dir", None)
+    return run_dir if run_dir is not None else job.submission().function.run_dir
