@@ -2,9 +2,12 @@
 can be checked (e.g. by `tltrain submit`) in a fraction of a second. The phases themselves: schedule.py."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from tltrain.engine.config import check_number
 from tltrain.errors import ConfigError, choices_error
+from tltrain.safe_io import printable
 
 #: Presets built from phases (schedule.PHASE_BUILDERS has one builder per name, in this order).
 PHASE_PRESETS = ("scratch", "finetune_all", "linear_probe", "head_then_all", "layerwise", "gradual_unfreeze",
@@ -13,6 +16,12 @@ SVM_KERNELS = ("rbf", "linear")
 FEATURE_PRESETS = ("features_svm", "features_logreg")
 PRESETS = (*PHASE_PRESETS, *FEATURE_PRESETS)
 BN_MODES = ("freeze", "train")
+#: Epochs of one phase or step: a typo guard (a run of 10^5 epochs is not a schedule anyone means).
+MAX_EPOCHS = 100_000
+#: LR multiplier per layer group going down (layer_decay, 1 / lr_ratio): lr * decay^depth stays finite for any
+#: timm model's depth (under 10^300 needs depth < 300) and no recipe raises lower layers' LR tenfold per group.
+MAX_LAYER_DECAY = 10.0
+_TOP_SPEC = re.compile(r"top:([0-9]{1,6})")
 
 
 @dataclass
@@ -56,20 +65,43 @@ class ScheduleConfig:
             raise choices_error("schedule.svm_kernel", self.svm_kernel, SVM_KERNELS)
         if self.name == "custom" and not self.phases:
             raise ConfigError("schedule.name=custom needs schedule.phases, e.g. [{epochs: 2, train: head, lr: 0.01}]")
+        self._check_numbers()
+        for index, phase in enumerate(self.phases):
+            _check_phase(phase, f"schedule.phases[{index}]")
+
+    def _check_numbers(self) -> None:
+        """Every count a whole number and every LR or multiplier finite and positive, before the run starts: an
+        `inf` or `nan` LR passed `> 0` and only showed up as a diverged (or silently NaN) run. The range checks
+        come first so their messages stay the ones users know; check_number then adds kind, finiteness, bounds."""
         for key in ("epochs_per_phase", "head_epochs", "groups_per_phase"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"schedule.{key}={getattr(self, key)} must be >= 1")
+            check_number(f"schedule.{key}", getattr(self, key), 1, None if key == "groups_per_phase" else MAX_EPOCHS,
+                         integer=True)
         for key in ("lr", "finetune_lr_factor", "lr_ratio", "layer_decay", "svm_c"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"schedule.{key}={getattr(self, key)} must be > 0")
+        for key in ("lr", "finetune_lr_factor", "svm_c"):
+            check_number(f"schedule.{key}", getattr(self, key), 0, above=True)
+        check_number("schedule.layer_decay", self.layer_decay, 0, MAX_LAYER_DECAY, above=True)
+        check_number("schedule.lr_ratio", self.lr_ratio, 1 / MAX_LAYER_DECAY)  # the per-group decay is 1 / lr_ratio
         if self.max_steps < 0:
             raise ConfigError(f"schedule.max_steps={self.max_steps} must be >= 0 (0 = until every group trains)")
+        check_number("schedule.max_steps", self.max_steps, 0, integer=True)
         if any(e < 1 for e in self.step_epochs or []) or any(not lr > 0 for lr in self.step_lrs or []):
             raise ConfigError("schedule.step_epochs entries must be >= 1 and schedule.step_lrs entries > 0")
-        for index, phase in enumerate(self.phases):
-            _parse_train(phase.train, f"schedule.phases[{index}].train")
-            if phase.epochs < 1 or not phase.lr > 0 or not phase.layer_decay > 0:
-                raise ConfigError(f"schedule.phases[{index}]: epochs must be >= 1, lr and layer_decay > 0")
+        for index, epochs in enumerate(self.step_epochs or []):
+            check_number(f"schedule.step_epochs[{index}]", epochs, 1, MAX_EPOCHS, integer=True)
+        for index, lr in enumerate(self.step_lrs or []):
+            check_number(f"schedule.step_lrs[{index}]", lr, 0, above=True)
+
+
+def _check_phase(phase: Phase, key: str) -> None:
+    """One explicit phase (schedule.name=custom): what it trains, for how long, at which finite LRs."""
+    _parse_train(phase.train, f"{key}.train")
+    check_number(f"{key}.epochs", phase.epochs, 1, MAX_EPOCHS, integer=True)
+    check_number(f"{key}.lr", phase.lr, 0, above=True)
+    check_number(f"{key}.layer_decay", phase.layer_decay, 0, MAX_LAYER_DECAY, above=True)
 
 
 def _parse_train(spec: str, key: str = "train") -> int | None:
@@ -78,6 +110,8 @@ def _parse_train(spec: str, key: str = "train") -> int | None:
         return None
     if spec == "head":
         return 0
-    if spec.startswith("top:") and spec[4:].isdigit():
-        return int(spec[4:])
-    raise ConfigError(f"{key}={spec!r} is not valid: use all, head or top:N (N backbone groups below the head)")
+    top = _TOP_SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if top:  # ASCII digits only: str.isdigit() also takes "²" and 5000-digit strings, which int() refuses
+        return int(top.group(1))
+    raise ConfigError(f"{key}={printable(repr(spec), 100)} is not valid: use all, head or top:N (N backbone groups "
+                      "below the head)")
