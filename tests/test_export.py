@@ -314,3 +314,20 @@ def test_tensorboard_hparams_are_best_validation_and_test(trained_run):
     assert {"hparam/test/kappa", "hparam/best_val/kappa"} <= names
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["schedule"].string_value == "finetune_all"
+
+
+def test_non_five_class_run_with_referable_threshold_exports_its_referable_metrics(target_shards, tmp_path):
+    """export follows the run's own referable rule (metrics.referable_threshold_for): a 2-class run with
+    trainer.referable_threshold=1 reported referable metrics while training, and its package recorded none."""
+    from conftest import tiny_run_overrides
+    from tltrain.train_app import train_from_overrides
+
+    run_dir = tmp_path / "run"
+    result = train_from_overrides(tiny_run_overrides(target_shards, run_dir, "schedule.epochs_per_phase=1",
+                                                     "trainer.referable_threshold=1"))
+    assert result["status"] == "completed"
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert "sensitivity" in trained["test"]
+    meta = export_run(run_dir, tmp_path / "pkg")
+    assert meta["num_classes"] == 2 and meta["referable_threshold"] == 1
+    assert "referable sensitivity" in (tmp_path / "pkg" / "README.md").read_text()

@@ -180,7 +180,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
     import timm
 
     from tltrain.engine.checkpoint import consolidate_checkpoint
-    from tltrain.metrics import bootstrap_ci, read_predictions_csv
+    from tltrain.metrics import REFERABLE_GRADE, bootstrap_ci, read_predictions_csv, referable_threshold_for
     from tltrain.models import describe_mismatch
 
     run_dir = Path(run_dir).resolve()
@@ -221,7 +221,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
     test_of_this = test.get("checkpoint") == entry["name"]
     test_set, ci = {}, {}
     predictions = run_dir / "predictions_test.csv"
-    referable = config.get("trainer", {}).get("referable_threshold", 2) if num_classes == 5 else None
+    # the rule the run's own metrics followed (metrics.referable_threshold_for), not a restatement of it
+    referable = referable_threshold_for(num_classes, config.get("trainer", {}).get("referable_threshold",
+                                                                                   REFERABLE_GRADE))
     if test_of_this and predictions.is_file():
         _, labels, probs = read_predictions_csv(predictions)
         counts = np.bincount(labels, minlength=num_classes)
