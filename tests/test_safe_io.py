@@ -157,3 +157,23 @@ def test_fifo_read_in_thread_does_not_hang(tmp_path):
     worker.start()
     worker.join(5)
     assert result == [{}]
+
+
+def test_load_json_object_and_sha256_file(tmp_path):
+    import hashlib
+
+    assert safe_io.load_json_object(tmp_path / "absent.json") == {}
+    path = tmp_path / "metrics.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match="expected a JSON object, not list"):
+        safe_io.load_json_object(path)
+    path.write_text('{"a": 1}')
+    assert safe_io.load_json_object(path) == {"a": 1}
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    blob = tmp_path / "shard.tar"
+    blob.write_bytes(data)
+    assert safe_io.sha256_file(blob, block=1 << 20) == hashlib.sha256(data).hexdigest()
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="FIFO"):
+        safe_io.sha256_file(fifo)

@@ -1,6 +1,12 @@
 """Error types shared by every stage, so the CLI can print them without a traceback."""
 
 
+#: Exit codes shared by the entry points, the launcher and the tests (one table; engine/signals re-exports).
+USAGE_EXIT_CODE = 2  # bad config or input: one error line naming the key or file
+NONFINITE_EXIT_CODE = 3  # the loss became NaN/inf
+PREEMPTED_EXIT_CODE = 75  # stopped after checkpointing (EX_TEMPFAIL from sysexits.h: "try again later")
+
+
 class TltrainError(Exception):
     """Base class: an error the user can act on (bad input, bad config), printed as a plain message."""
 

@@ -43,8 +43,8 @@ import torch
 import tltrain
 from tltrain import safe_io
 from tltrain.data.manifest import load_manifest
-from tltrain.data.shards import sha256_file
 from tltrain.errors import ConfigError, DataError
+from tltrain.safe_io import sha256_file
 from tltrain.preprocess import FILTER_VERSION
 from tltrain.preprocess_config import MAX_RADIUS
 
@@ -57,16 +57,6 @@ FORMAT = "tltrain-pretrained/1"
 #: tltrain.json holds the run's config and metrics: a few hundred KB at most; config.json a few KB.
 METADATA_LIMIT = 16 * safe_io.MiB
 CHECKSUMS_LIMIT = 64 * 1024
-
-
-def _read_json(path: Path) -> dict:
-    """A run's or dataset's JSON file, bounded (safe_io); {} when it does not exist."""
-    if not os.path.lexists(path):
-        return {}
-    value = safe_io.load_json(path)
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return value
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -215,7 +205,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
     if problem:
         raise DataError(f"{run_dir}: checkpoint {entry['name']} does not fit {arch}: {problem}")
 
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = safe_io.load_json_object(run_dir / "metrics.json")
     validation = _validation_of(entry, metrics)
     test = metrics.get("test") or {}
     test_of_this = test.get("checkpoint") == entry["name"]
@@ -386,7 +376,7 @@ def write_checksums(folder: str | Path, names: list[str] | None = None) -> str:
     folder = Path(folder)
     if names is None:
         names = [name for _, name in _read_checksums(folder)]
-    lines = "".join(f"{_sha256_regular(safe_io.inside(folder, name, 'file'))}  {name}\n" for name in sorted(names))
+    lines = "".join(f"{sha256_file(safe_io.inside(folder, name, 'file'), 'package file')}  {name}\n" for name in sorted(names))
     safe_io.atomic_write_text(folder / CHECKSUMS, lines)
     return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -537,15 +527,6 @@ def validate_timm_config(path: Path, meta: dict) -> None:
                             f"describes ({safe_io.printable(repr(wanted), 150)}); refused")
 
 
-def _sha256_regular(path: Path) -> str:
-    """sha256 of a regular file (a FIFO or device is refused, not read)."""
-    digest = hashlib.sha256()
-    with safe_io.open_regular(path, "package file") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_checksums(folder: Path) -> list[tuple[str, str]]:
     """(sha256, name) pairs of SHA256SUMS: each a plain file name inside the package, listed once."""
     path = folder / CHECKSUMS
@@ -577,7 +558,7 @@ def verify_checksums(folder: Path, meta: dict) -> str | None:
     if missing:
         raise DataError(f"{path}: does not list {', '.join(missing)}, which change what is loaded; refused")
     for expected, name in entries:
-        if _sha256_regular(safe_io.inside(folder, name, "file")) != expected:
+        if sha256_file(safe_io.inside(folder, name, "file"), "package file") != expected:
             raise DataError(f"{folder / name}: sha256 does not match {CHECKSUMS} (edited or replaced after "
                             "export); refused")
     return hashlib.sha256(safe_io.read_bytes(path, CHECKSUMS_LIMIT, "checksum file")).hexdigest()
@@ -739,7 +720,7 @@ def open_package(path: str | Path) -> tuple[dict, Path, str | None]:
     weights = safe_io.inside(folder, meta["weights"]["file"], "weights.file")
     if not weights.is_file():
         raise DataError(f"{weights}: weights file missing")
-    if _sha256_regular(weights) != meta["weights"]["sha256"]:
+    if sha256_file(weights, "package weights") != meta["weights"]["sha256"]:
         raise DataError(f"{weights}: sha256 does not match {METADATA} (corrupt or replaced file)")
     if os.path.lexists(folder / TIMM_CONFIG):
         validate_timm_config(folder / TIMM_CONFIG, meta)

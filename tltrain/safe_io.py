@@ -130,6 +130,34 @@ def load_json_or_empty(path: str | Path, limit: int = JSON_LIMIT, what: str = "J
     return value if isinstance(value, dict) else {}
 
 
+def load_json_object(path: str | Path, limit: int = JSON_LIMIT, what: str = "JSON file") -> dict:
+    """A JSON object (a run's status/metrics, a package's metadata): {} when nothing is at `path`; DataError
+    naming the file when it cannot be read, is over its cap, or holds something other than an object."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return {}
+    try:
+        value = load_json(path, limit, what)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
+
+
+def sha256_file(path: str | Path, what: str = "file", block: int = 1 << 20) -> str:
+    """sha256 of a regular file, read in blocks (a FIFO or device is refused, never read): the one file hash of
+    shards, manifests, checksums and packages."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_regular(path, what) as handle:
+        raw = handle.raw if hasattr(handle, "raw") else handle
+        while chunk := raw.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _count_yaml_nodes(root, where: str, max_nodes: int, max_depth: int) -> None:
     """Count the nodes the YAML document expands to (aliases counted every time they are used)."""
     import yaml

@@ -11,12 +11,12 @@ and every rank stops with the same error (this assumes every rank sees the same 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tltrain.data.loaders.plan import select_shards
+from tltrain.safe_io import sha256_file
 
 READ_BYTES = 4 << 20
 
@@ -30,14 +30,6 @@ def run_shards(shard_dir: str | Path, splits: list[str], fraction: float | None)
     return [chosen[name] for name in sorted(chosen)]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_problem(shard_dir: Path, entry: dict) -> str | None:
     """None when the shard's size and sha256 match its manifest entry, else a short reason naming the file."""
     path = shard_dir / entry["tar"]
@@ -47,7 +39,7 @@ def shard_problem(shard_dir: Path, entry: dict) -> str | None:
         return f"{path}: missing"
     if size != entry["bytes"]:
         return f"{path}: {size} bytes, manifest.json says {entry['bytes']}"
-    if _sha256(path) != entry["sha256"]:
+    if sha256_file(path, "shard", READ_BYTES) != entry["sha256"]:
         return f"{path}: sha256 differs from manifest.json"
     return None
 

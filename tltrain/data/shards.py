@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tltrain import safe_io
+from tltrain.safe_io import sha256_file
 from tltrain.errors import DataError
 
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format (as written by its wds2idx tool)
@@ -78,14 +79,6 @@ def write_tar(samples: list[ShardSample], tar_path: Path) -> tuple[str, int]:
                 parts.append(f"{ext} {header_at + tarfile.BLOCKSIZE} {len(payload)} {name}")
             lines.append(" ".join(parts))
     return f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(lines) + "\n", len(samples)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _new_file(path: Path):

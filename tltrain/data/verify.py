@@ -21,7 +21,8 @@ from tltrain.data.keys import is_safe_key
 from tltrain.data.pool import pool_map
 from tltrain import safe_io
 from tltrain.data.manifest import load_manifest, manifest_path as manifest_path_of
-from tltrain.data.shards import MEMBER_ORDER, image_ext, member_problem, read_index, sha256_file
+from tltrain.data.shards import MEMBER_ORDER, image_ext, member_problem, read_index
+from tltrain.safe_io import sha256_file
 from tltrain.errors import DataError
 
 

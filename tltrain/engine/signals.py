@@ -17,18 +17,9 @@ import contextlib
 import signal
 import threading
 
-#: Exit code of a run stopped by preemption after checkpointing (EX_TEMPFAIL from sysexits.h: "try again later").
-PREEMPTED_EXIT_CODE = 75
-#: Exit code of a run stopped because the loss became NaN/inf.
-NONFINITE_EXIT_CODE = 3
+from tltrain.errors import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE  # noqa: F401 (the table lives in errors)
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; carries the exit code for the entry point."""
-
-    exit_code = PREEMPTED_EXIT_CODE
 
 
 class StopWhileWaiting(Exception):

@@ -219,19 +219,6 @@ def slurm_states(job_ids: list[str]) -> dict[str, dict]:
     return states
 
 
-def _read_json(path: Path) -> dict:
-    """A run's status.json / metrics.json: {} when absent, DataError (naming the file) when it cannot be read."""
-    if not path.exists() and not path.is_symlink():
-        return {}
-    try:
-        value = safe_io.load_json(path, RUN_FILE_BYTES, path.name)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, not {type(value).__name__}")
-    return value
-
-
 def _result_pickle(entry: dict) -> Path | None:
     """submitit's result pickle of a local job (task 0) in the job's folder; None when the job id cannot be part
     of a file name there (then the pickle is not looked for). One planted as a symlink out of the folder is a
@@ -320,7 +307,7 @@ def _array_index(job_id: str) -> tuple[str, int]:
 
 def _run_status(run_dir: Path) -> dict:
     """The values of status.json that the table shows (and is_stale reads), type-checked; {} when absent."""
-    status = _read_json(run_dir / "status.json")
+    status = safe_io.load_json_object(run_dir / "status.json", RUN_FILE_BYTES, "status.json")
     where = str(run_dir / "status.json")
     for key in ("state", "error", "host"):
         if status.get(key) is not None and not isinstance(status[key], str):
@@ -337,7 +324,7 @@ def _run_status(run_dir: Path) -> dict:
 
 def _final_metrics(run_dir: Path, status: dict) -> dict:
     """{"kappa", "accuracy"} of the last validation (metrics.json, else status.json), as numbers or None."""
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = safe_io.load_json_object(run_dir / "metrics.json", RUN_FILE_BYTES, "metrics.json")
     final = metrics.get("final") or status.get("metrics") or {}
     if not isinstance(final, dict):
         raise DataError(f"{run_dir / 'metrics.json'}: final must be an object")

@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 from tltrain import safe_io
-from tltrain.errors import ConfigError, TltrainError
+from tltrain.errors import PREEMPTED_EXIT_CODE, ConfigError, TltrainError
 from tltrain.launch.config import LaunchConfig
 from tltrain.launch.env import export_distributed_env, in_submitit_job
 from tltrain.launch.jobs import record_job, registry_path
 
-#: Exit code of a task that stops after a preemption without requeueing itself (EX_TEMPFAIL, as the engine).
-PREEMPTED_EXIT_CODE = 75
 #: Cap on reading a run's status.json here (the run folder may be shared: run_dir=...).
 STATUS_BYTES = 4 * safe_io.MiB
 
