@@ -300,10 +300,3 @@ def ben_graham_batch(crops: torch.Tensor, cfg: P.PreprocessConfig, dtype: str = 
     return ben_graham_triton(crops, (side / 2, side / 2), side / 2, side / 2 * cfg.sigma_ratio, cfg.gain,
                              cfg.offset, cfg.mask_ratio, cfg.mean, cfg.std, P.DTYPES[dtype], channels_last,
                              layout="NCHW", valid=pair, method=method)
-
-
-def ben_graham(images_nhwc: torch.Tensor, centers, radii, sigma, mean, std, out_dtype: torch.dtype,
-               channels_last: bool, flip=None, method: str = "auto", valid=None) -> torch.Tensor:
-    """Ben Graham's own constants (gain 4, offset 128, mask 0.9 r) on an NHWC batch as decoded."""
-    return ben_graham_triton(images_nhwc, centers, radii, sigma, 4.0, 128.0, 0.9, mean, std, out_dtype,
-                             channels_last, flip, layout="NHWC", valid=valid, method=method)

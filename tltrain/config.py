@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -169,9 +168,3 @@ def to_typed(node: Any, schema: type[T], where: str = "") -> T:
     return obj
 
 
-def save_yaml(cfg: Any, path: str | Path) -> None:
-    """Write a resolved config (dataclass or DictConfig) as YAML, for provenance in run and shard folders."""
-    from tltrain.safe_io import atomic_write_text
-
-    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    atomic_write_text(path, OmegaConf.to_yaml(node, resolve=True))  # a new file renamed into place: no link followed

@@ -7,7 +7,6 @@ checkpoints in its run_dir, so a requeued job simply calls it again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -352,11 +351,6 @@ def record_sweep_run(result: dict, run_dir: str) -> None:
             "status": result.get("status"), "error": result.get("error")})
     except OSError:
         pass
-
-
-def dataclass_to_yaml_dict(cfg: RunConfig) -> dict:
-    """Plain dict of the resolved config (saved beside checkpoints and in exports)."""
-    return dataclasses.asdict(cfg)
 
 
 if __name__ == "__main__":

@@ -88,9 +88,6 @@ class Strategy:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def train(self, mode: bool = True) -> None:
         self.raw_model.train(mode)
 
@@ -214,9 +211,6 @@ class DeepSpeedStrategy(Strategy):
         self.model.step()
         norm = self.model.get_global_grad_norm() if boundary else None
         return float(norm) if norm is not None else None
-
-    def zero_grad(self) -> None:
-        self.model.zero_grad()
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

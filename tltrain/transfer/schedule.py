@@ -13,13 +13,13 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from tltrain.errors import ConfigError, choices_error
+from tltrain.errors import ConfigError
 from tltrain.transfer.groups import LayerGroup, layer_groups
 
 # The config side (dataclasses, preset names, validation) is torch-free so that `tltrain submit` can check a run
 # without importing torch and timm; it is re-exported here.
 from tltrain.transfer.schedule_config import (BN_MODES, FEATURE_PRESETS, PHASE_PRESETS, Phase,  # noqa: F401
-                                              PhaseConfig, ScheduleConfig, _parse_train)
+                                              ScheduleConfig, _parse_train)
 
 
 # -- presets: cfg + number of backbone groups -> phases ---------------------------------------------------------

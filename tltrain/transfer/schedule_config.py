@@ -35,9 +35,6 @@ class Phase:
     name: str = ""
 
 
-PhaseConfig = Phase  # the name used for explicit phases in configs (schedule.name=custom)
-
-
 @dataclass
 class ScheduleConfig:
     name: str = "finetune_all"  # a preset (see PRESETS) or custom (then `phases` says everything)
