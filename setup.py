@@ -36,6 +36,7 @@ setup(
         "deepspeed",
         "webdataset",
         "hydra-core>=1.3",
+        "pyyaml",  # tltrain.safe_io composes YAML itself (node caps before anything is built)
         "hydra-submitit-launcher",
         "submitit",
         "tensorboard",
