@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -324,7 +323,7 @@ def _rss_of_cli(*args) -> tuple[int, int, str]:
     """(exit code, peak RSS growth in KB, stderr) of `tltrain ARGS` in a fresh process."""
     done = subprocess.run([sys.executable, "-c", RSS_PROBE, *map(str, args)], capture_output=True, text=True,
                           timeout=300)
-    line = next(l for l in done.stdout.splitlines() if l.startswith("RSS"))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("RSS"))
     _, code, before, after = line.split()
     return int(code), int(after) - int(before), done.stderr
 
