@@ -34,10 +34,9 @@ def timm_model_names() -> frozenset[str]:
     names = timm.list_models()
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text("\n".join(names) + "\n")
-            temporary.replace(path)  # atomic: parallel submitters never read half a list
+            from tltrain.safe_io import atomic_write_text
+
+            atomic_write_text(path, "\n".join(names) + "\n", durable=False)  # parallel submitters never read half
         except OSError:
             pass
     return frozenset(names)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
 import tarfile
 from dataclasses import dataclass
@@ -66,10 +65,11 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(samples: list[ShardSample], tar_path: Path) -> tuple[str, int]:
-    """Write samples to tar_path (plain ustar, fixed metadata); return the DALI index text and the sample count."""
+def write_tar(samples: list[ShardSample], raw) -> tuple[str, int]:
+    """Write samples into the binary file `raw` (plain ustar, fixed metadata); return the DALI index text and the
+    sample count."""
     lines = []
-    with _new_file(tar_path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             parts = []
             for ext, payload in sample_members(sample):
@@ -79,19 +79,6 @@ def write_tar(samples: list[ShardSample], tar_path: Path) -> tuple[str, int]:
                 parts.append(f"{ext} {header_at + tarfile.BLOCKSIZE} {len(payload)} {name}")
             lines.append(" ".join(parts))
     return f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(lines) + "\n", len(samples)
-
-
-def _new_file(path: Path):
-    """A new file at `path` for writing: whatever was there (a left-over temporary, or a symlink someone placed
-    in a shared output folder) is removed first and never written through (O_EXCL)."""
-    path.unlink(missing_ok=True)
-    return open(path, "xb")
-
-
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 def done_record_path(out_dir: Path, name: str) -> Path:
@@ -119,19 +106,13 @@ def write_shard(out_dir: Path, name: str, samples: list[ShardSample], plan_hash:
     """tar, then index, then done-record, each via a temporary name and rename: a crash never leaves a
     half-written file under a final name, and a shard counts as finished only once its done-record exists."""
     tar_path, idx_path = out_dir / f"{name}.tar", out_dir / f"{name}.idx"
-    tmp_tar, tmp_idx = out_dir / f".{name}.tar.tmp", out_dir / f".{name}.idx.tmp"
-    index_text, count = write_tar(samples, tmp_tar)
-    _replace_atomically(tmp_tar, tar_path)
-    with _new_file(tmp_idx) as handle:
-        handle.write(index_text.encode())
-    _replace_atomically(tmp_idx, idx_path)
+    with safe_io.atomic_open(tar_path) as raw:  # a temporary renamed into place: no link or half file at the name
+        index_text, count = write_tar(samples, raw)
+    safe_io.atomic_write_text(idx_path, index_text)
     record = {"name": name, "tar": tar_path.name, "index": idx_path.name, "count": count,
               "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path), "plan_hash": plan_hash,
               "keys_sha256": hashlib.sha256("\n".join(s.key for s in samples).encode()).hexdigest()}
-    tmp_record = out_dir / f".{name}.done.json.tmp"
-    with _new_file(tmp_record) as handle:
-        handle.write(json.dumps(record, indent=1).encode())
-    _replace_atomically(tmp_record, done_record_path(out_dir, name))
+    safe_io.atomic_write_text(done_record_path(out_dir, name), json.dumps(record, indent=1))
     return record
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from tltrain import safe_io
+
 # Kaggle EyePACS training labels (research.md): 25,810 / 2,443 / 5,292 / 873 / 708 of 35,126.
 EYEPACS_CLASS_MIX = (0.735, 0.070, 0.151, 0.025, 0.020)
 GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative")
@@ -335,14 +337,14 @@ def generate_eyepacs(out_dir, n_patients: int, width: int = 512, height: int | N
             jobs.append((str(out / "train" / f"{patient}_{name}.jpeg"), seed, patient, eye, pair[eye], width,
                          height, mirror_fraction, jpeg_quality, defect_fraction, exif_orientation))
     rows = _pool_map(_write_eye, jobs, workers, progress, "synth fundus")
-    with open(out / "trainLabels.csv", "w", newline="") as f:
+    with safe_io.atomic_open(out / "trainLabels.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "level"])
         writer.writerows(row[:2] for row in rows)
     counts = np.bincount([row[1] for row in rows], minlength=5).tolist()
     # Per image: its defects, EXIF orientation and true disc (cx, cy, r) in the pixels of the oriented image.
     truth = {stem: info for stem, _, info in rows}
-    (out / "truth.json").write_text(json.dumps(truth, indent=0))
+    safe_io.atomic_write_text(out / "truth.json", json.dumps(truth, indent=0))
     return {"root": str(out), "labels_csv": str(out / "trainLabels.csv"), "images": len(rows),
             "patients": n_patients, "per_grade": dict(enumerate(counts)), "width": width, "height": height,
             "with_defects": sum(bool(info["defects"]) for info in truth.values()), "truth": str(out / "truth.json")}

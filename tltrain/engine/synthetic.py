@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     leave_process_group()
     if env.rank == 0 and args.result:
-        with open(args.result, "w") as handle:
-            json.dump({k: v for k, v in result.items() if k != "history"}, handle, default=str)
+        from tltrain.safe_io import atomic_write_text
+
+        atomic_write_text(args.result, json.dumps({k: v for k, v in result.items() if k != "history"}, default=str))
     return result["exit_code"]
 
 
