@@ -337,12 +337,19 @@ def csv_cell(value):
     return value
 
 
+def is_number(value, integer: bool = False) -> bool:
+    """A finite int or float (an int when integer); bools are not numbers here. The one test behind every range
+    check of config values and of values read from files."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def finite_number(value, where: str, low: float | None = None, high: float | None = None,
                   integer: bool = False):
     """A number read from a file, checked: finite, of the right kind, within [low, high]."""
     kind = "a whole number" if integer else "a number"
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_number(value, integer)
     if ok and ((low is not None and value < low) or (high is not None and value > high)):
         ok = False
     if not ok:

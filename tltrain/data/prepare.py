@@ -28,6 +28,7 @@ from PIL import Image
 
 import tltrain
 from tltrain import safe_io
+from tltrain.safe_io import is_number
 from tltrain.data.decode import (DECODE_RULE, JPEG_FORMATS, MAX_PIXELS, decode_image, encode_png, open_image,
                                  passes_through)
 from tltrain.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
@@ -76,7 +77,7 @@ class PrepareConfig:
         _number("test_fraction", self.test_fraction, 0, 1)
         if not (self.val_fraction < 1 and self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("prepare.val_fraction and test_fraction must be in [0, 1) and leave room for training")
-        if not self.fractions or any(not _is_number(f) or not 0 < f <= 1 for f in self.fractions):
+        if not self.fractions or any(not is_number(f) or not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"prepare.fractions={list(self.fractions)} must be a non-empty list of numbers in (0, 1]")
         _number("shard_samples", self.shard_samples, 1, MAX_SHARD_SAMPLES, integer=True)
         _number("shard_mb", self.shard_mb, 0, 1e7)
@@ -89,13 +90,9 @@ class PrepareConfig:
         parse_task(self.task)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _number(key: str, value, low: float, high: float, integer: bool = False) -> None:
     """prepare.<key> within [low, high] (a whole number when integer), else one ConfigError naming it."""
-    ok = _is_number(value) and (not integer or float(value).is_integer()) and low <= value <= high
+    ok = is_number(value) and (not integer or float(value).is_integer()) and low <= value <= high
     if not ok:
         kind = "a whole number" if integer else "a number"
         raise ConfigError(f"prepare.{key}={value!r} must be {kind} in [{low:g}, {high:g}]")

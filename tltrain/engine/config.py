@@ -1,10 +1,10 @@
 """TrainerConfig: every knob of the training engine, typed and validated before anything runs."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from tltrain.errors import ConfigError, choices_error
+from tltrain.safe_io import is_number
 
 STRATEGIES = ("single", "ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,8 +27,7 @@ def check_number(key: str, value, low: float | None = None, high: float | None =
     starts: a probability of 2 or a NaN learning rate would otherwise fail, or silently diverge, mid-training.
 
     below/above make the bounds exclusive: value < high, value > low."""
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_number(value, integer)
     if ok and low is not None:
         ok = value > low if above else value >= low
     if ok and high is not None:
