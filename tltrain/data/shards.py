@@ -184,11 +184,12 @@ def iter_tar_samples(tar_path: str | Path) -> Iterator[dict]:
 def member_problem(member: tarfile.TarInfo, indexed: tuple[int, int] | None = None) -> str | None:
     """Why a tar member must not be read (None: it may): not a regular file, over MEMBER_BYTES, or (with its
     index entry) not at the offset and size the index gives. Checked before a single byte of it is read."""
+    if member.isreg() and member.size <= MEMBER_BYTES and (indexed is None or
+                                                          indexed == (member.offset_data, member.size)):
+        return None  # the per-sample path: no text is built for a good member
     name = safe_io.printable(member.name, 200)
     if not member.isreg():
         return f"member {name} is not a regular file (type {member.type!r}); refused"
     if member.size > MEMBER_BYTES:
         return f"member {name} declares {member.size:,} bytes, over the {MEMBER_BYTES:,}-byte limit for one member"
-    if indexed is not None and indexed != (member.offset_data, member.size):
-        return f"member {name} is at {(member.offset_data, member.size)} but the index says {indexed}"
-    return None
+    return f"member {name} is at {(member.offset_data, member.size)} but the index says {indexed}"
