@@ -247,7 +247,7 @@ def test_one_bad_run_folder_is_one_line_and_the_report_goes_on(case, tmp_path, c
     started = time.monotonic()
     assert main(["report", str(sweep)]) == 1  # the report is written, and the exit status says a folder was unreadable
     out, err = capsys.readouterr()
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60
     assert "Traceback" not in out + err and "error:" not in err
     rows = {r["run"]: r for r in write_report(sweep)["rows"]}
     assert rows["good"]["status"] == "completed" and rows["good"]["kappa"] == 0.5
@@ -392,7 +392,7 @@ def test_jobs_reads_only_bounded_regular_files(tmp_path, plant, capsys):
     _registry(tmp_path, entry)
     started = time.monotonic()
     [row] = list_jobs(tmp_path)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60
     assert row["state"] == "UNREADABLE" and row["error"] and "\n" not in row["error"], row
     assert cli_jobs([str(tmp_path)]) == 1 and "Traceback" not in capsys.readouterr().out
 
@@ -449,7 +449,7 @@ def test_a_fifo_as_the_run_lock_hangs_neither_report_nor_jobs(tmp_path):
     started = time.monotonic()
     [row] = write_report(tmp_path / "sweep")["rows"]
     [job] = list_jobs(tmp_path)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # a hang would be for ever; 18 s was seen once on 2 loaded cores
     assert row["status"] == "stale" and job["state"] == "STALE"
 
 
