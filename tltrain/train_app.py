@@ -171,24 +171,14 @@ def run(cfg: RunConfig) -> dict:
     return result
 
 
-STATUS_LIMIT = 1 << 20  # status.json is a few hundred bytes; a link to /dev/zero or a huge file there is not read
 
 
 def mark_failed(run_dir: str | Path, reason: str) -> None:
     """status.json = failed with the reason (rank 0 only; best effort: on a full disk even this may not land)."""
-    from tltrain.engine.logging import write_status
+    from tltrain.run_folder import RunFolder
 
-    if os.environ.get("RANK", "0") != "0" or not run_dir:
-        return
-    from tltrain.safe_io import load_json_or_empty
-
-    previous = load_json_or_empty(Path(run_dir) / "status.json", STATUS_LIMIT, "status file")
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        kept = {k: previous[k] for k in ("step", "epoch", "total_epochs", "pid", "host") if k in previous}
-        write_status(run_dir, "failed", error=reason, **kept)
-    except OSError:
-        pass
+    if os.environ.get("RANK", "0") == "0" and run_dir:
+        RunFolder(run_dir).mark_failed(reason)
 
 
 def train_from_overrides(overrides: list[str]) -> dict:

@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tltrain.engine.checkpoint import atomic_write_json
-
-STATES = ("running", "completed", "failed", "preempted")
+from tltrain.run_folder import STATES, RunFolder  # noqa: F401 (STATES re-exported)
+from tltrain.safe_io import atomic_write_json
 
 
 def write_status(run_dir: str | Path, state: str, **fields) -> None:
-    if state not in STATES:
-        raise ValueError(f"status state {state!r} not in {STATES}")
-    atomic_write_json(Path(run_dir) / "status.json", {"state": state, "updated": time.time(), "pid": os.getpid(),
-                                                      "host": socket.gethostname(), **fields})
+    RunFolder(run_dir).write_status(state, **fields)
 
 
 def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
@@ -38,7 +32,7 @@ def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: d
     ("best": name, metric, mode, value, step, "epoch" = epochs completed, its validation metrics), test metrics
     ("test", with the checkpoint they were computed on), speed, and the samples the loaders skipped (undecodable:
     loader.on_decode_error=skip)."""
-    atomic_write_json(Path(run_dir) / "metrics.json",
+    atomic_write_json(RunFolder(run_dir).metrics,
                       {"final": final, "best": best or {}, "history": history, "test": test or {},
                        "perf": perf or {},
                        "skipped_samples": skipped or {"train": 0, "val": 0, "test": 0, "examples": []}})

@@ -21,14 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from tltrain import safe_io
 from tltrain.errors import PREEMPTED_EXIT_CODE, ConfigError, TltrainError
 from tltrain.launch.config import LaunchConfig
 from tltrain.launch.env import export_distributed_env, in_submitit_job
 from tltrain.launch.jobs import record_job, registry_path
-
-#: Cap on reading a run's status.json here (the run folder may be shared: run_dir=...).
-STATUS_BYTES = 4 * safe_io.MiB
+from tltrain.run_folder import RunFolder
 
 #: Batch-script lines (before submitit's srun): USR2 sent to the batch shell (`scancel --signal=USR2 --batch`, or
 #: --full) must reach the tasks instead of killing the shell, and with it the job. bash runs a trap only after
@@ -86,19 +83,11 @@ def current_attempt(requeues_known: int = 0) -> int:
 
 def _mark_failed(run_dir: str, exc: BaseException) -> None:
     """status.json says failed with the error, also when the run died before the trainer wrote one (bad config,
-    missing shards), so `tltrain jobs` can show why. Rank 0 only; a preemption exit is not a failure."""
-    from tltrain.engine.logging import write_status
-
+    missing shards), so `tltrain jobs` can show why; the trainer's own record of a failure is kept. Rank 0 only;
+    a preemption exit is not a failure."""
     if isinstance(exc, SystemExit) or os.environ.get("RANK", "0") != "0":
         return
-    status = Path(run_dir) / "status.json"
-    try:
-        if safe_io.load_json_or_empty(status, STATUS_BYTES, "status.json").get("state") == "failed":
-            return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
-    except OSError:
-        pass  # the original error matters more than the status file
+    RunFolder(run_dir).mark_failed(f"{type(exc).__name__}: {exc}", keep_first=True)
 
 
 def requeue_preempted(state: str | None, run_dir: str | Path) -> None:
@@ -123,7 +112,7 @@ def requeue_preempted(state: str | None, run_dir: str | Path) -> None:
 
 def _stop_signal(run_dir: str | Path) -> int | None:
     """The signal that stopped the run, as its status.json records it (bounded read; None if absent or odd)."""
-    value = safe_io.load_json_or_empty(Path(run_dir) / "status.json", STATUS_BYTES, "status.json").get("signal")
+    value = RunFolder(run_dir).read_status().get("signal")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
