@@ -24,6 +24,22 @@ def referable_threshold_for(num_classes: int, referable_threshold: int | None = 
     return referable_threshold if (num_classes == 5 or referable_threshold != REFERABLE_GRADE) else None
 
 
+#: The metrics every run reports, and those only some runs have (see run_metrics).
+COMMON_METRICS = ("accuracy", "kappa", "auc", "cross_entropy")
+TOP2_METRICS = ("top2_accuracy",)
+REFERABLE_METRICS = ("sensitivity", "specificity", "referable_auc")
+
+
+def run_metrics(num_classes: int, referable_threshold: int | None = REFERABLE_GRADE) -> tuple[str, ...]:
+    """The scalar metrics a run with `num_classes` grades reports: the one rule behind compute_metrics, the
+    trainer's choice of best_metric and the model card's table. Top-2 accuracy needs more than two classes (with
+    two, the top two are every class); the referable ones need a referable threshold (referable_threshold_for)."""
+    names = COMMON_METRICS + (TOP2_METRICS if num_classes > 2 else ())
+    if referable_threshold_for(num_classes, referable_threshold) is not None:
+        names += REFERABLE_METRICS
+    return names
+
+
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: int | None = REFERABLE_GRADE) -> dict:
     """Accuracy, top-2 accuracy (more than 2 classes), quadratic kappa, confusion, referable sensitivity/specificity,
     AUC, cross-entropy.
@@ -49,11 +65,12 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: 
         "cross_entropy": float(log_loss(labels, _normalised(probs), labels=class_ids)),
         "auc": _macro_auc(probs, labels, class_ids),
     }
-    if num_classes > 2:  # with two classes the top two are every class: always 1
+    reported = run_metrics(num_classes, referable_threshold)
+    if "top2_accuracy" in reported:
         top2 = np.argsort(-probs, axis=1)[:, :2]
         out["top2_accuracy"] = float((top2 == labels[:, None]).any(axis=1).mean())
-    threshold = referable_threshold_for(num_classes, referable_threshold)
-    if threshold is not None:
+    if "referable_auc" in reported:
+        threshold = referable_threshold_for(num_classes, referable_threshold)
         out.update(_referable(labels, predicted, threshold))
         out["referable_auc"] = _referable_auc(probs, labels, threshold)
     return out
