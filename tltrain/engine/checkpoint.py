@@ -251,12 +251,24 @@ class CheckpointManager:
     """Saves, lists, prunes and finds checkpoints of one run; collective calls must be made on every rank."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2, best_metric: str = "kappa", best_mode: str = "max",
-                 is_main: bool = True, trust_pickle: bool = False):
+                 is_main: bool = True, trust_pickle: bool = False, every_steps: int = 0):
         self.run_dir, self.dir = Path(run_dir), checkpoints_folder(run_dir)
         self.keep_last, self.best_metric, self.best_mode, self.is_main = keep_last, best_metric, best_mode, is_main
         self.trust_pickle = trust_pickle  # True only for legacy checkpoints the user wrote (plain pickle)
+        self.every_steps = every_steps  # trainer.checkpoint_every_steps (0: at epoch ends only)
+        self.saved_step: int | None = None  # optimizer step of the latest checkpoint written or resumed from
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -- when to save ---------------------------------------------------------------------------------------
+    def due(self, step: int, mid_epoch: bool) -> bool:
+        """Whether optimizer step `step` gets a checkpoint of its own: every `every_steps` steps inside an epoch
+        (an epoch's last step is saved by the epoch end, with its validation metrics)."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and mid_epoch
+
+    def has(self, step: int) -> bool:
+        """Whether the latest checkpoint written or resumed from already is the state after `step`."""
+        return self.saved_step == step
 
     # -- index ----------------------------------------------------------------------------------------------
     def index(self) -> dict:
@@ -301,6 +313,7 @@ class CheckpointManager:
         if self.is_main:
             self._record(name, kind, trainer_state, metrics)
         barrier()
+        self.saved_step = trainer_state["step"]
         return name
 
     def _record(self, name: str, kind: str, trainer_state: dict, metrics: dict | None) -> None:
@@ -373,7 +386,8 @@ class CheckpointManager:
 
     # -- load -----------------------------------------------------------------------------------------------
     def read(self, entry: dict) -> dict:
-        """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (engine loads the rest)."""
+        """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (the engine loads
+        the rest)."""
         path = self.path_of(entry)
         target = path / TRAINER_STATE if entry["kind"] == "deepspeed" else path
         _own_file(target, self.dir)

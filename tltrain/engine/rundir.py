@@ -78,7 +78,8 @@ def _open_lock_file(path: Path) -> int:
             from tltrain.safe_io import printable
 
             raise DataError(f"{path}: the run folder's lock file is a symbolic link (to "
-                            f"{printable(os.readlink(path), 200)}); refused: remove it (a run creates its own)") from None
+                            f"{printable(os.readlink(path), 200)}); refused: remove it (a run creates its own)"
+                            ) from None
         raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:

@@ -15,6 +15,7 @@ from torch import nn
 
 from tltrain.engine.config import TrainerConfig
 from tltrain.engine.distributed import DistEnv, is_distributed
+from tltrain.engine.optim import build_optimizer, carry_optimizer_state
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,6 +25,8 @@ class Strategy:
 
     name = "single"
     saves_with_engine = False  # True: checkpoints go through the engine's own API (DeepSpeed)
+    #: Whether the best checkpoint's consolidated weights can be loaded back into the model for the test split.
+    reloads_weights = True
 
     def __init__(self, cfg: TrainerConfig, env: DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
@@ -46,6 +49,17 @@ class Strategy:
         self.optimizer = optimizer
         if self.model is None:
             self.model = torch.compile(model) if self.cfg.compile else model
+
+    def enter_phase(self, groups: list[dict], micro_batch_size: int) -> None:
+        """A schedule phase starts: a new optimizer over the phase's parameter groups, keeping the per-parameter
+        state (Adam moments, momentum) of parameters trainable before and after, then (re)wrap the model."""
+        optimizer = build_optimizer(groups, self.cfg)
+        carry_optimizer_state(self.carried_optimizer(), optimizer)
+        self.wrap(self.unwrap(), optimizer, micro_batch_size)
+
+    def carried_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose per-parameter state the next phase's optimizer starts from."""
+        return self.optimizer
 
     @property
     def param_groups(self) -> list[dict]:
@@ -99,6 +113,10 @@ class Strategy:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
+    def restore(self, checkpoints, entry: dict, content: dict) -> None:
+        """Resume from a checkpoint: `content` is what checkpoints.read(entry) returned."""
+        self.load_state_dict(content)
+
     def load_state_dict(self, state: dict, load_optimizer: bool = True) -> None:
         self.raw_model.load_state_dict(state["model"])
         if load_optimizer and state.get("optimizer"):
@@ -138,6 +156,7 @@ class DeepSpeedStrategy(Strategy):
 
     name = "deepspeed"
     saves_with_engine = True
+    reloads_weights = False  # ZeRO partitions are not reloaded mid-run: the test split sees the final weights
 
     def __init__(self, cfg: TrainerConfig, env: DistEnv, device: torch.device):
         super().__init__(cfg, env, device)
@@ -153,8 +172,9 @@ class DeepSpeedStrategy(Strategy):
 
     def ds_config(self, micro_batch_size: int) -> dict:
         ds = self.cfg.deepspeed
-        zero = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": ds.contiguous_gradients,
-                "reduce_bucket_size": ds.reduce_bucket_size, "allgather_bucket_size": ds.allgather_bucket_size}
+        zero = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm,
+                "contiguous_gradients": ds.contiguous_gradients, "reduce_bucket_size": ds.reduce_bucket_size,
+                "allgather_bucket_size": ds.allgather_bucket_size}
         if ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
         return {
@@ -215,8 +235,14 @@ class DeepSpeedStrategy(Strategy):
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
+    def carried_optimizer(self) -> None:
+        return None  # ZeRO's partitioned state is the engine's own: the next phase's engine starts afresh
+
     def unwrap(self) -> nn.Module:
-        return self.model.module
+        return self.model.module if self.model is not None else self.raw_model
+
+    def restore(self, checkpoints, entry: dict, content: dict) -> None:
+        self.load(checkpoints.dir, entry["name"])  # every rank reads its own ZeRO partition
 
     def save(self, directory: Path, tag: str, client_state: dict) -> None:
         """Every rank must call this: each writes its own ZeRO partition."""

@@ -2,6 +2,13 @@
 
 Entry point: `train(cfg, model, train_loader, val_loader, run_dir, schedule=None) -> result dict`.
 
+Shape (torchtitan's): `_fit` loops over epochs and phases; `_train_epoch` loops over optimizer steps;
+`train_step(micro_batches)` does forward/backward/update. The policies live in small components: StepFeed
+(engine/feed.py: resume skipping, the interruptible data wait), ThroughputMeter and SkippedSamples
+(engine/meters.py), CheckpointManager (engine/checkpoint.py: when and how to save), TrainState (engine/state.py:
+everything besides weights, saved and restored by one object), and the Strategy (engine/strategies.py: whatever
+differs between single device, DDP and DeepSpeed).
+
 Resume policy: checkpoints are written at epoch ends, every `checkpoint_every_steps` optimizer steps if set, and
 at the step boundary after a preemption signal. Each records the epoch and how many batches of it were consumed;
 a resumed run re-seeds the loader with set_epoch(epoch) (same order) and skips the consumed batches, so it
@@ -17,30 +24,32 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from tltrain.contracts import Loader, Schedule
 from tltrain.engine import distributed as D
-from tltrain.engine.checkpoint import CheckpointManager
+from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint
 from tltrain.engine.config import BEST_METRICS, TrainerConfig
-from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics, write_metrics, write_status
+from tltrain.engine.feed import Fetched, StepFeed, StopBeforeStep
+from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics, write_metrics
 from tltrain.engine.losses import build_loss, outputs_to_probs, tune_thresholds
-from tltrain.engine.optim import (build_ema, build_optimizer, carry_optimizer_state, default_param_groups,
-                                  lr_factor, set_lr)
-from tltrain.engine.reproducibility import configure_determinism, rng_state, seed_everything, set_rng_state
+from tltrain.engine.meters import SkippedSamples, ThroughputMeter, gather_union
+from tltrain.engine.optim import build_ema, default_param_groups, lr_factor, set_lr
+from tltrain.engine.reproducibility import configure_determinism, seed_everything
 from tltrain.engine.rundir import claim_run_dir
-from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest, StopWhileWaiting
+from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
+from tltrain.engine.state import TrainState
 from tltrain.engine.strategies import build_strategy
 from tltrain.errors import ConfigError, DataError, TltrainError, os_error
-from tltrain.metrics import PredictionGatherer, compute_metrics, referable_threshold_for
+from tltrain.metrics import (REFERABLE_METRICS, PredictionGatherer, compute_metrics, referable_threshold_for,
+                             run_metrics, write_predictions_csv)
+from tltrain.run_folder import RunFolder
 from tltrain.safe_io import atomic_write_text, csv_cell, load_json
-
-
-#: Validation metrics that exist only where the referable-DR threshold applies (metrics.referable_threshold_for).
-REFERABLE_METRICS = ("sensitivity", "specificity", "referable_auc")
 
 
 class NonFiniteLoss(TltrainError):
@@ -74,9 +83,10 @@ class _WholeModelSchedule:
         return f"all layers trainable, lr {self.cfg.lr:g}"
 
 
-def train(cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_dir: str | Path, schedule=None, *,
-          device: str = "auto", num_classes: int | None = None, batch_size: int | None = None,
-          config_to_save=None, hparams: dict | None = None, test_loader=None) -> dict:
+def train(cfg: TrainerConfig, model: nn.Module, train_loader: Loader, val_loader: Loader | None,
+          run_dir: str | Path, schedule: Schedule | None = None, *, device: str = "auto",
+          num_classes: int | None = None, batch_size: int | None = None, config_to_save=None,
+          hparams: dict | None = None, test_loader: Loader | None = None) -> dict:
     """Train (or resume) a run in run_dir; returns {"status", "exit_code", "step", "epoch", "final", "best", ...}.
 
     status/exit_code: completed/0, preempted/75 (checkpoint written: requeue and call again to resume).
@@ -89,16 +99,45 @@ def train(cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_di
     return trainer.fit()
 
 
+def check_loader(loader, what: str) -> None:
+    """ConfigError naming what a loader lacks of the contract the trainer relies on (tltrain.contracts.Loader)."""
+    missing = [name for name in ("num_classes", "batch_size", "__len__", "__iter__", "set_epoch")
+               if not hasattr(loader, name)]
+    if missing:
+        raise ConfigError(f"the {what} loader ({type(loader).__name__}) lacks {', '.join(missing)}: a loader "
+                          "must meet tltrain.contracts.Loader")
+
+
+def check_best_metric(cfg: TrainerConfig, num_classes: int) -> None:
+    """trainer.best_metric and trainer.referable_threshold against the run's class count (known from the data)."""
+    referable = referable_threshold_for(num_classes, cfg.referable_threshold)
+    if referable is not None and not 1 <= referable < num_classes:
+        raise ConfigError(f"trainer.referable_threshold={referable} must be a grade in [1, "
+                          f"{num_classes - 1}] for a {num_classes}-class run")
+    reported = run_metrics(num_classes, cfg.referable_threshold)
+    if cfg.best_metric in REFERABLE_METRICS and cfg.best_metric not in reported:
+        raise ConfigError(f"trainer.best_metric={cfg.best_metric!r} is a referable-DR metric, which a "
+                          f"{num_classes}-class run does not compute (5 grades, or set "
+                          "trainer.referable_threshold); choose one of "
+                          f"{', '.join(m for m in BEST_METRICS if m not in REFERABLE_METRICS)}")
+    if cfg.best_metric == "top2_accuracy" and cfg.best_metric not in reported:
+        raise ConfigError(f"trainer.best_metric='top2_accuracy' means nothing for a {num_classes}-class run "
+                          "(the top two classes are all of them); choose kappa, accuracy, auc or cross_entropy")
+
+
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, model: nn.Module, train_loader, val_loader, run_dir, schedule=None, *,
-                 device: str = "auto", num_classes: int | None = None, batch_size: int | None = None,
-                 config_to_save=None, hparams: dict | None = None, test_loader=None):
+    """One run's training: set-up, resume, the epoch and step loops, validation, test and the run's records."""
+
+    def __init__(self, cfg: TrainerConfig, model: nn.Module, train_loader: Loader, val_loader: Loader | None,
+                 run_dir, schedule: Schedule | None = None, *, device: str = "auto", num_classes: int | None = None,
+                 batch_size: int | None = None, config_to_save=None, hparams: dict | None = None,
+                 test_loader: Loader | None = None):
         cfg.validate()
-        self.cfg, self.train_loader, self.val_loader = cfg, train_loader, val_loader
-        self.test_loader = test_loader
-        self.test_metrics: dict = {}
+        check_loader(train_loader, "training")
+        self.cfg, self.train_loader, self.val_loader, self.test_loader = cfg, train_loader, val_loader, test_loader
         self.started = time.time()
-        self.run_dir = Path(run_dir)
+        self.run = RunFolder(run_dir)
+        self.run_dir = self.run.path
         self.schedule = schedule or _WholeModelSchedule(cfg)
         self.env = D.read_env()
         self.device = D.device_for(self.env, device)
@@ -108,22 +147,9 @@ class Trainer:
         D.init_process_group(self.env, self.device)
         self.is_main = self.env.is_main
         seed_everything(cfg.seed + self.env.rank)
-        self.num_classes = num_classes or getattr(train_loader, "num_classes", None)
-        if not self.num_classes:
-            raise ConfigError("num_classes unknown: pass num_classes= or give the loader a num_classes attribute")
-        referable = referable_threshold_for(self.num_classes, cfg.referable_threshold)
-        if referable is not None and not 1 <= referable < self.num_classes:
-            raise ConfigError(f"trainer.referable_threshold={referable} must be a grade in [1, "
-                              f"{self.num_classes - 1}] for a {self.num_classes}-class run")
-        if cfg.best_metric in REFERABLE_METRICS and referable is None:
-            raise ConfigError(f"trainer.best_metric={cfg.best_metric!r} is a referable-DR metric, which a "
-                              f"{self.num_classes}-class run does not compute (5 grades, or set "
-                              "trainer.referable_threshold); choose one of "
-                              f"{', '.join(m for m in BEST_METRICS if m not in REFERABLE_METRICS)}")
-        if cfg.best_metric == "top2_accuracy" and self.num_classes <= 2:
-            raise ConfigError(f"trainer.best_metric='top2_accuracy' means nothing for a {self.num_classes}-class run "
-                              "(the top two classes are all of them); choose kappa, accuracy, auc or cross_entropy")
-        self.batch_size = batch_size or getattr(train_loader, "batch_size", None) or len(next(iter(train_loader)).labels)
+        self.num_classes = num_classes or train_loader.num_classes
+        check_best_metric(cfg, self.num_classes)
+        self.batch_size = batch_size or train_loader.batch_size
         self.steps_per_epoch = len(train_loader) // cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise ConfigError(f"trainer.grad_accum={cfg.grad_accum} exceeds the {len(train_loader)} batches per epoch")
@@ -134,30 +160,20 @@ class Trainer:
         self.raw_model = self.strategy.prepare_model(model)
         self.loss_fn = build_loss(cfg, self.num_classes).to(self.device)
         self.ema = build_ema(self.raw_model, cfg.ema_decay)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last, cfg.best_metric, cfg.best_mode, self.is_main)
-        self.tb = TensorBoardLogger(self.run_dir / "tb", enabled=self.is_main)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last, cfg.best_metric, cfg.best_mode, self.is_main,
+                                             every_steps=cfg.checkpoint_every_steps)
+        self.tb = TensorBoardLogger(self.run.tensorboard, enabled=self.is_main)
         self.progress = Progress(enabled=self.is_main, bar=cfg.progress)
         self.config_to_save, self.hparams = config_to_save, hparams or {}
 
-        self.phase = -1
-        self.epoch = 0  # the epoch being (or next to be) trained
-        self.step = 0  # optimizer steps done
-        self.batch_in_epoch = 0  # batches of `epoch` already consumed
-        self.history: list[dict] = []
-        self.thresholds: np.ndarray | None = None  # ordinal cut points tuned on validation
-        self.last_val: dict = {}
+        self.state = TrainState()
+        self.meter = ThroughputMeter(self.env.world_size)
+        self.stop: StopRequest | None = None
+        self.test_metrics: dict = {}
         self.last_predictions: tuple = ([], np.zeros(0, np.int64), np.zeros((0, 0)))
         self._grid_logged = False
-        # The unfinished epoch's running train loss [sum, count] and skipped samples, checkpointed with it.
-        self.epoch_loss: list = [0.0, 0]
-        self.epoch_skipped: list[str] = []
-        self.skipped = {"train": [], "val": [], "test": []}  # distinct skipped samples (all ranks)
-        self._stop: StopRequest | None = None
-        # An epoch whose training finished but whose validation a preemption interrupted: {"epoch", "train"}.
-        self._pending_epoch_end: dict | None = None
-        self._saved_step: int | None = None  # optimizer step of the latest checkpoint written or resumed from
 
-    # -- set-up helpers -------------------------------------------------------------------------------------
+    # -- phases and the learning rate -----------------------------------------------------------------------
     def _phase_starts(self) -> list[int]:
         starts, last = [], None
         for epoch in range(self.total_epochs):
@@ -168,40 +184,21 @@ class Trainer:
         return starts + [self.total_epochs]
 
     def _enter_phase(self, phase: int) -> None:
-        """Apply the phase's trainable groups and LRs, rebuild the optimizer (carrying state), re-wrap."""
-        old_optimizer = self.strategy.optimizer if self.strategy.name != "deepspeed" else None
-        module = self.strategy.unwrap() if self.strategy.model is not None else self.raw_model
-        groups = self.schedule.apply(module, phase)
-        optimizer = build_optimizer(groups, self.cfg)
-        carry_optimizer_state(old_optimizer, optimizer)
-        self.strategy.wrap(module, optimizer, self.batch_size)
-        self.phase = phase
+        """Apply the phase's trainable groups and LRs; the strategy builds the phase's optimizer and re-wraps."""
+        groups = self.schedule.apply(self.strategy.unwrap(), phase)
+        self.strategy.enter_phase(groups, self.batch_size)
+        self.state.phase = phase
         if self.is_main:
             self.progress.line(f"phase {phase}: {self.schedule.describe(phase)}")
 
     def _lr_factor(self) -> float:
-        start = self.phase_starts[self.phase] * self.steps_per_epoch
-        end = self.phase_starts[self.phase + 1] * self.steps_per_epoch
+        phase = self.state.phase
+        start = self.phase_starts[phase] * self.steps_per_epoch
+        end = self.phase_starts[phase + 1] * self.steps_per_epoch
         warmup = int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
-        return lr_factor(self.cfg, self.step - start, end - start, warmup)
+        return lr_factor(self.cfg, self.state.step - start, end - start, warmup)
 
-    # -- state ----------------------------------------------------------------------------------------------
-    def _trainer_state(self) -> dict:
-        """What resuming needs besides the weights; per-rank parts (RNG, unfinished epoch) gathered from all ranks.
-        Tensors, numbers, strings, lists and dicts only (weights_only-loadable)."""
-        local = {"rng": rng_state(), "epoch_loss": list(self.epoch_loss), "epoch_skipped": list(self.epoch_skipped)}
-        ranks = [local]
-        if D.is_distributed():
-            ranks = [None] * self.env.world_size
-            torch.distributed.all_gather_object(ranks, local)
-        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch, "phase": self.phase,
-                "steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
-                "rng": [r["rng"] for r in ranks], "epoch_loss": [r["epoch_loss"] for r in ranks],
-                "epoch_skipped": [r["epoch_skipped"] for r in ranks], "skipped": self.skipped,
-                "history": self.history, "thresholds": self.thresholds, "last_val": self.last_val,
-                "pending_epoch_end": self._pending_epoch_end,
-                "config": dataclasses.asdict(self.cfg), "run_config": self._config_yaml()}
-
+    # -- checkpoints ----------------------------------------------------------------------------------------
     def _config_yaml(self) -> str | None:
         if self.config_to_save is None:
             return None
@@ -212,47 +209,28 @@ class Trainer:
         return OmegaConf.to_yaml(node, resolve=True)
 
     def _save(self, metrics: dict | None = None) -> str:
+        state = self.state.state_dict(self.env.world_size, self.steps_per_epoch, dataclasses.asdict(self.cfg),
+                                      self._config_yaml())
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-        name = self.checkpoints.save(self.strategy, self._trainer_state(), metrics, extra)
-        self._saved_step = self.step
-        return name
-
-    def _preempt_before_step(self) -> None:
-        """A stop signal came while a rank waited for data: checkpoint the state after the last optimizer step
-        (unless the latest checkpoint already is that state) and stop."""
-        if self._saved_step != self.step:
-            self._save()
-        raise _Preempted()
+        return self.checkpoints.save(self.strategy, state, metrics, extra)
 
     def _resume(self) -> bool:
         entry = self.checkpoints.latest()
         if entry is None:
             return False
         content = self.checkpoints.read(entry)
-        state = content["trainer"]
-        self._enter_phase(state["phase"])
-        if self.strategy.saves_with_engine:
-            self.strategy.load(self.checkpoints.dir, entry["name"])
-        else:
-            self.strategy.load_state_dict(content)
+        saved = content["trainer"]
+        self._enter_phase(saved["phase"])
+        self.strategy.restore(self.checkpoints, entry, content)
         if self.ema is not None and content.get("ema"):
             self.ema.load_state_dict(content["ema"])
-        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
-        self.history, self.thresholds, self.last_val = state["history"], state["thresholds"], state["last_val"]
-        self._pending_epoch_end = state.get("pending_epoch_end")
-        same_world = len(state["rng"]) == self.env.world_size
-        mine = self.env.rank if same_world else 0
-        set_rng_state(state["rng"][mine])
-        if same_world and "epoch_loss" in state:
-            self.epoch_loss = list(state["epoch_loss"][mine])
-            self.epoch_skipped = list(state["epoch_skipped"][mine])
-        self.skipped = state.get("skipped", self.skipped)
-        if state["steps_per_epoch"] != self.steps_per_epoch and self.is_main:
-            self.progress.line(f"warning: steps per epoch changed from {state['steps_per_epoch']} to "
+        self.state.load_state_dict(saved, self.env.rank, self.env.world_size)
+        self.checkpoints.saved_step = self.state.step
+        if saved["steps_per_epoch"] != self.steps_per_epoch and self.is_main:
+            self.progress.line(f"warning: steps per epoch changed from {saved['steps_per_epoch']} to "
                                f"{self.steps_per_epoch} (different world size or batch size); the LR curve shifts")
         if self.is_main:
-            self.progress.line(f"resumed from {entry['name']} (epoch {self.epoch}, step {self.step})")
-        self._saved_step = self.step
+            self.progress.line(f"resumed from {entry['name']} (epoch {self.state.epoch}, step {self.state.step})")
         return True
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -262,213 +240,176 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict:
-        stop = self._stop = StopRequest()  # also adopts a stop signal that arrived while the run was starting up
+        stop = self.stop = StopRequest()  # also adopts a stop signal that arrived while the run was starting up
+        state = self.state
         try:
             pruned = D.broadcast_object(self.checkpoints.index().get("after_run") if self.is_main else None)
             if pruned:  # completed before, checkpoints pruned: nothing to resume from, and nothing left to do
                 return self._completed_before(pruned)
-            if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                if self._config_yaml() is not None:  # a new file renamed into place: a link there is replaced
-                    atomic_write_text(self.run_dir / "config.yaml", self._config_yaml())
-            D.barrier()
-            resumed = self._resume()
-            self._status("running", resumed=resumed)
+            self._start()
             if D.any_rank([stop.is_set], self.device)[0]:  # stopped during start-up: nothing new to save
                 raise _Preempted()
-            if self._pending_epoch_end is not None:  # preempted during that epoch's validation: redo it
-                self._validate_and_record(self._pending_epoch_end["epoch"], self._pending_epoch_end["train"])
-            while self.epoch < self.total_epochs:
-                phase = self.schedule.phase_index(self.epoch)
-                if phase != self.phase:
+            if state.pending_epoch_end is not None:  # preempted during that epoch's validation: redo it
+                self._validate_and_record(state.pending_epoch_end["epoch"], state.pending_epoch_end["train"])
+            while state.epoch < self.total_epochs:
+                phase = self.schedule.phase_index(state.epoch)
+                if phase != state.phase:
                     self._enter_phase(phase)
-                self._train_epoch(stop)
-                self._end_epoch()
+                record = self._train_epoch()
+                finished, state.epoch, state.batch_in_epoch = state.epoch, state.epoch + 1, 0
+                self._validate_and_record(finished, record)
             if self.test_loader is not None:
-                seen = self._errors_seen(self.test_loader)
+                skipped = SkippedSamples(self.test_loader, self.env.world_size)
                 self.test_metrics = self._evaluate_best(self.test_loader)
-                self.skipped["test"] = self._gather_skipped(self.test_loader, seen)
+                state.skipped["test"] = skipped.gathered()
             result = self._finish()
             self.strategy.close()
             return result
         except _Preempted:
             self.strategy.close()
             self._status("preempted", signal=stop.requested)
-            return {"status": "preempted", "exit_code": PREEMPTED_EXIT_CODE, "step": self.step, "epoch": self.epoch,
-                    "run_dir": str(self.run_dir)}
+            return {"status": "preempted", "exit_code": PREEMPTED_EXIT_CODE, "step": state.step,
+                    "epoch": state.epoch, "run_dir": str(self.run_dir)}
         except BaseException as exc:
-            self._status("failed", error=f"{type(exc).__name__}: {exc}")
+            if self.is_main:
+                self.run.mark_failed(f"{type(exc).__name__}: {exc}", **self._status_fields())
             raise
         finally:
             stop.close()
             self.progress.end()
             self.tb.close()
 
-    def _train_epoch(self, stop: StopRequest) -> None:
-        cfg = self.cfg
+    def _start(self) -> None:
+        """The run's config on disk, then resume from the latest checkpoint if there is one."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self._config_yaml() is not None:  # a new file renamed into place: a link there is replaced
+                atomic_write_text(self.run.config, self._config_yaml())
+        D.barrier()
+        resumed = self._resume()
+        self._status("running", resumed=resumed)
+
+    def _train_epoch(self) -> dict:
+        """The epoch's optimizer steps (what is left of it after a resume); returns its record for the history."""
+        cfg, state = self.cfg, self.state
         used_batches = self.steps_per_epoch * cfg.grad_accum
-        skip = self.batch_in_epoch
-        self.train_loader.set_epoch(self.epoch)
+        self.train_loader.set_epoch(state.epoch)
         self.strategy.train(True)
-        self.schedule.set_train_mode(self.strategy.unwrap(), self.phase)
-        self.progress.start(used_batches, f"epoch {self.epoch + 1}/{self.total_epochs}", initial=skip)
-        window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
-        epoch_start, epoch_wait, epoch_images = window_start, 0.0, 0
-        errors_seen = self._errors_seen(self.train_loader)
-        # a checkpoint on the epoch's last batch (preemption) leaves nothing to read: do not start the loader
-        left = skip < used_batches
-        iterator = iter(self.train_loader) if left else iter(())
-        for batch_index in range(used_batches if left else 0):
-            fetch_start = time.perf_counter()
-            # the first micro-batch of an optimizer step may be abandoned for a stop signal: the state after the
-            # previous step is complete, and a resumed run reads this batch again
-            step_start = batch_index >= skip and batch_index % cfg.grad_accum == 0
-            batch = None  # stays None when a stop signal ended the wait
-            try:
-                with stop.interrupting() if step_start else contextlib.nullcontext():
-                    batch = next(iterator)
-            except StopWhileWaiting:
-                pass
-            if step_start and D.any_rank_on_cpu([batch is None])[0]:  # every rank stops before this step's forward
-                self._preempt_before_step()
-            waited = time.perf_counter() - fetch_start
-            errors_seen = self._note_skipped(errors_seen)
-            if batch_index < skip:  # consumed before the checkpoint we resumed from
-                continue
-            boundary = (batch_index + 1) % cfg.grad_accum == 0
+        self.schedule.set_train_mode(self.strategy.unwrap(), state.phase)
+        self.progress.start(used_batches, f"epoch {state.epoch + 1}/{self.total_epochs}", initial=state.batch_in_epoch)
+        self.meter = ThroughputMeter(self.env.world_size)
+        skipped = SkippedSamples(self.train_loader, self.env.world_size)
+        feed = StepFeed(self.train_loader, used_batches, cfg.grad_accum, self.stop,
+                        after_fetch=lambda: self._note_skipped(skipped))
+        try:
+            for micro_batches in feed.steps(consumed=state.batch_in_epoch):
+                stop_requested = self.train_step(micro_batches)
+                state.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.raw_model, step=state.step)
+                if state.step % cfg.log_every_steps == 0:
+                    self._log_step()
+                if stop_requested:  # the step is complete: checkpoint it and stop
+                    self._save()
+                    raise _Preempted()
+                if self.checkpoints.due(state.step, mid_epoch=state.batch_in_epoch < used_batches):
+                    self._save()
+        except StopBeforeStep:  # the state after the last step is complete (saved already, unless it is new)
+            if not self.checkpoints.has(state.step):
+                self._save()
+            raise _Preempted() from None
+        self.progress.end()
+        self._note_skipped(skipped)
+        epoch_skipped = gather_union(state.epoch_skipped, self.env.world_size)
+        state.skipped["train"] = sorted(set(state.skipped["train"]) | set(epoch_skipped))
+        return {"train_loss": state.mean_loss, **self.meter.epoch_figures(), "lr": self.strategy.param_groups[0]["lr"],
+                "skipped_samples": len(epoch_skipped)}
+
+    def train_step(self, micro_batches: Iterator[Fetched]) -> bool:
+        """Forward and backward over one optimizer step's micro-batches, then the update. Returns whether a stop
+        was requested on any rank (asked together with the loss check: no collective of its own)."""
+        stop_requested = False
+        for index, (batch, waited) in enumerate(micro_batches):
+            boundary = index == self.cfg.grad_accum - 1
             images = self.strategy.prepare_inputs(batch.images)
             labels = batch.labels.to(self.device, non_blocking=True)
             valid = batch.valid.to(self.device, non_blocking=True) if batch.valid is not None else None
             if not self._grid_logged and self.is_main:
-                self.tb.image_grid(batch.images, self.step, cfg.image_grid)
+                self.tb.image_grid(batch.images, self.state.step, self.cfg.image_grid)
                 self._grid_logged = True
             with self.strategy.micro_batch(boundary):
-                outputs = self.strategy.forward(images)
-                loss = self.loss_fn(outputs, labels, valid)
+                loss = self.loss_fn(self.strategy.forward(images), labels, valid)
                 loss_value = loss.item()
-                nonfinite, stop_now = D.any_rank([not math.isfinite(loss_value), stop.is_set], self.device)
+                nonfinite, stop_requested = D.any_rank([not math.isfinite(loss_value), self.stop.is_set],
+                                                       self.device)
                 if nonfinite:
                     self._nonfinite(loss_value, batch)
                 if boundary:
                     set_lr(self.strategy.param_groups, self._lr_factor())
                 self.strategy.backward(loss)
             self.strategy.step(boundary)
-            self.batch_in_epoch = batch_index + 1
-            self.epoch_loss = [self.epoch_loss[0] + loss_value, self.epoch_loss[1] + 1]
-            images_here = len(batch.labels) * self.env.world_size
-            window_wait, window_images = window_wait + waited, window_images + images_here
-            epoch_wait, epoch_images = epoch_wait + waited, epoch_images + images_here
-            elapsed = time.perf_counter() - window_start
-            self.progress.update(loss_value, window_images / max(elapsed, 1e-9), self.strategy.param_groups[0]["lr"])
-            if not boundary:
-                continue
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update(self.raw_model, step=self.step)
-            if self.step % cfg.log_every_steps == 0:
-                self.tb.scalars({"train/loss": self.epoch_loss[0] / self.epoch_loss[1],
-                                 "perf/images_per_s": window_images / elapsed,
-                                 "perf/wait_fraction": window_wait / elapsed}, self.step)
-                self.tb.learning_rates(self.strategy.param_groups, self.step)
-                self.tb.gpu_memory(self.device, self.step)
-                window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
-            if stop_now:
-                self._save()
-                raise _Preempted()
-            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
-                    and self.batch_in_epoch < used_batches:
-                self._save()
-        self.progress.end()
-        self._note_skipped(errors_seen)
-        elapsed = max(time.perf_counter() - epoch_start, 1e-9)
-        epoch_skipped = self._gather_union(self.epoch_skipped)
-        self.skipped["train"] = sorted(set(self.skipped["train"]) | set(epoch_skipped))
-        self._epoch_train = {"train_loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1),
-                             "images_per_s": epoch_images / elapsed, "wait_fraction": epoch_wait / elapsed,
-                             "lr": self.strategy.param_groups[0]["lr"], "skipped_samples": len(epoch_skipped)}
+            self.state.batch_in_epoch += 1
+            self.state.add_loss(loss_value)
+            self.meter.add(len(batch.labels), waited)
+            self.progress.update(loss_value, self.meter.window_rate(), self.strategy.param_groups[0]["lr"])
+        return stop_requested
 
-    # -- samples the loaders skipped (undecodable, loader.on_decode_error=skip) ------------------------------
-    @staticmethod
-    def _errors_seen(loader) -> int:
-        return len(getattr(loader, "decode_errors", None) or [])
+    def _log_step(self) -> None:
+        step = self.state.step
+        self.tb.scalars({"train/loss": self.state.mean_loss, **self.meter.window_scalars()}, step)
+        self.tb.learning_rates(self.strategy.param_groups, step)
+        self.tb.gpu_memory(self.device, step)
 
-    @staticmethod
-    def _sample_ids(messages: list[str]) -> set[str]:
-        """'shard.tar:key: cannot decode (...)' -> 'shard.tar:key' (the same sample met twice counts once)."""
-        return {message.split(": ", 1)[0] for message in messages}
-
-    def _note_skipped(self, seen: int) -> int:
-        """Adds the training loader's newly skipped samples to the epoch's (a set: a resume re-reads batches)."""
-        errors = getattr(self.train_loader, "decode_errors", None) or []
-        if len(errors) > seen:
-            self.epoch_skipped = sorted(set(self.epoch_skipped) | self._sample_ids(errors[seen:]))
-        return len(errors)
-
-    def _gather_union(self, items: list[str]) -> list[str]:
-        if not D.is_distributed():
-            return sorted(set(items))
-        lists = [None] * self.env.world_size
-        torch.distributed.all_gather_object(lists, list(items))
-        return sorted({item for part in lists for item in part})
-
-    def _gather_skipped(self, loader, seen: int) -> list[str]:
-        errors = getattr(loader, "decode_errors", None) or []
-        return self._gather_union(sorted(self._sample_ids(errors[seen:])))
-
-    def _skipped_summary(self) -> dict:
-        examples = [m for part in self.skipped.values() for m in part][:20]
-        return {**{split: len(messages) for split, messages in self.skipped.items()}, "examples": examples}
+    def _note_skipped(self, skipped: SkippedSamples) -> None:
+        """The training loader's newly skipped samples join the epoch's (a set: a resume re-reads batches)."""
+        fresh = skipped.new()
+        if fresh:
+            self.state.epoch_skipped = sorted(set(self.state.epoch_skipped) | fresh)
 
     def _nonfinite(self, loss_value: float, batch) -> None:
         keys = list(batch.keys)[:16]
         last = self.checkpoints.latest() if self.is_main else None
         kept = f"; last good checkpoint: {last['name']}" if last else "; no checkpoint was written yet"
-        raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {self.step + 1} (epoch {self.epoch}, batch "
-                            f"{self.batch_in_epoch}) on rank {self.env.rank}; batch keys: {', '.join(map(str, keys))}"
-                            f"{kept}")
+        raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {self.state.step + 1} (epoch {self.state.epoch}, "
+                            f"batch {self.state.batch_in_epoch}) on rank {self.env.rank}; batch keys: "
+                            f"{', '.join(map(str, keys))}{kept}")
 
-    def _end_epoch(self) -> None:
-        finished_epoch = self.epoch
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self._validate_and_record(finished_epoch, self._epoch_train)
-
+    # -- epoch ends: validation and the records -------------------------------------------------------------
     def _validate_and_record(self, finished_epoch: int, epoch_train: dict) -> None:
         """Validation, history, TensorBoard and the epoch-end checkpoint. A preemption signal during validation
         checkpoints at once (the epoch's training is kept) and the resumed run validates that epoch again."""
-        self._epoch_train = epoch_train
-        validate = (self.epoch % self.cfg.eval_every == 0) or self.epoch == self.total_epochs
-        seen = self._errors_seen(self.val_loader)
+        state = self.state
+        validate = (state.epoch % self.cfg.eval_every == 0) or state.epoch == self.total_epochs
+        skipped = SkippedSamples(self.val_loader, self.env.world_size)
         try:
             val = self.evaluate(self.val_loader) if (validate and self.val_loader is not None) else {}
         except _Preempted:
-            self._pending_epoch_end = {"epoch": finished_epoch, "train": epoch_train}
+            state.pending_epoch_end = {"epoch": finished_epoch, "train": epoch_train}
             self._save()
             raise
-        self._pending_epoch_end = None
+        state.pending_epoch_end = None
         if val:
-            self.last_val = val
-            self.skipped["val"] = self._gather_skipped(self.val_loader, seen)
-        record = {"epoch": finished_epoch, "step": self.step, "phase": self.phase, **self._epoch_train, "val": val}
-        self.history.append(record)
-        self.epoch_loss, self.epoch_skipped = [0.0, 0], []
-        self.tb.scalars(scalar_metrics(self._epoch_train), self.step, prefix="epoch/")
+            state.last_val = val
+            state.skipped["val"] = skipped.gathered()
+        state.finish_epoch({"epoch": finished_epoch, "step": state.step, "phase": state.phase, **epoch_train,
+                            "val": val})
+        self.tb.scalars(scalar_metrics(epoch_train), state.step, prefix="epoch/")
         if val:
-            self.tb.scalars(scalar_metrics(val), self.step, prefix="val/")
-            self.tb.confusion(val["confusion"], self.step)
+            self.tb.scalars(scalar_metrics(val), state.step, prefix="val/")
+            self.tb.confusion(val["confusion"], state.step)
         self.tb.flush()
         self._save(val or None)
         summary = ", ".join(f"{k} {val[k]:.4f}" for k in ("accuracy", "kappa", "cross_entropy") if k in val)
-        self.progress.line(f"epoch {finished_epoch + 1}/{self.total_epochs} step {self.step}: loss "
-                           f"{self._epoch_train['train_loss']:.4f}, {self._epoch_train['images_per_s']:.0f} img/s, "
-                           f"data wait {self._epoch_train['wait_fraction']:.0%}" + (f" | val {summary}" if summary else ""))
+        self.progress.line(f"epoch {finished_epoch + 1}/{self.total_epochs} step {state.step}: loss "
+                           f"{epoch_train['train_loss']:.4f}, {epoch_train['images_per_s']:.0f} img/s, "
+                           f"data wait {epoch_train['wait_fraction']:.0%}" + (f" | val {summary}" if summary else ""))
         if self.is_main:
-            write_metrics(self.run_dir, self.last_val, self.history, best=self._best_record(),
+            write_metrics(self.run_dir, state.last_val, state.history, best=self._best_record(),
                           skipped=self._skipped_summary())
         self._status("running")
 
     @torch.no_grad()
-    def evaluate(self, loader, tune: bool = True) -> dict:
+    def evaluate(self, loader: Loader, tune: bool = True) -> dict:
         """Metrics over the whole loader, gathered from every rank (padding dropped); EMA weights when enabled.
 
         Ordinal runs tune their thresholds on validation (tune=True); the test split reuses the tuned ones.
@@ -478,7 +419,7 @@ class Trainer:
         model.eval()
         gatherer = PredictionGatherer()
         for batch in loader:
-            if self._stop is not None and D.any_rank([self._stop.is_set], self.device)[0]:
+            if self.stop is not None and D.any_rank([self.stop.is_set], self.device)[0]:
                 model.train(was_training)
                 raise _Preempted()  # a long validation must not outlast SLURM's grace period
             images = self.strategy.prepare_inputs(batch.images)
@@ -494,76 +435,79 @@ class Trainer:
         if self.cfg.loss == "ordinal":
             values = scores.reshape(-1)
             if tune:
-                self.thresholds = tune_thresholds(values, labels, self.num_classes)
-            scores = outputs_to_probs(torch.from_numpy(values), "ordinal", self.num_classes, self.thresholds).numpy()
+                self.state.thresholds = tune_thresholds(values, labels, self.num_classes)
+            scores = outputs_to_probs(torch.from_numpy(values), "ordinal", self.num_classes,
+                                      self.state.thresholds).numpy()
         self.last_predictions = (keys, labels, scores)
         metrics = compute_metrics(scores, labels, self.cfg.referable_threshold)
-        if self.thresholds is not None:
-            metrics["thresholds"] = [float(t) for t in self.thresholds]
+        if self.state.thresholds is not None:
+            metrics["thresholds"] = [float(t) for t in self.state.thresholds]
         return metrics
 
-    def _evaluate_best(self, loader) -> dict:
+    def _evaluate_best(self, loader: Loader) -> dict:
         """Test metrics of the best checkpoint by validation (the weights a paper would report), on every rank.
 
-        metrics["checkpoint"] names the checkpoint whose weights were tested. DeepSpeed keeps its final weights
-        (ZeRO partitions are not reloaded here), which are the latest checkpoint's; an export of the best
-        checkpoint then says it has no test metrics of its own. Per-image predictions: predictions_test.csv."""
+        metrics["checkpoint"] names the checkpoint whose weights were tested. A strategy that cannot reload them
+        (DeepSpeed: ZeRO partitions are not reloaded here) keeps its final weights, which are the latest
+        checkpoint's; an export of the best checkpoint then says it has no test metrics of its own. Per-image
+        predictions: predictions_test.csv."""
         index = D.broadcast_object(self.checkpoints.index() if self.is_main else None)
         tested = index.get("latest")
-        if index.get("best") and self.cfg.strategy != "deepspeed":
-            from tltrain.engine.checkpoint import consolidate_checkpoint
-
+        if index.get("best") and self.strategy.reloads_weights:
             state = consolidate_checkpoint(self.run_dir, "best")  # the evaluated weights (EMA when enabled)
             target = self.ema.module if self.ema is not None else self.strategy.unwrap()
             target.load_state_dict(state)
             tested = index["best"]
-        if self.thresholds is not None and index.get("best"):  # ordinal: the cut points tuned with those weights
+        if self.state.thresholds is not None and index.get("best"):  # ordinal: the cut points tuned with those
             best_val = self._history_val(next(c["step"] for c in index["checkpoints"] if c["name"] == tested))
             if best_val.get("thresholds"):
-                self.thresholds = np.asarray(best_val["thresholds"])
+                self.state.thresholds = np.asarray(best_val["thresholds"])
         metrics = self.evaluate(loader, tune=False)
         metrics["checkpoint"] = tested or "final"
         if self.is_main:
-            from tltrain.metrics import write_predictions_csv
-
             keys, labels, scores = self.last_predictions  # keys come from the shards: no spreadsheet formulas
-            write_predictions_csv(self.run_dir / "predictions_test.csv", [csv_cell(k) for k in keys], labels, scores)
-            self.tb.scalars({f"test/{k}": v for k, v in scalar_metrics(metrics).items()}, self.step)
+            write_predictions_csv(self.run.predictions_test, [csv_cell(k) for k in keys], labels, scores)
+            self.tb.scalars({f"test/{k}": v for k, v in scalar_metrics(metrics).items()}, self.state.step)
             self.progress.line("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()
                                                      if k != "count"))
         return metrics
 
     def _history_val(self, step: int) -> dict:
         """The validation metrics recorded at an optimizer step (an epoch end), or {}."""
-        return next((h["val"] for h in reversed(self.history) if h["step"] == step and h.get("val")), {})
+        return next((h["val"] for h in reversed(self.state.history) if h["step"] == step and h.get("val")), {})
 
     def _best_record(self) -> dict:
         """Which checkpoint is the best so far, chosen how, and its validation metrics (main rank only)."""
-        index = self.checkpoints.index()
-        entry = next((c for c in index["checkpoints"] if c["name"] == index.get("best")), None)
-        if entry is None:
+        best = self.checkpoints.best()
+        if best is None:
             return {}
-        return {"checkpoint": entry["name"], "metric": self.cfg.best_metric, "mode": self.cfg.best_mode,
-                "value": index.get("best_value"), "step": entry["step"], "epoch": entry["epoch"],
+        return {"checkpoint": best["name"], "metric": self.cfg.best_metric, "mode": self.cfg.best_mode,
+                "value": self.checkpoints.index().get("best_value"), "step": best["step"], "epoch": best["epoch"],
                 "chosen_by": f"{'highest' if self.cfg.best_mode == 'max' else 'lowest'} validation "
                              f"{self.cfg.best_metric}, evaluated at every validated epoch end",
-                "val": self._history_val(entry["step"])}
+                "val": self._history_val(best["step"])}
+
+    def _skipped_summary(self) -> dict:
+        skipped = self.state.skipped
+        examples = [m for part in skipped.values() for m in part][:20]
+        return {**{split: len(messages) for split, messages in skipped.items()}, "examples": examples}
 
     def _finish(self) -> dict:
+        state = self.state
         best = self.checkpoints.index() if self.is_main else {}
         best = D.broadcast_object({"name": best.get("best"), "value": best.get("best_value")})
-        perf = {"images_per_s": float(np.mean([h["images_per_s"] for h in self.history if "images_per_s" in h]))
-                if self.history else None, "wall_time_s": time.time() - self.started}
-        result = {"status": "completed", "exit_code": 0, "step": self.step, "epoch": self.epoch,
-                  "run_dir": str(self.run_dir), "final": self.last_val, "test": self.test_metrics, "perf": perf,
-                  "best": best, "history": self.history}
+        perf = {"images_per_s": float(np.mean([h["images_per_s"] for h in state.history if "images_per_s" in h]))
+                if state.history else None, "wall_time_s": time.time() - self.started}
+        result = {"status": "completed", "exit_code": 0, "step": state.step, "epoch": state.epoch,
+                  "run_dir": str(self.run_dir), "final": state.last_val, "test": self.test_metrics, "perf": perf,
+                  "best": best, "history": state.history}
         if self.is_main:
             best_record = self._best_record()
-            write_metrics(self.run_dir, self.last_val, self.history, test=self.test_metrics, perf=perf,
+            write_metrics(self.run_dir, state.last_val, state.history, test=self.test_metrics, perf=perf,
                           best=best_record, skipped=self._skipped_summary())
             # runs are ranked by what a paper reports: the best checkpoint's validation and test metrics
             self.tb.hparams({**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "deepspeed"},
-                             **self.hparams}, {"best_val": best_record.get("val") or self.last_val,
+                             **self.hparams}, {"best_val": best_record.get("val") or state.last_val,
                                                "test": self.test_metrics})
         self._status("completed")
         if self.is_main and self.cfg.keep_after_run != "all":  # every rank is past its last checkpoint read
@@ -578,7 +522,7 @@ class Trainer:
         a relaunch (a sweep started again to finish its failed runs) neither retrains it nor changes its results."""
         result = None
         if self.is_main:
-            metrics, status = (self._recorded(name) for name in ("metrics.json", "status.json"))
+            metrics, status = self._recorded(self.run.metrics), self._recorded(self.run.status)
             index = self.checkpoints.index()
             result = {"status": "completed", "exit_code": 0, "step": status.get("step"),
                       "epoch": status.get("epoch"), "run_dir": str(self.run_dir), "final": metrics.get("final", {}),
@@ -589,21 +533,23 @@ class Trainer:
                                f"{pruned}); nothing to do")
         return D.broadcast_object(result)
 
-    def _recorded(self, name: str) -> dict:
+    @staticmethod
+    def _recorded(path: Path) -> dict:
         """A JSON object the completed run left in its folder (bounded: a regular file of limited size)."""
-        path = self.run_dir / name
         try:
-            value = load_json(path, what=f"the completed run's {name}")
+            value = load_json(path, what=f"the completed run's {path.name}")
         except OSError as exc:
-            raise os_error(exc, f"reading the completed run's {name}") from None
+            raise os_error(exc, f"reading the completed run's {path.name}") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}: expected a JSON object, found {type(value).__name__}")
         return value
 
+    def _status_fields(self) -> dict:
+        last = {k: v for k, v in self.state.last_val.items() if k != "confusion"}
+        return {"step": self.state.step, "epoch": self.state.epoch, "total_epochs": self.total_epochs,
+                "steps_per_epoch": self.steps_per_epoch, "strategy": self.cfg.strategy,
+                "world_size": self.env.world_size, "metrics": last}
+
     def _status(self, state: str, **extra) -> None:
-        if not self.is_main:
-            return
-        last = {k: v for k, v in self.last_val.items() if k != "confusion"}
-        write_status(self.run_dir, state, step=self.step, epoch=self.epoch, total_epochs=self.total_epochs,
-                     steps_per_epoch=self.steps_per_epoch, strategy=self.cfg.strategy,
-                     world_size=self.env.world_size, metrics=last, **extra)
+        if self.is_main:
+            self.run.write_status(state, **self._status_fields(), **extra)

@@ -1,0 +1,76 @@
+"""The contracts between the floors: what the trainer needs of a loader, a batch and a transfer schedule.
+
+Both loader backends (data/loaders/dali.py, data/loaders/torch_wds.py), the in-memory loader of the engine's own
+tests (engine/synthetic.py) and any loader a user writes meet `Loader`; `transfer.schedule.TransferSchedule` and
+the trainer's one-phase default meet `Schedule`. They are typing.Protocols: nothing inherits from them, a type
+checker (and a reader) sees what each side must offer, and `isinstance` works for the runtime-checkable ones.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the ground floor imports no torch at run time
+    import torch
+    from torch import nn
+
+
+@runtime_checkable
+class Batch(Protocol):
+    """One batch as every loader yields it (data/loaders/batch.Batch is the concrete one).
+
+    images: [B, C, H, W] float tensor, already preprocessed; labels: [B] int64 grades; keys: the samples' keys;
+    valid: [B] bool, False for the padding that makes every rank run the same number of batches (or None)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: Sequence[str]
+    valid: torch.Tensor | None
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """A split of the data for this rank: the same number of batches on every rank, reshuffled by set_epoch."""
+
+    num_classes: int
+    batch_size: int
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (equal on every rank)."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The epoch's batches, in the order set_epoch fixed."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the order of the next iteration: the same epoch gives the same batches (resume relies on it)."""
+
+
+class ReportsSkipped(Protocol):
+    """A loader that skips undecodable samples (loader.on_decode_error=skip) lists them, one message each:
+    'shard.tar:key: cannot decode (...)'. Loaders that never skip need not have the attribute."""
+
+    decode_errors: list[str]
+
+
+def decode_errors(loader) -> list[str]:
+    """The samples a loader skipped so far ([] for a loader that never skips: see ReportsSkipped)."""
+    return getattr(loader, "decode_errors", None) or []
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """A transfer schedule: phases of epochs, each with its trainable parameter groups and learning rates."""
+
+    total_epochs: int
+
+    def phase_index(self, epoch: int) -> int:
+        """The phase an epoch belongs to (phases are consecutive runs of epochs)."""
+
+    def apply(self, model: nn.Module, phase_index: int) -> list[dict]:
+        """Set requires_grad for the phase and return its optimizer parameter groups (params, lr, ...)."""
+
+    def set_train_mode(self, model: nn.Module, phase_index: int) -> None:
+        """After model.train(): put frozen parts back in eval mode where the phase says so (BatchNorm)."""
+
+    def describe(self, phase_index: int) -> str:
+        """One line for the log: what the phase trains and at which learning rate."""
