@@ -4,28 +4,25 @@ Both loader backends (data/loaders/dali.py, data/loaders/torch_wds.py), the in-m
 tests (engine/synthetic.py) and any loader a user writes meet `Loader`; `transfer.schedule.TransferSchedule` and
 the trainer's one-phase default meet `Schedule`. They are typing.Protocols: nothing inherits from them, a type
 checker (and a reader) sees what each side must offer, and `isinstance` works for the runtime-checkable ones.
+`Batch` is the one concrete type here: the structure every loader yields (data/loaders/batch.py re-exports it).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the ground floor imports no torch at run time
     import torch
     from torch import nn
 
 
-@runtime_checkable
-class Batch(Protocol):
-    """One batch as every loader yields it (data/loaders/batch.Batch is the concrete one).
+class Batch(NamedTuple):
+    """The one batch structure every loader yields and the engine consumes."""
 
-    images: [B, C, H, W] float tensor, already preprocessed; labels: [B] int64 grades; keys: the samples' keys;
-    valid: [B] bool, False for the padding that makes every rank run the same number of batches (or None)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    keys: Sequence[str]
-    valid: torch.Tensor | None
+    images: torch.Tensor  # (B, 3, H, W) model input, on the loader's device, dtype/layout per config
+    labels: torch.Tensor  # (B,) int64 class indices
+    keys: list[str]  # sample keys (e.g. 10_left): labels travel with their sample, never by position
+    valid: torch.Tensor  # (B,) bool; False marks padding that keeps ranks' batch counts equal
 
 
 @runtime_checkable

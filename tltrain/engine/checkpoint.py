@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,25 @@ TRAINER_STATE = "tltrain_trainer.pt"
 CHECKPOINT_NAME = re.compile(r"step-\d{8}(\.weights)?(\.pt)?$")
 #: The name an index entry may have (the file or tag folder adds a suffix by kind, see entry_filename).
 ENTRY_NAME = re.compile(r"step-\d{8}")
-#: Index entry kinds: a single-file checkpoint, a DeepSpeed tag folder, the best weights kept after a run.
-ENTRY_KINDS = ("file", "deepspeed", "weights")
 AFTER_RUN_MARKS = (None, "best", "none")
 #: What DeepSpeed writes beside its tag folders (removed with them after a run).
 DEEPSPEED_EXTRAS = ("latest", "zero_to_fp32.py", "zero_to_torch.py")
+
+
+@dataclass(frozen=True)
+class EntryKind:
+    """How one kind of index entry lies on disk: the one place the kinds differ (no `if kind == ...` elsewhere)."""
+
+    suffix: str  # step-NNNNNNNN + suffix: the entry's file or folder
+    state_file: str | None = None  # a folder entry: the file in it holding our part (None: the entry is that file)
+    zero_partitions: bool = False  # its weights are ZeRO partitions (merged by deepspeed.utils.zero_to_fp32)
+    extras: tuple[str, ...] = ()  # what its writer keeps beside the entries (removed with them after a run)
+
+
+#: Index entry kinds: a single-file checkpoint, a DeepSpeed tag folder, the best weights kept after a run.
+ENTRY_KINDS = {"file": EntryKind(".pt"),
+               "deepspeed": EntryKind("", state_file=TRAINER_STATE, zero_partitions=True, extras=DEEPSPEED_EXTRAS),
+               "weights": EntryKind(".weights.pt")}
 
 
 def entry_filename(entry: dict, where: str = "checkpoint index") -> str:
@@ -58,7 +73,7 @@ def entry_filename(entry: dict, where: str = "checkpoint index") -> str:
     if kind not in ENTRY_KINDS:
         raise DataError(f"{where}: checkpoint {name} has kind {str(kind)[:50]!r}, not one of "
                         f"{', '.join(ENTRY_KINDS)}; refused")
-    return {"deepspeed": name, "weights": f"{name}.weights.pt"}.get(kind, f"{name}.pt")
+    return name + ENTRY_KINDS[kind].suffix
 
 
 def _check_entry(entry, where: str) -> dict:
@@ -367,9 +382,8 @@ class CheckpointManager:
         atomic_write_json(self.dir / INDEX, index)
         for entry in removed:
             self._delete(entry)
-        if any(entry["kind"] == "deepspeed" for entry in removed):  # DeepSpeed's pointer to its last tag, its script
-            for name in DEEPSPEED_EXTRAS:
-                (self.dir / name).unlink(missing_ok=True)
+        for name in {extra for entry in removed for extra in ENTRY_KINDS[entry["kind"]].extras}:
+            (self.dir / name).unlink(missing_ok=True)  # DeepSpeed's pointer to its last tag, its scripts
         return [entry["name"] for entry in removed]
 
     def pruned_message(self, what: str) -> str | None:
@@ -388,14 +402,14 @@ class CheckpointManager:
     def read(self, entry: dict) -> dict:
         """The checkpoint's content: for a file everything; for DeepSpeed only {"trainer": ...} (the engine loads
         the rest)."""
-        path = self.path_of(entry)
-        target = path / TRAINER_STATE if entry["kind"] == "deepspeed" else path
+        path, state_file = self.path_of(entry), ENTRY_KINDS[entry["kind"]].state_file
+        target = path / state_file if state_file else path
         _own_file(target, self.dir)
         obj = from_plain(torch_load(target, trust_pickle=self.trust_pickle, what="checkpoint",
                                     source=self.run_dir))  # a refused file: convert the run (its weights)
         if not isinstance(obj, dict):
             raise DataError(f"{target}: not a tltrain checkpoint (found {type(obj).__name__})")
-        return {"trainer": obj} if entry["kind"] == "deepspeed" else obj
+        return {"trainer": obj} if state_file else obj
 
     def engine_loads(self, entry: dict):
         """Context for DeepSpeed reading `entry`'s tag folder itself: its torch.load calls run weights-only."""
@@ -416,7 +430,7 @@ def consolidate_checkpoint(run_dir: str | Path, which: str = "latest",
     if entry is None:
         raise DataError(manager.pruned_message("its weights")
                         or f"{manager.dir}: no {which} checkpoint (is this a tltrain run directory?)")
-    if entry["kind"] == "deepspeed":
+    if ENTRY_KINDS[entry["kind"]].zero_partitions:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with manager.engine_loads(entry):

@@ -14,18 +14,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-try:  # the loaders helper's Batch; same fields either way
-    from tltrain.data.loaders.batch import Batch
-except ImportError:  # pragma: no cover - until tltrain/data/loaders/batch.py exists
-    class Batch(NamedTuple):
-        images: torch.Tensor
-        labels: torch.Tensor
-        keys: list
-        valid: torch.Tensor
+from tltrain.contracts import Batch
 
 
 def make_dataset(count: int, num_classes: int = 5, size: int = 32, seed: int = 0, noise: float = 1.0,
