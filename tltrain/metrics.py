@@ -179,7 +179,7 @@ def write_predictions_csv(path, keys: list[str], labels: np.ndarray, probs: np.n
     import csv
     import io
 
-    from tltrain.engine.checkpoint import atomic_write_bytes
+    from tltrain.safe_io import atomic_write_bytes
 
     probs = np.asarray(probs, dtype=np.float64)
     buffer = io.StringIO()
