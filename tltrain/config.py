@@ -1,19 +1,27 @@
 """Config loading: Hydra composes YAML from configs/, then each section is checked against its typed dataclass.
 
 Every stage defines its own dataclass (PrepareConfig, LoaderConfig, TrainerConfig, ...) with a `validate()`;
-this module only composes, converts and reports errors in one readable form, before anything runs.
+this module composes, converts and reports errors in one readable form, before anything runs. It also holds the
+run's schema (RunConfig, with DataConfig and ModelConfig): RunConfig.validate is the one place a run's config is
+checked, sections and the rules between them, once, by load_run_config. tltrain.train_app re-exports the schema.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tltrain.errors import ConfigError
+from tltrain.checks import check_number
+from tltrain.data.loaders.config import LoaderConfig
+from tltrain.engine.config import MAX_SEED, TrainerConfig
+from tltrain.errors import ConfigError, DataError, choices_error
+from tltrain.transfer.schedule_config import ScheduleConfig
 
 T = TypeVar("T")
 
@@ -26,7 +34,6 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from tltrain.data.prepare import PrepareConfig
-    from tltrain.train_app import RunConfig
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
@@ -133,11 +140,7 @@ def _schema_keys(schema: type | None, dotted_parent: str) -> list[str] | None:
     """Field names of the dataclass at `dotted_parent` inside schema (RunConfig by default); None if unknown."""
     import typing
 
-    if schema is None:
-        from tltrain.train_app import RunConfig
-
-        schema = RunConfig
-    node: Any = schema
+    node: Any = RunConfig if schema is None else schema
     for part in [p for p in dotted_parent.split(".") if p]:
         if not dataclasses.is_dataclass(node):
             return None
@@ -168,3 +171,163 @@ def to_typed(node: Any, schema: type[T], where: str = "") -> T:
     return obj
 
 
+
+
+# -- the run's schema: what `tltrain train` reads, and the one place it is checked ----------------------------
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    """Which shards to train on (a folder written by `tltrain prepare`) and which part of them."""
+
+    name: str = "fundus"  # a label for reports (e.g. eyepacs, aptos, synthetic_fundus, target)
+    shards: str = MISSING  # folder holding manifest.json and the shards
+    # nested training fraction recorded by prepare (0.1, 0.2, 0.25, 0.4, 0.6, 0.8, 1.0 by default)
+    fraction: float = 1.0
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"  # "" skips the final test evaluation
+    # before training: each shard's size + sha256 against manifest.json (~0.7 CPU-s per GB)
+    verify_checksums: bool = True
+
+    def validate(self) -> None:
+        check_number("data.fraction", self.fraction, 0, 1, above=True)
+        manifest = Path(self.shards) / "manifest.json"
+        if not manifest.is_file():
+            raise DataError(f"data.shards={self.shards!r}: no manifest.json there (run `tltrain prepare` first)")
+        from tltrain.data.manifest import load_manifest  # bounded and validated before anything is built
+
+        fractions = sorted(float(f) for f in load_manifest(self.shards).get("fractions", {}))
+        if fractions and not any(abs(self.fraction - f) < 1e-9 for f in fractions):
+            raise ConfigError(f"data.fraction={self.fraction!r} was not prepared in {manifest}; "
+                              f"choose one of: {', '.join(f'{f:g}' for f in fractions)}")
+
+
+@dataclass
+class ModelConfig:
+    """A timm architecture and, optionally, local weights to start from (file, tltrain run or export)."""
+
+    arch: str = "resnet18"
+    weights: str | None = None  # None = random init (from-scratch reference)
+    trust_pickle: bool = False  # read a legacy pickled weights file with plain pickle (it could run code)
+    drop_rate: float = 0.0
+
+    def validate(self) -> None:
+        from tltrain.timm_names import timm_model_names
+
+        check_number("model.drop_rate", self.drop_rate, 0, 1, below=True)  # timm's dropout needs p < 1 to learn
+        if not self.arch:
+            raise ConfigError("model.arch is empty: name a timm architecture (e.g. model=resnet18 or "
+                              "model.arch=resnet50; see timm.list_models())")
+        if self.arch not in timm_model_names():
+            import timm
+
+            close = timm.list_models(f"*{self.arch}*")[:10]
+            hint = f"; similar names: {', '.join(close)}" if close else "; see timm.list_models()"
+            raise ConfigError(f"model.arch={self.arch!r} is not a timm model{hint}")
+        if self.weights and not Path(self.weights).exists():
+            raise DataError(f"model.weights={self.weights!r}: no such file or folder")
+
+
+@dataclass
+class RunConfig:
+    """One `tltrain train` run: every section, plus the run-wide seed, run folder and device."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    run_dir: str = ""  # empty: Hydra's output folder (outputs/... or multirun/...)
+    device: str = "auto"  # auto | cpu | cuda (cuda:<local rank> of each process)
+
+    def validate(self) -> None:
+        """The one check of a run's config, called once by load_run_config: each section's own validate(), then
+        every rule between sections. The loaders, the schedule and the trainer call their section's validate()
+        again (they also run without a RunConfig); that costs nothing while the values are unchanged
+        (tltrain.checks.validate_once).
+
+        Rules between sections, all here:
+        - `seed` is the run's seed and trainer.seed follows it: left at 0 it takes seed's value, any other value
+          must equal seed (ConfigError otherwise). The trainer seeds each process with trainer.seed + rank.
+        - trainer.epochs stays unset: the transfer schedule sets the run's length.
+        - schedule=scratch starts from random weights: no model.weights.
+        Knobs that look duplicated but set different things, so neither derives from the other:
+        - trainer.channels_last puts the model (and, in the trainer, each batch) in channels_last layout;
+          loader.channels_last has the loader emit that layout already (on the GPU with DALI). Any pair works.
+        - loader.dtype is the dtype of the batches; trainer.precision the autocast dtype (DeepSpeed: the weights'
+          dtype, inputs cast to it). fp16/bf16 batches with trainer.precision=fp32 outside DeepSpeed reach an fp32
+          model uncast and fail at the first forward; not refused here, since the shipped loader=dali (bf16) with
+          the default trainer=cpu (fp32) must still reach the run's data checks.
+        Rules that need more than the config stay where it is known: multirun vs run_dir (load_run_config, from
+        Hydra's mode); the number of processes vs trainer.strategy (launch.submit.check_run, the trainer);
+        num_classes from the manifest vs trainer.referable_threshold/best_metric and the batches per epoch vs
+        trainer.grad_accum (the trainer); training samples vs batch size x ranks (the torch loader)."""
+        check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        if self.device not in DEVICES:
+            raise choices_error("device", self.device, DEVICES)
+        if self.trainer.seed == 0:  # before the trainer's check, so its validation covers the value it will run
+            self.trainer.seed = self.seed
+        for part in (self.data, self.model, self.loader, self.schedule, self.trainer):
+            part.validate()
+        if self.trainer.epochs is not None:
+            raise ConfigError(f"trainer.epochs={self.trainer.epochs!r} is not used by tltrain train: the transfer "
+                              "schedule sets the run's length; use schedule.epochs_per_phase (the whole run for "
+                              "finetune_all/scratch/linear_probe/layer_decay), schedule.step_epochs (swft) or "
+                              "schedule.phases (custom)")
+        if self.schedule.name == "scratch" and self.model.weights:
+            raise ConfigError("schedule=scratch is the random-init reference: set model.weights=null "
+                              f"(got {self.model.weights!r}) or choose finetune_all")
+        if self.trainer.seed != self.seed:
+            raise ConfigError(f"trainer.seed={self.trainer.seed!r} contradicts seed={self.seed!r}: in tltrain train "
+                              "the run's seed sets the trainer's; set seed instead (and leave trainer.seed unset)")
+
+
+def load_run_config(cfg: DictConfig | dict, *, multirun: bool = False) -> RunConfig:
+    """Typed, validated run config (RunConfig.validate, once); Hydra's own `hydra` node is not part of it. Paths
+    become absolute. multirun: the config is one job of a sweep, which must not set run_dir."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
+    if isinstance(node, DictConfig) and "hydra" in node:
+        node.pop("hydra")
+    run = absolute_paths(to_typed(node, RunConfig))
+    if multirun:  # several runs in one run_dir would each resume the one before
+        refuse_multirun_run_dir(run)
+    return run
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """data.shards, model.weights and run_dir resolved against the folder the run was launched from, so the
+    config.yaml a run writes means the same from any working directory (export, report, resume)."""
+    base = Path.cwd()
+    try:  # inside a Hydra app with hydra.job.chdir=true the cwd moved; Hydra remembers the launch folder
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            base = Path(HydraConfig.get().runtime.cwd)
+    except (ImportError, ValueError):
+        pass
+
+    def absolute(path: str | None) -> str | None:
+        return str((base / Path(path).expanduser()).resolve()) if path else path
+
+    cfg.data.shards, cfg.model.weights, cfg.run_dir = (absolute(cfg.data.shards), absolute(cfg.model.weights),
+                                                       absolute(cfg.run_dir))
+    return cfg
+
+
+#: Why a multirun refuses run_dir: one folder for several runs, each would resume the one before.
+MULTIRUN_RUN_DIR = ("run_dir={run_dir!r} names one run's folder, but a multirun (-m) runs several: each would "
+                    "resume the previous one's run there; refused. Use hydra.sweep.dir=FOLDER instead (one folder "
+                    "per run, FOLDER/<num>_<overrides>), or `tltrain submit` for one run on SLURM")
+
+
+def refuse_multirun_run_dir(config) -> None:
+    """ConfigError when a multirun's config sets run_dir (from the command line or a config file).
+
+    Called in each job before anything is written (load_run_config with multirun=True); the sweep summary's
+    on_multirun_start calls it too, to stop the sweep before any job starts."""
+    run_dir = config.get("run_dir") if hasattr(config, "get") else getattr(config, "run_dir", "")
+    if run_dir:
+        raise ConfigError(MULTIRUN_RUN_DIR.format(run_dir=str(run_dir)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tltrain.engine.config import check_number
+from tltrain.checks import check_number
 from tltrain.errors import ConfigError, choices_error
 from tltrain.safe_io import printable
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tltrain.checks import check_number, validate_once  # check_number stays importable from here (tests)
 from tltrain.errors import ConfigError, choices_error
-from tltrain.safe_io import is_number
 
 STRATEGIES = ("single", "ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -19,25 +19,6 @@ BEST_METRICS = ("kappa", "accuracy", "top2_accuracy", "auc", "cross_entropy", "s
 #: What a completed run keeps of its checkpoints (CheckpointManager.prune_after_run).
 KEEP_AFTER_RUN = ("all", "best", "none")
 MAX_SEED = 2**63 - 2**20  # torch.manual_seed takes up to 2**64 - 1; seed + rank must stay below it
-
-
-def check_number(key: str, value, low: float | None = None, high: float | None = None, *, below: bool = False,
-                 above: bool = False, integer: bool = False) -> None:
-    """ConfigError unless value is a finite number (a whole one when integer) in its range, checked before the run
-    starts: a probability of 2 or a NaN learning rate would otherwise fail, or silently diverge, mid-training.
-
-    below/above make the bounds exclusive: value < high, value > low."""
-    ok = is_number(value, integer)
-    if ok and low is not None:
-        ok = value > low if above else value >= low
-    if ok and high is not None:
-        ok = value < high if below else value <= high
-    if not ok:
-        kind = "a whole number" if integer else "a finite number"
-        left = "" if low is None else f"{'>' if above else '>='} {low:g}"
-        right = "" if high is None else f"{'<' if below else '<='} {high:g}"
-        where = " and ".join(part for part in (left, right) if part)
-        raise ConfigError(f"{key}={value!r} must be {kind}{' ' + where if where else ''}")
 
 
 @dataclass
@@ -96,8 +77,13 @@ class TrainerConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> None:
+        """ConfigError for a bad value; free when these values were already validated (validate_once)."""
+        validate_once(self, self._validate)
+
+    def _validate(self) -> None:
         for key, value, valid in (("strategy", self.strategy, STRATEGIES), ("precision", self.precision, PRECISIONS),
-                                  ("optimizer", self.optimizer, OPTIMIZERS), ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+                                  ("optimizer", self.optimizer, OPTIMIZERS),
+                                  ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
                                   ("loss", self.loss, LOSSES), ("best_mode", self.best_mode, MODES),
                                   ("best_metric", self.best_metric, BEST_METRICS),
                                   ("keep_after_run", self.keep_after_run, KEEP_AFTER_RUN)):

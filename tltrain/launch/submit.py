@@ -146,8 +146,7 @@ def check_run(overrides: list[str], launch: LaunchConfig) -> None:
     """The whole run checked here, before anything waits in the queue: the composed config (misspelt keys, bad
     values), its paths (data.shards, model.weights) and the strategy against the number of tasks. Torch and timm
     are not imported (the config side is torch-free), so this takes well under a second."""
-    from tltrain.config import compose
-    from tltrain.train_app import load_run_config
+    from tltrain.config import compose, load_run_config
 
     run = load_run_config(compose("config", [o for o in overrides if not o.startswith("run_dir=")]))
     tasks = launch.nodes * launch.tasks_per_node

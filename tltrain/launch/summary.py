@@ -70,8 +70,8 @@ class SweepSummaryCallback:
         """Refuses a sweep that sets run_dir before any job starts (each job refuses it too, as a backstop)."""
         global last_summary
         last_summary = None
+        from tltrain.config import refuse_multirun_run_dir
         from tltrain.errors import ConfigError
-        from tltrain.train_app import refuse_multirun_run_dir
 
         try:
             refuse_multirun_run_dir(config)

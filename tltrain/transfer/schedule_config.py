@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tltrain.engine.config import check_number
+from tltrain.checks import check_number, validate_once
 from tltrain.errors import ConfigError, choices_error
 from tltrain.safe_io import printable
 
@@ -54,6 +54,10 @@ class ScheduleConfig:
     phases: list[Phase] = field(default_factory=list)  # custom: explicit phases
 
     def validate(self) -> None:
+        """ConfigError for a bad value; free when these values were already validated (validate_once)."""
+        validate_once(self, self._validate)
+
+    def _validate(self) -> None:
         if self.name not in PRESETS:
             raise choices_error("schedule.name", self.name, PRESETS)
         if self.bn not in BN_MODES:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tltrain.engine.config import check_number
+from tltrain.checks import check_number, validate_once
 from tltrain.errors import ConfigError, choices_error
 from tltrain.preprocess_config import AugmentConfig, PreprocessConfig, validate_dtype
 
@@ -48,6 +48,11 @@ class LoaderConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
+        """ConfigError for a bad value; free when these values were already validated (build_loader calls it for
+        every loader of a run whose config was validated when it was loaded)."""
+        validate_once(self, self._validate)
+
+    def _validate(self) -> None:
         for key, value, valid in (("backend", self.backend, BACKENDS),
                                   ("on_decode_error", self.on_decode_error, DECODE_ERRORS),
                                   ("dali_device", self.dali_device, DALI_DEVICES),
