@@ -1,7 +1,7 @@
 """The contracts between the floors: what the trainer needs of a loader, a batch and a transfer schedule.
 
 Both loader backends (data/loaders/dali.py, data/loaders/torch_wds.py), the in-memory loader of the engine's own
-tests (engine/synthetic.py) and any loader a user writes meet `Loader`; `transfer.schedule.TransferSchedule` and
+tests (engine/synthetic.py) and any loader a user writes meet `Loader`; `transfer.schedule.Schedule` and
 the trainer's one-phase default meet `Schedule`. They are typing.Protocols: nothing inherits from them, a type
 checker (and a reader) sees what each side must offer, and `isinstance` works for the runtime-checkable ones.
 `Batch` is the one concrete type here: the structure every loader yields (data/loaders/batch.py re-exports it).

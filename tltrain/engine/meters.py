@@ -63,7 +63,7 @@ class SkippedSamples:
 
     def __init__(self, loader, world_size: int):
         self.loader, self.world_size = loader, world_size
-        self.seen = len(decode_errors(loader))
+        self.start = self.seen = len(decode_errors(loader))
 
     def new(self) -> set[str]:
         """Samples skipped since the last call (a resume re-reads batches: callers keep them in a set)."""
@@ -72,5 +72,5 @@ class SkippedSamples:
         return sample_ids(fresh)
 
     def gathered(self) -> list[str]:
-        """Every rank's samples skipped since the start (collective)."""
-        return gather_union(sorted(sample_ids(decode_errors(self.loader)[self.seen:])), self.world_size)
+        """Every rank's samples skipped since this watch began (collective)."""
+        return gather_union(sorted(sample_ids(decode_errors(self.loader)[self.start:])), self.world_size)

@@ -77,6 +77,8 @@ class Strategy:
 
     def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
+        if self.cfg.precision not in AUTOCAST_DTYPES and images.is_floating_point() and images.dtype != torch.float32:
+            images = images.float()  # bf16/fp16 batches (loader.dtype) into an fp32 model: no autocast casts them
         if self.cfg.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
