@@ -36,20 +36,21 @@ from tltrain.engine import distributed as D
 from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint
 from tltrain.engine.config import BEST_METRICS, TrainerConfig
 from tltrain.engine.feed import Fetched, StepFeed, StopBeforeStep
-from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics, write_metrics
+from tltrain.engine.logging import Progress, TensorBoardLogger, scalar_metrics
 from tltrain.engine.losses import build_loss, outputs_to_probs, tune_thresholds
 from tltrain.engine.meters import SkippedSamples, ThroughputMeter, gather_union
 from tltrain.engine.optim import build_ema, default_param_groups, lr_factor, set_lr
+from tltrain.engine.records import RunRecords
 from tltrain.engine.reproducibility import configure_determinism, seed_everything
 from tltrain.engine.rundir import claim_run_dir
 from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from tltrain.engine.state import TrainState
 from tltrain.engine.strategies import build_strategy
-from tltrain.errors import ConfigError, DataError, TltrainError, os_error
+from tltrain.errors import ConfigError, TltrainError
 from tltrain.metrics import (REFERABLE_METRICS, PredictionGatherer, compute_metrics, referable_threshold_for,
                              run_metrics, write_predictions_csv)
 from tltrain.run_folder import RunFolder
-from tltrain.safe_io import atomic_write_text, csv_cell, load_json
+from tltrain.safe_io import atomic_write_text, csv_cell
 
 
 class NonFiniteLoss(TltrainError):
@@ -167,6 +168,9 @@ class Trainer:
         self.config_to_save, self.hparams = config_to_save, hparams or {}
 
         self.state = TrainState()
+        self.records = RunRecords(self.run, cfg, self.checkpoints, self.state, is_main=self.is_main,
+                                  total_epochs=self.total_epochs, steps_per_epoch=self.steps_per_epoch,
+                                  world_size=self.env.world_size)
         self.meter = ThroughputMeter(self.env.world_size)
         self.stop: StopRequest | None = None
         self.test_metrics: dict = {}
@@ -267,12 +271,11 @@ class Trainer:
             return result
         except _Preempted:
             self.strategy.close()
-            self._status("preempted", signal=stop.requested)
+            self.records.status("preempted", signal=stop.requested)
             return {"status": "preempted", "exit_code": PREEMPTED_EXIT_CODE, "step": state.step,
                     "epoch": state.epoch, "run_dir": str(self.run_dir)}
         except BaseException as exc:
-            if self.is_main:
-                self.run.mark_failed(f"{type(exc).__name__}: {exc}", **self._status_fields())
+            self.records.failed(exc)
             raise
         finally:
             stop.close()
@@ -287,7 +290,7 @@ class Trainer:
                 atomic_write_text(self.run.config, self._config_yaml())
         D.barrier()
         resumed = self._resume()
-        self._status("running", resumed=resumed)
+        self.records.status("running", resumed=resumed)
 
     def _train_epoch(self) -> dict:
         """The epoch's optimizer steps (what is left of it after a resume); returns its record for the history."""
@@ -403,10 +406,8 @@ class Trainer:
         self.progress.line(f"epoch {finished_epoch + 1}/{self.total_epochs} step {state.step}: loss "
                            f"{epoch_train['train_loss']:.4f}, {epoch_train['images_per_s']:.0f} img/s, "
                            f"data wait {epoch_train['wait_fraction']:.0%}" + (f" | val {summary}" if summary else ""))
-        if self.is_main:
-            write_metrics(self.run_dir, state.last_val, state.history, best=self._best_record(),
-                          skipped=self._skipped_summary())
-        self._status("running")
+        self.records.write_metrics()
+        self.records.status("running")
 
     @torch.no_grad()
     def evaluate(self, loader: Loader, tune: bool = True) -> dict:
@@ -459,7 +460,7 @@ class Trainer:
             target.load_state_dict(state)
             tested = index["best"]
         if self.state.thresholds is not None and index.get("best"):  # ordinal: the cut points tuned with those
-            best_val = self._history_val(next(c["step"] for c in index["checkpoints"] if c["name"] == tested))
+            best_val = self.records.history_val(next(c["step"] for c in index["checkpoints"] if c["name"] == tested))
             if best_val.get("thresholds"):
                 self.state.thresholds = np.asarray(best_val["thresholds"])
         metrics = self.evaluate(loader, tune=False)
@@ -472,26 +473,6 @@ class Trainer:
                                                      if k != "count"))
         return metrics
 
-    def _history_val(self, step: int) -> dict:
-        """The validation metrics recorded at an optimizer step (an epoch end), or {}."""
-        return next((h["val"] for h in reversed(self.state.history) if h["step"] == step and h.get("val")), {})
-
-    def _best_record(self) -> dict:
-        """Which checkpoint is the best so far, chosen how, and its validation metrics (main rank only)."""
-        best = self.checkpoints.best()
-        if best is None:
-            return {}
-        return {"checkpoint": best["name"], "metric": self.cfg.best_metric, "mode": self.cfg.best_mode,
-                "value": self.checkpoints.index().get("best_value"), "step": best["step"], "epoch": best["epoch"],
-                "chosen_by": f"{'highest' if self.cfg.best_mode == 'max' else 'lowest'} validation "
-                             f"{self.cfg.best_metric}, evaluated at every validated epoch end",
-                "val": self._history_val(best["step"])}
-
-    def _skipped_summary(self) -> dict:
-        skipped = self.state.skipped
-        examples = [m for part in skipped.values() for m in part][:20]
-        return {**{split: len(messages) for split, messages in skipped.items()}, "examples": examples}
-
     def _finish(self) -> dict:
         state = self.state
         best = self.checkpoints.index() if self.is_main else {}
@@ -501,15 +482,14 @@ class Trainer:
         result = {"status": "completed", "exit_code": 0, "step": state.step, "epoch": state.epoch,
                   "run_dir": str(self.run_dir), "final": state.last_val, "test": self.test_metrics, "perf": perf,
                   "best": best, "history": state.history}
+        self.records.write_metrics(test=self.test_metrics, perf=perf)
         if self.is_main:
-            best_record = self._best_record()
-            write_metrics(self.run_dir, state.last_val, state.history, test=self.test_metrics, perf=perf,
-                          best=best_record, skipped=self._skipped_summary())
+            best_record = self.records.best()
             # runs are ranked by what a paper reports: the best checkpoint's validation and test metrics
             self.tb.hparams({**{k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "deepspeed"},
                              **self.hparams}, {"best_val": best_record.get("val") or state.last_val,
                                                "test": self.test_metrics})
-        self._status("completed")
+        self.records.status("completed")
         if self.is_main and self.cfg.keep_after_run != "all":  # every rank is past its last checkpoint read
             removed = self.checkpoints.prune_after_run(self.cfg.keep_after_run)
             kept = "the best checkpoint's weights" if self.cfg.keep_after_run == "best" else "no checkpoint"
@@ -522,34 +502,7 @@ class Trainer:
         a relaunch (a sweep started again to finish its failed runs) neither retrains it nor changes its results."""
         result = None
         if self.is_main:
-            metrics, status = self._recorded(self.run.metrics), self._recorded(self.run.status)
-            index = self.checkpoints.index()
-            result = {"status": "completed", "exit_code": 0, "step": status.get("step"),
-                      "epoch": status.get("epoch"), "run_dir": str(self.run_dir), "final": metrics.get("final", {}),
-                      "test": metrics.get("test") or None, "perf": metrics.get("perf", {}),
-                      "best": {"name": index.get("best"), "value": index.get("best_value")},
-                      "history": metrics.get("history", []), "completed_before": True}
+            result = self.records.completed_before()
             self.progress.line(f"{self.run_dir}: completed before (checkpoints pruned, trainer.keep_after_run="
                                f"{pruned}); nothing to do")
         return D.broadcast_object(result)
-
-    @staticmethod
-    def _recorded(path: Path) -> dict:
-        """A JSON object the completed run left in its folder (bounded: a regular file of limited size)."""
-        try:
-            value = load_json(path, what=f"the completed run's {path.name}")
-        except OSError as exc:
-            raise os_error(exc, f"reading the completed run's {path.name}") from None
-        if not isinstance(value, dict):
-            raise DataError(f"{path}: expected a JSON object, found {type(value).__name__}")
-        return value
-
-    def _status_fields(self) -> dict:
-        last = {k: v for k, v in self.state.last_val.items() if k != "confusion"}
-        return {"step": self.state.step, "epoch": self.state.epoch, "total_epochs": self.total_epochs,
-                "steps_per_epoch": self.steps_per_epoch, "strategy": self.cfg.strategy,
-                "world_size": self.env.world_size, "metrics": last}
-
-    def _status(self, state: str, **extra) -> None:
-        if self.is_main:
-            self.run.write_status(state, **self._status_fields(), **extra)
