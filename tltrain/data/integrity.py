@@ -21,11 +21,11 @@ from tltrain.safe_io import sha256_file
 READ_BYTES = 4 << 20
 
 
-def run_shards(shard_dir: str | Path, splits: list[str], fraction: float | None) -> list[dict]:
+def run_shards(shard_dir: str | Path, splits: list[str], fraction: float | None, manifest=None) -> list[dict]:
     """The manifest entries of the shards a run reads: the training fraction and the evaluation splits."""
     chosen: dict[str, dict] = {}
     for split in splits:
-        _, shards = select_shards(shard_dir, split, fraction if split == "train" else None)
+        _, shards = select_shards(shard_dir, split, fraction if split == "train" else None, manifest)
         chosen.update((s["name"], s) for s in shards)
     return [chosen[name] for name in sorted(chosen)]
 
@@ -58,7 +58,7 @@ def check_checksums(shard_dir: str | Path, shards: list[dict], rank: int = 0, wo
 
 def checksum_error(problems: list[str]) -> str:
     """One line: the first damaged shard, how many more, and the two ways out."""
-    more = f" (and {len(problems) - 1} more shard(s): {'; '.join(problems[1:4])}{'; ...' if len(problems) > 4 else ''})" \
-        if len(problems) > 1 else ""
+    listed = "; ".join(problems[1:4]) + ("; ..." if len(problems) > 4 else "")
+    more = f" (and {len(problems) - 1} more shard(s): {listed})" if len(problems) > 1 else ""
     return (f"{problems[0]}{more}: shard changed or damaged since `tltrain prepare`; re-run prepare (or "
             "`tltrain verify` to see each sample), or set data.verify_checksums=false to skip this check")

@@ -31,18 +31,45 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
+class Manifest(dict):
+    """A validated manifest.json: still the dict every reader indexes, with the fields a run uses by name.
+
+    A run reads it once (tltrain.runner) and hands it to the loaders and the checksum check, which otherwise read
+    it themselves; treat it as read-only."""
+
+    @property
+    def num_classes(self) -> int:
+        return int(self["num_classes"])
+
+    @property
+    def classes(self) -> list:
+        return self["classes"]
+
+    @property
+    def shards(self) -> list[dict]:
+        return self["shards"]
+
+    @property
+    def splits(self) -> dict:
+        return self["splits"]
+
+    @property
+    def fractions(self) -> dict:
+        return self.get("fractions", {})
+
+
 def manifest_path(shard_dir: str | Path) -> Path:
     return Path(shard_dir) / MANIFEST_NAME
 
 
-def load_manifest(shard_dir: str | Path, *, missing_hint: str = "run `tltrain prepare` first") -> dict:
+def load_manifest(shard_dir: str | Path, *, missing_hint: str = "run `tltrain prepare` first") -> Manifest:
     """The validated manifest of `shard_dir`; DataError naming the file and the first bad value otherwise."""
     path = manifest_path(shard_dir)
     if not path.exists() and not path.is_symlink():
         raise DataError(f"{path}: not found ({missing_hint})")
     manifest = safe_io.load_json(path, MANIFEST_BYTES, "manifest")
     validate_manifest(manifest, Path(shard_dir), str(path))
-    return manifest
+    return Manifest(manifest)
 
 
 def validate_manifest(manifest, shard_dir: Path, where: str) -> None:

@@ -102,8 +102,9 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
             vflip = fn.random.coin_flip(probability=aug.vflip)
             images = fn.flip(images, horizontal=0, vertical=vflip)
             valid_y = fn.flip(valid_y, horizontal=0, vertical=vflip)
-        images = fn.brightness_contrast(images, brightness=fn.random.uniform(range=[1 - aug.brightness, 1 + aug.brightness]),
-                                        contrast=fn.random.uniform(range=[1 - aug.contrast, 1 + aug.contrast]))
+        images = fn.brightness_contrast(
+            images, brightness=fn.random.uniform(range=[1 - aug.brightness, 1 + aug.brightness]),
+            contrast=fn.random.uniform(range=[1 - aug.contrast, 1 + aug.contrast]))
         if aug.saturation:
             images = fn.saturation(images, saturation=fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]))
         images = images * fn.cast(dmath.min(valid_y * valid_x * 1e30, 1.0), dtype=types.UINT8)  # re-black outside
@@ -183,14 +184,14 @@ def _rank_counts(n_total: int, world: int) -> list[int]:
 
 class DaliLoader:
     def __init__(self, cfg: LoaderConfig, shard_dir, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
-                 device: str = "cpu", seed: int = 0, fraction: float | None = None):
+                 device: str = "cpu", seed: int = 0, fraction: float | None = None, manifest=None):
         from nvidia.dali import pipeline_def
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
         self.device = torch.device(device)
         gpu = cfg.dali_device == "gpu" or (cfg.dali_device == "auto" and self.device.type == "cuda")
-        self.manifest, shards = select_shards(shard_dir, split, fraction)
+        self.manifest, shards = select_shards(shard_dir, split, fraction, manifest)
         index = sample_index(shard_dir, shards)  # only its size and labels are needed: DALI's reader does the rest
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(index.labels, minlength=self.num_classes).tolist()
@@ -317,6 +318,7 @@ def dali_reason(exc: BaseException) -> str:
     if "encountered:" in lines:
         lines = lines[lines.index("encountered:") + 1:]
     for line in lines:
-        if not line.startswith(("Critical error", "Error in ", "which was used", "File ", "C++ context", "Current pipeline")):
+        if not line.startswith(("Critical error", "Error in ", "which was used", "File ", "C++ context",
+                                "Current pipeline")):
             return re.sub(r'^Assert on ".*?" failed: ', "", line)
     return lines[0] if lines else type(exc).__name__

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tltrain import safe_io
-from tltrain.data.manifest import load_manifest, manifest_path as manifest_path_of
+from tltrain.data.manifest import Manifest, load_manifest, manifest_path as manifest_path_of
 from tltrain.data.shards import image_ext, read_index
 from tltrain.errors import ConfigError, DataError
 from tltrain.safe_io import printable
@@ -28,10 +28,12 @@ class SampleRef:
     members: dict  # extension -> (offset, size, member name)
 
 
-def select_shards(shard_dir: str | Path, split: str, fraction: float | None = None) -> tuple[dict, list[dict]]:
-    """The manifest and the shard entries of a split (training: of the chosen nested fraction)."""
+def select_shards(shard_dir: str | Path, split: str, fraction: float | None = None,
+                  manifest: Manifest | None = None) -> tuple[Manifest, list[dict]]:
+    """The manifest and the shard entries of a split (training: of the chosen nested fraction). `manifest`: the
+    shard folder's, when the caller has read it already (a run reads it once)."""
     shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
+    manifest = manifest if manifest is not None else load_manifest(shard_dir)
     manifest_path = manifest_path_of(shard_dir)
     if split == "train" and fraction is not None:
         key = f"{fraction:g}"
@@ -44,11 +46,13 @@ def select_shards(shard_dir: str | Path, split: str, fraction: float | None = No
         shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:
         raise DataError(f"{shard_dir}: no shards for split {split!r} (splits: {', '.join(manifest['splits'])})")
-    missing = [str(shard_dir / s[part]) for s in shards for part in ("tar", "index") if not (shard_dir / s[part]).is_file()]
+    missing = [str(shard_dir / s[part]) for s in shards for part in ("tar", "index")
+               if not (shard_dir / s[part]).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise DataError(f"{', '.join(missing[:3])}{more}: missing (listed in {manifest_path}); restore the files or "
-                        "re-run `tltrain prepare` (it resumes and rewrites only what is missing), then `tltrain verify`")
+                        "re-run `tltrain prepare` (it resumes and rewrites only what is missing), "
+                        "then `tltrain verify`")
     return manifest, shards
 
 

@@ -197,12 +197,12 @@ class TorchWdsLoader:
     """Iterable over Batch for one rank; the same batch count on every rank; set_epoch() reshuffles training."""
 
     def __init__(self, cfg: LoaderConfig, shard_dir, split: str, *, train: bool, rank: int = 0, world_size: int = 1,
-                 device: str = "cpu", seed: int = 0, fraction: float | None = None):
+                 device: str = "cpu", seed: int = 0, fraction: float | None = None, manifest=None):
         self.cfg, self.train, self.rank, self.world_size, self.seed = cfg, train, rank, world_size, seed
         self.device = torch.device(device)
         if cfg.draft_decode:
             warn_draft_decode()
-        self.manifest, self.shards = select_shards(shard_dir, split, fraction)
+        self.manifest, self.shards = select_shards(shard_dir, split, fraction, manifest)
         self.index = sample_index(shard_dir, self.shards)
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(self.index.labels, minlength=self.num_classes).tolist()
