@@ -32,6 +32,7 @@ import torch
 from tltrain.engine.config import KEEP_AFTER_RUN
 from tltrain.engine.distributed import barrier
 from tltrain.errors import DataError, os_error
+from tltrain.run_folder import RunFolder
 from tltrain.safe_io import MiB, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 from tltrain.safe_io import finite_number, load_json, plain_name, printable
 from tltrain.safe_load import deepspeed_weights_only, torch_load
@@ -144,7 +145,7 @@ def remove_path(path: Path) -> None:
 
 def checkpoints_folder(run_dir: str | Path) -> Path:
     """<run_dir>/checkpoints; refused when it is a symbolic link (pruning would delete files where it points)."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = RunFolder(run_dir).checkpoints
     if folder.is_symlink():
         raise DataError(f"{folder}: the checkpoints folder is a symbolic link (to {printable(os.readlink(folder), 200)}"
                         "); refused: a run reads, writes and deletes checkpoints only inside its own folder")
@@ -229,7 +230,7 @@ def remove_stale_writes(run_dir: str | Path) -> list[Path]:
     and the index). Call only while holding the run_dir (rundir.claim_run_dir): a live writer's files look the
     same. Returns the removed paths."""
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunFolder(run_dir).checkpoints
     own_ckpt_dir = ckpt_dir.is_dir() and not ckpt_dir.is_symlink()  # a link: resume refuses it, clean nothing there
     tag_dirs = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and not p.is_symlink()] if own_ckpt_dir else []
     folders = [run_dir, *([ckpt_dir] if own_ckpt_dir else []), *tag_dirs]

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from tltrain.errors import DataError, TltrainError
+from tltrain.run_folder import RunFolder
 
-LOCK_NAME = ".tltrain.lock"
+LOCK_NAME = RunFolder.LOCK
 OWNER_LIMIT = 64 * 1024  # the owner line is ~250 bytes; a lock file is never read beyond this
 #: The lock is opened without following a symbolic link and without waiting on a FIFO (checked to be regular).
 _LOCK_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
