@@ -84,7 +84,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from tltrain.export import export_run
+    from tltrain.export.package import export_run
 
     meta = export_run(args.run_dir, args.out_dir, which=args.which, license=args.license,
                       description=args.description, shards=args.shards, force=args.force)
@@ -97,7 +97,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from tltrain.export import default_evaluation_path, evaluate
+    from tltrain.export.evaluation import default_evaluation_path, evaluate
 
     out = args.out or str(default_evaluation_path(args.checkpoint, args.shards, args.split))  # not in the package
     metrics = evaluate(args.checkpoint, args.shards, split=args.split, batch_size=args.batch_size,
@@ -111,7 +111,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from tltrain.export import predict
+    from tltrain.export.prediction import predict
     from tltrain.safe_io import printable
 
     result = predict(args.checkpoint, args.image_dir, args.out, batch_size=args.batch_size, device=args.device,

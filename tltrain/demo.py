@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tltrain.run_folder import RunFolder
+
 STEP1_KAPPA_GOAL = 0.7  # an intermediate domain worth transferring from (issue: synthetic fundus test kappa)
 
 
@@ -60,8 +62,7 @@ def _header(title: str) -> None:
 
 
 def _done(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.exists() and json.loads(status.read_text()).get("state") == "completed"
+    return RunFolder(run_dir).read_status().get("state") == "completed"
 
 
 def run_demo(out: Path, quick: bool = False) -> dict:
@@ -116,14 +117,14 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     if _done(step1):
         print(f"{step1}: already completed")
     else:
+        # loader.balanced: 73 % of the eyes are grade 0; without the sampler the model predicts grade 0 (Sallam et al.)
         result = train_from_overrides(
             ["data=synthetic_fundus", f"data.shards={shards / 'fundus'}", "schedule=layerwise",
              f"schedule.epochs_per_phase={size.step1_epochs_per_phase}", "schedule.groups_per_phase=2",
-             "loader.batch_size=16", "loader.balanced=true",  # 73 % grade 0: without the sampler the model predicts grade 0 (Sallam et al.)
-             *common, f"run_dir={step1}"])
+             "loader.batch_size=16", "loader.balanced=true", *common, f"run_dir={step1}"])
         if result.get("exit_code"):
             raise SystemExit(f"{step1}: run ended with status {result.get('status')}")
-    step1_kappa = json.loads((step1 / "metrics.json").read_text())["test"]["kappa"]
+    step1_kappa = json.loads(RunFolder(step1).metrics.read_text())["test"]["kappa"]
     verdict = "meets" if step1_kappa >= STEP1_KAPPA_GOAL else "is BELOW"
     print(f"step 1 test kappa {step1_kappa:.3f}: {verdict} the goal of {STEP1_KAPPA_GOAL} for an intermediate domain")
     timings["step 1"] = time.time() - mark
@@ -171,13 +172,13 @@ def _run_grid(grid_dir: Path, step1: Path, target_shards: Path, common: list[str
 
 def _grid_complete(grid_dir: Path) -> bool:
     """A previous demo ran the whole grid (multirun.yaml written, every run folder completed)."""
-    runs = [p.parent for p in grid_dir.glob("*/status.json")]
+    runs = [p.parent for p in grid_dir.glob(f"*/{RunFolder.STATUS}")]
     return (grid_dir / "multirun.yaml").exists() and bool(runs) and all(_done(r) for r in runs)
 
 
 def _export_step1(run_dir: Path, export_dir: Path) -> dict:
     """Export step 1 (the fundus model) as a pretrained package others can load."""
-    from tltrain.export import export_run
+    from tltrain.export.package import export_run
 
     # force: a re-run of the demo re-exports into its own package (export refuses to replace one otherwise)
     info = export_run(run_dir, export_dir, force=True,

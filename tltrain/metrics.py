@@ -131,7 +131,8 @@ class PredictionGatherer:
         self._labels: list[np.ndarray] = []
         self._keys: list[str] = []
 
-    def add(self, probs: torch.Tensor, labels: torch.Tensor, keys: list[str], valid: torch.Tensor | None = None) -> None:
+    def add(self, probs: torch.Tensor, labels: torch.Tensor, keys: list[str],
+            valid: torch.Tensor | None = None) -> None:
         probs_np = probs.detach().float().cpu().numpy()
         labels_np = labels.detach().cpu().numpy()
         mask = np.ones(len(labels_np), bool) if valid is None else valid.detach().cpu().numpy().astype(bool)

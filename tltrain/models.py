@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 from tltrain.errors import ConfigError, DataError
+# the package reader imports no model: a package is opened (and verified) through it; input_size_args is the one
+# rule for a size's timm arguments, which a package's config.json records (importable from here, as before)
+from tltrain.export.package_format import METADATA, METADATA_LIMIT, fixed_input_size, input_size_args, open_package
+from tltrain.safe_io import load_json_or_empty
 from tltrain.safe_load import torch_load
 
 
@@ -53,27 +57,12 @@ def create_model(arch: str, num_classes: int, weights: str | None = None, trust_
     except TypeError:
         if not size_args:
             raise
-        raise ConfigError(f"model.arch={arch} takes only {_fixed_input_size(arch)} px images: set loader.size="
-                          f"{_fixed_input_size(arch)}") from None
+        raise ConfigError(f"model.arch={arch} takes only {fixed_input_size(arch)} px images: set loader.size="
+                          f"{fixed_input_size(arch)}") from None
     if weights:
         report = load_weights(model, weights, trust_pickle=trust_pickle)
         model.tltrain_load_report = report  # kept for logging by the caller
     return model
-
-
-def input_size_args(arch: str, input_size: int | None) -> dict:
-    """timm kwargs for images of input_size: {"dynamic_img_size": True} for a fixed-size model (ViT) fed another
-    size, else {}."""
-    native = _fixed_input_size(arch)
-    return {"dynamic_img_size": True} if input_size and native and input_size != native else {}
-
-
-def _fixed_input_size(arch: str) -> int | None:
-    """The one image size a timm architecture accepts, or None when it takes any size (CNNs)."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(arch)
-    return int(cfg.input_size[-1]) if cfg is not None and getattr(cfg, "fixed_input_size", False) else None
 
 
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -82,9 +71,7 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     trust_pickle=True reads torch files with plain pickle (legacy files whose author the user trusts).
     """
     path = Path(path)
-    if path.is_dir() and (path / "tltrain.json").exists():  # a tltrain package: verified as load_pretrained does
-        from tltrain.export import open_package
-
+    if path.is_dir() and (path / METADATA).exists():  # a tltrain package: verified as load_pretrained does
         return read_state_dict(open_package(path)[1], trust_pickle)
     if path.is_dir():  # a folder of weights or a run dir
         for candidate in ("model.safetensors", "pytorch_model.bin", "model.pth"):
@@ -95,8 +82,6 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
     if _is_package_weights(path):  # a package's weights file named directly: the package is verified too
-        from tltrain.export import open_package
-
         path = open_package(path.parent)[1]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -123,12 +108,10 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
 def _is_package_weights(path: Path) -> bool:
     """True for the weights file a package's tltrain.json names (read bounded; a broken one is open_package's to
     report, so it counts as a package)."""
-    meta_path = path.parent / "tltrain.json"
+    meta_path = path.parent / METADATA
     if not meta_path.exists():
         return False
-    from tltrain.safe_io import load_json_or_empty
-
-    weights = load_json_or_empty(meta_path, 16 << 20).get("weights")
+    weights = load_json_or_empty(meta_path, METADATA_LIMIT).get("weights")
     return not isinstance(weights, dict) or weights.get("file") in (path.name, None)
 
 

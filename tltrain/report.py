@@ -22,6 +22,9 @@ from pathlib import Path
 
 from tltrain import safe_io
 from tltrain.errors import DataError
+from tltrain.export.package_format import METADATA
+from tltrain.run_folder import METRICS_LIMIT, STATUS_LIMIT, RunFolder
+from tltrain.stats import CONFIDENCE, mean_ci  # noqa: F401 (both importable from here, as before)
 
 # Columns of the report, in order; metric names as the trainer writes them.
 METRIC_COLUMNS = [
@@ -40,13 +43,6 @@ PANEL_KEYS = ["data", "classes"]
 CONFIG_KEYS = ["schedule", "model", "weights", "fraction", "split"]
 PLOTTED_METRICS = ("kappa", "accuracy", "auc")
 BOUNDED_METRICS = {"kappa", "accuracy", "auc", "top2_accuracy", "sensitivity", "specificity"}  # at most 1
-CONFIDENCE = 0.95
-
-
-#: Caps for the files of one run folder (someone else's files: a shared sweep). metrics.json holds the per-epoch
-#: history; a few MB is a very long run.
-STATUS_BYTES = 4 * safe_io.MiB
-METRICS_BYTES = 16 * safe_io.MiB
 MAX_TEXT_CHARS = 1000  # a name read from a config (data.name, schedule.name, model.arch, model.weights)
 MAX_LABEL_CHARS = 500  # the label set built from a manifest's class names
 UNREADABLE = "unreadable"
@@ -62,7 +58,7 @@ def _read_config(path: Path) -> dict:
     if not _exists(path):
         return {}
     try:
-        return safe_io.load_yaml(path, what="config.yaml")
+        return safe_io.load_yaml(path, what=RunFolder.CONFIG)
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
@@ -150,12 +146,12 @@ def initial_weights(weights: str | None) -> str:
         return "scratch"
     path = Path(str(weights))
     if path.is_dir() or path.suffix == "":
-        if (path / "tltrain.json").is_file():
+        if (path / METADATA).is_file():
             return f"package:{path.name}"
         return f"run:{path.name}"
-    if (path.parent / "tltrain.json").is_file():  # a package's weights file
+    if (path.parent / METADATA).is_file():  # a package's weights file
         return f"package:{path.parent.name}"
-    if path.parent.name == "checkpoints":  # a checkpoint file inside a run folder
+    if path.parent.name == RunFolder.CHECKPOINTS:  # a checkpoint file inside a run folder
         return f"run:{path.parent.parent.name}"
     lowered = path.name.lower()
     if any(tag in lowered for tag in ("imagenet", "in1k", "in21k", "in22k", "in12k")):
@@ -229,11 +225,11 @@ def _run_state(run_dir: Path, status: dict, metrics: dict) -> str:
 
 def _run_row(run_dir: Path, name: str, manifests: dict) -> dict:
     """One run folder as a report row; DataError naming the file and the value when any of its files is bad."""
-    config_where, status_where = str(run_dir / "config.yaml"), str(run_dir / "status.json")
-    metrics_where = str(run_dir / "metrics.json")
-    config = _read_config(run_dir / "config.yaml")
-    status = _status_fields(_read_object(run_dir / "status.json", STATUS_BYTES, "status.json"), status_where)
-    metrics = _read_object(run_dir / "metrics.json", METRICS_BYTES, "metrics.json")
+    folder = RunFolder(run_dir)
+    config_where, status_where, metrics_where = str(folder.config), str(folder.status), str(folder.metrics)
+    config = _read_config(folder.config)
+    status = _status_fields(_read_object(folder.status, STATUS_LIMIT, RunFolder.STATUS), status_where)
+    metrics = _read_object(folder.metrics, METRICS_LIMIT, RunFolder.METRICS)
     split, final = _final_metrics(metrics, metrics_where)
     if split and final.get("count") == 0:  # an evaluation that read no sample has no metric to show
         raise DataError(f"{metrics_where}: the {split} evaluation read no sample (count 0): no metrics to report")
@@ -278,7 +274,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DataError(f"{sweep_dir}: not a folder")
-    run_dirs = sorted({p.parent for name in ("metrics.json", "status.json") for p in sweep_dir.rglob(name)})
+    run_dirs = sorted({p.parent for name in (RunFolder.METRICS, RunFolder.STATUS) for p in sweep_dir.rglob(name)})
     rows, manifests = [], {}
     for run_dir in run_dirs:
         name = str(run_dir.relative_to(sweep_dir)) or "."
@@ -287,23 +283,8 @@ def collect_runs(sweep_dir: str | Path) -> list[dict]:
         except DataError as exc:
             rows.append(_unreadable_row(name, str(exc)))
     if not rows:
-        raise DataError(f"{sweep_dir}: no runs found (no metrics.json or status.json below it)")
+        raise DataError(f"{sweep_dir}: no runs found (no {RunFolder.METRICS} or {RunFolder.STATUS} below it)")
     return rows
-
-
-def mean_ci(values) -> tuple[int, float | None, float | None]:
-    """(n, mean, half-width of the 95 % t-interval over seeds); the half-width is None for n < 2."""
-    import numpy as np
-    from scipy import stats
-
-    values = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
-                        dtype=np.float64)
-    if len(values) == 0:
-        return 0, None, None
-    if len(values) == 1:
-        return 1, float(values[0]), None
-    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return len(values), float(values.mean()), float(half)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

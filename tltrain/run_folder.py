@@ -13,6 +13,7 @@ Layout:
   checkpoints/            index.json + checkpoints (engine/checkpoint.py)
   tb/                     TensorBoard event files
   features/               the frozen-feature cache of features+SVM runs
+  weights_report.json     which initial weights matched, were new or mismatched (model.weights=...)
   .tltrain.lock           the lock the live run holds (engine/rundir.py)
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class RunFolder:
     CHECKPOINTS = "checkpoints"
     TENSORBOARD = "tb"
     FEATURES = "features"
+    WEIGHTS_REPORT = "weights_report.json"
     LOCK = ".tltrain.lock"
 
     def __init__(self, path: str | Path):
@@ -81,6 +83,10 @@ class RunFolder:
     @property
     def features(self) -> Path:
         return self.path / self.FEATURES
+
+    @property
+    def weights_report(self) -> Path:
+        return self.path / self.WEIGHTS_REPORT
 
     @property
     def lock(self) -> Path:

@@ -15,11 +15,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tltrain.errors import DataError, os_error
+from tltrain.run_folder import RunFolder
 from tltrain.safe_io import atomic_write_json, atomic_write_text, csv_cell
 
 
-def read_manifest(shards: str | Path) -> dict:
-    """The shards' manifest.json, read bounded and validated (tltrain.data.manifest) before a model is built."""
+def read_manifest(shards: str | Path):
+    """The shards' manifest.json, read bounded and validated (tltrain.data.manifest) before a model is built: the
+    run's one read of it (the loaders and the checksum check are handed this one)."""
     from tltrain.data.manifest import load_manifest
 
     try:
@@ -52,7 +54,7 @@ def run_transfer(cfg) -> dict:
     device = D.device_for(env, cfg.device)
     manifest = read_manifest(cfg.data.shards)
     if cfg.data.verify_checksums:  # before the first epoch: a shard changed since prepare stops the run (exit 2)
-        _check_shard_checksums(cfg, env, device)
+        _check_shard_checksums(cfg, env, device, manifest)
     num_classes = int(manifest["num_classes"])
     model = create_model(cfg.model.arch, model_outputs(cfg.trainer, num_classes), cfg.model.weights,
                          trust_pickle=cfg.model.trust_pickle, input_size=cfg.loader.size,
@@ -62,13 +64,13 @@ def run_transfer(cfg) -> dict:
         _log(env.is_main, f"weights {cfg.model.weights}: {report.summary()}")
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "weights_report.json", dataclasses.asdict(report))
+            atomic_write_json(RunFolder(run_dir).weights_report, dataclasses.asdict(report))
 
     def loader(split: str, train_mode: bool, fraction: float | None = None):
         """Training loaders read the chosen nested fraction; evaluation loaders a whole split (or `fraction`)."""
         return build_loader(cfg.loader, cfg.data.shards, split, train=train_mode, rank=env.rank,
                             world_size=env.world_size, device=str(device), seed=cfg.seed,
-                            fraction=cfg.data.fraction if train_mode else fraction)
+                            fraction=cfg.data.fraction if train_mode else fraction, manifest=manifest)
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if cfg.schedule.name in ("features_svm", "features_logreg"):
@@ -86,17 +88,18 @@ def run_transfer(cfg) -> dict:
 
 def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, config_yaml: str) -> dict:
     """Li et al. method 3: the pretrained CNN as a fixed feature extractor, a scikit-learn classifier on top."""
-    from tltrain.engine.logging import own_folder, write_status
+    from tltrain.engine.logging import own_folder
     from tltrain.metrics import compute_metrics, write_predictions_csv
     from tltrain.transfer.features import extract_features, fit_classifier
 
     started = time.time()
+    folder = RunFolder(run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config_yaml)
-        write_status(run_dir, "running", step=0, epoch=0)
+        atomic_write_text(folder.config, config_yaml)
+        folder.write_status("running", step=0, epoch=0)
     model = model.to(device).eval()
-    cache = own_folder(run_dir / "features", "feature cache folder")
+    cache = own_folder(folder.features, "feature cache folder")
     kind = "svm" if cfg.schedule.name == "features_svm" else "logreg"
     splits = {"train": cfg.data.train_split, "val": cfg.data.val_split}
     if cfg.data.test_split:
@@ -119,21 +122,21 @@ def _run_features(cfg, model, loader, manifest, run_dir: Path, env, device, conf
             results[name] = compute_metrics(probs, feats[name][1], cfg.trainer.referable_threshold)
             if name == "test" and env.is_main:
                 keys = [csv_cell(key) for key in feats[name][2]]  # from the shards: no spreadsheet formulas
-                write_predictions_csv(run_dir / "predictions_test.csv", keys, feats[name][1], probs)
+                write_predictions_csv(folder.predictions_test, keys, feats[name][1], probs)
     perf = {"images_per_s": n_images / max(time.time() - started, 1e-9), "wall_time_s": time.time() - started}
     if env.is_main:
         classifier.save(run_dir / "classifier")  # classifier.safetensors + classifier.json: data, not pickle
-        atomic_write_json(run_dir / "metrics.json", {"final": results.get("val", {}), "history": [],
-                                                     "test": results.get("test", {}), "perf": perf})
-        write_status(run_dir, "completed", step=0, epoch=0,
-                     metrics={k: v for k, v in results.get("val", {}).items() if k != "confusion"})
+        atomic_write_json(folder.metrics, {"final": results.get("val", {}), "history": [],
+                                           "test": results.get("test", {}), "perf": perf})
+        folder.write_status("completed", step=0, epoch=0,
+                            metrics={k: v for k, v in results.get("val", {}).items() if k != "confusion"})
     _log(env.is_main, f"{kind} on frozen {cfg.model.arch} features: " + ", ".join(
         f"{split} kappa {m['kappa']:.3f} acc {m['accuracy']:.3f}" for split, m in results.items()))
     return {"status": "completed", "exit_code": 0, "step": 0, "epoch": 0, "run_dir": str(run_dir),
             "final": results.get("val", {}), "test": results.get("test", {}), "perf": perf}
 
 
-def _check_shard_checksums(cfg, env, device) -> None:
+def _check_shard_checksums(cfg, env, device, manifest) -> None:
     """Each rank hashes its slice of the run's shards (tltrain.data.integrity); every rank raises the same
     DataError on any mismatch (train_app.run marks the run failed, the CLI exits 2)."""
     import torch.distributed as dist
@@ -142,7 +145,7 @@ def _check_shard_checksums(cfg, env, device) -> None:
     from tltrain.engine import distributed as D
 
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s]
-    shards = run_shards(cfg.data.shards, splits, cfg.data.fraction)
+    shards = run_shards(cfg.data.shards, splits, cfg.data.fraction, manifest)
     started = time.time()
     D.init_process_group(env, device)  # the trainer's own call then finds the group joined
     problems = check_checksums(cfg.data.shards, shards, env.rank, env.world_size)

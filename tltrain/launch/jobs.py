@@ -29,6 +29,7 @@ from tltrain import safe_io
 from tltrain.engine.rundir import is_stale
 from tltrain.errors import DataError
 from tltrain.launch.config import DEFAULT_ROOT
+from tltrain.run_folder import METRICS_LIMIT, STATUS_LIMIT, RunFolder
 
 REGISTRY_NAME = ".tltrain_jobs.jsonl"
 #: SLURM end states that mean the job did not finish its work.
@@ -36,7 +37,6 @@ SLURM_BAD_STATES = ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAI
                     "PREEMPTED")
 #: Caps on what `tltrain jobs` reads (registries, run files and logs may be someone else's: a shared root).
 REGISTRY_BYTES = 64 * safe_io.MiB  # ~100k submissions
-RUN_FILE_BYTES = 16 * safe_io.MiB  # a run's status.json / metrics.json
 RESULT_PREFIX_BYTES = 64 * 1024  # the outcome string comes first in submitit's result pickle
 LOG_TAIL_BYTES = 64 * 1024  # of a failed job's stderr log, only the end is read
 MAX_ID_CHARS = 200
@@ -307,8 +307,9 @@ def _array_index(job_id: str) -> tuple[str, int]:
 
 def _run_status(run_dir: Path) -> dict:
     """The values of status.json that the table shows (and is_stale reads), type-checked; {} when absent."""
-    status = safe_io.load_json_object(run_dir / "status.json", RUN_FILE_BYTES, "status.json")
-    where = str(run_dir / "status.json")
+    folder = RunFolder(run_dir)
+    status = safe_io.load_json_object(folder.status, STATUS_LIMIT, RunFolder.STATUS)
+    where = str(folder.status)
     for key in ("state", "error", "host"):
         if status.get(key) is not None and not isinstance(status[key], str):
             raise DataError(f"{where}: {key} must be text, not {type(status[key]).__name__}")
@@ -324,20 +325,21 @@ def _run_status(run_dir: Path) -> dict:
 
 def _final_metrics(run_dir: Path, status: dict) -> dict:
     """{"kappa", "accuracy"} of the last validation (metrics.json, else status.json), as numbers or None."""
-    metrics = safe_io.load_json_object(run_dir / "metrics.json", RUN_FILE_BYTES, "metrics.json")
+    path = RunFolder(run_dir).metrics
+    metrics = safe_io.load_json_object(path, METRICS_LIMIT, RunFolder.METRICS)
     final = metrics.get("final") or status.get("metrics") or {}
     if not isinstance(final, dict):
-        raise DataError(f"{run_dir / 'metrics.json'}: final must be an object")
+        raise DataError(f"{path}: final must be an object")
     values = {}
     for key in ("kappa", "accuracy"):
         value = final.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise DataError(f"{run_dir / 'metrics.json'}: final.{key} must be a number, "
+            raise DataError(f"{path}: final.{key} must be a number, "
                             f"not {safe_io.printable(repr(value), 100)}")
         try:
             values[key] = None if value is None else float(value)
         except OverflowError:
-            raise DataError(f"{run_dir / 'metrics.json'}: final.{key} is too large a number") from None
+            raise DataError(f"{path}: final.{key} is too large a number") from None
     return values
 
 
@@ -401,7 +403,8 @@ def _job_row(entry: dict, slurm: dict, tail: int) -> dict:
     state = combined_state(record.get("state"), status.get("state"))
     failed = state in ("FAILED",) + SLURM_BAD_STATES
     logs = log_tail(entry.get("stderr"), tail) if failed else []
-    error = problem or status.get("error") or (next((l for l in reversed(logs) if l.strip()), "") if failed else "")
+    last_line = next((line for line in reversed(logs) if line.strip()), "")
+    error = problem or status.get("error") or (last_line if failed else "")
     blocked = _dependency_failure(entry, record, slurm)
     if blocked:
         error, logs = blocked, []

@@ -1,0 +1,109 @@
+"""The model card (README.md of a package): intended use, data, test set, how the checkpoint was chosen, metrics
+with 95 % intervals, what referable means, and how to load the package (tltrain or plain timm).
+
+Which metric rows it shows is the rule of the run's own metrics (tltrain.metrics.run_metrics), not a restatement.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tltrain import safe_io
+from tltrain.export.package_format import TIMM_CONFIG, WEIGHTS
+from tltrain.metrics import run_metrics
+
+#: The card's metric rows, in order: (label, metric name); a row is shown when the package's runs report it.
+METRIC_ROWS = (("quadratic kappa", "kappa"), ("macro one-vs-rest AUC", "auc"),
+               ("referable sensitivity", "sensitivity"), ("referable specificity", "specificity"),
+               ("referable AUC", "referable_auc"), ("accuracy", "accuracy"), ("top-2 accuracy", "top2_accuracy"),
+               ("cross-entropy", "cross_entropy"))
+
+
+def _ci_text(ci: dict, name: str, fallback) -> str:
+    entry = ci.get(name)
+    if entry:
+        return f"{entry['value']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})"
+    if isinstance(fallback, bool) or not isinstance(fallback, (int, float)) or fallback != fallback:
+        return "-"  # absent, NaN, or not a number (metrics.json is a file someone may have edited)
+    return f"{fallback:.3f}"
+
+
+def model_card(meta: dict, out_dir: Path) -> str:
+    """The card's Markdown for a package's metadata; out_dir is the name it shows (the folder, not a local path)."""
+    data, pre, checkpoint = meta["training_data"], meta["preprocessing"], meta["checkpoint"]
+    metrics = meta["metrics"]
+    test, val = metrics["test"], metrics["validation"]
+    ci, test_set = metrics.get("test_ci") or {}, metrics.get("test_set")
+    referable = meta.get("referable_threshold")
+    names = [safe_io.markdown_text(n, 200) for n in (meta["class_names"] or meta["classes"])]  # from the manifest
+    value = checkpoint.get("value")
+    chosen = (f"checkpoint `{checkpoint['name']}` (optimizer step {checkpoint['step']}, after epoch "
+              f"{checkpoint['epoch']}), the {checkpoint['chosen_by']}"
+              + (f" ({checkpoint['metric']} {value:.4f})" if isinstance(value, (int, float)) else "") + ".")
+    reported = run_metrics(meta["num_classes"], referable)  # referable: already the run's rule's answer
+    rows = [(label, key) for label, key in METRIC_ROWS if key in reported]
+    table = "\n".join(f"| {label} | {_ci_text(ci, key, test.get(key)) if test else '-'} | "
+                      f"{_ci_text({}, key, val.get(key))} |" for label, key in rows)
+    if test_set:
+        counts = ", ".join(f"{name}: {count}" for name, count in zip(names, test_set["class_counts"]))
+        test_text = f"test split `{test_set['split']}`: {test_set['count']} images ({counts})."
+    elif test:
+        test_text = f"test split: {test.get('count')} images (no per-image predictions, so no intervals)."
+    else:
+        test_text = ("no test metrics of this checkpoint: the run tested another one "
+                     "(run `tltrain evaluate` on this package for its own).")
+    ci_text = (f"Intervals: 95 % {ci['method']}; {ci['resamples']} resamples, seed {ci['seed']}." if ci else
+               "No intervals (no per-image test predictions of this checkpoint).")
+    referable_text = (f"Referable DR means grade >= {referable} ({', '.join(names[referable:])}): moderate "
+                      f"non-proliferative DR or worse, the usual threshold for referral to an ophthalmologist. "
+                      f"Sensitivity and specificity count the predicted grade (argmax) against that threshold; "
+                      f"referable AUC ranks images by P(grade >= {referable})." if referable is not None else
+                      "Referable-DR metrics do not apply: the label set is not the 5-grade DR scale.")
+    data = {**data, "name": safe_io.markdown_text(data["name"], 200)}
+    return f"""# {meta['architecture']} pretrained on {data['name']} (tltrain)
+
+{meta['description'] or 'An intermediate-domain checkpoint for transfer learning on fundus photographs.'}
+
+## Intended use
+Initialisation for fine-tuning on retinal (fundus) tasks or as the intermediate step of two-step transfer
+(ImageNet -> fundus -> target). Not a medical device; not validated for clinical decisions.
+
+## Data
+- training data: {data['name']} ({data['fraction'] * 100:g} % of the training split), manifest sha256
+  `{data['manifest_sha256']}`
+- classes ({meta['num_classes']}): {', '.join(names)}
+- class counts in training: {data['class_counts']}
+- {test_text}
+
+## Checkpoint
+{chosen}
+
+## Metrics
+| metric | test (95 % CI) | validation |
+|---|---|---|
+{table}
+
+{ci_text}
+{referable_text}
+
+## Preprocessing (applied by `tltrain.load_pretrained` and `tltrain predict`)
+Ben Graham: disc crop resized to {pre['size']} px (radius {pre['size'] // 2}), out = {pre['gain']:g}*img -
+{pre['gain']:g}*gauss(sigma = radius * {pre['sigma_ratio']:.4f}) + {pre['offset']:g}, outside {pre['mask_ratio']:g} *
+radius set to {pre['offset']:g}; normalise with mean {pre['mean']} and std {pre['std']}. Recipe enabled:
+{pre['enabled']}.
+
+## How to load
+```python
+import tltrain
+model, preprocess = tltrain.load_pretrained("{out_dir}")   # checks the sha256
+x = preprocess(pil_image)[None]                             # (1, 3, {pre['size']}, {pre['size']})
+probabilities = model(x).softmax(-1)
+```
+Plain timm (reads `{TIMM_CONFIG}` and `{WEIGHTS}`; timm's own transforms resize and normalise but do not apply
+the Ben Graham filter, whose parameters are in `{TIMM_CONFIG}` under `tltrain_preprocessing`):
+```python
+import timm
+model = timm.create_model("local-dir:{out_dir}", pretrained=True)
+```
+Weights: `{WEIGHTS}`, sha256 `{meta['weights']['sha256']}`. Licence: {meta['license']}.
+Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.
+"""
