@@ -6,6 +6,8 @@
 #   bash slurm/down.sh --purge        # stop daemons and delete the state dir
 #   bash slurm/down.sh --nodes 2      # the multi-node cluster of `up.sh --nodes 2` (state /tmp/tltrain-slurm-mn)
 set -euo pipefail
+LOG_TAG=slurm/down
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 purge=0 nodes=1
 while (($#)); do
@@ -16,31 +18,12 @@ while (($#)); do
         *) echo "usage: $0 [--purge] [--nodes N]  (state dir: \$TLTRAIN_SLURM_DIR)" >&2; exit 2 ;;
     esac
 done
-if [[ $nodes =~ ^[0-9]+$ ]] && ((nodes > 1)); then
-    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm-mn}
-else
-    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
-fi
+STATE=$(slurm_state_dir "$nodes")
 RUN=$STATE/run
-
-log() { printf '[slurm/down] %s\n' "$*"; }
-
-# Running = exists and is not a zombie: PID 1 here reaps exited daemons only every ~2 s.
-pid_alive() {
-    local pid=$1 comm=${2:-} st
-    [[ -n $pid && -r /proc/$pid/stat ]] || return 1
-    st=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
-    [[ $st != Z && $st != X ]] || return 1
-    # A stale pid file may name a recycled pid: with COMM given, the process must also have that name.
-    [[ -z $comm || $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
-}
-
-# pidfile_alive FILE [COMM]: the daemon named in FILE is running.
-pidfile_alive() { [[ -s $1 ]] && pid_alive "$(tr -dc 0-9 <"$1")" "${2:-}"; }
 
 # stop NAME: TERM the pid from NAME.pid, wait up to 20 s, then KILL. Reverse start order keeps logs clean.
 stop() {
-    local name=$1 pidfile=$RUN/$1.pid comm=$1 pid i
+    local name=$1 pidfile=$RUN/$1.pid comm=$1 pid
     [[ $name == mariadb ]] && comm=mariadbd
     [[ $name == slurmd-* ]] && comm=slurmd
     [[ -s $pidfile ]] || { log "$name: no pid file"; return 0; }
@@ -49,10 +32,7 @@ stop() {
         log "$name: not running (stale pid file)"; rm -f "$pidfile"; return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        pid_alive "$pid" "$comm" || break
-        sleep 0.2
-    done
+    wait_for 20 "$name to stop" pid_gone "$pid" "$comm" || true
     if pid_alive "$pid" "$comm"; then
         log "$name ($pid) ignored TERM for 20 s, sending KILL"
         kill -KILL "$pid" 2>/dev/null || true
@@ -62,19 +42,20 @@ stop() {
     log "$name ($pid) stopped"
 }
 
+# no_running_jobs: squeue lists no running or completing job (or slurmctld does not answer).
+no_running_jobs() { [[ -z $(squeue -h -t running,completing -o %i 2>/dev/null) ]]; }
+
 # Jobs first: their processes belong to slurmstepd, which outlives slurmd, so they would otherwise linger.
 cancel_jobs() {
     export SLURM_CONF=$STATE/etc/slurm.conf
     pidfile_alive "$RUN/slurmctld.pid" slurmctld || return 0
-    local jobs i
+    local jobs
     jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
     [[ -n ${jobs// /} ]] || return 0
     log "cancelling jobs: $jobs"
     scancel $jobs 2>/dev/null || true
-    for ((i = 0; i < 75; i++)); do   # up to 15 s for the steps to end (KillWait=5 before SIGKILL)
-        [[ -z $(squeue -h -t running,completing -o %i 2>/dev/null) ]] && return 0
-        sleep 0.2
-    done
+    # up to 15 s for the steps to end (KillWait=5 before SIGKILL)
+    wait_for 15 "jobs to end" no_running_jobs && return 0
     log "some jobs are still ending; their processes may outlive the daemons"
 }
 

@@ -14,8 +14,10 @@
 # MariaDB 13306 on 127.0.0.1 only; multi-node: 6827, 6818 (inside each node's namespace), 6829, 13316, so both
 # clusters can run side by side.
 set -euo pipefail
+LOG_TAG=slurm/up
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 NODES=1
 while (($#)); do
     case $1 in
@@ -29,11 +31,10 @@ done
 MULTI=$((NODES > 1))
 
 START_NS=$(date +%s%N)
+STATE=$(slurm_state_dir "$NODES")
 if ((MULTI)); then
-    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm-mn}
     PORT_BASE=6827 DB_PORT_DEFAULT=13316
 else
-    STATE=${TLTRAIN_SLURM_DIR:-/tmp/tltrain-slurm}
     PORT_BASE=6817 DB_PORT_DEFAULT=13306
 fi
 CLUSTER=${TLTRAIN_SLURM_CLUSTER:-tltrain}
@@ -52,7 +53,6 @@ MUNGE_SOCKET=$RUN/munge.socket.2
 DB_SOCKET=$RUN/mariadb.sock
 DB_DATA=$STATE/mariadb
 
-log() { printf '[slurm/up] %s\n' "$*"; }
 die() { printf '[slurm/up] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # Show the end of a daemon's log when it fails: config mistakes are only visible there.
@@ -84,30 +84,6 @@ install_packages() {
         "${missing[@]}" >"$STATE/apt.log" 2>&1 || { ((own_policy)) && rm -f /usr/sbin/policy-rc.d; die_with_log "apt-get install failed" "$STATE/apt.log"; }
     ((own_policy)) && rm -f /usr/sbin/policy-rc.d
     return 0
-}
-
-# ---------------------------------------------------------------- process helpers
-# A pid counts as running when it exists and is not a zombie (PID 1 here reaps exited daemons only every ~2 s).
-pid_alive() {
-    local pid=$1 comm=${2:-} st
-    [[ -n $pid && -r /proc/$pid/stat ]] || return 1
-    st=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
-    [[ $st != Z && $st != X ]] || return 1
-    # A stale pid file may name a recycled pid: with COMM given, the process must also have that name.
-    [[ -z $comm || $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
-}
-
-# pidfile_alive FILE [COMM]: the daemon named in FILE is running.
-pidfile_alive() { [[ -s $1 ]] && pid_alive "$(tr -dc 0-9 <"$1")" "${2:-}"; }
-
-# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s until it succeeds.
-wait_for() {
-    local secs=$1 what=$2; shift 2
-    local deadline=$(($(date +%s) + secs))
-    until "$@" >/dev/null 2>&1; do
-        (($(date +%s) < deadline)) || return 1
-        sleep 0.2
-    done
 }
 
 # ---------------------------------------------------------------- configs
