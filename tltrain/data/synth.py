@@ -15,14 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from tltrain import safe_io
+from tltrain.data.pool import pool_map
 
 # Kaggle EyePACS training labels (research.md): 25,810 / 2,443 / 5,292 / 873 / 708 of 35,126.
 EYEPACS_CLASS_MIX = (0.735, 0.070, 0.151, 0.025, 0.020)
@@ -69,6 +68,35 @@ def _draw_vessels(draw, rng, od, radius, scale, color, n_trunks=4):
                 branch_at = points[rng.integers(len(points) // 3, len(points))]
                 stack.append((branch_at, end_angle + rng.choice([-1, 1]) * rng.uniform(0.4, 1.0),
                               width * 0.65, length * 0.55, depth + 1))
+
+
+def _place_disc_and_macula(rng, img, xx, yy, cx, cy, radius, side, glow, shade):
+    """The optic disc on the nasal side (side 1: right eye), the macula on the other, as both renderers draw them:
+    adds the disc's `glow` (RGB) to img and darkens the macula by `shade`, in place. Returns (od, macula)."""
+    od = (cx + side * radius * rng.uniform(0.25, 0.35), cy + rng.normal(0, 0.05) * radius)
+    macula = (cx - side * radius * rng.uniform(0.12, 0.2), cy + rng.normal(0, 0.04) * radius)
+    d_od = np.sqrt((xx - od[0]) ** 2 + (yy - od[1]) ** 2) / (radius * rng.uniform(0.07, 0.1))
+    img += np.exp(-d_od ** 4)[..., None] * np.asarray(glow, np.float32)
+    d_mac = np.sqrt((xx - macula[0]) ** 2 + (yy - macula[1]) ** 2) / (radius * 0.12)
+    img *= (1 - shade * np.exp(-d_mac ** 2))[..., None]
+    return od, macula
+
+
+def _draw_dots(draw, rng, points, size_range, scale, fill):
+    """Round lesions (microaneurysms, exudates), one at each of `points`, radius drawn from size_range.
+
+    `points` may be a generator drawing from rng: it is read one point at a time, each before its radius, the
+    order the seed's stream has always had (the images stay the same)."""
+    for x, y in points:
+        r = rng.uniform(*size_range) * scale + 0.6
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+
+def _draw_blots(draw, rng, points, scale, fill):
+    """Oval haemorrhages, one at each of `points` (read one at a time, as in _draw_dots)."""
+    for x, y in points:
+        rx, ry = rng.uniform(4, 11) * scale + 1, rng.uniform(4, 11) * scale + 1
+        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=fill)
 
 
 def _lesion_counts(rng: np.random.Generator, grade: int) -> dict[str, int]:
@@ -122,13 +150,8 @@ def render_fundus_disc(seed, grade: int, width: int = 512, height: int | None = 
     texture = 1 + 0.08 * _smooth_noise(rng, h, w)
     img = base[None, None, :] * (vignette * texture * exposure)[..., None]
 
-    side = 1 if right_eye else -1  # optic disc on the nasal side
-    od = (cx + side * radius * rng.uniform(0.25, 0.35), cy + rng.normal(0, 0.05) * radius)
-    macula = (cx - side * radius * rng.uniform(0.12, 0.2), cy + rng.normal(0, 0.04) * radius)
-    d_od = np.sqrt((xx - od[0]) ** 2 + (yy - od[1]) ** 2) / (radius * rng.uniform(0.07, 0.1))
-    img += (np.exp(-d_od ** 4)[..., None] * np.array([0.35, 0.35, 0.2], np.float32))
-    d_mac = np.sqrt((xx - macula[0]) ** 2 + (yy - macula[1]) ** 2) / (radius * 0.12)
-    img *= (1 - 0.25 * np.exp(-d_mac ** 2))[..., None]
+    side = 1 if right_eye else -1
+    od, macula = _place_disc_and_macula(rng, img, xx, yy, cx, cy, radius, side, glow=(0.35, 0.35, 0.2), shade=0.25)
 
     pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
@@ -142,21 +165,17 @@ def render_fundus_disc(seed, grade: int, width: int = 512, height: int | None = 
         a = rng.uniform(0, 2 * math.pi)
         return cx + r * math.cos(a), cy + r * math.sin(a)
 
+    def near_macula():
+        """Hard exudates cluster around the macula: halfway from a point of the inner disc to it."""
+        x, y = point_in_disc(0.6)
+        return (x + macula[0]) / 2, (y + macula[1]) / 2
+
     dark_red = tuple(int(c) for c in (exposure * np.array([120, 18, 15])).clip(0, 255))
-    for _ in range(counts["microaneurysms"]):
-        x, y = point_in_disc()
-        r = rng.uniform(1.0, 2.2) * scale + 0.6
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=dark_red)
-    for _ in range(counts["haemorrhages"]):
-        x, y = point_in_disc()
-        rx, ry = rng.uniform(4, 11) * scale + 1, rng.uniform(4, 11) * scale + 1
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=tuple(int(c * 0.85) for c in dark_red))
+    _draw_dots(draw, rng, (point_in_disc() for _ in range(counts["microaneurysms"])), (1.0, 2.2), scale, dark_red)
+    _draw_blots(draw, rng, (point_in_disc() for _ in range(counts["haemorrhages"])), scale,
+                tuple(int(c * 0.85) for c in dark_red))
     yellow = tuple(int(c) for c in (np.array([250, 225, 110]) * min(1.0, exposure + 0.15)).clip(0, 255))
-    for _ in range(counts["exudates"]):
-        x, y = point_in_disc(0.6)  # hard exudates cluster around the macula
-        x, y = (x + macula[0]) / 2, (y + macula[1]) / 2
-        r = rng.uniform(1.5, 3.8) * scale + 0.6
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=yellow)
+    _draw_dots(draw, rng, (near_macula() for _ in range(counts["exudates"])), (1.5, 3.8), scale, yellow)
     for _ in range(counts["new_vessels"]):
         start = (od[0] + rng.normal(0, 0.08) * radius, od[1] + rng.normal(0, 0.08) * radius)
         points, _ = _random_walk(rng, start, rng.uniform(0, 2 * math.pi), radius * rng.uniform(0.15, 0.3),
@@ -297,22 +316,18 @@ def _write_eye(job) -> tuple[str, int, dict]:
 
 
 def _pool_map(fn, jobs, workers, progress, desc):
-    workers = workers or os.cpu_count() or 1
+    """fn over jobs in order across `workers` processes (None or 0: the usable cores) with prepare's pool
+    (tltrain.data.pool), and a progress bar; every image is a function of its job alone, so the workers do not
+    change a byte."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=None)
     results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(fn(job))
-            bar and bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for result in pool.map(fn, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
-                results.append(result)
-                bar and bar.update()
+    for result in pool_map(fn, jobs, workers or 0):
+        results.append(result)
+        bar and bar.update()
     bar and bar.close()
     return results
 

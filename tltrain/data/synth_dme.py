@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tltrain.data.synth import _draw_vessels, _pool_map, _rng, _smooth_noise
+from tltrain.data.synth import (_draw_blots, _draw_dots, _draw_vessels, _place_disc_and_macula, _pool_map, _rng,
+                                _smooth_noise)
 
 DME_CLASSES = ("no_csme", "csme")
 
@@ -38,13 +39,8 @@ def render_dme(seed, label: int, size: int = 192) -> np.ndarray:
     dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius
     img = base[None, None] * (np.clip(1.0 - 0.7 * dist ** 2, 0, 1) * (1 + 0.1 * _smooth_noise(rng, h, w))
                               * exposure)[..., None]
-    side = 1 if rng.integers(0, 2) else -1  # right or left eye: optic disc on the nasal side
-    od = (cx + side * radius * rng.uniform(0.25, 0.35), cy + rng.normal(0, 0.05) * radius)
-    macula = (cx - side * radius * rng.uniform(0.12, 0.2), cy + rng.normal(0, 0.04) * radius)
-    d_od = np.sqrt((xx - od[0]) ** 2 + (yy - od[1]) ** 2) / (radius * rng.uniform(0.07, 0.1))
-    img += np.exp(-d_od ** 4)[..., None] * np.array([0.3, 0.3, 0.15], np.float32)
-    d_mac = np.sqrt((xx - macula[0]) ** 2 + (yy - macula[1]) ** 2) / (radius * 0.12)
-    img *= (1 - 0.3 * np.exp(-d_mac ** 2))[..., None]
+    side = 1 if rng.integers(0, 2) else -1  # right or left eye
+    od, macula = _place_disc_and_macula(rng, img, xx, yy, cx, cy, radius, side, glow=(0.3, 0.3, 0.15), shade=0.3)
     pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     vessel = tuple(int(c) for c in (base * exposure * np.array([140, 50, 40])).clip(0, 255))
@@ -60,23 +56,18 @@ def render_dme(seed, label: int, size: int = 192) -> np.ndarray:
                 return x, y
 
     dark_red = tuple(int(c) for c in (exposure * np.array([115, 15, 12])).clip(0, 255))
-    for _ in range(int(rng.integers(2, 14))):  # background retinopathy in both classes
-        x, y = around((cx, cy), 0.0, 0.85)
-        r = rng.uniform(1.0, 2.2) * scale + 0.6
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=dark_red)
-    for _ in range(int(rng.integers(0, 6))):
-        x, y = around((cx, cy), 0.0, 0.85)
-        rx, ry = rng.uniform(4, 11) * scale + 1, rng.uniform(4, 11) * scale + 1
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=tuple(int(c * 0.85) for c in dark_red))
+    # Background retinopathy in both classes (each count is drawn when its generator is made, before its lesions).
+    _draw_dots(draw, rng, (around((cx, cy), 0.0, 0.85) for _ in range(int(rng.integers(2, 14)))), (1.0, 2.2), scale,
+               dark_red)
+    _draw_blots(draw, rng, (around((cx, cy), 0.0, 0.85) for _ in range(int(rng.integers(0, 6)))), scale,
+                tuple(int(c * 0.85) for c in dark_red))
     yellow = tuple(int(c) for c in (np.array([245, 215, 100]) * min(1.0, exposure + 0.25)).clip(0, 255))
     if label == 1:
         near, far = int(rng.integers(3, 12)), int(rng.integers(0, 8))
     else:
         near, far = 0, int(rng.integers(0, 2)) * int(rng.integers(3, 14))  # half have far exudates only
     spots = [around(macula, 0.0, 0.25) for _ in range(near)] + [around(macula, 0.45, 0.9) for _ in range(far)]
-    for x, y in spots:
-        r = rng.uniform(1.5, 3.8) * scale + 0.6
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=yellow)
+    _draw_dots(draw, rng, spots, (1.5, 3.8), scale, yellow)
 
     pil = pil.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.8, 1.6) * max(scale, 0.5)))
     out = np.asarray(pil, np.float32) * (dist <= 1.0)[..., None]
