@@ -1,4 +1,5 @@
 # The two set-up commands of the README: `make demo` (main job on bundled synthetic data) and `make test`.
+# `make lint` runs ruff (pinned in constraints.txt, rules in pyproject.toml); CI runs it before the tests.
 # Both create .venv on first use and install the pinned versions from constraints.txt.
 # CUDA 12 clusters: `make install DALI_EXTRA=cuda12` installs the CUDA 12 DALI build instead.
 VENV       ?= .venv
@@ -6,7 +7,7 @@ PY         := $(VENV)/bin/python
 DALI_EXTRA ?= dali
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-multinode slurm-up slurm-down slurm-mn-up slurm-mn-down clean
+.PHONY: install demo lint test test-slow test-multinode slurm-up slurm-down slurm-mn-up slurm-mn-down clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ $(VENV)/.installed: setup.py constraints.txt
 
 demo: install
 	$(VENV)/bin/tltrain demo
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

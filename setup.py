@@ -55,7 +55,7 @@ setup(
         # DALI is published per CUDA major version; the default build is CUDA 13 (its CPU ops run anywhere).
         "dali": ["nvidia-dali-cuda130"],
         "cuda12": ["nvidia-dali-cuda120"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "ruff"],  # ruff: `make lint` (pyproject.toml [tool.ruff])
         # benchmarks/bench_loaders.py's hand-written OpenCV Ben Graham baseline
         "bench": ["opencv-python-headless"],
     },

@@ -94,7 +94,8 @@ def main() -> None:
             real = timed(step, loader_batches(loader), args.steps, args.warmup, device)
             row = {"model": f"{arch}@{size}", "batch": batch, "backend": cfg.backend,
                    "synthetic_img_s": round(synthetic, 1), "loader_img_s": round(real, 1),
-                   "efficiency": round(real / synthetic, 3), "loader_wait_fraction": loader.stats().get("wait_fraction")}
+                   "efficiency": round(real / synthetic, 3),
+                   "loader_wait_fraction": loader.stats().get("wait_fraction")}
             report["results"].append(row)
             write_json(args.out, {**report, "status": "partial"}, echo=False)
             print(row, flush=True)

@@ -286,7 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0], "runs": [run_fresh(n, args, argv) for n in args.n]}
+    report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0],
+              "runs": [run_fresh(n, args, argv) for n in args.n]}
     if args.camera:
         report["camera"] = camera_costs(args.camera, Path(args.out))
         print(f"camera size, one process: {report['camera']}", flush=True)

@@ -27,7 +27,8 @@ def synthetic_shards(work: Path, images: int, width: int, seed: int = 0, val_fra
 
 
 def provenance(device: str) -> dict:
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(), "python": platform.python_version(),
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "device": device,
             "gpu": torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None}
     for name in ("triton", "nvidia.dali", "deepspeed", "timm"):

@@ -34,7 +34,8 @@ def render(folder: Path) -> str:
     env = _load(folder, "environment")
     data = {name: _load(folder, name) for name in PARTS}
     dry = env.get("dry_run", False)
-    title = "GPU figures (`benchmarks/gpu_all.sh`)" + (" — DRY RUN on the CPU at tiny sizes, not GPU figures" if dry else "")
+    dry_note = " — DRY RUN on the CPU at tiny sizes, not GPU figures" if dry else ""
+    title = "GPU figures (`benchmarks/gpu_all.sh`)" + dry_note
     lines = [BEGIN, f"## {title}", "",
              f"Device: {env.get('gpu') or 'CPU (no GPU)'}; date {env.get('date', '?')}; torch {env.get('torch')}, "
              f"triton {env.get('triton')}, DALI {env.get('dali')}, DeepSpeed {env.get('deepspeed')}, "
@@ -45,43 +46,52 @@ def render(folder: Path) -> str:
         lines.append(f"| {name} | {d.get('status')} | {_num(d.get('seconds'))} ({_num(d.get('budget_s'))}) |")
 
     t = data["gpu_tests"]
+    failing = f"; failing: {', '.join(t['failed_tests'])}" if t.get("failed_tests") else ""
     lines += ["", f"**a. GPU tests**: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
-                  f"{t.get('skipped', 0)} skipped" + (f"; failing: {', '.join(t['failed_tests'])}" if t.get("failed_tests") else "")]
+                  f"{t.get('skipped', 0)} skipped" + failing]
 
     k = data["kernels"]
     if "variants" in k:
         lines += ["", f"**b. Kernels** (batch {k.get('batch')}, {k.get('size')}², {k.get('taps')} taps, fp16 out; copy "
-                      f"bandwidth {_num(k.get('copy_bandwidth_GB_per_s'), 0)} GB/s; goal >= 20x the torch reference)", "",
-                  "| variant | images/s | x torch reference | % of copy bandwidth | max grey error |", "|---|---|---|---|---|"]
+                      f"bandwidth {_num(k.get('copy_bandwidth_GB_per_s'), 0)} GB/s; "
+                      "goal >= 20x the torch reference)", "",
+                  "| variant | images/s | x torch reference | % of copy bandwidth | max grey error |",
+                  "|---|---|---|---|---|"]
         for name, r in k["variants"].items():
             if "error" in r:
                 lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
             else:
-                lines.append(f"| {name} | {_num(r['images_per_s'], 0)} | {_num(r.get('speedup_vs_torch_reference'), 2)} | "
-                             f"{_num(100 * r['fraction_of_copy_bandwidth'], 2)} | {_num(r.get('max_grey_error_vs_reference'))} |")
+                lines.append(f"| {name} | {_num(r['images_per_s'], 0)} | "
+                             f"{_num(r.get('speedup_vs_torch_reference'), 2)} | "
+                             f"{_num(100 * r['fraction_of_copy_bandwidth'], 2)} | "
+                             f"{_num(r.get('max_grey_error_vs_reference'))} |")
 
     lo = data["loaders"]
     if lo.get("results"):
-        lines += ["", f"**c. Loaders** (model size {lo.get('model_size')}, batch {lo.get('batch')}, {lo.get('workers')} "
-                      "workers; goal: full preprocessing >= 1.0x the plain DALI chain)", "",
-                  "| source | PIL DataLoader | plain DALI decode+resize | DALI full Ben Graham | full / plain | full / PIL |",
+        lines += ["", f"**c. Loaders** (model size {lo.get('model_size')}, batch {lo.get('batch')}, "
+                      f"{lo.get('workers')} workers; goal: full preprocessing >= 1.0x the plain DALI chain)", "",
+                  "| source | PIL DataLoader | plain DALI decode+resize | DALI full Ben Graham | full / plain "
+                  "| full / PIL |",
                   "|---|---|---|---|---|---|"]
         for r in lo["results"]:
             lines.append(f"| {r['source']} | {_num(r['pil_dataloader_img_s'])} | {_num(r['dali_plain_img_s'])} | "
-                         f"{_num(r['dali_full_img_s'])} | {_num(r['dali_full_vs_plain'], 2)} | {_num(r['dali_full_vs_pil'], 2)} |")
+                         f"{_num(r['dali_full_img_s'])} | {_num(r['dali_full_vs_plain'], 2)} | "
+                         f"{_num(r['dali_full_vs_pil'], 2)} |")
 
     ip = data["input_pipeline"]
     if ip.get("results"):
         lines += ["", f"**d. Input-pipeline efficiency** ({ip.get('precision')}, channels_last; goal >= 0.95)", "",
-                  "| model | batch | backend | synthetic img/s | with the loader | efficiency |", "|---|---|---|---|---|---|"]
+                  "| model | batch | backend | synthetic img/s | with the loader | efficiency |",
+                  "|---|---|---|---|---|---|"]
         for r in ip["results"]:
             lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {_num(r['synthetic_img_s'])} | "
                          f"{_num(r['loader_img_s'])} | {_num(r['efficiency'], 3)} |")
 
     tr = data["trainer"]
     if "engine_over_bare" in tr:
-        lines += ["", f"**e. Trainer overhead** ({tr.get('arch')} @{tr.get('image_size')}, batch {tr.get('batch_size')}, "
-                      f"{tr.get('precision')}): engine {_num(tr['engine_images_per_s'])} img/s vs bare loop "
+        lines += ["", f"**e. Trainer overhead** ({tr.get('arch')} @{tr.get('image_size')}, "
+                      f"batch {tr.get('batch_size')}, {tr.get('precision')}): "
+                      f"engine {_num(tr['engine_images_per_s'])} img/s vs bare loop "
                       f"{_num(tr['bare_images_per_s'])} img/s = {_num(tr['engine_over_bare'], 3)} (goal >= 0.97)"]
 
     st = data["strategies"]
@@ -89,7 +99,8 @@ def render(folder: Path) -> str:
         lines += ["", "**f. Shipped presets, world size 1** (torchrun; NCCL on a GPU, gloo on the CPU)", "",
                   "| preset | exit | images/s (last epoch) | wall s |", "|---|---|---|---|"]
         for r in st["results"]:
-            lines.append(f"| {r['preset']} | {r['exit_code']} | {_num(r.get('images_per_s'))} | {_num(r.get('wall_s'))} |")
+            lines.append(f"| {r['preset']} | {r['exit_code']} | {_num(r.get('images_per_s'))} | "
+                         f"{_num(r.get('wall_s'))} |")
     lines += ["", END]
     return "\n".join(lines)
 

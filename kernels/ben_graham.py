@@ -288,8 +288,8 @@ def ben_graham_triton(images: torch.Tensor, centers, radii, sigma, gain: float =
     return out
 
 
-def ben_graham_batch(crops: torch.Tensor, cfg: P.PreprocessConfig, dtype: str = "fp32",
-                     channels_last: bool = False, method: str = "auto", valid: torch.Tensor | None = None) -> torch.Tensor:
+def ben_graham_batch(crops: torch.Tensor, cfg: P.PreprocessConfig, dtype: str = "fp32", channels_last: bool = False,
+                     method: str = "auto", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for P.finish(crops, cfg, dtype, channels_last, valid=valid) on (N, 3, S, S) uint8 disc crops
     (disc = square); valid: (N, 2, S) profiles [vy, vx] or None (all photo)."""
     P.validate_dtype(dtype)

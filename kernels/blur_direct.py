@@ -3,8 +3,9 @@
 Why two passes: the 2-D Gaussian is separable, so a horizontal pass writes a float32 row-blurred image and a
 vertical pass reads it back and runs the shared epilogue (kernels/epilogue.py) in registers, so the output is
 written once. Every output element is one direct sum over the taps with zero padding (the epilogue normalises
-by the blurred valid profiles), accumulated in float32: the reference's numbers up to float32 summation order. Works for any window that fits the image; the
-tensor-core kernel (blur_dot) is the fast path where its tile fits the window.
+by the blurred valid profiles), accumulated in float32: the reference's numbers up to float32 summation order.
+Works for any window that fits the image; the tensor-core kernel (blur_dot) is the fast path where its tile fits
+the window.
 """
 from __future__ import annotations
 

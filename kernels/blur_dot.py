@@ -8,7 +8,8 @@ One program makes a BLOCK x BLOCK output tile of one channel of one sample:
   window  = the SPAN x SPAN uint8 input around it (zero outside the image; SPAN >= BLOCK + 2*half)
   rows    = window @ band                (SPAN x BLOCK): the horizontal blur of every row the tile needs
   blurred = band^T @ rows                (BLOCK x BLOCK): the vertical blur
-then the shared epilogue (which divides by the blurred valid profiles). Nothing but the output goes to memory: no float32 intermediate image.
+then the shared epilogue (which divides by the blurred valid profiles). Nothing but the output goes to memory:
+no float32 intermediate image.
 
 Precision: the inputs are fp16, so each operand is split into hi + lo fp16 parts and the products summed in
 float32 (the accumulator), which keeps the float32-level exactness of the direct kernel:

@@ -2,8 +2,8 @@
 
 Everything after the blur is the same whichever way the blur was computed: the normalisation of the masked blur
 by the valid profiles, gain, round half-to-even, clamp to [0, 255], the disc mask, normalisation (or the grey
-levels as uint8), the per-sample flip and the store in any output strides (NCHW or channels_last). Keeping it in one function is what makes the two kernels give the same
-numbers for the same blurred values.
+levels as uint8), the per-sample flip and the store in any output strides (NCHW or channels_last). Keeping it in
+one function is what makes the two kernels give the same numbers for the same blurred values.
 
 Per-sample parameter tables are read with a per-sample stride that may be 0: one shared row serves a whole batch
 (the loaders' case: one sigma, one centred disc), so planning a launch never has to build or copy a table.

@@ -1,12 +1,83 @@
-"""Shared fixtures: one small synthetic dataset and its shards per test session (real files, real prepare)."""
+"""Shared fixtures: one small synthetic dataset and its shards per test session (real files, real prepare).
+
+Also the helpers several test modules use (`from conftest import ...`): the repository root, the console scripts of
+this venv, free ports, a clean environment for child training processes, polling, and the SLURM cluster check."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+# The console scripts installed beside this interpreter (the venv's), not whatever PATH finds first.
+TLTRAIN = str(Path(sys.executable).with_name("tltrain"))
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# The variables torchrun and SLURM set for a rank: a child started from a test must not inherit the test's own.
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_USABLE_STATES = {"idle", "mixed", "allocated", "completing"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT / torchrun --master_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict[str, str]:
+    """This process's environment without rank and SLURM variables, one OpenMP thread, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def wait_for(predicate, timeout=120) -> bool:
+    """Poll predicate every 50 ms; whether it came true within timeout seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text[-3000:]
+    return lines[0]
+
+
+def slurm_cluster_problem(slurm_conf, min_nodes: int = 1, up: str = "sudo bash slurm/up.sh") -> str | None:
+    """Why the SLURM tests cannot run here (their skip reason), or None when min_nodes nodes of the cluster that
+    slurm_conf describes are usable. `up` is the command that starts that cluster."""
+    for tool in ("sinfo", "sbatch"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not on PATH (install slurm-client and run `{up}`)"
+    conf = Path(slurm_conf)
+    if not conf.is_file():  # without it sinfo tries a DNS lookup for a config server and hangs
+        return f"no SLURM config at {conf}: the cluster is not set up (run `{up}`)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"SLURM_CONF": str(conf)}
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=15,
+                              env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed ({exc}): the SLURM cluster is not up (run `{up}`)"
+    usable = {fields[0] for fields in map(str.split, done.stdout.splitlines())
+              if len(fields) == 2 and fields[1].rstrip("*~#") in SLURM_USABLE_STATES}
+    if done.returncode:
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return f"sinfo failed ({why}): the SLURM cluster is not up (run `{up}`)"
+    if len(usable) < min_nodes:
+        return f"fewer than {min_nodes} usable SLURM node(s) (sinfo: {done.stdout.strip()!r}); run `{up}`"
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,12 @@
 """Configs are typed and validated before anything runs; bad values name the key and the valid choices."""
-import os
 import subprocess
-import sys
 
 import pytest
 
+from conftest import TLTRAIN
 from tltrain.config import compose, to_typed
 from tltrain.errors import ConfigError, DataError
 from tltrain.train_app import load_run_config
-
-TOOL = os.path.join(os.path.dirname(sys.executable), "tltrain")
 
 
 def test_unknown_model_lists_similar_names(fundus_shards):
@@ -52,10 +49,10 @@ def test_scratch_with_weights_is_contradictory(fundus_shards, tmp_path):
 
 
 def test_cli_prints_errors_without_traceback(tmp_path):
-    done = subprocess.run([TOOL, "prepare", f"source.root={tmp_path}", f"out={tmp_path}/o", "on_problem=maybe"],
+    done = subprocess.run([TLTRAIN, "prepare", f"source.root={tmp_path}", f"out={tmp_path}/o", "on_problem=maybe"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "choose one of: fail, skip" in done.stderr and "Traceback" not in done.stderr
-    done = subprocess.run([TOOL, "train", f"data.shards={tmp_path}"], capture_output=True, text=True)
+    done = subprocess.run([TLTRAIN, "train", f"data.shards={tmp_path}"], capture_output=True, text=True)
     assert done.returncode == 2 and "no manifest.json" in done.stdout + done.stderr
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -19,9 +18,9 @@ from tltrain.errors import ConfigError
 from tltrain.preprocess_config import MAX_RADIUS, AugmentConfig, PreprocessConfig
 from tltrain.transfer.schedule_config import Phase, ScheduleConfig
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, one_line, tiny_run_overrides
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 
 # (override, what the one error line must contain)
 BAD_VALUES = [
@@ -77,12 +76,6 @@ BAD_VALUES = [
     ("loader.hw_decoder_load=1.5", "loader.hw_decoder_load=1.5 must be a finite number >= 0 and <= 1"),
     ("loader.hw_decoder_load=nan", "loader.hw_decoder_load=nan"),
 ]
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

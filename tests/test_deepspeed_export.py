@@ -1,21 +1,12 @@
 """A real 2-process DeepSpeed ZeRO-2 run through the CLI (torchrun + Hydra), exported: the package holds exactly
 DeepSpeed's own consolidation of the ZeRO partitions."""
 import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import TORCHRUN, free_port, tiny_run_overrides
 
 
 @pytest.mark.slow
@@ -26,11 +17,10 @@ def test_deepspeed_zero2_run_exports_its_consolidated_weights(fundus_shards, tmp
     from tltrain.export import export_run, load_pretrained
 
     run_dir = tmp_path / "ds"
-    torchrun = Path(sys.executable).parent / "torchrun"
     overrides = tiny_run_overrides(fundus_shards, run_dir, "trainer.strategy=deepspeed", "trainer.precision=bf16",
                                    "trainer.deepspeed.zero_stage=2")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+    done = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
                            "tltrain.cli", "train", *overrides], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert '"state": "completed"' in (run_dir / "status.json").read_text()

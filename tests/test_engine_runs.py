@@ -8,7 +8,6 @@ we require kappa > 0.5, which a model only reaches by ordering the grades.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT, TORCHRUN, clean_env, free_port, wait_for
 from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint
 from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 
-ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
 KAPPA_ABOVE_CHANCE = 0.5
 EPOCHS, STEPS_PER_EPOCH = 3, 20  # 320 training images, global batch 16
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def single_cmd(run_dir, *args):
@@ -46,7 +31,7 @@ def single_cmd(run_dir, *args):
 
 
 def torchrun_cmd(run_dir, *args):
-    return [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "tltrain.engine.synthetic",
+    return [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "tltrain.engine.synthetic",
             "--run-dir", str(run_dir), "--epochs", str(EPOCHS), "--batch-size", "8",
             "--result", str(Path(run_dir) / "result.json"), *args]
 
@@ -134,15 +119,6 @@ def test_deepspeed_zero2_two_ranks_learns_and_consolidates(tmp_path):
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name != "index.json"] == [
         f"{CheckpointManager(run_dir).best()['name']}.weights.pt"]
     assert all(torch.equal(best[k], v) for k, v in consolidate_checkpoint(run_dir).items())
-
-
-def wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def latest_step(run_dir):
@@ -307,7 +283,7 @@ def test_shipped_deepspeed_preset_trains_on_two_ranks(fundus_shards, tmp_path):
 
     run_dir = tmp_path / "ds_preset"
     overrides = [o for o in tiny_run_overrides(fundus_shards, run_dir) if not o.startswith("trainer=")]
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "tltrain.cli", "train",
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "tltrain.cli", "train",
            *overrides, "trainer=deepspeed", "trainer.progress=false", "device=cpu", "schedule.epochs_per_phase=1"]
     proc = run(cmd, timeout=500, DS_ACCELERATOR="cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,10 +1,8 @@
 """export -> load with tltrain and with plain timm -> identical outputs; predict on a folder matches evaluate."""
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import timm
 import torch
 from PIL import Image
 
+from conftest import TLTRAIN
 from tltrain import preprocess as P
 from tltrain.errors import DataError
 from tltrain.data.synth import render_fundus
@@ -40,8 +39,8 @@ def test_tltrain_and_plain_timm_give_identical_outputs(package):
     model, preprocess = load_pretrained(package)
     meta = read_metadata(package)
     # pretrained=True with a local `file` overlay: timm reads the package's file, no hub download
-    plain = timm.create_model("resnet10t", pretrained=True, num_classes=5,
-                              pretrained_cfg_overlay=dict(file=str(package / "model.safetensors"), num_classes=5)).eval()
+    overlay = dict(file=str(package / "model.safetensors"), num_classes=5)
+    plain = timm.create_model("resnet10t", pretrained=True, num_classes=5, pretrained_cfg_overlay=overlay).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
@@ -141,7 +140,7 @@ def test_predict_on_folder_matches_evaluate_on_shards(package, fundus_shards, tm
 
 
 def test_cli_export_evaluate_predict(trained_run, fundus_shards, tmp_path):
-    tool = os.path.join(os.path.dirname(sys.executable), "tltrain")
+    tool = TLTRAIN
     out = tmp_path / "pkg"
     done = subprocess.run([tool, "export", str(trained_run), str(out)], capture_output=True, text=True)
     assert done.returncode == 0 and "load_pretrained" in done.stdout
@@ -157,10 +156,6 @@ def test_cli_export_evaluate_predict(trained_run, fundus_shards, tmp_path):
 
 
 # -- issue 14: the metadata is true of the exported weights --------------------------------------------------------
-def _tool():
-    return os.path.join(os.path.dirname(sys.executable), "tltrain")
-
-
 def test_metadata_metrics_are_the_exported_checkpoints(trained_run, package):
     meta = read_metadata(package)
     metrics = json.loads((trained_run / "metrics.json").read_text())
@@ -234,7 +229,7 @@ def test_relative_shards_run_exports_from_another_directory(fundus_shards, tmp_p
     assert f"shards: {fundus_shards}" in config and f"run_dir: {run_dir}" in config
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = subprocess.run([_tool(), "export", str(run_dir), "pkg"], cwd=elsewhere, capture_output=True, text=True)
+    done = subprocess.run([TLTRAIN, "export", str(run_dir), "pkg"], cwd=elsewhere, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     meta = read_metadata(elsewhere / "pkg")
     assert meta["num_classes"] == 5 and meta["training_data"]["manifest_sha256"]
@@ -243,9 +238,9 @@ def test_relative_shards_run_exports_from_another_directory(fundus_shards, tmp_p
 
     # an older run that recorded a relative path: refused from elsewhere with a way out, fine with --shards
     (run_dir / "config.yaml").write_text(config.replace(f"shards: {fundus_shards}", f"shards: {fundus_shards.name}"))
-    done = subprocess.run([_tool(), "export", str(run_dir), "pkg2"], cwd=elsewhere, capture_output=True, text=True)
+    done = subprocess.run([TLTRAIN, "export", str(run_dir), "pkg2"], cwd=elsewhere, capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--shards" in done.stderr
-    done = subprocess.run([_tool(), "export", str(run_dir), "pkg2", "--shards", str(fundus_shards)], cwd=elsewhere,
+    done = subprocess.run([TLTRAIN, "export", str(run_dir), "pkg2", "--shards", str(fundus_shards)], cwd=elsewhere,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -259,7 +254,7 @@ def test_export_refuses_when_classes_and_head_disagree(trained_run, fundus_shard
         shards = tmp_path / name
         shards.mkdir()
         (shards / "manifest.json").write_text(json.dumps(content))
-        done = subprocess.run([_tool(), "export", str(trained_run), str(tmp_path / f"pkg_{name}"), "--shards",
+        done = subprocess.run([TLTRAIN, "export", str(trained_run), str(tmp_path / f"pkg_{name}"), "--shards",
                                str(shards)], capture_output=True, text=True)
         assert done.returncode == 2, (name, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "fc.weight has shape [5, 512]" in done.stderr

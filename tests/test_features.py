@@ -1,6 +1,5 @@
 """Frozen features + SVM / logistic regression: pre-logit features, padding, predictions, the cache, 2 ranks."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import accuracy_score
 
+from conftest import free_port
 from tltrain.data.loaders.batch import Batch
 from tltrain.errors import ConfigError, DataError
 from tltrain.metrics import compute_metrics
@@ -108,12 +108,6 @@ def test_classifier_bad_input_and_absent_classes():
     assert probs.shape == (12, 5) and np.all(probs[:, [2, 4]] == 0) and np.allclose(probs.sum(1), 1.0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _extract_worker(rank, world, port, weights, cache_dir, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -134,7 +128,7 @@ def test_two_ranks_gather_every_sample_once_and_share_the_cache(tmp_path):
     single = extract_features(model, ColourBlobs(21, seed=0), "cpu")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_extract_worker, args=(r, 2, port, tmp_path / "weights.pt", tmp_path / "cache", queue))
              for r in range(2)]
     for p in procs:

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from tltrain.data.loaders import LoaderConfig, build_loader
 

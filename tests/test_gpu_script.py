@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 PARTS = ["gpu_tests", "kernels", "loaders", "input_pipeline", "trainer", "strategies"]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, tiny_run_overrides
 from tltrain.data.decode import MAX_PIXELS
 from tltrain.data.loaders import LoaderConfig, build_loader
 from tltrain.data.loaders.plan import select_shards
@@ -28,8 +28,6 @@ from tltrain.data.shards import MEMBER_BYTES, iter_tar_samples, read_index
 from tltrain.data.sources import SourceConfig
 from tltrain.data.verify import verify_shards
 from tltrain.errors import ConfigError, DataError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _copy(shards: Path, tmp_path: Path, name: str = "copy") -> Path:
@@ -301,7 +299,7 @@ def test_prepare_reports_and_predict_skips_a_large_canvas(fundus_raw, tmp_path, 
 
     import torch
 
-    import tltrain.export as export
+    import tltrain.export.prediction as export
 
     class FakeModel:  # predict's model: two logits per image; any package attribute predict asks for is None
         def __call__(self, x):

@@ -17,18 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TLTRAIN
 from tltrain.errors import ConfigError, DataError
 from tltrain.export import evaluate, export_run, load_pretrained, predict, read_metadata, write_checksums
 
 SECRET = "tltrain-test-secret-4f1c9a"
 
 
-def _tool() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "tltrain")
-
-
 def _run(*args, cwd=None, env=None):
-    return subprocess.run([_tool(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([TLTRAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -232,7 +229,7 @@ def test_force_never_replaces_a_folder_that_is_not_a_package(trained_run, tmp_pa
 
 KILLED_EXPORT = """
 import os, signal, sys
-import tltrain.export as export
+import tltrain.export.package as export
 
 write = export._write_file
 def dying(path, data):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
 from tltrain.cli import main
 from tltrain.errors import DataError
 from tltrain.launch.jobs import REGISTRY_NAME, cli_jobs, list_jobs, log_tail, record_job
@@ -26,7 +27,6 @@ from tltrain.launch.submit import job_run_dir
 from tltrain.launch.summary import read_sweep_runs
 from tltrain.report import write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 ATTACKER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAttackerKeyAttackerKeyAttackerKeyAttacker attacker@evil"
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\r"
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
+from conftest import one_line, tiny_run_overrides
 from tltrain.cli import main
 from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint, remove_stale_writes
 from tltrain.engine.rundir import LOCK_NAME, claim_run_dir, is_stale, lock_state, read_owner
@@ -65,12 +65,6 @@ def victim_dir(tmp_path: Path) -> Path:
 def intact(folder: Path) -> bool:
     return all((folder / name).read_bytes() == VICTIM_BYTES
                for name in ("precious.txt", ".notes.tmp", "sub/step-00000001.pt"))
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text[-3000:]
-    return lines[0]
 
 
 def train_cli(capsys, *overrides) -> tuple[int, str]:

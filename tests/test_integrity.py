@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, TORCHRUN, free_port, tiny_run_overrides
 from tltrain.data.integrity import check_checksums, run_shards
 from tltrain.data.loaders import LoaderConfig, build_loader
 from tltrain.data.loaders.plan import sample_refs, select_shards
 from tltrain.data.verify import verify_shards
 from tltrain.errors import DataError
 from tltrain.train_app import train_from_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flip_jpeg_scan_bytes(shard_dir: Path, shard_name: str, n: int = 200) -> str:
@@ -135,13 +132,9 @@ def test_each_rank_hashes_its_own_slice(fundus_shards, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_both_stop_on_a_damaged_shard(damaged, tmp_path):
     copy, tar, _ = damaged
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port, "-m", "tltrain.cli", "train",
-                           *tiny_run_overrides(copy, tmp_path / "run", "trainer.strategy=ddp")],
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "tltrain.cli",
+                           "train", *tiny_run_overrides(copy, tmp_path / "run", "trainer.strategy=ddp")],
                           cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 2 and all(tar in e for e in errors), proc.stderr[-3000:]
@@ -167,8 +160,8 @@ def test_both_backends_read_the_lbl_member_and_verify_flags_disagreement(fundus_
     labels = {}
     for backend in ("torch", "dali"):
         cfg = LoaderConfig(backend=backend, batch_size=8, size=32, workers=1)
-        labels[backend] = {k: int(l) for b in build_loader(cfg, copy, "val", train=False)
-                           for k, l, v in zip(b.keys, b.labels.tolist(), b.valid.tolist()) if v}
+        labels[backend] = {k: int(grade) for b in build_loader(cfg, copy, "val", train=False)
+                           for k, grade, v in zip(b.keys, b.labels.tolist(), b.valid.tolist()) if v}
     assert labels["torch"] == labels["dali"] and labels["torch"][key] == label
     with pytest.raises(DataError, match=f"{tar}:{key}: label encodings disagree"):
         verify_shards(copy)

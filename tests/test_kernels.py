@@ -21,7 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -85,7 +84,8 @@ def _cut_profiles(n, h, w, seed):
     gen = torch.Generator().manual_seed(seed)
     vy, vx = torch.ones(n, h), torch.ones(n, w)
     for i in range(n):
-        top, left = int(torch.randint(2, h // 3, (1,), generator=gen)), int(torch.randint(2, w // 3, (1,), generator=gen))
+        top = int(torch.randint(2, h // 3, (1,), generator=gen))
+        left = int(torch.randint(2, w // 3, (1,), generator=gen))
         vy[i, :top], vy[i, top] = 0.0, float(torch.rand(1, generator=gen))
         vx[i, w - left:], vx[i, w - left - 1] = 0.0, float(torch.rand(1, generator=gen))
     return vy, vx

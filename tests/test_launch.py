@@ -276,7 +276,8 @@ def test_submit_checks_the_whole_run_before_queueing(tmp_path, fundus_shards, ca
     cases = [(["data.shards=/nonexistent"], "no manifest.json"),
              ([f"data.shards={fundus_shards}", "model.weights=/nonexistent.pt"], "model.weights='/nonexistent.pt'"),
              (["--tasks-per-node", "2", f"data.shards={fundus_shards}"], "trainer.strategy=single runs one process"),
-             (["--tasks-per-node", "3", f"data.shards={fundus_shards}", "trainer=gpu"], "use trainer=ddp or trainer=deepspeed")]
+             (["--tasks-per-node", "3", f"data.shards={fundus_shards}", "trainer=gpu"],
+              "use trainer=ddp or trainer=deepspeed")]
     for args, message in cases:
         assert main(["submit", "--local", "--root", str(root), *args]) == 2
         err = capsys.readouterr().err

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, slurm_cluster_problem, tiny_run_overrides
 from tltrain.launch import job_run_dir, list_jobs, submit, submit_chain
 from tltrain.launch.jobs import read_registry, slurm_states
 
@@ -25,25 +24,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(170)]
 
 STATE_DIR = Path(os.environ.get("TLTRAIN_SLURM_DIR", "/tmp/tltrain-slurm"))
 os.environ.setdefault("SLURM_CONF", str(STATE_DIR / "etc" / "slurm.conf"))
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cluster_problem() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch is not on PATH (run `sudo bash slurm/up.sh`)"
-    if not Path(os.environ["SLURM_CONF"]).is_file():  # else sinfo hangs on a DNS lookup
-        return f"no SLURM config at {os.environ['SLURM_CONF']}: run `sudo bash slurm/up.sh`"
-    try:
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: the SLURM cluster is not up (run `sudo bash slurm/up.sh`)"
-    states = done.stdout.split()
-    if done.returncode or not any(s.rstrip("*~#") in {"idle", "mixed", "allocated", "completing"} for s in states):
-        return f"no usable SLURM node ({done.stderr.strip() or states}); run `sudo bash slurm/up.sh`"
-    return None
-
-
-_PROBLEM = _cluster_problem()
+_PROBLEM = slurm_cluster_problem(os.environ["SLURM_CONF"])
 if _PROBLEM:
     pytestmark.append(pytest.mark.skip(reason=_PROBLEM))
 

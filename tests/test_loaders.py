@@ -214,8 +214,9 @@ json.dump({"keys": keys, "eval_batches": len(ev), "train_batches": train_batches
 def test_two_ranks_disjoint_and_complete(backend, fundus_shards, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(fundus_shards), backend, str(r), str(tmp_path / f"{r}.json")],
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"}) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(fundus_shards), backend, str(r),
+                               str(tmp_path / f"{r}.json")], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+             for r in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     manifest = json.loads((fundus_shards / "manifest.json").read_text())

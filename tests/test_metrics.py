@@ -1,7 +1,6 @@
 """DR metrics checked against scikit-learn, including the gather across 2 real gloo ranks with padding."""
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix, log_loss, roc_auc_score,
                              top_k_accuracy_score)
 
+from conftest import free_port
 from tltrain.metrics import PredictionGatherer, compute_metrics, gathered_metrics
 
 
@@ -61,12 +61,6 @@ def test_gatherer_drops_padding_in_one_process():
     assert len(keys) == 8 and np.array_equal(got_labels, labels[:8]) and np.allclose(got_probs, probs[:8])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, world, port, probs, labels, out_queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -89,7 +83,7 @@ def test_gather_across_two_ranks_matches_sklearn_on_full_set():
     expected = compute_metrics(probs, labels)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, probs, labels, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -132,7 +126,8 @@ def test_bootstrap_ci_is_seeded_stratified_and_brackets_the_estimate():
     labels = np.repeat(np.arange(5), [60, 20, 20, 10, 10])
     logits = rng.normal(size=(120, 5)) + 2.0 * np.eye(5)[labels]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    first, again = bootstrap_ci(probs, labels, resamples=300, seed=1), bootstrap_ci(probs, labels, resamples=300, seed=1)
+    first = bootstrap_ci(probs, labels, resamples=300, seed=1)
+    again = bootstrap_ci(probs, labels, resamples=300, seed=1)
     assert first == again and first != bootstrap_ci(probs, labels, resamples=300, seed=2)
     point = compute_metrics(probs, labels)
     for name in ("kappa", "auc", "sensitivity", "specificity", "referable_auc"):

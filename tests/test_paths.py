@@ -252,8 +252,8 @@ def test_exif_orientation_on_every_path(orientation, variant_set, variant_output
     assert refs[key].members.get("jpg"), "an 8-bit RGB JPEG keeps its own bytes (DALI applies the tag itself)"
 
 
-FORMATS = ["grey16_png.png", "rgb16_png.png", "grey16_tif.tif", "rgb16_tif.tif", "grey_jpg.jpg", "grey_png.png", "palette.png",
-           "palette_transparent.png", "rgba.png", "cmyk.jpg", "rgb8.tif", "oriented6.png"]
+FORMATS = ["grey16_png.png", "rgb16_png.png", "grey16_tif.tif", "rgb16_tif.tif", "grey_jpg.jpg", "grey_png.png",
+           "palette.png", "palette_transparent.png", "rgba.png", "cmyk.jpg", "rgb8.tif", "oriented6.png"]
 
 
 @pytest.mark.parametrize("name", FORMATS)

@@ -47,7 +47,8 @@ def test_dali_reader_with_project_index_files(fundus_raw, fundus_shards):
     @pipeline_def(batch_size=8, num_threads=1, device_id=None)
     def pipe():
         jpg, lbl, disc = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                               ext=["jpg", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
+                                               ext=["jpg", "lbl", "disc"],
+                                               dtypes=[types.UINT8, types.INT32, types.FLOAT],
                                                name="reader", pad_last_batch=False)
         return fn.decoders.image(jpg, device="cpu"), lbl, fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0)
 

@@ -4,13 +4,12 @@ configs/schedule/*.yaml trains from random init on real shards and is evaluated 
 Found by this test: the shipped vit_small_patch16_224 preset failed at any loader.size but 224 (timm's ViT
 asserts its one input size); fixed-size models are now built with dynamic_img_size (tltrain.models).
 """
-from pathlib import Path
-
 import pytest
 
+from conftest import ROOT
 from tltrain.train_app import train_from_overrides
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 MODEL_PRESETS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 SCHEDULE_PRESETS = sorted(p.stem for p in (CONFIGS / "schedule").glob("*.yaml"))
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, tiny_run_overrides
 from tltrain.engine.checkpoint import CheckpointManager
 from tltrain.engine.signals import PREEMPTED_EXIT_CODE
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 4, 2  # fraction 0.6 = 33 training images, batches of 8
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 TIMING = ("images_per_s", "wait_fraction", "wall_time_s")

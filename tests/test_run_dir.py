@@ -9,28 +9,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run_overrides
+from conftest import wait_for as poll_until
+from conftest import ROOT, TLTRAIN, tiny_run_overrides
 from tltrain.engine.rundir import RunDirBusy, claim_run_dir, is_stale, lock_state, read_owner
 from tltrain.engine.signals import PREEMPTED_EXIT_CODE
 from tltrain.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-TLTRAIN = str(Path(sys.executable).with_name("tltrain"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def wait_for(predicate, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+# Whole CLI processes start here (imports take seconds on loaded cores): a longer default bound than conftest's.
+wait_for = partial(poll_until, timeout=300)
 
 
 def status_of(run_dir):

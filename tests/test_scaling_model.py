@@ -9,11 +9,11 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 _SPEC = importlib.util.spec_from_file_location("bench_scaling_model", ROOT / "benchmarks" / "scaling_model.py")
 M = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)  # (dataclasses look their module up there)
 _SPEC.loader.exec_module(M)
@@ -63,7 +63,8 @@ def test_measured_gloo_fit_and_its_rows():
 
 def test_the_docs_prediction_table_is_the_scripts_output(rows):
     text = (ROOT / "docs" / "scaling.md").read_text()
-    found = re.findall(r"^\| (224|512), batch (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d ]+) \| ([\d.]+) % \|", text, re.M)
+    table_row = r"^\| (224|512), batch (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d ]+) \| ([\d.]+) % \|"
+    found = re.findall(table_row, text, re.M)
     assert len(found) >= 10, "the prediction table of docs/scaling.md was not found"
     for size, batch, gpus, bucket, accum, images, efficiency in found:
         row = _row(rows, f"resnet50 {size}, batch {batch}", int(gpus), float(bucket), int(accum))

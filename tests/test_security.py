@@ -18,13 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, TLTRAIN, TORCHRUN, clean_env, free_port, tiny_run_overrides
 from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint
 from tltrain.errors import DataError
 from tltrain.safe_load import PickleRefused, deepspeed_weights_only
-
-ROOT = Path(__file__).resolve().parents[1]
-TLTRAIN = str(Path(sys.executable).with_name("tltrain"))
 
 
 class RunsCommand:
@@ -75,8 +72,8 @@ def test_weights_file_refused(fundus_shards, tmp_path, marker):
 @pytest.mark.slow
 def test_weights_file_refused_through_the_train_command(fundus_shards, tmp_path, marker):
     evil = write_evil(tmp_path / "evil.pth", marker)
-    done = subprocess.run([TLTRAIN, "train", *tiny_run_overrides(fundus_shards, tmp_path / "run", f"model.weights={evil}")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    overrides = tiny_run_overrides(fundus_shards, tmp_path / "run", f"model.weights={evil}")
+    done = subprocess.run([TLTRAIN, "train", *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(evil) in errors[0] and "global posix.system" in errors[0], errors
@@ -405,19 +402,13 @@ def _synthetic(run_dir, *extra):
             "--train-size", "160", "--batch-size", "16", "--checkpoint-every", "3", *extra]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT") and not k.startswith("SLURM_")}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.slow  # three real training processes (~1.5 min on 2 shared cores); CI runs it with `make test-slow`
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(_synthetic(straight), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(_synthetic(straight), cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    proc = subprocess.Popen(_synthetic(killed, "--step-sleep", "0.2"), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_synthetic(killed, "--step-sleep", "0.2"), cwd=ROOT, env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 in the second epoch, after a mid-epoch checkpoint
@@ -430,7 +421,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     proc.wait(timeout=30)
     resumed_from = CheckpointManager(killed, is_main=False).latest()
     assert 13 <= resumed_from["step"] < 20 and resumed_from["batch_in_epoch"] > 0
-    done = subprocess.run(_synthetic(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(_synthetic(killed), cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = consolidate_checkpoint(straight), consolidate_checkpoint(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
@@ -440,16 +431,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 def test_deepspeed_resume_and_consolidation_run_weights_only(tmp_path):
     """DeepSpeed's own load_checkpoint (resume) and zero_to_fp32 (consolidation) read real ZeRO-2 files with
     torch.load forced weights-only: both still work."""
-    import socket
-
     def torchrun(epochs):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port, "-m",
+        cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
                "tltrain.engine.synthetic", "--run-dir", str(tmp_path), "--epochs", str(epochs), "--batch-size", "8",
                "--strategy", "deepspeed", "--precision", "bf16", "--zero-stage", "2"]
-        return subprocess.run(cmd, cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True,
+        return subprocess.run(cmd, cwd=ROOT, env={**clean_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True,
                               text=True, timeout=600)
 
     first = torchrun(1)

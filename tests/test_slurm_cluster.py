@@ -7,12 +7,13 @@ SLURM_RESTART_COUNT after a requeue). CI runs `slurm/up.sh` first; elsewhere the
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import slurm_cluster_problem
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
 
@@ -35,22 +36,7 @@ def _run(*cmd: str, timeout: float = 30) -> str:
     return done.stdout.strip()
 
 
-def _cluster_problem() -> str | None:
-    """Why the tests cannot run here, or None when a node is up and usable."""
-    if shutil.which("sinfo") is None:
-        return "sinfo is not on PATH (install slurm-client and run `sudo bash slurm/up.sh`)"
-    conf = Path(_slurm_env()["SLURM_CONF"])
-    if not conf.is_file():  # without it sinfo tries a DNS lookup for a config server and hangs
-        return f"no SLURM config at {conf}: the cluster is not set up (run `sudo bash slurm/up.sh`)"
-    try:
-        states = _run("sinfo", "-h", "-N", "-o", "%T", timeout=15).split()
-    except (AssertionError, subprocess.TimeoutExpired) as err:
-        return f"the SLURM cluster is not up (run `sudo bash slurm/up.sh`): {err}"
-    usable = [s for s in states if s.rstrip("*~#") in {"idle", "mixed", "allocated", "completing"}]
-    return None if usable else f"no usable SLURM node (states: {states}); run `sudo bash slurm/up.sh`"
-
-
-_PROBLEM = _cluster_problem()
+_PROBLEM = slurm_cluster_problem(_slurm_env()["SLURM_CONF"])
 if _PROBLEM:
     pytestmark.append(pytest.mark.skip(reason=_PROBLEM))
 

@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_run_overrides
+from conftest import ROOT, slurm_cluster_problem, tiny_run_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multinode, pytest.mark.timeout(900)]
 
 STATE_DIR = Path(os.environ.get("TLTRAIN_SLURM_MN_DIR", "/tmp/tltrain-slurm-mn"))
 SLURM_CONF = STATE_DIR / "etc" / "slurm.conf"
-ROOT = Path(__file__).resolve().parents[1]
 END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
 
@@ -38,20 +37,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _cluster_problem() -> str | None:
-    if not SLURM_CONF.is_file():
-        return f"no multi-node cluster at {STATE_DIR} (run `sudo bash slurm/up.sh --nodes 2`)"
-    try:
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=15,
-                              env=_env())
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"sinfo failed ({exc}): run `sudo bash slurm/up.sh --nodes 2`"
-    usable = [line.split()[0] for line in done.stdout.splitlines()
-              if line.split()[-1].rstrip("*~#") in {"idle", "mixed", "allocated", "completing"}]
-    return None if len(set(usable)) >= 2 else f"fewer than 2 usable nodes ({done.stdout.strip()!r})"
-
-
-_PROBLEM = _cluster_problem()
+_PROBLEM = slurm_cluster_problem(SLURM_CONF, min_nodes=2, up="sudo bash slurm/up.sh --nodes 2")
 if _PROBLEM:
     pytestmark.append(pytest.mark.skip(reason=_PROBLEM))
 
@@ -325,7 +311,8 @@ def test_prepare_as_three_array_tasks_on_two_nodes_matches_one_process(fundus_ra
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 60))
     # a whole node (2 CPUs) per task: the first two tasks of each array start on n1 and n2 at once
     done = _run(sys.executable, "-m", "tltrain.cli", "submit", "--slurm", "--prepare", "--tasks", "3", "--time", "10",
-                "--cpus-per-task", "2", "--root", str(tmp_path), "--name", name, f"source.root={fundus_raw}", f"out={tmp_path / 'split'}",
+                "--cpus-per-task", "2", "--root", str(tmp_path), "--name", name, f"source.root={fundus_raw}",
+                f"out={tmp_path / 'split'}",
                 "shard_samples=7", "resize=radius:24", "workers=1")
     finish = wait_end(done.stdout.split()[-1], timeout=300)
     assert finish["state"] == "COMPLETED", (finish, done.stderr[-1500:])

@@ -339,7 +339,8 @@ def _inspect(cfg: PrepareConfig, records: list[Record], out: Path) -> list:
             if not isinstance(saved, dict) or not isinstance(saved.get("results"), list):
                 raise DataError(f"{target}: not a check file")
         except (OSError, DataError):
-            raise DataError(f"{target}: missing or unreadable; run `tltrain prepare ... phase=check task={task}/{count}`"
+            raise DataError(f"{target}: missing or unreadable; run "
+                            f"`tltrain prepare ... phase=check task={task}/{count}`"
                             " first (every check task must finish before the write phase)") from None
         if saved["paths"] != paths[task::count]:
             raise DataError(f"{target}: written for another source listing; run the check phase again")

@@ -213,7 +213,8 @@ def read_source(cfg: SourceConfig, follow_links_outside: bool = False) -> Source
     names = list(DR_GRADE_NAMES) if classes == list(DR_GRADES) else classes
     return SourceData(records, problems, classes, names, candidates=candidates,
                       description={"kind": cfg.kind, "root": str(root.resolve()),
-                                   "labels_csv": str(csv_path.resolve()), "image_dir": str((root / image_dir).resolve())})
+                                   "labels_csv": str(csv_path.resolve()),
+                                   "image_dir": str((root / image_dir).resolve())})
 
 
 def _read_imagefolder(root: Path, cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:

@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 def cli_submit(argv: list[str]) -> int:
     """Options, then step 1's overrides; everything after --chain is step 2's overrides (its model.weights is
     set to step 1's run dir, and it starts only after step 1 succeeded). Prints the job ids; returns the exit code."""
-    step1, step2 = (argv[:argv.index("--chain")], argv[argv.index("--chain") + 1:]) if "--chain" in argv else (argv, None)
+    if "--chain" in argv:
+        step1, step2 = argv[:argv.index("--chain")], argv[argv.index("--chain") + 1:]
+    else:
+        step1, step2 = argv, None
     args = _parser().parse_args(step1)
     launch = {key: value for key, value in vars(args).items()
               if key not in ("overrides", "name", "after", "wait", "prepare", "tasks")}

@@ -305,7 +305,8 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, kind: str = "svm", 
 
 def _float_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """C-ordered float64 copies (int64 for counts), as they come back from safetensors: same layout, same sums."""
-    return {k: np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind in "iu" else np.float64) for k, v in arrays.items()}
+    return {k: np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind in "iu" else np.float64)
+            for k, v in arrays.items()}
 
 
 def predict_proba(classifier: FeatureClassifier, features: np.ndarray, num_classes: int | None = None) -> np.ndarray:
