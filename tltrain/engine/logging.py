@@ -1,6 +1,6 @@
 """What a run shows while it trains: TensorBoard (rank 0), a progress bar, and the run-dir JSON files.
 
-Files other tools read (report, jobs, export):
+Files other tools read (report, jobs, export; names from tltrain.run_folder, status written by RunFolder):
   <run_dir>/status.json   {"state": running|completed|failed|preempted, "step", "epoch", "metrics", "error",
                            "pid", "host", ...}; a "running" whose pid/lock is gone is stale (rundir.is_stale)
   <run_dir>/metrics.json  {"final": {...}, "best": {"checkpoint", "metric", "step", "epoch", "val"}, "test": {...},
@@ -18,12 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tltrain.run_folder import STATES, RunFolder  # noqa: F401 (STATES re-exported)
+from tltrain.run_folder import RunFolder
 from tltrain.safe_io import atomic_write_json
-
-
-def write_status(run_dir: str | Path, state: str, **fields) -> None:
-    RunFolder(run_dir).write_status(state, **fields)
 
 
 def write_metrics(run_dir: str | Path, final: dict, history: list[dict], test: dict | None = None,
