@@ -16,7 +16,7 @@ import torch
 
 import tltrain
 from tltrain import safe_io
-from tltrain.data.manifest import load_manifest
+from tltrain.data.manifest import MANIFEST_NAME, load_manifest
 from tltrain.errors import ConfigError, DataError
 from tltrain.export.card import model_card
 from tltrain.export.publish import check_target, publish
@@ -138,8 +138,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
     import timm
 
     from tltrain.engine.checkpoint import consolidate_checkpoint
-    from tltrain.metrics import REFERABLE_GRADE, bootstrap_ci, read_predictions_csv, referable_threshold_for
-    from tltrain.models import describe_mismatch
+    from tltrain.metrics import REFERABLE_GRADE, referable_threshold_for
 
     run_dir = Path(run_dir).resolve()
     run = RunFolder(run_dir)
@@ -154,82 +153,94 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
     entry = _checkpoint_entry(run_dir, which)
     state = consolidate_checkpoint(run_dir, which)
     shard_dir = _shards_of(config, run_dir, shards)
-    manifest_path = shard_dir / "manifest.json"
     manifest = load_manifest(shard_dir)  # bounded and validated (tltrain.data.manifest)
     loss = config.get("trainer", {}).get("loss", "cross_entropy")
-
-    # classes: the manifest's names, its num_classes and the head must tell one story
-    num_classes = int(manifest.get("num_classes") or 0)
-    classes = [str(c) for c in (manifest.get("classes") or [])]
-    class_names = [str(c) for c in (manifest.get("class_names") or classes)]
-    outputs = 1 if loss == "ordinal" else num_classes
-    head_key, head_shape = _head_outputs(arch, state)
-    if not num_classes or len(classes) != num_classes or len(class_names) != num_classes or head_shape[0] != outputs:
-        raise DataError(f"{run_dir}: cannot export: {manifest_path} says num_classes={num_classes} with "
-                        f"{len(classes)} classes {classes} and {len(class_names)} names, loss={loss} needs "
-                        f"{outputs} outputs, but the checkpoint's head {head_key} has shape {list(head_shape)}")
-    model = timm.create_model(arch, pretrained=False, num_classes=outputs)
-    problem = describe_mismatch(state, model.state_dict())
-    if problem:
-        raise DataError(f"{run_dir}: checkpoint {entry['name']} does not fit {arch}: {problem}")
-
+    classes, class_names, model = _checked_model(run_dir, entry, arch, loss, state, manifest, shard_dir)
     metrics = safe_io.load_json_object(run.metrics, METRICS_LIMIT, RunFolder.METRICS)
-    validation = _validation_of(entry, metrics)
-    test = metrics.get("test") or {}
-    test_of_this = test.get("checkpoint") == entry["name"]
-    test_set, ci = {}, {}
-    predictions = run.predictions_test
     # the rule the run's own metrics followed (metrics.referable_threshold_for), not a restatement of it
-    referable = referable_threshold_for(num_classes, config.get("trainer", {}).get("referable_threshold",
-                                                                                   REFERABLE_GRADE))
-    if test_of_this and predictions.is_file():
-        _, labels, probs = read_predictions_csv(predictions)
-        counts = np.bincount(labels, minlength=num_classes)
-        test_set = {"split": config["data"].get("test_split", "test"), "count": int(len(labels)),
-                    "class_counts": [int(c) for c in counts]}
-        ci = bootstrap_ci(probs, labels, referable, resamples=resamples, seed=0)
-
-    fraction = config["data"].get("fraction", 1.0)
-    size = config["loader"]["size"]
-    preprocessing = {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
-                     "filter_version": FILTER_VERSION,  # tltrain.preprocess: 2 = normalised masked blur
-                     "size": size, **config["loader"]["preprocess"]}
+    referable = referable_threshold_for(len(classes), config.get("trainer", {}).get("referable_threshold",
+                                                                                    REFERABLE_GRADE))
     metadata = {
-        "format": FORMAT,
-        "architecture": arch,
-        "num_classes": num_classes,
-        "num_outputs": outputs,
-        "loss": loss,
-        "thresholds": validation.get("thresholds"),
-        "classes": classes,
-        "class_names": class_names,
-        "referable_threshold": referable,
-        "input_size": [3, size, size],
-        "preprocessing": preprocessing,
-        "training_data": {
-            "name": config["data"].get("name"), "shards": str(shard_dir),
-            "manifest_sha256": sha256_file(manifest_path), "source": manifest.get("source"), "fraction": fraction,
-            "class_counts": manifest.get("fractions", {}).get(f"{fraction:g}", {}).get("class_counts"),
-            "splits": {k: {"count": v["count"], "class_counts": v["class_counts"]}
-                       for k, v in manifest.get("splits", {}).items()},
-        },
-        "schedule": config.get("schedule"),
-        "initial_weights": config["model"].get("weights"),
+        "format": FORMAT, "architecture": arch, "num_classes": len(classes),
+        "num_outputs": 1 if loss == "ordinal" else len(classes), "loss": loss,
+        "thresholds": _validation_of(entry, metrics).get("thresholds"),
+        "classes": classes, "class_names": class_names, "referable_threshold": referable,
+        "input_size": [3, config["loader"]["size"], config["loader"]["size"]],
+        "preprocessing": _preprocessing(config), "training_data": _training_data(config, manifest, shard_dir),
+        "schedule": config.get("schedule"), "initial_weights": config["model"].get("weights"),
         "checkpoint": _checkpoint_record(entry, which, config, metrics),
-        "metrics": {"validation": {k: v for k, v in validation.items() if k != "confusion"},
-                    "test": {k: v for k, v in test.items() if k != "confusion"} if test_of_this else {},
-                    "test_set": test_set, "test_ci": ci},
+        "metrics": _metrics_of(entry, metrics, run, config, referable, len(classes), resamples),
         "config": config,
         "versions": {"tltrain": tltrain.__version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
-        "license": license,
-        "description": description,
+        "license": license, "description": description,
     }
     validate_metadata({**metadata, "weights": {"file": WEIGHTS, "sha256": "0" * 64}},
                       f"{run.config} (as {METADATA})")  # never publish what load would refuse
     metadata["digest"] = publish(out_dir, force,
                                  lambda folder: _write_package(folder, state, metadata, model, out_dir.name))
     return metadata
+
+
+def _checked_model(run_dir: Path, entry: dict, arch: str, loss: str, state: dict, manifest: dict,
+                   shard_dir: Path) -> tuple[list[str], list[str], torch.nn.Module]:
+    """(classes, class names, the model the weights load into): the manifest's names, its num_classes and the
+    checkpoint's head must tell one story, and the weights must fit the architecture."""
+    import timm
+
+    from tltrain.models import describe_mismatch
+
+    num_classes = int(manifest.get("num_classes") or 0)
+    classes = [str(c) for c in (manifest.get("classes") or [])]
+    class_names = [str(c) for c in (manifest.get("class_names") or classes)]
+    outputs = 1 if loss == "ordinal" else num_classes
+    head_key, head_shape = _head_outputs(arch, state)
+    if not num_classes or len(classes) != num_classes or len(class_names) != num_classes or head_shape[0] != outputs:
+        raise DataError(f"{run_dir}: cannot export: {shard_dir / MANIFEST_NAME} says num_classes={num_classes} "
+                        f"with {len(classes)} classes {classes} and {len(class_names)} names, loss={loss} needs "
+                        f"{outputs} outputs, but the checkpoint's head {head_key} has shape {list(head_shape)}")
+    model = timm.create_model(arch, pretrained=False, num_classes=outputs)
+    problem = describe_mismatch(state, model.state_dict())
+    if problem:
+        raise DataError(f"{run_dir}: checkpoint {entry['name']} does not fit {arch}: {problem}")
+    return classes, class_names, model
+
+
+def _metrics_of(entry: dict, metrics: dict, run: RunFolder, config: dict, referable: int | None,
+                num_classes: int, resamples: int) -> dict:
+    """The exported checkpoint's validation metrics, and its test metrics (with bootstrap intervals from the
+    per-image predictions) only when the run tested this very checkpoint."""
+    from tltrain.metrics import bootstrap_ci, read_predictions_csv
+
+    validation = _validation_of(entry, metrics)
+    test = metrics.get("test") or {}
+    test_of_this = test.get("checkpoint") == entry["name"]
+    test_set, ci = {}, {}
+    if test_of_this and run.predictions_test.is_file():
+        _, labels, probs = read_predictions_csv(run.predictions_test)
+        counts = np.bincount(labels, minlength=num_classes)
+        test_set = {"split": config["data"].get("test_split", "test"), "count": int(len(labels)),
+                    "class_counts": [int(c) for c in counts]}
+        ci = bootstrap_ci(probs, labels, referable, resamples=resamples, seed=0)
+    return {"validation": {k: v for k, v in validation.items() if k != "confusion"},
+            "test": {k: v for k, v in test.items() if k != "confusion"} if test_of_this else {},
+            "test_set": test_set, "test_ci": ci}
+
+
+def _preprocessing(config: dict) -> dict:
+    return {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
+            "filter_version": FILTER_VERSION,  # tltrain.preprocess: 2 = normalised masked blur
+            "size": config["loader"]["size"], **config["loader"]["preprocess"]}
+
+
+def _training_data(config: dict, manifest: dict, shard_dir: Path) -> dict:
+    fraction = config["data"].get("fraction", 1.0)
+    return {"name": config["data"].get("name"), "shards": str(shard_dir),
+            "manifest_sha256": sha256_file(shard_dir / MANIFEST_NAME), "source": manifest.get("source"),
+            "fraction": fraction,
+            "class_counts": manifest.get("fractions", {}).get(f"{fraction:g}", {}).get("class_counts"),
+            "splits": {k: {"count": v["count"], "class_counts": v["class_counts"]}
+                       for k, v in manifest.get("splits", {}).items()}}
 
 
 # -- the package's files, written into publish's temporary folder ------------------------------------------------
