@@ -35,7 +35,7 @@ from tltrain.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from tltrain.data.pool import pool_map
 from tltrain.data.shards import ShardSample, finished, write_shard
 from tltrain.data.sources import Problem, Record, SourceConfig, read_source
-from tltrain.data.splits import nested_fractions, split_by_patient, tier_name
+from tltrain.data.splits import assign_splits, nested_fractions, tier_name
 from tltrain.errors import ConfigError, DataError, choices_error
 
 OWNER_FILE = ".tltrain-prepare.json"  # which source an `out` folder's shards come from (written before any shard)
@@ -136,6 +136,7 @@ class PlanEntry(NamedTuple):
     bytes: int
     mtime_ns: int
     split: str
+    extra: dict | None = None  # the source's other fields for this sample (sample .json)
 
 
 class Inspection(NamedTuple):
@@ -215,7 +216,7 @@ def _shard_sample(e: PlanEntry, encoded) -> ShardSample:
     image, disc, (w, h), ext = encoded
     meta = {"key": e.key, "name": e.name, "file": e.file, "patient": e.patient, "label": e.label,
             "grade_name": e.grade_name, "source": e.path, "width": w, "height": h,
-            "disc": [round(v, 3) for v in disc]}
+            "disc": [round(v, 3) for v in disc], **(e.extra or {})}
     return ShardSample(e.key, e.label, image, tuple(disc), meta, image_ext=ext)
 
 
@@ -391,7 +392,7 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
     if not good:
         raise DataError(f"{source.description.get('root')}: no usable samples ({len(problems)} problems)", problems)
 
-    plan, fractions = _plan(cfg, source, good)
+    plan, fractions, split_how = _plan(cfg, source, good)
     del good  # the plan holds what the shards need
     out.mkdir(parents=True, exist_ok=True)
     if cfg.phase != "finish":
@@ -412,7 +413,7 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
     if missing:
         raise DataError(f"{out}: {len(missing)} of {len(plan)} planned shards are missing or stale "
                         f"(e.g. {missing[0]}); run the write phase (all its tasks) again")
-    manifest = _manifest(cfg, source, plan, done, problems, fractions)
+    manifest = _manifest(cfg, source, plan, done, problems, fractions, split_how)
     _write_problems(out, problems)
     safe_io.atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     if cfg.phase == "finish":
@@ -513,8 +514,10 @@ def claim_out(out: Path, identity: dict, replace: bool, *, write: bool, whole: b
 
 
 def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, Inspection]]):
-    """(plan, fractions): patient-level splits, nested train tiers, then shards: a pure function of the inputs."""
-    splits = split_by_patient([r for r, _ in good], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    """(plan, fractions, how the splits were made): the source's official splits or patient-level ones (tltrain.
+    data.splits.assign_splits), nested train tiers, then shards: a pure function of the inputs."""
+    splits, how = assign_splits([r for r, _ in good], cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                                source.split_origin)
     tiers = nested_fractions([r for r, _ in good if splits[r.key] == "train"], list(cfg.fractions), cfg.seed)
     fractions = sorted(set(tiers.values()))
     groups: dict[str, list[dict]] = {}
@@ -525,11 +528,11 @@ def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, Inspection]]):
         groups.setdefault(group, []).append(PlanEntry(
             record.key, record.name, record.file, record.patient, record.label, record.path,
             source.class_names[record.label], info.width, info.height, info.disc, info.keep_as, stat.st_size,
-            stat.st_mtime_ns, split))
-    return _plan_shards(groups, cfg), fractions
+            stat.st_mtime_ns, split, record.extra))
+    return _plan_shards(groups, cfg), fractions, how
 
 
-def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
+def _manifest(cfg, source, plan, done, problems, fractions, split_how) -> dict:
     n_classes = len(source.classes)
     shards, splits = [], {}
     for name, entries in plan:
@@ -568,6 +571,8 @@ def _manifest(cfg, source, plan, done, problems, fractions) -> dict:
         "counts": {"found": len(source.candidates), "written": written, "skipped": len(source.candidates) - written,
                    "problems": len(problems)},
         "splits": splits,
+        "split_origin": split_how,
+        "ungradable": {"count": len(source.ungradable), "samples": [asdict(p) for p in source.ungradable]},
         "fractions": fraction_info,
         "members": {"jpg": "encoded image: original JPEG bytes or a re-encode", "png": "lossless image (instead "
                     "of .jpg) where tltrain.data.decode re-encoded the file",

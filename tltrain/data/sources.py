@@ -25,7 +25,8 @@ UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx", ".
 LABELS_CSV_BYTES = 1 << 30  # 1 GiB: ~10 million label rows
 DR_GRADES = ("0", "1", "2", "3", "4")
 DR_GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative DR")
-SOURCE_KINDS = ("eyepacs", "aptos", "imagefolder", "csv")
+SOURCE_KINDS = ("eyepacs", "aptos", "aptos2019", "messidor2", "idrid", "ddr", "imagefolder", "csv")
+LABEL_SETS = ("dr", "dme")  # messidor2, idrid: which of their two label sets is the label
 
 
 @dataclass
@@ -40,10 +41,13 @@ class SourceConfig:
     label_column: str | None = None  # csv: column holding the label
     patient_column: str | None = None  # csv: optional patient id column (default: one patient per image)
     classes: list[str] | None = None  # label values in class order; None: DR grades 0-4 (imagefolder: folder names)
+    label_set: str = "dr"  # messidor2, idrid: dr (DR grade 0-4) | dme (macular oedema); the other set goes to .json
 
     def validate(self) -> None:
         if self.kind not in SOURCE_KINDS:
             raise choices_error("source.kind", self.kind, SOURCE_KINDS)
+        if self.label_set not in LABEL_SETS:
+            raise choices_error("source.label_set", self.label_set, LABEL_SETS)
         if not Path(self.root).is_dir():
             raise DataError(f"source.root={self.root!r}: no such folder")
         if self.kind == "csv" and not (self.labels_csv and self.key_column and self.label_column):
@@ -58,6 +62,8 @@ class Record:
     path: str  # image file
     name: str = ""  # the original sample name (CSV image id; imagefolder: <class>_<file stem>)
     file: str = ""  # the image file relative to the source root, as found
+    split: str | None = None  # the source's official split (train | val | test), None where it defines none
+    extra: dict | None = None  # what the source says besides the label (EyePACS Usage, the other label set, ...)
 
 
 @dataclass
@@ -77,6 +83,11 @@ class SourceData:
     class_names: list[str]
     description: dict = field(default_factory=dict)
     candidates: set[str] = field(default_factory=set)  # every key seen (files and label rows): "found"
+    #: Images the source itself marks ungradable: an outcome (left out of the label set, counted, listed), not a
+    #: problem; `on_problem` is for files that are really broken.
+    ungradable: list[Problem] = field(default_factory=list)
+    #: Where each official split comes from ("test": "test/ + retinopathy_solution.csv"); empty: no official split.
+    split_origin: dict[str, str] = field(default_factory=dict)
 
 
 def _index_images(folder: Path, problems: list[Problem]) -> dict[str, list[Path]]:

@@ -65,3 +65,48 @@ def nested_fractions(train: list[Record], fractions: list[float], seed: int) -> 
         for rank, index in enumerate(order):
             tier[group[index].key] = next(f for f, limit in zip(fractions, limits) if rank < limit)
     return tier
+
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def assign_splits(records: list[Record], val_fraction: float, test_fraction: float, seed: int,
+                  official_origin: dict[str, str] | None = None) -> tuple[dict[str, str], dict]:
+    """(key -> split, how each split was made). Without official splits (no record has `split`): patient-level
+    stratified val_fraction/test_fraction of the patients, as split_by_patient. With them: every record keeps its
+    source's split; a split the source lacks is carved from its training patients (val: val_fraction of them;
+    test: test_fraction, only when the source has no test split either). A patient found in two official splits
+    (both eyes should be together) goes wholly to the later of them (train < val < test): no patient crosses
+    splits, and the official test set never loses a patient; the count of moved images is reported."""
+    official = {r.split for r in records if r.split}
+    if not official:
+        assignment = split_by_patient(records, val_fraction, test_fraction, seed)
+        how = f"patient-level stratified ({val_fraction:g} val, {test_fraction:g} test, seed {seed})"
+        return assignment, {"origin": {"train": how, "val": how, "test": how}, "moved_patients": 0,
+                            "moved_images": 0}
+    unknown = sorted(official - set(SPLIT_ORDER))
+    if unknown:
+        raise ValueError(f"official split {unknown[0]!r} is not one of {', '.join(SPLIT_ORDER)}")
+    latest: dict[str, int] = {}
+    for record in records:
+        rank = SPLIT_ORDER.index(record.split or "train")
+        latest[record.patient] = max(latest.get(record.patient, rank), rank)
+    assignment = {r.key: SPLIT_ORDER[latest[r.patient]] for r in records}
+    moved = [r for r in records if assignment[r.key] != (r.split or "train")]
+    origin = {name: f"official: {text}" for name, text in (official_origin or {}).items() if name in official}
+    for name in official - set(origin):
+        origin[name] = "official"
+    carve_val = "val" not in official and val_fraction > 0
+    carve_test = "test" not in official and test_fraction > 0
+    if carve_val or carve_test:
+        train = [r for r in records if assignment[r.key] == "train"]
+        # fractions of the training patients: the source's train split is what gets divided
+        carved = split_by_patient(train, val_fraction if carve_val else 0.0, test_fraction if carve_test else 0.0,
+                                  seed)
+        assignment.update(carved)
+        for name, carving in (("val", carve_val), ("test", carve_test)):
+            if carving:
+                share = val_fraction if name == "val" else test_fraction
+                origin[name] = f"carved from the training patients by patient ({share:g}, stratified, seed {seed})"
+    return assignment, {"origin": origin, "moved_patients": len({r.patient for r in moved}),
+                        "moved_images": len(moved)}
