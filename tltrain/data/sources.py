@@ -144,7 +144,10 @@ def _read_label_rows(csv_path: Path, key_column: str, label_column: str) -> list
         text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
         try:
             reader = csv.DictReader(text)
-            columns = reader.fieldnames or []
+            # header names as written, less surrounding spaces (IDRiD ships "Retinopathy grade " etc.); the
+            # utf-8-sig decoding above already drops a byte-order mark
+            columns = [name.strip() for name in (reader.fieldnames or [])]
+            reader.fieldnames = columns
             missing = [c for c in (key_column, label_column) if c not in columns]
             if missing:
                 raise DataError(f"{csv_path}: wrong columns: expected {key_column!r} and {label_column!r}, "
