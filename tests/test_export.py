@@ -15,6 +15,7 @@ from tltrain import preprocess as P
 from tltrain.errors import DataError
 from tltrain.data.synth import render_fundus
 from tltrain.export import evaluate, export_run, load_pretrained, predict, read_metadata, write_checksums
+from tltrain.export.package_format import CARD
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +236,8 @@ def test_relative_shards_run_exports_from_another_directory(fundus_shards, tmp_p
     assert meta["num_classes"] == 5 and meta["training_data"]["manifest_sha256"]
     assert meta["training_data"]["splits"]["test"]["count"] > 0
     assert meta["metrics"]["test"] == {} and meta["metrics"]["validation"]["count"] > 0  # no test split was run
+    card = (elsewhere / "pkg" / CARD).read_text()
+    assert "the run had no test split" in card and "tested another one" not in card
 
     # an older run that recorded a relative path: refused from elsewhere with a way out, fine with --shards
     (run_dir / "config.yaml").write_text(config.replace(f"shards: {fundus_shards}", f"shards: {fundus_shards.name}"))

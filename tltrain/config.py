@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from tltrain.checks import check_number
 from tltrain.data.loaders.config import LoaderConfig
@@ -160,6 +160,9 @@ def to_typed(node: Any, schema: type[T], where: str = "") -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         obj = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:  # one line naming the key as the user types it
+        key = getattr(exc, "full_key", None) or "a required value"
+        raise ConfigError(f"{key} is required and has no value: give it on the command line ({key}=...)") from None
     except OmegaConfBaseException as exc:
         valid = ", ".join(f.name for f in dataclasses.fields(schema))
         key = getattr(exc, "full_key", None) or ""
@@ -198,7 +201,13 @@ class DataConfig:
             raise DataError(f"data.shards={self.shards!r}: no manifest.json there (run `tltrain prepare` first)")
         from tltrain.data.manifest import load_manifest  # bounded and validated before anything is built
 
-        fractions = sorted(float(f) for f in load_manifest(self.shards).get("fractions", {}))
+        prepared = load_manifest(self.shards)
+        for key in ("train_split", "val_split", "test_split"):  # "" skips that evaluation
+            name = getattr(self, key)
+            if name and name not in prepared.splits:
+                raise ConfigError(f"data.{key}={name!r} is not a split of {manifest}; its splits: "
+                                  f"{', '.join(prepared.splits)}")
+        fractions = sorted(float(f) for f in prepared.fractions)
         if fractions and not any(abs(self.fraction - f) < 1e-9 for f in fractions):
             raise ConfigError(f"data.fraction={self.fraction!r} was not prepared in {manifest}; "
                               f"choose one of: {', '.join(f'{f:g}' for f in fractions)}")

@@ -48,6 +48,9 @@ def model_card(meta: dict, out_dir: Path) -> str:
         test_text = f"test split `{test_set['split']}`: {test_set['count']} images ({counts})."
     elif test:
         test_text = f"test split: {test.get('count')} images (no per-image predictions, so no intervals)."
+    elif not ((meta.get("config") or {}).get("data") or {}).get("test_split", "test"):
+        test_text = ("no test metrics: the run had no test split (data.test_split was empty); run "
+                     "`tltrain evaluate` on this package with a test set for them.")
     else:
         test_text = ("no test metrics of this checkpoint: the run tested another one "
                      "(run `tltrain evaluate` on this package for its own).")
