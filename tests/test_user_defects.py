@@ -57,3 +57,22 @@ def test_the_dali_loader_preset_trains_with_the_cpu_trainer(fundus_shards, tmp_p
                                                      "loader.size=32", "loader.batch_size=8",
                                                      "schedule.epochs_per_phase=1", "data.test_split="))
     assert result["status"] == "completed" and result["final"]["count"] > 0
+
+
+def test_prepare_from_relative_paths_records_absolute_ones(fundus_raw, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from tltrain.data.prepare import PrepareConfig, run_prepare
+    from tltrain.data.shards import iter_tar_samples
+    from tltrain.data.sources import SourceConfig
+
+    shutil.copytree(fundus_raw, tmp_path / "raw")
+    monkeypatch.chdir(tmp_path)
+    manifest = run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root="raw"), out="shards",
+                                         shard_samples=40, workers=1, progress=False))
+    assert manifest["options"]["out"] == str(tmp_path / "shards")
+    assert manifest["source"]["root"] == str((tmp_path / "raw").resolve())
+    sample = next(iter_tar_samples(tmp_path / "shards" / manifest["shards"][0]["tar"]))
+    meta = json.loads(sample["json"])
+    assert meta["source"].startswith(str(tmp_path / "raw")) and not meta["file"].startswith("/")

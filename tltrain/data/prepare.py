@@ -15,10 +15,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -359,6 +360,9 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
     byte-identical to a one-process prepare. check and write return None.
     """
     cfg.validate()
+    # every path the manifest and the samples' .json record is absolute: they must not depend on the folder
+    # prepare ran in (a run elsewhere, `verify`, `report` read them)
+    cfg = replace(cfg, out=os.path.abspath(cfg.out), source=replace(cfg.source, root=os.path.abspath(cfg.source.root)))
     out = Path(cfg.out)
     check_writable(out)
     try:
