@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from tltrain import safe_io
 from tltrain.data.keys import key_collisions, make_keys, relative_file
+from tltrain.data.layouts import LAYOUTS, layout_reader
 from tltrain.errors import ConfigError, DataError, choices_error
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")  # what decode reads
@@ -26,6 +27,8 @@ LABELS_CSV_BYTES = 1 << 30  # 1 GiB: ~10 million label rows
 DR_GRADES = ("0", "1", "2", "3", "4")
 DR_GRADE_NAMES = ("no DR", "mild", "moderate", "severe", "proliferative DR")
 SOURCE_KINDS = ("eyepacs", "aptos", "aptos2019", "messidor2", "idrid", "ddr", "imagefolder", "csv")
+#: Older kind names kept working: source=aptos reads APTOS 2019 as it always did (tltrain.data.layouts.aptos2019).
+KIND_ALIASES = {"aptos": "aptos2019"}
 LABEL_SETS = ("dr", "dme")  # messidor2, idrid: which of their two label sets is the label
 
 
@@ -33,11 +36,11 @@ LABEL_SETS = ("dr", "dme")  # messidor2, idrid: which of their two label sets is
 class SourceConfig:
     """Where the raw dataset is and how to read it. Defaults per kind follow the Kaggle layouts."""
 
-    kind: str = "eyepacs"  # eyepacs | aptos | imagefolder | csv
+    kind: str = "eyepacs"  # one of SOURCE_KINDS: a built-in layout (tltrain.data.layouts), imagefolder or csv
     root: str = MISSING  # dataset folder
     labels_csv: str | None = None  # relative to root; eyepacs: trainLabels.csv, aptos: train.csv
     image_dir: str | None = None  # relative to root; eyepacs: train, aptos: train_images, csv: root
-    key_column: str | None = None  # csv: column holding the image name without extension (the file is looked up)
+    key_column: str | None = None  # csv: column holding the image name, with or without its extension
     label_column: str | None = None  # csv: column holding the label
     patient_column: str | None = None  # csv: optional patient id column (default: one patient per image)
     classes: list[str] | None = None  # label values in class order; None: DR grades 0-4 (imagefolder: folder names)
@@ -113,6 +116,14 @@ def unread_images(files: list[Path]) -> list[Problem]:
             for path in files if path.suffix.lower() in UNREAD_IMAGE_EXTENSIONS]
 
 
+def count_images(folder: Path) -> int:
+    """Image files directly in a folder (0 when it is absent): what a layout reports of images it does not write,
+    such as a competition's unlabelled test set."""
+    if not folder.is_dir():
+        return 0
+    return sum(1 for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
 def outside_root(records: list[Record], problems: list[Problem], root: Path, allow: bool) -> list[Record]:
     """Records whose file, symlinks followed, stays inside the source root; the others become problems naming
     the file and where it leads (a dataset folder from someone else must not pull in files from elsewhere on
@@ -132,9 +143,10 @@ def outside_root(records: list[Record], problems: list[Problem], root: Path, all
     return kept
 
 
-def _read_label_rows(csv_path: Path, key_column: str, label_column: str) -> list[tuple[int, dict]]:
+def _read_label_rows(csv_path: Path, key_column: str, label_column: str, *more_columns: str) -> list[tuple[int, dict]]:
     """The labelled rows of a CSV someone else wrote: a regular file (a FIFO or device is refused at once) of at
-    most LABELS_CSV_BYTES; a malformed CSV is one DataError naming the file."""
+    most LABELS_CSV_BYTES; a malformed CSV is one DataError naming the file. more_columns: other columns the
+    CSV must have (the csv kind's patient column): a missing one is named at once, not read as empty cells."""
     if not csv_path.exists():
         raise DataError(f"{csv_path}: labels CSV not found")
     with safe_io.open_regular(csv_path, "labels CSV") as raw:
@@ -148,20 +160,35 @@ def _read_label_rows(csv_path: Path, key_column: str, label_column: str) -> list
             # utf-8-sig decoding above already drops a byte-order mark
             columns = [name.strip() for name in (reader.fieldnames or [])]
             reader.fieldnames = columns
-            missing = [c for c in (key_column, label_column) if c not in columns]
-            if missing:
-                raise DataError(f"{csv_path}: wrong columns: expected {key_column!r} and {label_column!r}, "
+            expected = [key_column, label_column, *more_columns]
+            if any(c not in columns for c in expected):
+                named = ", ".join(map(repr, expected[:-1])) + f" and {expected[-1]!r}"
+                raise DataError(f"{csv_path}: wrong columns: expected {named}, "
                                 f"found {', '.join(map(repr, columns)) or 'no header'}")
             return [(line, row) for line, row in enumerate(reader, start=2)]
         except csv.Error as exc:
             raise DataError(f"{csv_path}:{reader.line_num}: not a readable CSV ({exc})") from None
 
 
+def _files_named(key: str, by_key: dict[str, list[Path]]) -> tuple[str, list[Path], bool]:
+    """(sample name, its files, whether the key named the extension) for a label row's key: the key as a name
+    without extension (10_left), else as a file name whose extension is compared ignoring case (IM0001.JPG,
+    IM0001.jpg -> the file IM0001.JPG): the sample name is then the name without extension."""
+    if key in by_key:
+        return key, by_key[key], False
+    stem, dot, extension = key.rpartition(".")
+    if dot and stem and f".{extension.lower()}" in IMAGE_EXTENSIONS and stem in by_key:
+        return stem, [p for p in by_key[stem] if p.suffix.lower() == f".{extension.lower()}"], True
+    return key, [], False
+
+
 def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, label_column: str,
           classes: list[str], patient_of) -> tuple[list[Record], list[Problem], set[str]]:
-    """Match labelled rows to image files; every mismatch becomes a Problem naming the file or CSV line."""
+    """Match labelled rows to image files; every mismatch becomes a Problem naming the file or CSV line. A key may
+    name the file with or without its extension (_files_named); patient_of(name, row) gets the name without it."""
     records, problems, seen = [], [], {}
     labelled_keys = set()
+    named_files: dict[str, set[Path]] = {}  # name -> the files that rows named with their extension
     for line, row in rows:
         key = (row.get(key_column) or "").strip()
         raw_label = (row.get(label_column) or "").strip()
@@ -169,14 +196,18 @@ def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, 
         if not key:
             problems.append(Problem(where, "empty image name"))
             continue
-        if key in seen:
-            problems.append(Problem(where, f"duplicate key {key!r} (first at line {seen[key]})"))
+        name, files, by_extension = _files_named(key, by_key)
+        if name in seen:
+            problems.append(Problem(where, f"duplicate key {key!r} (first at line {seen[name]})"))
             continue
-        seen[key] = line
-        labelled_keys.add(key)
-        files = by_key.get(key, [])
+        seen[name] = line
+        labelled_keys.add(name)
+        if by_extension:
+            named_files.setdefault(name, set()).update(files)
         if not files:
-            problems.append(Problem(where, f"label row for {key!r} has no image file"))
+            others = ", ".join(p.name for p in by_key.get(name, []))
+            problems.append(Problem(where, f"label row for {key!r} has no image file"
+                                           + (f" (found {others})" if others else "")))
             continue
         if len(files) > 1:
             problems.append(Problem(str(files[1]), f"duplicate key {key!r}: also {files[0].name}"))
@@ -185,50 +216,63 @@ def _join(csv_path: Path, rows, by_key: dict[str, list[Path]], key_column: str, 
             problems.append(Problem(where, f"unknown grade {raw_label!r} for {key!r} "
                                            f"(valid: {', '.join(classes)})"))
             continue
-        records.append(Record(key, patient_of(key, row), classes.index(raw_label), str(files[0]), name=key))
+        records.append(Record(name, patient_of(name, row), classes.index(raw_label), str(files[0]), name=name))
     for key, files in by_key.items():
         if key not in labelled_keys:
             problems.append(Problem(str(files[0]), f"image has no label in {csv_path.name}"))
+        elif key in named_files:  # x.jpg labelled by name: x.png beside it is not
+            problems += [Problem(str(path), f"image has no label in {csv_path.name}")
+                         for path in files if path not in named_files[key]]
     return records, problems, set(by_key) | labelled_keys
+
+
+def read_labelled_folder(csv_path: Path, image_dir: Path, key_column: str, label_column: str, classes: list[str],
+                         patient_of, *more_columns: str) -> tuple[list[Record], list[Problem], set[str]]:
+    """(records, problems, candidate keys) of one labels CSV and one image folder: what most layouts are made of.
+    Records get their keys later (_assign_keys, once every part of a source is read)."""
+    rows = _read_label_rows(csv_path, key_column, label_column, *more_columns)
+    unread: list[Problem] = []
+    by_key = _index_images(image_dir, unread)
+    records, problems, candidates = _join(csv_path, rows, by_key, key_column, label_column, classes, patient_of)
+    return records, unread + problems, candidates
+
+
+def label_classes(cfg: SourceConfig) -> tuple[list[str], list[str]]:
+    """(classes, class names): source.classes, else the DR grades 0-4 with their names."""
+    classes = [str(c) for c in (cfg.classes or DR_GRADES)]
+    return classes, list(DR_GRADE_NAMES) if classes == list(DR_GRADES) else classes
 
 
 def read_source(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
     """The records and problems of a source. Files whose resolved path leaves cfg.root are problems unless
-    follow_links_outside."""
-    root = Path(cfg.root)
+    follow_links_outside. Built-in dataset layouts live in tltrain.data.layouts (one module each)."""
+    layout = KIND_ALIASES.get(cfg.kind, cfg.kind)
+    if layout in LAYOUTS:
+        return layout_reader(layout)(cfg, follow_links_outside)
     if cfg.kind == "imagefolder":
-        return _read_imagefolder(root, cfg, follow_links_outside)
-    if cfg.kind == "eyepacs":
-        csv_name, image_dir, key_col, label_col = cfg.labels_csv or "trainLabels.csv", cfg.image_dir or "train", \
-            "image", "level"
+        return _read_imagefolder(Path(cfg.root), cfg, follow_links_outside)
+    if cfg.kind == "csv":
+        return _read_csv(cfg, follow_links_outside)
+    raise choices_error("source.kind", cfg.kind, SOURCE_KINDS)
 
-        def patient_of(key, row):  # 10_left / 10_right -> 10
-            return key.rsplit("_", 1)[0] if key.endswith(("_left", "_right")) else key
-    elif cfg.kind == "aptos":
-        csv_name, image_dir, key_col, label_col = cfg.labels_csv or "train.csv", cfg.image_dir or "train_images", \
-            "id_code", "diagnosis"
 
-        def patient_of(key, row):  # APTOS has one image per patient id
-            return key
-    else:
-        csv_name, image_dir, key_col, label_col = cfg.labels_csv, cfg.image_dir or ".", cfg.key_column, \
-            cfg.label_column
+def _read_csv(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
+    """Any labels CSV: the key column names the image (with or without extension), the label column its class;
+    the optional patient column keeps one person's images in one split (empty cell: the image is its own)."""
+    root = Path(cfg.root)
+    csv_path, image_dir = root / cfg.labels_csv, root / (cfg.image_dir or ".")
+    patient_column = cfg.patient_column
 
-        def patient_of(key, row):
-            return (row.get(cfg.patient_column) or key) if cfg.patient_column else key
-    classes = [str(c) for c in (cfg.classes or DR_GRADES)]
-    csv_path = root / csv_name
-    rows = _read_label_rows(csv_path, key_col, label_col)
-    unread: list[Problem] = []
-    by_key = _index_images(root / image_dir, unread)
-    records, problems, candidates = _join(csv_path, rows, by_key, key_col, label_col, classes, patient_of)
-    problems = unread + problems
+    def patient_of(key, row):
+        return ((row.get(patient_column) or "").strip() or key) if patient_column else key
+    classes, names = label_classes(cfg)
+    records, problems, candidates = read_labelled_folder(
+        csv_path, image_dir, cfg.key_column, cfg.label_column, classes, patient_of,
+        *([patient_column] if patient_column else []))
     records = _assign_keys(outside_root(records, problems, root, follow_links_outside), problems, root)
-    names = list(DR_GRADE_NAMES) if classes == list(DR_GRADES) else classes
     return SourceData(records, problems, classes, names, candidates=candidates,
                       description={"kind": cfg.kind, "root": str(root.resolve()),
-                                   "labels_csv": str(csv_path.resolve()),
-                                   "image_dir": str((root / image_dir).resolve())})
+                                   "labels_csv": str(csv_path.resolve()), "image_dir": str(image_dir.resolve())})
 
 
 def _read_imagefolder(root: Path, cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
