@@ -440,4 +440,12 @@ def test_problems_csv_quotes_formula_cells(fundus_raw, tmp_path, monkeypatch):
     run_prepare(_prepare_cfg(Path("=HYPERLINK(1)"), tmp_path / "out", on_problem="skip"))
     with open(tmp_path / "out" / "problems.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[1][0].startswith("'=HYPERLINK(1)") and not any(r[0].startswith("=") for r in rows[1:])
+    # prepare records absolute paths (#25), so a relative root no longer starts a cell; a name that does is quoted
+    assert rows[1][0].startswith(str(tmp_path / "=HYPERLINK(1)")) and not any(r[0].startswith("=") for r in rows[1:])
+    from tltrain.data.prepare import _write_problems
+    from tltrain.data.sources import Problem
+
+    _write_problems(tmp_path / "out", [Problem("=HYPERLINK(1)/trainLabels.csv:82", "=cmd|' /C calc'!A0")])
+    with open(tmp_path / "out" / "problems.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[1][0].startswith("'=HYPERLINK(1)") and rows[1][1].startswith("'=cmd")

@@ -15,6 +15,15 @@ def manifest_summary(manifest: dict) -> str:
         if info:
             lines.append(f"{split:<8}{info['count']:>9}{info['patients']:>10}  "
                          + "  ".join(f"{c:>12}" for c in info["class_counts"]))
+    origin = (manifest.get("split_origin") or {}).get("origin") or {}
+    if any(str(text).startswith("official") for text in origin.values()):
+        lines += [f"  {split}: {origin[split]}" for split in ("train", "val", "test") if split in origin]
+        moved = (manifest.get("split_origin") or {}).get("moved_patients")
+        if moved:
+            lines.append(f"  {moved} patient(s) found in two official splits moved wholly to the later one")
+    ungradable = manifest.get("ungradable") or {}
+    if ungradable.get("count"):
+        lines.append(f"ungradable (left out, listed in manifest.json): {ungradable['count']}")
     fractions = ", ".join(f"{float(f) * 100:g}%: {v['count']}" for f, v in manifest["fractions"].items())
     lines.append(f"training fractions: {fractions}")
     if manifest.get("problems"):
