@@ -276,3 +276,13 @@ def test_csv_missing_patient_column_is_named(tmp_path):
     _csv_folder(root, ["image,grade", "a,0"], ["a.png"])
     with pytest.raises(DataError, match="labels.csv: wrong columns: expected 'image', 'grade' and 'subject'"):
         read_source(_csv_source(root, patient_column="subject"))
+
+
+def test_a_source_naming_the_test_set_itself_reads_only_that_set(eyepacs_full):
+    """The older way to shard the official test set (a second prepare with labels_csv and image_dir pointing at
+    it, as benchmarks/bench_scale.py does) reads the test set alone, once."""
+    root = eyepacs_full[0]
+    data = read_source(SourceConfig(kind="eyepacs", root=str(root), labels_csv="retinopathy_solution.csv",
+                                    image_dir="test"))
+    assert not data.problems and data.records and all(r.split is None for r in data.records)
+    assert all(Path(r.path).parent.name == "test" for r in data.records)

@@ -9,7 +9,8 @@ With test/ and retinopathy_solution.csv both there, the official test set is the
 each sample's .json) and trainLabels.csv the train split; val is carved from the training patients. Without them
 no record has an official split and the patients are split as for any source (val_fraction, test_fraction): the
 train-only layout prepares exactly as it did before official splits existed. A test/ folder without the solution
-CSV is unlabelled: its images are counted in the manifest's source description, never written.
+CSV is unlabelled: its images are counted in the manifest's source description, never written. A source whose
+labels_csv/image_dir name the test set itself reads just that set (how it was prepared before official splits).
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def read(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
                    "image_dir": str(image_dir.resolve())}
     split_origin: dict[str, str] = {}
     test_csv, test_dir = root / TEST_CSV, root / TEST_DIR
-    if test_csv.is_file() and test_dir.is_dir():
+    if csv_path.resolve() == test_csv.resolve() or image_dir.resolve() == test_dir.resolve():
+        pass  # source.labels_csv/image_dir name the test set itself: it is the whole source (older two-prepare use)
+    elif test_csv.is_file() and test_dir.is_dir():
         test_records, test_problems, test_candidates = _read_test(test_csv, test_dir, classes)
         for record in records:
             record.split = "train"
