@@ -110,7 +110,9 @@ def prepare_parts(root: Path, shards: Path, layout: str, workers: int, shard_sam
     from tltrain.data.prepare import PrepareConfig, run_prepare
     from tltrain.data.sources import SourceConfig
 
-    parts = {"train": (SourceConfig(kind="eyepacs", root=str(root)), {})}
+    # the two parts as two sources: a plain source=eyepacs reads train/ with the official test/ in one go; naming
+    # the training CSV by its full path reads that set alone (tltrain/data/layouts/eyepacs.py)
+    parts = {"train": (SourceConfig(kind="eyepacs", root=str(root), labels_csv=str(root / "trainLabels.csv")), {})}
     if layout == "kaggle":
         parts["test"] = (SourceConfig(kind="eyepacs", root=str(root), labels_csv="retinopathy_solution.csv",
                                       image_dir="test"), {"val_fraction": 0.0, "test_fraction": 0.0})

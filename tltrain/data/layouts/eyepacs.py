@@ -9,8 +9,9 @@ With test/ and retinopathy_solution.csv both there, the official test set is the
 each sample's .json) and trainLabels.csv the train split; val is carved from the training patients. Without them
 no record has an official split and the patients are split as for any source (val_fraction, test_fraction): the
 train-only layout prepares exactly as it did before official splits existed. A test/ folder without the solution
-CSV is unlabelled: its images are counted in the manifest's source description, never written. A source whose
-labels_csv/image_dir name the test set itself reads just that set (how it was prepared before official splits).
+CSV is unlabelled: its images are counted in the manifest's source description, never written. A source that
+names another CSV or folder than trainLabels.csv and train (source.labels_csv, source.image_dir) reads exactly that
+set, with no official split (the test set alone: how the two parts were prepared before official splits).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def read(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
                    "image_dir": str(image_dir.resolve())}
     split_origin: dict[str, str] = {}
     test_csv, test_dir = root / TEST_CSV, root / TEST_DIR
-    if csv_path.resolve() == test_csv.resolve() or image_dir.resolve() == test_dir.resolve():
-        pass  # source.labels_csv/image_dir name the test set itself: it is the whole source (older two-prepare use)
+    if (cfg.labels_csv or TRAIN_CSV) != TRAIN_CSV or (cfg.image_dir or TRAIN_DIR) != TRAIN_DIR:
+        pass  # a source naming another CSV or folder is exactly that set (e.g. the test set alone)
     elif test_csv.is_file() and test_dir.is_dir():
         test_records, test_problems, test_candidates = _read_test(test_csv, test_dir, classes)
         for record in records:
