@@ -152,7 +152,7 @@ def test_incomplete_download_and_unknown_folder_are_clear_errors(tmp_path):
         ddr.read(SourceConfig(kind="ddr", root=str(grading), labels_csv="labels.csv"))
 
 
-def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_path):
+def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_path, capsys):
     grading = tmp_path / "DDR-dataset" / "DR_grading"
     truth = write_ddr(grading, {"train": [0, 1, 2, 2], "valid": [0, 3], "test": [1, 4]})
     twin = next(name for name, (folder, _) in truth.items() if folder == "train")
@@ -164,6 +164,7 @@ def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_pat
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [3, 2, 4]
     samples = sample_metadata(tmp_path / "out", manifest)
     assert samples[f"train/{twin}"][0] == samples[f"test/{twin}"][0] == "test"
+    assert "warning: 1 patient(s) (1 images) appear in two official splits" in capsys.readouterr().out
 
 
 def test_kaggle_copy_without_official_splits(tmp_path):

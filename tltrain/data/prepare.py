@@ -397,6 +397,10 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
         raise DataError(f"{source.description.get('root')}: no usable samples ({len(problems)} problems)", problems)
 
     plan, fractions, split_how = _plan(cfg, source, good)
+    if split_how["moved_patients"] and cfg.phase in ("all", "finish"):
+        print(f"warning: {split_how['moved_patients']} patient(s) ({split_how['moved_images']} images) appear in two "
+              "official splits of the source; each was kept wholly in the later split (train < val < test) so no "
+              "patient crosses splits (manifest.json split_origin)", flush=True)
     del good  # the plan holds what the shards need
     out.mkdir(parents=True, exist_ok=True)
     if cfg.phase != "finish":
