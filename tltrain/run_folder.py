@@ -36,6 +36,11 @@ METRICS_LIMIT = 16 * MiB
 PROGRESS_FIELDS = ("step", "epoch", "total_epochs", "steps_per_epoch", "strategy", "world_size", "pid", "host")
 
 
+def _entry(name: str) -> property:
+    """A read-only attribute: the path of `name` inside the run folder."""
+    return property(lambda folder: folder.path / name, doc=f"<run folder>/{name}")
+
+
 class RunFolder:
     """One run's folder: the paths of its files, and its status record."""
 
@@ -55,42 +60,16 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    # -- the files ------------------------------------------------------------------------------------------
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def status(self) -> Path:
-        return self.path / self.STATUS
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / self.METRICS
-
-    @property
-    def predictions_test(self) -> Path:
-        return self.path / self.PREDICTIONS_TEST
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / self.CHECKPOINTS
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / self.TENSORBOARD
-
-    @property
-    def features(self) -> Path:
-        return self.path / self.FEATURES
-
-    @property
-    def weights_report(self) -> Path:
-        return self.path / self.WEIGHTS_REPORT
-
-    @property
-    def lock(self) -> Path:
-        return self.path / self.LOCK
+    # -- the files: <folder>/<name> for each name above ---------------------------------------------------------
+    config = _entry(CONFIG)
+    status = _entry(STATUS)
+    metrics = _entry(METRICS)
+    predictions_test = _entry(PREDICTIONS_TEST)
+    checkpoints = _entry(CHECKPOINTS)
+    tensorboard = _entry(TENSORBOARD)
+    features = _entry(FEATURES)
+    weights_report = _entry(WEIGHTS_REPORT)
+    lock = _entry(LOCK)
 
     # -- the status record ----------------------------------------------------------------------------------
     def read_status(self) -> dict:

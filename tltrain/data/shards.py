@@ -67,7 +67,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def write_tar(samples: list[ShardSample], raw) -> tuple[str, int]:
     """Write samples into the binary file `raw` (plain ustar, fixed metadata); return the DALI index text and the
-    sample count."""
+    sample count. `raw` is safe_io.atomic_open's temporary (write_shard): never a file at the shard's final name."""
     lines = []
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:

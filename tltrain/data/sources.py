@@ -237,6 +237,12 @@ def read_labelled_folder(csv_path: Path, image_dir: Path, key_column: str, label
     return records, unread + problems, candidates
 
 
+def folder_description(kind: str, root: Path, csv_path: Path, image_dir: Path, **more) -> dict:
+    """The manifest's `source` record of a CSV + image-folder source (resolved paths: the source's identity)."""
+    return {"kind": kind, "root": str(root.resolve()), "labels_csv": str(csv_path.resolve()),
+            "image_dir": str(image_dir.resolve()), **more}
+
+
 def label_classes(cfg: SourceConfig) -> tuple[list[str], list[str]]:
     """(classes, class names): source.classes, else the DR grades 0-4 with their names."""
     classes = [str(c) for c in (cfg.classes or DR_GRADES)]
@@ -271,8 +277,7 @@ def _read_csv(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceDa
         *([patient_column] if patient_column else []))
     records = _assign_keys(outside_root(records, problems, root, follow_links_outside), problems, root)
     return SourceData(records, problems, classes, names, candidates=candidates,
-                      description={"kind": cfg.kind, "root": str(root.resolve()),
-                                   "labels_csv": str(csv_path.resolve()), "image_dir": str(image_dir.resolve())})
+                      description=folder_description(cfg.kind, root, csv_path, image_dir))
 
 
 def _read_imagefolder(root: Path, cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:

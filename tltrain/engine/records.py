@@ -41,12 +41,13 @@ class RunRecords:
 
     def best(self) -> dict:
         """Which checkpoint is the best so far, chosen how, and its validation metrics (main rank only)."""
-        best = self.checkpoints.best()
+        index = self.checkpoints.index()  # read once: it names the best checkpoint and holds its value
+        best = next((c for c in index["checkpoints"] if c["name"] == index.get("best")), None)
         if best is None:
             return {}
         cfg = self.cfg
         return {"checkpoint": best["name"], "metric": cfg.best_metric, "mode": cfg.best_mode,
-                "value": self.checkpoints.index().get("best_value"), "step": best["step"], "epoch": best["epoch"],
+                "value": index.get("best_value"), "step": best["step"], "epoch": best["epoch"],
                 "chosen_by": f"{'highest' if cfg.best_mode == 'max' else 'lowest'} validation {cfg.best_metric}, "
                              "evaluated at every validated epoch end",
                 "val": self.history_val(best["step"])}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -203,7 +204,9 @@ class Trainer:
         return lr_factor(self.cfg, self.state.step - start, end - start, warmup)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
+    @functools.cached_property
     def _config_yaml(self) -> str | None:
+        """The run's resolved config as YAML (written to config.yaml and into every checkpoint): made once."""
         if self.config_to_save is None:
             return None
         from omegaconf import OmegaConf
@@ -214,7 +217,7 @@ class Trainer:
 
     def _save(self, metrics: dict | None = None) -> str:
         state = self.state.state_dict(self.env.world_size, self.steps_per_epoch, dataclasses.asdict(self.cfg),
-                                      self._config_yaml())
+                                      self._config_yaml)
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         return self.checkpoints.save(self.strategy, state, metrics, extra)
 
@@ -286,8 +289,8 @@ class Trainer:
         """The run's config on disk, then resume from the latest checkpoint if there is one."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self._config_yaml() is not None:  # a new file renamed into place: a link there is replaced
-                atomic_write_text(self.run.config, self._config_yaml())
+            if self._config_yaml is not None:  # a new file renamed into place: a link there is replaced
+                atomic_write_text(self.run.config, self._config_yaml)
         D.barrier()
         resumed = self._resume()
         self.records.status("running", resumed=resumed)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tltrain.data.sources import (SourceConfig, SourceData, _assign_keys, count_images, label_classes,
-                                  outside_root, read_labelled_folder)
+from tltrain.data.sources import (SourceConfig, SourceData, _assign_keys, count_images, folder_description,
+                                  label_classes, outside_root, read_labelled_folder)
 
 KEY_COLUMN, LABEL_COLUMN = "id_code", "diagnosis"
 TRAIN_CSV, TRAIN_DIR, TEST_DIR = "train.csv", "train_images", "test_images"
@@ -33,8 +33,7 @@ def read(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
     records, problems, candidates = read_labelled_folder(csv_path, image_dir, KEY_COLUMN, LABEL_COLUMN, classes,
                                                          patient_of)
     records = _assign_keys(outside_root(records, problems, root, follow_links_outside), problems, root)
-    description = {"kind": cfg.kind, "root": str(root.resolve()), "labels_csv": str(csv_path.resolve()),
-                   "image_dir": str(image_dir.resolve())}
+    description = folder_description(cfg.kind, root, csv_path, image_dir)
     if (root / TEST_DIR).is_dir():
         description["unlabelled_test_images"] = count_images(root / TEST_DIR)
     return SourceData(records, problems, classes, names, candidates=candidates, description=description)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tltrain.data.sources import (Problem, Record, SourceConfig, SourceData, _assign_keys, count_images,
-                                  label_classes, outside_root, read_labelled_folder)
+                                  folder_description, label_classes, outside_root, read_labelled_folder)
 
 KEY_COLUMN, LABEL_COLUMN, USAGE_COLUMN = "image", "level", "Usage"
 TRAIN_CSV, TRAIN_DIR = "trainLabels.csv", "train"
@@ -36,8 +36,7 @@ def read(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
     csv_path, image_dir = root / (cfg.labels_csv or TRAIN_CSV), root / (cfg.image_dir or TRAIN_DIR)
     records, problems, candidates = read_labelled_folder(csv_path, image_dir, KEY_COLUMN, LABEL_COLUMN, classes,
                                                          patient_of)
-    description = {"kind": cfg.kind, "root": str(root.resolve()), "labels_csv": str(csv_path.resolve()),
-                   "image_dir": str(image_dir.resolve())}
+    description = folder_description(cfg.kind, root, csv_path, image_dir)
     split_origin: dict[str, str] = {}
     test_csv, test_dir = root / TEST_CSV, root / TEST_DIR
     if (cfg.labels_csv or TRAIN_CSV) != TRAIN_CSV or (cfg.image_dir or TRAIN_DIR) != TRAIN_DIR:

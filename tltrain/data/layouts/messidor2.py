@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tltrain import safe_io
 from tltrain.data.sources import (DR_GRADE_NAMES, DR_GRADES, LABELS_CSV_BYTES, Problem, Record, SourceConfig,
-                                  SourceData, _assign_keys, _index_images, _read_label_rows, outside_root)
+                                  SourceData, _assign_keys, _index_images, _read_label_rows,
+                                  folder_description, outside_root)
 from tltrain.errors import ConfigError, DataError
 
 LABELS_CSV = "messidor_data.csv"
@@ -102,8 +103,7 @@ def read(cfg: SourceConfig, follow_links_outside: bool = False) -> SourceData:
         if path.name not in named:
             problems.append(Problem(str(path), f"image has no row in {csv_path.name}"))
     pairs_path = root / PAIRS_CSV
-    description = {"kind": "messidor2", "root": str(root.resolve()), "labels_csv": str(csv_path.resolve()),
-                   "image_dir": str(image_dir.resolve()), "label_set": cfg.label_set}
+    description = folder_description("messidor2", root, csv_path, image_dir, label_set=cfg.label_set)
     if pairs_path.exists():
         patient_of = _examinations(pairs_path, images, problems)
         for record in records:
