@@ -159,12 +159,31 @@ def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_pat
     shutil.copy(grading / "train" / twin, grading / "test" / twin)
     with open(grading / "test.txt", "a") as lines:
         lines.write(f"{twin} {truth[twin][1]}\n")
-    manifest = prepare(grading.parent, tmp_path / "out")
+    manifest = prepare(grading.parent, tmp_path / "out", duplicates="keep")  # the copy is byte-identical: kept
     assert manifest["split_origin"]["moved_patients"] == 1 and manifest["split_origin"]["moved_images"] == 1
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [3, 2, 4]
     samples = sample_metadata(tmp_path / "out", manifest)
     assert samples[f"train/{twin}"][0] == samples[f"test/{twin}"][0] == "test"
     assert "warning: 1 patient(s) (1 images) appear in two official splits" in capsys.readouterr().out
+
+
+def test_an_identical_image_in_two_official_splits_is_kept_in_the_later_and_listed(tmp_path):
+    """By default (duplicates=drop) a byte-identical copy is left out and listed; of a copy in train and one in
+    test, the test one is kept, so the official test set stays whole."""
+    grading = tmp_path / "DDR-dataset" / "DR_grading"
+    truth = write_ddr(grading, {"train": [0, 1, 2, 2], "valid": [0, 3], "test": [1, 4]})
+    twin = next(name for name, (folder, _) in truth.items() if folder == "train")
+    shutil.copy(grading / "train" / twin, grading / "test" / twin)
+    with open(grading / "test.txt", "a") as lines:
+        lines.write(f"{twin} {truth[twin][1]}\n")
+    manifest = prepare(grading.parent, tmp_path / "out")
+    assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [3, 2, 3]
+    assert manifest["duplicates"]["count"] == manifest["duplicates"]["left_out"] == 1
+    copy = manifest["duplicates"]["samples"][0]
+    assert copy["file"] == str(grading / "train" / twin) and copy["same_as"] == str(grading / "test" / twin)
+    assert copy["agree"] and not copy["kept"]
+    samples = sample_metadata(tmp_path / "out", manifest)
+    assert samples[f"test/{twin}"][0] == "test" and f"train/{twin}" not in samples
 
 
 def test_kaggle_copy_without_official_splits(tmp_path):

@@ -38,11 +38,11 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from tltrain.config import compose, to_typed
+    from tltrain.config import compose_prepare, to_typed
     from tltrain.data.prepare import PrepareConfig, run_prepare
     from tltrain.data.summary import manifest_summary
 
-    cfg = to_typed(compose("prepare", args.overrides), PrepareConfig, where="prepare")
+    cfg = to_typed(compose_prepare(args.overrides), PrepareConfig, where="prepare")
     manifest = run_prepare(cfg)
     if manifest is None:  # phase=check or write: one task of a split prepare, no manifest yet
         print(f"prepare phase={cfg.phase} task={cfg.task}: done", flush=True)

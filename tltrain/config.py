@@ -34,10 +34,12 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from tltrain.data.prepare import PrepareConfig
+    from tltrain.data.sources import SourceConfig
 
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(name="prepare_schema", node=PrepareConfig)
+    store.store(name="source_schema", node=SourceConfig)  # configs/sources/*: each entry of `sources` typed
     # configs/config.yaml: with run_dir=... set, Hydra's output folder is the run_dir itself and it writes no
     # .hydra/ copy there (config.yaml is the run's own), so no stray runs/<timestamp>/ folder appears
     if not OmegaConf.has_resolver("tltrain_or"):
@@ -85,6 +87,18 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
             return hydra_compose(config_name=config_name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as exc:  # unknown option or key: Hydra lists the choices
         raise ConfigError(config_error_line(exc)) from None
+
+
+def compose_prepare(overrides: list[str] | None = None) -> DictConfig:
+    """configs/prepare.yaml composed. It selects `source: eyepacs` by default; with `sources=[...]` that default
+    (its root left unset) is dropped, and a source given as well is refused in one line."""
+    composed = compose("prepare", overrides)
+    if composed.get("sources"):
+        if composed.source is not None and not OmegaConf.is_missing(composed.source, "root"):
+            raise ConfigError("prepare: give one source (source.root=...) or several (sources=[...] "
+                              "sources.<name>.root=...), not both")
+        composed.source = None
+    return composed
 
 
 def config_error_line(exc: BaseException, schema: type | None = None) -> str:

@@ -88,7 +88,8 @@ def validate_manifest(manifest, shard_dir: Path, where: str) -> None:
     shards = _shards(manifest.get("shards"), shard_dir, where)
     _splits(manifest.get("splits"), num_classes, where)
     _fractions(manifest.get("fractions", {}), {s["name"] for s in shards}, num_classes, where)
-    for key in ("source", "options", "counts", "members", "tool", "split_origin", "ungradable"):
+    for key in ("source", "options", "counts", "members", "tool", "split_origin", "ungradable", "sources", "left_out",
+                "duplicates"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise DataError(f"{where}: {key} must be a JSON object")
     if not isinstance(manifest.get("problems", []), list):

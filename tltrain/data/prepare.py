@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from omegaconf import MISSING
@@ -35,7 +35,8 @@ from tltrain.data.decode import (DECODE_RULE, JPEG_FORMATS, MAX_PIXELS, decode_i
 from tltrain.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from tltrain.data.pool import pool_map
 from tltrain.data.shards import ShardSample, finished, write_shard
-from tltrain.data.sources import Problem, Record, SourceConfig, read_source
+from tltrain.data.datasets import Dataset, find_duplicates, read_dataset, source_config
+from tltrain.data.sources import Problem, Record, SourceConfig
 from tltrain.data.splits import assign_splits, nested_fractions, tier_name
 from tltrain.errors import ConfigError, DataError, choices_error
 
@@ -44,6 +45,7 @@ MAX_RESIZE = 16_384  # longest:N only shrinks; radius:N scales the disc square t
 MAX_SHARD_SAMPLES = 1_000_000
 MAX_WORKERS = 1024
 ON_PROBLEM = ("fail", "skip")
+DUPLICATES = ("drop", "keep")
 PHASES = ("all", "check", "write", "finish")
 WORK_DIR = ".prepare"  # per-task inspection results of a split prepare (removed by the finish phase)
 SHARD_NAME = re.compile(r"^(train|val|test)-(f\d{3}|all)-\d{6}$")
@@ -51,7 +53,12 @@ SHARD_NAME = re.compile(r"^(train|val|test)-(f\d{3}|all)-\d{6}$")
 
 @dataclass
 class PrepareConfig:
-    source: SourceConfig = field(default_factory=SourceConfig)
+    source: SourceConfig | None = field(default_factory=SourceConfig)  # one source (None when `sources` is given)
+    #: Several sources in one dataset, by name (`'sources=[eyepacs,aptos2019]'`, configs/sources/): the name
+    #: starts every key of the source and is each sample's `dataset` (tltrain.data.datasets).
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> SourceConfig (a mapping is converted)
+    classes: list[str] | None = None  # the dataset's label set; None: the (first) source's; others map onto it
+    duplicates: str = "drop"  # drop: a byte-identical copy of an image already in the set is left out (listed) | keep
     out: str = MISSING  # output folder for shards, index files and manifest.json
     val_fraction: float = 0.1  # share of patients in the validation split
     test_fraction: float = 0.1  # share of patients in the test split
@@ -69,9 +76,23 @@ class PrepareConfig:
     replace: bool = False  # true: `out` may hold another dataset's shards and manifest, which are replaced
     follow_links_outside: bool = False  # true: images reached through symlinks leading outside source.root are read
 
+    def __post_init__(self) -> None:
+        # typed as Any in the schema so that `+sources.mine.kind=csv` and `+sources.mine={kind: csv, ...}` compose
+        # (Hydra cannot add a key to a dict of structured configs); each entry becomes a SourceConfig here
+        self.sources = {name: source_config(entry, f"prepare.sources.{name}")
+                        for name, entry in (self.sources or {}).items()}
+
     def validate(self) -> None:
         """Every value checked before anything is read or written: one ConfigError naming the key."""
-        self.source.validate()
+        if (self.source is None) == (not self.sources):
+            raise ConfigError("prepare: give one source (source=eyepacs source.root=...) or several "
+                              "('sources=[eyepacs,aptos2019]' sources.eyepacs.root=...), not both")
+        for source in [self.source] if self.source is not None else self.sources.values():
+            source.validate()
+        if self.classes is not None and (not self.classes or len(set(map(str, self.classes))) != len(self.classes)):
+            raise ConfigError(f"prepare.classes={list(self.classes)} must be a non-empty list of distinct values")
+        if self.duplicates not in DUPLICATES:
+            raise choices_error("prepare.duplicates", self.duplicates, DUPLICATES)
         if self.on_problem not in ON_PROBLEM:
             raise choices_error("prepare.on_problem", self.on_problem, ON_PROBLEM)
         _number("val_fraction", self.val_fraction, 0, 1)
@@ -146,11 +167,12 @@ class Inspection(NamedTuple):
     height: int
     disc: tuple
     keep_as: str | None
+    sha256: str = ""  # of the file's bytes: byte-identical copies (within and across sources) are found by it
 
 
 def _compact(result: dict) -> "Inspection | str":
-    return result["problem"] if "problem" in result else Inspection(result["width"], result["height"],
-                                                                    tuple(result["disc"]), result["keep_as"])
+    return result["problem"] if "problem" in result else Inspection(
+        result["width"], result["height"], tuple(result["disc"]), result["keep_as"], result.get("sha256", ""))
 
 
 # -- per-image work (runs in worker processes) ------------------------------------------------------------------
@@ -172,7 +194,8 @@ def inspect_image(path: str) -> dict:
     fit = locate_disc_fit(img)
     if fit.problem:
         return {"problem": f"no fundus disc found ({fit.problem})"}
-    return {"width": img.size[0], "height": img.size[1], "disc": fit.disc, "keep_as": keep_as}
+    return {"width": img.size[0], "height": img.size[1], "disc": fit.disc, "keep_as": keep_as,
+            "sha256": safe_io.sha256_file(path)}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
@@ -362,7 +385,10 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
     cfg.validate()
     # every path the manifest and the samples' .json record is absolute: they must not depend on the folder
     # prepare ran in (a run elsewhere, `verify`, `report` read them)
-    cfg = replace(cfg, out=os.path.abspath(cfg.out), source=replace(cfg.source, root=os.path.abspath(cfg.source.root)))
+    cfg = replace(cfg, out=os.path.abspath(cfg.out),
+                  source=None if cfg.source is None else replace(cfg.source, root=os.path.abspath(cfg.source.root)),
+                  sources={name: replace(source, root=os.path.abspath(source.root))
+                           for name, source in cfg.sources.items()})
     out = Path(cfg.out)
     check_writable(out)
     try:
@@ -372,7 +398,7 @@ def run_prepare(cfg: PrepareConfig) -> dict | None:
 
 
 def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
-    source = read_source(cfg.source, follow_links_outside=cfg.follow_links_outside)
+    source = read_dataset(cfg.source, cfg.sources, cfg.classes, cfg.follow_links_outside)
     identity = source_identity(source.description)
     claim_out(out, identity, cfg.replace, write=False)  # refused now, not after hours of checking images
     problems = list(source.problems)
@@ -386,9 +412,11 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
     for record, info in zip(records, inspected):
         if isinstance(info, str):
             problems.append(Problem(record.path, info))
+            source.source_of_problem.append(record.extra["dataset"])
         else:
             good.append((record, info))
     del inspected
+    good, duplicates = find_duplicates(good, source.classes, keep=cfg.duplicates == "keep")
     if problems and cfg.on_problem == "fail":
         listing = "\n".join(f"  - {p}" for p in problems)
         raise DataError(f"{len(problems)} problem(s) in {source.description.get('root')}; nothing was written "
@@ -421,7 +449,7 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
     if missing:
         raise DataError(f"{out}: {len(missing)} of {len(plan)} planned shards are missing or stale "
                         f"(e.g. {missing[0]}); run the write phase (all its tasks) again")
-    manifest = _manifest(cfg, source, plan, done, problems, fractions, split_how)
+    manifest = _manifest(cfg, source, plan, done, problems, fractions, split_how, duplicates)
     _write_problems(out, problems)
     safe_io.atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     if cfg.phase == "finish":
@@ -464,6 +492,10 @@ def source_identity(description: dict) -> dict:
     """What makes two prepares "the same dataset": the source kind, its root and (CSV kinds) the labels CSV and
     image folder, as resolved paths. Options (resize, fractions, seed...) may change between runs of the same
     dataset: its shards are then rewritten, as a re-run always did."""
+    if isinstance(description.get("sources"), dict):  # several sources: each one's identity, by name
+        return {"kind": "multi", "root": description.get("root"),
+                "sources": {name: source_identity(part) for name, part in description["sources"].items()
+                            if isinstance(part, dict)}}
     identity = {"kind": description.get("kind"), "root": description.get("root")}
     for key in ("labels_csv", "image_dir"):
         if description.get(key):
@@ -521,12 +553,36 @@ def claim_out(out: Path, identity: dict, replace: bool, *, write: bool, whole: b
         safe_io.atomic_write_json(out / OWNER_FILE, identity)
 
 
-def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, Inspection]]):
-    """(plan, fractions, how the splits were made): the source's official splits or patient-level ones (tltrain.
-    data.splits.assign_splits), nested train tiers, then shards: a pure function of the inputs."""
-    splits, how = assign_splits([r for r, _ in good], cfg.val_fraction, cfg.test_fraction, cfg.seed,
-                                source.split_origin)
-    tiers = nested_fractions([r for r, _ in good if splits[r.key] == "train"], list(cfg.fractions), cfg.seed)
+def _plan(cfg: PrepareConfig, source: Dataset, good: list[tuple[Record, Inspection]]):
+    """(plan, fractions, how the splits were made): each source's official splits or patient-level ones (tltrain.
+    data.splits.assign_splits, per source: so splits are stratified by source and grade, and a source without a
+    test split gets one even when another source has its own), nested train tiers stratified the same way, then
+    shards: a pure function of the inputs."""
+    splits, how = {}, {"origin": {}, "moved_patients": 0, "moved_images": 0}
+    by_source: dict[str, list[Record]] = {name: [] for name in source.names}
+    for record, _ in good:
+        by_source[record.extra["dataset"]].append(record)
+    for name, records in by_source.items():
+        if not records:
+            continue
+        assignment, own = assign_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                                        source.split_origins.get(name))
+        splits.update(assignment)
+        how["moved_patients"] += own["moved_patients"]
+        how["moved_images"] += own["moved_images"]
+        if len(source.names) == 1:
+            how["origin"] = own["origin"]
+        else:
+            how.setdefault("sources", {})[name] = own["origin"]
+    if len(source.names) > 1:  # per split: one text when every source made it alike, else each source's
+        for split in ("train", "val", "test"):
+            texts = {name: origin[split] for name, origin in how["sources"].items() if split in origin}
+            if texts:
+                how["origin"][split] = next(iter(texts.values())) if len(set(texts.values())) == 1 else \
+                    "; ".join(f"{name}: {text}" for name, text in texts.items())
+    stratum = (lambda r: r.label) if len(source.names) == 1 else (lambda r: (r.extra["dataset"], r.label))
+    tiers = nested_fractions([r for r, _ in good if splits[r.key] == "train"], list(cfg.fractions), cfg.seed,
+                             stratum)
     fractions = sorted(set(tiers.values()))
     groups: dict[str, list[dict]] = {}
     for record, info in good:
@@ -540,7 +596,7 @@ def _plan(cfg: PrepareConfig, source, good: list[tuple[Record, Inspection]]):
     return _plan_shards(groups, cfg), fractions, how
 
 
-def _manifest(cfg, source, plan, done, problems, fractions, split_how) -> dict:
+def _manifest(cfg, source: Dataset, plan, done, problems, fractions, split_how, duplicates) -> dict:
     n_classes = len(source.classes)
     shards, splits = [], {}
     for name, entries in plan:
@@ -548,11 +604,13 @@ def _manifest(cfg, source, plan, done, problems, fractions, split_how) -> dict:
         record = done[name]
         shards.append({"name": name, "tar": record["tar"], "index": record["index"], "split": split, "tier": tier,
                        "count": record["count"], "bytes": record["bytes"], "sha256": record["sha256"]})
-        info = splits.setdefault(split, {"count": 0, "class_counts": [0] * n_classes, "patients": set()})
+        info = splits.setdefault(split, {"count": 0, "class_counts": [0] * n_classes, "patients": set(),
+                                         "sources": dict.fromkeys(source.names, 0)})
         info["count"] += len(entries)
         for e in entries:
             info["class_counts"][e.label] += 1
             info["patients"].add(e.patient)
+            info["sources"][e.extra["dataset"]] += 1
     for info in splits.values():
         info["patients"] = len(info["patients"])
     fraction_info = {}
@@ -572,7 +630,7 @@ def _manifest(cfg, source, plan, done, problems, fractions, split_how) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source.description,
         "options": {k: v for k, v in asdict(cfg).items()
-                    if k not in ("source", "workers", "progress", "phase", "task", "replace")},
+                    if k not in ("source", "sources", "workers", "progress", "phase", "task", "replace")},
         "num_classes": n_classes,
         "classes": source.classes,
         "class_names": source.class_names,
@@ -580,7 +638,12 @@ def _manifest(cfg, source, plan, done, problems, fractions, split_how) -> dict:
                    "problems": len(problems)},
         "splits": splits,
         "split_origin": split_how,
+        "sources": _per_source(source, plan, duplicates),
         "ungradable": {"count": len(source.ungradable), "samples": [asdict(p) for p in source.ungradable]},
+        "left_out": {"count": len(source.left_out), "samples": [asdict(p) for p in source.left_out]},
+        "duplicates": {"count": len(duplicates), "left_out": sum(not d["kept"] for d in duplicates),
+                       "across_sources": sum(d["dataset"] != d["same_as_dataset"] for d in duplicates),
+                       "disagreeing_labels": sum(not d["agree"] for d in duplicates), "samples": duplicates},
         "fractions": fraction_info,
         "members": {"jpg": "encoded image: original JPEG bytes or a re-encode", "png": "lossless image (instead "
                     "of .jpg) where tltrain.data.decode re-encoded the file",
@@ -590,3 +653,27 @@ def _manifest(cfg, source, plan, done, problems, fractions, split_how) -> dict:
         "shards": shards,
         "problems": [asdict(p) for p in problems],
     }
+
+
+def _per_source(source: Dataset, plan, duplicates: list[dict]) -> dict:
+    """manifest.json "sources": per source what was written (per split and class) and what was left out, and
+    why: ungradable, a class mapped to null, a byte-identical copy, a problem."""
+    roots = {name: (source.description.get("sources") or {}).get(name, source.description) for name in source.names}
+    counts = {name: {"kind": roots[name].get("kind"), "root": roots[name].get("root"),
+                     "found": sum(key.startswith(f"{name}:") for key in source.candidates)
+                     if len(source.names) > 1 else len(source.candidates),
+                     "written": 0, "splits": {}, "class_counts": [0] * len(source.classes), "ungradable": 0,
+                     "left_out": 0, "duplicates_left_out": 0, "problems": source.source_of_problem.count(name)}
+              for name in source.names}
+    for _, entries in plan:
+        for e in entries:
+            info = counts[e.extra["dataset"]]
+            info["written"] += 1
+            info["splits"][e.split] = info["splits"].get(e.split, 0) + 1
+            info["class_counts"][e.label] += 1
+    for name, outcomes in source.outcomes.items():
+        counts[name].update(outcomes)
+    for duplicate in duplicates:
+        counts[duplicate["dataset"]]["duplicates_left_out"] += not duplicate["kept"]
+    return counts
+

@@ -11,6 +11,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -45,6 +46,9 @@ class SourceConfig:
     patient_column: str | None = None  # csv: optional patient id column (default: one patient per image)
     classes: list[str] | None = None  # label values in class order; None: DR grades 0-4 (imagefolder: folder names)
     label_set: str = "dr"  # messidor2, idrid: dr (DR grade 0-4) | dme (macular oedema); the other set goes to .json
+    #: This source's class value -> a class value of the dataset's label set (prepare.classes), or null to leave
+    #: that class out (counted and listed in manifest.json). Empty: the source's label set must be the dataset's.
+    label_map: Any = None
 
     def validate(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -55,6 +59,8 @@ class SourceConfig:
             raise DataError(f"source.root={self.root!r}: no such folder")
         if self.kind == "csv" and not (self.labels_csv and self.key_column and self.label_column):
             raise ConfigError("source.kind=csv needs source.labels_csv, source.key_column and source.label_column")
+        if self.label_map is not None and (not isinstance(self.label_map, dict) or len(self.label_map) > 10_000):
+            raise ConfigError("source.label_map must be a mapping {source class: dataset class or null}")
 
 
 @dataclass(slots=True)  # one per image: no per-instance __dict__ (tens of thousands are held during prepare)

@@ -44,18 +44,21 @@ def tier_name(fraction: float) -> str:
     return f"f{int(round(fraction * 100)):03d}"
 
 
-def nested_fractions(train: list[Record], fractions: list[float], seed: int) -> dict[str, float]:
+def nested_fractions(train: list[Record], fractions: list[float], seed: int, stratum=None) -> dict[str, float]:
     """key -> the smallest fraction that contains it. Fraction f = every key whose tier <= f.
 
     Per class, samples are shuffled once and fraction f takes the first max(1, round(f * n_c)): nested by
     construction, stratified within one sample per class, and no class vanishes from a small fraction.
+    stratum(record): what "class" means here (default its label; a dataset of several sources: (source, label),
+    so no source vanishes from a small fraction either).
     """
     fractions = sorted(set(float(f) for f in fractions))
     if not fractions or fractions[-1] != 1.0:
         fractions.append(1.0)
-    by_class: dict[int, list[Record]] = defaultdict(list)
+    stratum = stratum or (lambda record: record.label)
+    by_class: dict = defaultdict(list)
     for record in sorted(train, key=lambda r: r.key):
-        by_class[record.label].append(record)
+        by_class[stratum(record)].append(record)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF4AC]))
     tier: dict[str, float] = {}
     for label in sorted(by_class):

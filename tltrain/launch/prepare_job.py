@@ -26,11 +26,11 @@ class PrepareTask:
         self.overrides, self.phase, self.task = list(overrides), phase, task
 
     def __call__(self) -> dict | None:
-        from tltrain.config import compose, to_typed
+        from tltrain.config import compose_prepare, to_typed
         from tltrain.data.prepare import PrepareConfig, run_prepare
 
         overrides = self.overrides + [f"phase={self.phase}", f"task={self.task}", "progress=false"]
-        manifest = run_prepare(to_typed(compose("prepare", overrides), PrepareConfig, where="prepare"))
+        manifest = run_prepare(to_typed(compose_prepare(overrides), PrepareConfig, where="prepare"))
         return None if manifest is None else {"counts": manifest["counts"], "shards": len(manifest["shards"])}
 
     def __repr__(self) -> str:
@@ -38,9 +38,9 @@ class PrepareTask:
 
 
 def _out_dir(overrides: list[str]) -> Path:
-    from tltrain.config import compose
+    from tltrain.config import compose_prepare
 
-    cfg = compose("prepare", overrides)  # a misspelt key fails here, not after waiting in the queue
+    cfg = compose_prepare(overrides)  # a misspelt key fails here, not after waiting in the queue
     return Path(str(cfg.out)).expanduser().resolve()
 
 
