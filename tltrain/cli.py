@@ -102,12 +102,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     out = args.out or str(default_evaluation_path(args.checkpoint, args.shards, args.split))  # not in the package
     metrics = evaluate(args.checkpoint, args.shards, split=args.split, batch_size=args.batch_size,
                        device=args.device, out=out, backend=args.backend, digest=args.digest)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "confusion"}, indent=2, default=str))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion", "per_source")}, indent=2,
+                     default=str))
     print("confusion (rows: true, columns: predicted):")
     for row in metrics["confusion"]:
         print("  " + " ".join(f"{v:6d}" for v in row))
+    if metrics.get("per_source"):
+        print(per_source_table(metrics["per_source"]))
     print(f"package digest {metrics['package_digest'] or '(none: no SHA256SUMS)'}")
     print(f"saved: {out} and per-image predictions {metrics['predictions']}")
+
+
+def per_source_table(per_source: dict) -> str:
+    """Each source's metrics as a table (evaluate, report): count, accuracy, kappa, AUC, referable AUC."""
+    columns = ("count", "accuracy", "kappa", "auc", "referable_auc")
+    lines = ["per source:", f"  {'source':<14}" + "".join(f"{c:>15}" for c in columns)]
+    for name, part in per_source.items():
+        cells = [f"{part[c]:>15d}" if c == "count" else f"{part[c]:>15.4f}" if isinstance(part.get(c), float)
+                 else f"{'-':>15}" for c in columns]
+        lines.append(f"  {str(name)[:13]:<14}" + "".join(cells))
+    return "\n".join(lines)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:

@@ -199,7 +199,8 @@ class DataConfig:
     """Which shards to train on (a folder written by `tltrain prepare`) and which part of them."""
 
     name: str = "fundus"  # a label for reports (e.g. eyepacs, aptos, synthetic_fundus, target)
-    shards: str = MISSING  # folder holding manifest.json and the shards
+    shards: Any = MISSING  # folder holding manifest.json and the shards, or a list of such folders
+    weights: list[float] | None = None  # several folders: each one's share of an epoch (None: every sample once)
     # nested training fraction recorded by prepare (0.1, 0.2, 0.25, 0.4, 0.6, 0.8, 1.0 by default)
     fraction: float = 1.0
     train_split: str = "train"
@@ -210,21 +211,45 @@ class DataConfig:
 
     def validate(self) -> None:
         check_number("data.fraction", self.fraction, 0, 1, above=True)
-        manifest = Path(self.shards) / "manifest.json"
-        if not manifest.is_file():
-            raise DataError(f"data.shards={self.shards!r}: no manifest.json there (run `tltrain prepare` first)")
         from tltrain.data.manifest import load_manifest  # bounded and validated before anything is built
+        from tltrain.data.shard_set import MAX_FOLDERS, load_shard_set
 
-        prepared = load_manifest(self.shards)
-        for key in ("train_split", "val_split", "test_split"):  # "" skips that evaluation
-            name = getattr(self, key)
-            if name and name not in prepared.splits:
-                raise ConfigError(f"data.{key}={name!r} is not a split of {manifest}; its splits: "
-                                  f"{', '.join(prepared.splits)}")
-        fractions = sorted(float(f) for f in prepared.fractions)
-        if fractions and not any(abs(self.fraction - f) < 1e-9 for f in fractions):
-            raise ConfigError(f"data.fraction={self.fraction!r} was not prepared in {manifest}; "
-                              f"choose one of: {', '.join(f'{f:g}' for f in fractions)}")
+        folders = self.folders()
+        if not folders or len(folders) > MAX_FOLDERS or len(set(folders)) != len(folders):
+            raise ConfigError(f"data.shards must be a folder or a list of 1-{MAX_FOLDERS} distinct folders")
+        if self.weights is not None:
+            if len(self.weights) != len(folders):
+                raise ConfigError(f"data.weights has {len(self.weights)} value(s) for {len(folders)} folder(s) of "
+                                  "data.shards: give one weight per folder")
+            for number, weight in enumerate(self.weights):
+                check_number(f"data.weights[{number}]", weight, 0, 1e6)
+            if not sum(self.weights) > 0:
+                raise ConfigError("data.weights: at least one folder needs a weight above 0")
+        for folder in folders:
+            manifest = Path(folder) / "manifest.json"
+            if not manifest.is_file():
+                raise DataError(f"data.shards: {folder!r}: no manifest.json there (run `tltrain prepare` first)")
+            prepared = load_manifest(folder)
+            for key in ("train_split", "val_split", "test_split"):  # "" skips that evaluation
+                name = getattr(self, key)
+                if name and name not in prepared.splits:
+                    raise ConfigError(f"data.{key}={name!r} is not a split of {manifest}; its splits: "
+                                      f"{', '.join(prepared.splits)}")
+            fractions = sorted(float(f) for f in prepared.fractions)
+            if fractions and not any(abs(self.fraction - f) < 1e-9 for f in fractions):
+                raise ConfigError(f"data.fraction={self.fraction!r} was not prepared in {manifest}; "
+                                  f"choose one of: {', '.join(f'{f:g}' for f in fractions)}")
+        if len(folders) > 1:
+            load_shard_set(folders, self.weights)  # one label set across the folders, else one DataError
+
+    def folders(self) -> list[str]:
+        """data.shards as a list of folders."""
+        shards = self.shards
+        if isinstance(shards, str):
+            return [shards]
+        if not isinstance(shards, (list, tuple)) or not all(isinstance(f, str) and f for f in shards):
+            raise ConfigError(f"data.shards={shards!r} must be a folder or a list of folders")
+        return list(shards)
 
 
 @dataclass
@@ -335,8 +360,9 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     def absolute(path: str | None) -> str | None:
         return str((base / Path(path).expanduser()).resolve()) if path else path
 
-    cfg.data.shards, cfg.model.weights, cfg.run_dir = (absolute(cfg.data.shards), absolute(cfg.model.weights),
-                                                       absolute(cfg.run_dir))
+    shards = absolute(cfg.data.shards) if isinstance(cfg.data.shards, str) else \
+        [absolute(folder) for folder in cfg.data.folders()]
+    cfg.data.shards, cfg.model.weights, cfg.run_dir = shards, absolute(cfg.model.weights), absolute(cfg.run_dir)
     return cfg
 
 

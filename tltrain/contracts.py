@@ -49,6 +49,19 @@ class ReportsSkipped(Protocol):
     decode_errors: list[str]
 
 
+class KnowsSources(Protocol):
+    """An evaluation loader over samples of several sources (several datasets prepared as one, or several shard
+    folders) maps each key to its source, so metrics are given per source beside the pooled ones. None, or no
+    attribute: one source."""
+
+    source_of: dict[str, str] | None
+
+
+def sample_sources(loader) -> dict[str, str] | None:
+    """key -> source of a loader's samples (KnowsSources), None for a loader of one source."""
+    return getattr(loader, "source_of", None) or None
+
+
 def decode_errors(loader) -> list[str]:
     """The samples a loader skipped so far ([] for a loader that never skips: see ReportsSkipped)."""
     return getattr(loader, "decode_errors", None) or []

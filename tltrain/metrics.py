@@ -76,6 +76,16 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, referable_threshold: 
     return out
 
 
+def per_source_metrics(probs: np.ndarray, labels: np.ndarray, keys: list[str], source_of: dict[str, str],
+                       referable_threshold: int | None = REFERABLE_GRADE) -> dict[str, dict]:
+    """compute_metrics per source (source_of: key -> source name), in name order: a model pooled over EyePACS,
+    APTOS and Messidor-2 may be good on one and poor on another, which the pooled figure hides."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    names = np.array([source_of.get(key, "unknown") for key in keys])
+    return {name: compute_metrics(probs[names == name], labels[names == name], referable_threshold)
+            for name in sorted(set(names.tolist()))}
+
+
 def _normalised(probs: np.ndarray) -> np.ndarray:
     """Rows clipped away from 0 and re-summed to 1 (float32 softmax rows are off by ~1e-7; sklearn warns)."""
     probs = np.clip(probs, 1e-15, 1.0)

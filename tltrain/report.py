@@ -182,6 +182,10 @@ def _manifest_label(manifest: dict, where: str) -> str | None:
 
 def _label_set(config: dict, metrics: dict, manifests: dict, where: str) -> str:
     """The run's classes as read from its shards' manifest (cached), else the size of its confusion matrix."""
+    folders = _config_value(config, "data.shards", where)
+    if isinstance(folders, list) and folders:  # several folders share one label set: the first one's names it
+        folders = folders[0]
+        config = {**config, "data": {**config["data"], "shards": folders}}
     shards = _text_value(config, "data.shards", where)
     if shards not in manifests:
         try:
@@ -258,7 +262,32 @@ def _run_row(run_dir: Path, name: str, manifests: dict) -> dict:
         row[key] = _metric_value(perf.get(key), f"{metrics_where}: perf.{key}")
     if status.get("error"):
         row["error"] = status["error"]
+    per_source = _per_source(final, f"{metrics_where}: {split}.per_source")
+    if per_source:
+        row["per_source"] = per_source
     return row
+
+
+MAX_SOURCES = 64
+
+
+def _per_source(final: dict, where: str) -> list[dict]:
+    """A run's metrics per source (a test split of several sources), checked like its pooled metrics."""
+    value = final.get("per_source")
+    if value is None:
+        return []
+    if not isinstance(value, dict) or len(value) > MAX_SOURCES:
+        raise DataError(f"{where} must be a JSON object of at most {MAX_SOURCES} sources")
+    entries = []
+    for name, part in value.items():
+        if not isinstance(part, dict) or len(str(name)) > 100:
+            raise DataError(f"{where}: {safe_io.printable(repr(name), 100)} must name a JSON object of metrics")
+        entry = {"source": str(name), "count": _optional_number(part.get("count"), f"{where}.{name}.count", 0,
+                                                               2 ** 63, integer=True)}
+        for key in METRIC_COLUMNS:
+            entry[key] = _metric_value(part.get(key), f"{where}.{name}.{key}")
+        entries.append(entry)
+    return entries
 
 
 def _unreadable_row(name: str, reason: str) -> dict:
@@ -495,6 +524,14 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         shown = [c for c in summary_columns if c not in METRIC_COLUMNS or _has_values(entries, c)]
         md += [f"## {_md(data)} (classes {_md(classes)})", "", markdown_table(entries, shown, formatters), ""]
     md += ["## Runs", "", markdown_table(rows, columns), ""]
+    by_source = [{"run": row["run"], "split": row["split"], **entry} for row in rows
+                 for entry in row.get("per_source", [])]
+    if by_source:  # test splits of several sources: each one's figures beside the pooled ones above
+        source_columns = ["run", "split", "source", "count"] + [m for m in METRIC_COLUMNS
+                                                                 if any(e.get(m) is not None for e in by_source)]
+        _write_csv(pd.DataFrame(by_source)[source_columns], out_dir / "per_source.csv")
+        md += ["## Per source", "", "Each run's metrics on the samples of each source of its split "
+               "(per_source.csv).", "", markdown_table(by_source, source_columns), ""]
     md += _not_completed_lines(rows)
     finding, comparisons = _thtl_section(rows)
     if comparisons:
@@ -512,6 +549,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         handle.write(markdown.encode("utf-8"))
     return {
         "csv": str(out_dir / "report.csv"),
+        "per_source_csv": str(out_dir / "per_source.csv") if by_source else None,
         "summary_csv": str(out_dir / "summary.csv"),
         "markdown": str(out_dir / "report.md"),
         "markdown_text": markdown,  # what was written: print this, not the file (which a shared folder may swap)

@@ -19,15 +19,24 @@ from tltrain.run_folder import RunFolder
 from tltrain.safe_io import atomic_write_json, atomic_write_text, csv_cell
 
 
-def read_manifest(shards: str | Path):
-    """The shards' manifest.json, read bounded and validated (tltrain.data.manifest) before a model is built: the
-    run's one read of it (the loaders and the checksum check are handed this one)."""
-    from tltrain.data.manifest import load_manifest
+def read_manifest(shards, weights=None):
+    """The shards' manifest.json (several folders: their combined manifest, tltrain.data.shard_set), read bounded
+    and validated (tltrain.data.manifest) before a model is built: the run's one read of it (the loaders and the
+    checksum check are handed this one)."""
+    from tltrain.data.shard_set import load_shard_set
 
     try:
-        return load_manifest(shards)
+        return load_shard_set(shards, weights)
     except OSError as exc:
         raise os_error(exc, "reading the manifest") from None
+
+
+def shard_root(shards) -> str:
+    """The folder the loaders join shard entries to: the one folder, or (several folders, whose combined entries
+    hold absolute paths) the first, which then only names the data in messages."""
+    from tltrain.data.shard_set import shard_folders
+
+    return shard_folders(shards)[0]
 
 
 def _log(is_main: bool, message: str) -> None:
@@ -52,7 +61,7 @@ def run_transfer(cfg) -> dict:
     run_dir = Path(cfg.run_dir)
     env = D.read_env()
     device = D.device_for(env, cfg.device)
-    manifest = read_manifest(cfg.data.shards)
+    manifest = read_manifest(cfg.data.shards, cfg.data.weights)
     if cfg.data.verify_checksums:  # before the first epoch: a shard changed since prepare stops the run (exit 2)
         _check_shard_checksums(cfg, env, device, manifest)
     num_classes = int(manifest["num_classes"])
@@ -68,7 +77,7 @@ def run_transfer(cfg) -> dict:
 
     def loader(split: str, train_mode: bool, fraction: float | None = None):
         """Training loaders read the chosen nested fraction; evaluation loaders a whole split (or `fraction`)."""
-        return build_loader(cfg.loader, cfg.data.shards, split, train=train_mode, rank=env.rank,
+        return build_loader(cfg.loader, shard_root(cfg.data.shards), split, train=train_mode, rank=env.rank,
                             world_size=env.world_size, device=str(device), seed=cfg.seed,
                             fraction=cfg.data.fraction if train_mode else fraction, manifest=manifest)
 
@@ -145,10 +154,10 @@ def _check_shard_checksums(cfg, env, device, manifest) -> None:
     from tltrain.engine import distributed as D
 
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s]
-    shards = run_shards(cfg.data.shards, splits, cfg.data.fraction, manifest)
+    shards = run_shards(shard_root(cfg.data.shards), splits, cfg.data.fraction, manifest)
     started = time.time()
     D.init_process_group(env, device)  # the trainer's own call then finds the group joined
-    problems = check_checksums(cfg.data.shards, shards, env.rank, env.world_size)
+    problems = check_checksums(shard_root(cfg.data.shards), shards, env.rank, env.world_size)
     if D.is_distributed():
         gathered = [None] * env.world_size
         dist.all_gather_object(gathered, problems)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tltrain.contracts import Loader, Schedule
+from tltrain.contracts import Loader, Schedule, sample_sources
 from tltrain.engine import distributed as D
 from tltrain.engine.checkpoint import CheckpointManager, consolidate_checkpoint
 from tltrain.engine.config import BEST_METRICS, TrainerConfig
@@ -48,8 +48,8 @@ from tltrain.engine.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, Sto
 from tltrain.engine.state import TrainState
 from tltrain.engine.strategies import build_strategy
 from tltrain.errors import ConfigError, TltrainError
-from tltrain.metrics import (REFERABLE_METRICS, PredictionGatherer, compute_metrics, referable_threshold_for,
-                             run_metrics, write_predictions_csv)
+from tltrain.metrics import (REFERABLE_METRICS, PredictionGatherer, compute_metrics, per_source_metrics,
+                             referable_threshold_for, run_metrics, write_predictions_csv)
 from tltrain.run_folder import RunFolder
 from tltrain.safe_io import atomic_write_text, csv_cell
 
@@ -444,6 +444,9 @@ class Trainer:
                                       self.state.thresholds).numpy()
         self.last_predictions = (keys, labels, scores)
         metrics = compute_metrics(scores, labels, self.cfg.referable_threshold)
+        if sample_sources(loader):  # several sources: each one's metrics beside the pooled ones
+            metrics["per_source"] = per_source_metrics(scores, labels, keys, sample_sources(loader),
+                                                       self.cfg.referable_threshold)
         if self.state.thresholds is not None:
             metrics["thresholds"] = [float(t) for t in self.state.thresholds]
         return metrics
@@ -472,6 +475,8 @@ class Trainer:
             keys, labels, scores = self.last_predictions  # keys come from the shards: no spreadsheet formulas
             write_predictions_csv(self.run.predictions_test, [csv_cell(k) for k in keys], labels, scores)
             self.tb.scalars({f"test/{k}": v for k, v in scalar_metrics(metrics).items()}, self.state.step)
+            for source, part in (metrics.get("per_source") or {}).items():
+                self.tb.scalars({f"test_{source}/{k}": v for k, v in scalar_metrics(part).items()}, self.state.step)
             self.progress.line("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()
                                                      if k != "count"))
         return metrics

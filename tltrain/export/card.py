@@ -62,6 +62,14 @@ def model_card(meta: dict, out_dir: Path) -> str:
                       f"referable AUC ranks images by P(grade >= {referable})." if referable is not None else
                       "Referable-DR metrics do not apply: the label set is not the 5-grade DR scale.")
     data = {**data, "name": safe_io.markdown_text(data["name"], 200)}
+    digests = data["manifest_sha256"] if isinstance(data["manifest_sha256"], list) else [data["manifest_sha256"]]
+    data["manifest_sha256"] = "`, `".join(map(str, digests))
+    per_source = (test or {}).get("per_source") or {}
+    if per_source:  # a test split of several sources: each one's figures beside the pooled ones
+        test_text += "\n- per source (test): " + "; ".join(
+            f"{safe_io.markdown_text(name, 60)}: {part.get('count')} images, accuracy {part.get('accuracy', 0):.4f}"
+            + (f", kappa {part['kappa']:.4f}" if isinstance(part.get("kappa"), float) else "")
+            for name, part in per_source.items())
     return f"""# {meta['architecture']} pretrained on {data['name']} (tltrain)
 
 {meta['description'] or 'An intermediate-domain checkpoint for transfer learning on fundus photographs.'}

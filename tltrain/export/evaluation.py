@@ -13,7 +13,8 @@ from tltrain import safe_io
 from tltrain.errors import DataError
 from tltrain.export.load import Preprocessing, class_probabilities, load_pretrained
 from tltrain.export.package_format import read_metadata
-from tltrain.metrics import REFERABLE_GRADE, compute_metrics, write_predictions_csv
+from tltrain.contracts import sample_sources
+from tltrain.metrics import REFERABLE_GRADE, compute_metrics, per_source_metrics, write_predictions_csv
 
 
 def evaluation_loader(pre: Preprocessing, shards, split: str = "test", batch_size: int = 32, device: str = "cpu",
@@ -51,6 +52,8 @@ def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch
                         f"{shards}`")
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     metrics = compute_metrics(probs, labels, threshold)
+    if sample_sources(loader):  # a dataset of several sources: each one's metrics beside the pooled ones
+        metrics["per_source"] = per_source_metrics(probs, labels, keys, sample_sources(loader), threshold)
     metrics.update({"package": str(package), "package_digest": model.tltrain_package_digest,
                     "shards": str(shards), "split": split})
     if out:

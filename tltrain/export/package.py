@@ -17,6 +17,7 @@ import torch
 import tltrain
 from tltrain import safe_io
 from tltrain.data.manifest import MANIFEST_NAME, load_manifest
+from tltrain.data.shard_set import load_shard_set
 from tltrain.errors import ConfigError, DataError
 from tltrain.export.card import model_card
 from tltrain.export.publish import check_target, publish
@@ -63,17 +64,23 @@ def _config_value(config: dict, dotted: str, kind: type, path: Path):
     return value
 
 
-def _shards_of(config: dict, run_dir: Path, shards: str | Path | None) -> Path:
-    """The run's shard folder: `shards` if given, else config.yaml's data.shards (absolute since runs record it so).
+def _shards_of(config: dict, run_dir: Path, shards: str | Path | None) -> list[Path]:
+    """The run's shard folders: `shards` if given, else config.yaml's data.shards (absolute since runs record it
+    so; a run on several folders lists them all).
 
     An older run may hold a path relative to the folder it was launched from: it is tried from the current folder
     and otherwise refused with a message saying how to point at the shards."""
-    path = Path(shards if shards is not None else config["data"]["shards"]).expanduser()
-    if not (path / "manifest.json").is_file():
-        how = ("it is relative to the folder the run was started from; export from there or pass --shards DIR"
-               if not path.is_absolute() else "pass --shards DIR if the shards moved")
-        raise DataError(f"{RunFolder(run_dir).config}: data.shards={str(path)!r}: no manifest.json there ({how})")
-    return path.resolve()
+    given = shards if shards is not None else config["data"]["shards"]
+    folders = []
+    for folder in given if isinstance(given, list) else [given]:
+        path = Path(str(folder)).expanduser()
+        if not (path / "manifest.json").is_file():
+            how = ("it is relative to the folder the run was started from; export from there or pass --shards DIR"
+                   if not path.is_absolute() else "pass --shards DIR if the shards moved")
+            raise DataError(f"{RunFolder(run_dir).config}: data.shards={str(path)!r}: no manifest.json there "
+                            f"({how})")
+        folders.append(path.resolve())
+    return folders
 
 
 def _checkpoint_entry(run_dir: Path, which: str) -> dict:
@@ -152,8 +159,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         raise ConfigError(f"{run.config}: model.arch {safe_io.printable(repr(arch), 100)} is not a timm model")
     entry = _checkpoint_entry(run_dir, which)
     state = consolidate_checkpoint(run_dir, which)
-    shard_dir = _shards_of(config, run_dir, shards)
-    manifest = load_manifest(shard_dir)  # bounded and validated (tltrain.data.manifest)
+    shard_dirs = _shards_of(config, run_dir, shards)
+    shard_dir = shard_dirs[0]  # several folders share one label set (tltrain.data.shard_set): the first names it
+    # bounded and validated (tltrain.data.manifest); several folders: their combined manifest
+    manifest = load_manifest(shard_dir) if len(shard_dirs) == 1 else load_shard_set([str(d) for d in shard_dirs])
     loss = config.get("trainer", {}).get("loss", "cross_entropy")
     classes, class_names, model = _checked_model(run_dir, entry, arch, loss, state, manifest, shard_dir)
     metrics = safe_io.load_json_object(run.metrics, METRICS_LIMIT, RunFolder.METRICS)
@@ -166,7 +175,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         "thresholds": _validation_of(entry, metrics).get("thresholds"),
         "classes": classes, "class_names": class_names, "referable_threshold": referable,
         "input_size": [3, config["loader"]["size"], config["loader"]["size"]],
-        "preprocessing": _preprocessing(config), "training_data": _training_data(config, manifest, shard_dir),
+        "preprocessing": _preprocessing(config), "training_data": _training_data(config, manifest, shard_dirs),
         "schedule": config.get("schedule"), "initial_weights": config["model"].get("weights"),
         "checkpoint": _checkpoint_record(entry, which, config, metrics),
         "metrics": _metrics_of(entry, metrics, run, config, referable, len(classes), resamples),
@@ -233,10 +242,13 @@ def _preprocessing(config: dict) -> dict:
             "size": config["loader"]["size"], **config["loader"]["preprocess"]}
 
 
-def _training_data(config: dict, manifest: dict, shard_dir: Path) -> dict:
+def _training_data(config: dict, manifest: dict, shard_dirs: list[Path]) -> dict:
     fraction = config["data"].get("fraction", 1.0)
-    return {"name": config["data"].get("name"), "shards": str(shard_dir),
-            "manifest_sha256": sha256_file(shard_dir / MANIFEST_NAME), "source": manifest.get("source"),
+    one = len(shard_dirs) == 1
+    digests = [sha256_file(folder / MANIFEST_NAME) for folder in shard_dirs]
+    return {"name": config["data"].get("name"), "shards": str(shard_dirs[0]) if one else list(map(str, shard_dirs)),
+            "manifest_sha256": digests[0] if one else digests, "source": manifest.get("source"),
+            "weights": config["data"].get("weights"),
             "fraction": fraction,
             "class_counts": manifest.get("fractions", {}).get(f"{fraction:g}", {}).get("class_counts"),
             "splits": {k: {"count": v["count"], "class_counts": v["class_counts"]}

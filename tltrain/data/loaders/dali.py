@@ -15,7 +15,9 @@ Limits, stated rather than faked: a sample that fails to decode stops the pipeli
 (DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
 damaged sample. Bytes flipped inside a JPEG's coded data decode without any error (measured), so such damage is
 found only by the shard checksum check before training (tltrain/data/integrity.py) or `tltrain verify`.
-Class-balanced sampling is not offered (the reader cannot weight samples; config rejects it).
+Class-balanced sampling is not offered (the reader cannot weight samples; config rejects it). Weighted shard
+folders (data.weights) are met per shard instead: each epoch reads a seeded list of shards in which folder f's
+make up its share to within one shard (a shard may be listed twice; plan.weighted_epoch_shards).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import torch
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import sample_index, select_shards
+from tltrain.data.loaders.plan import (folder_weights, sample_index, select_shards, source_of_keys,
+                                      weighted_epoch_shards)
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
 from tltrain.preprocess import DTYPES, circle_mask
@@ -195,6 +198,8 @@ class DaliLoader:
         index = sample_index(shard_dir, shards)  # only its size and labels are needed: DALI's reader does the rest
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(index.labels, minlength=self.num_classes).tolist()
+        self.source_of = source_of_keys(self.manifest, shard_dir, shards, index) if not train else None
+        weighted = train and folder_weights(self.manifest) is not None
         self.batch_size = cfg.batch_size
         counts = _rank_counts(len(index), world_size)
         if train:
@@ -205,8 +210,7 @@ class DaliLoader:
         else:
             self.n_batches = max(1, math.ceil(max(counts) / cfg.batch_size))
         self.filter_in_dali = cfg.filter_kernel in ("auto", "dali") or not cfg.preprocess.filter_on
-        tars = [str(Path(shard_dir) / s["tar"]) for s in shards]
-        indexes = [t[:-4] + ".idx" for t in tars]
+        all_tars = [str(Path(shard_dir) / s["tar"]) for s in shards]
         self.shard_names = [s["tar"] for s in shards]
         self.seed, self.epoch, self._started = seed, 0, False
 
@@ -215,6 +219,10 @@ class DaliLoader:
             seeded from (seed, epoch, rank) and ranks rotate over the contiguous parts per epoch, so the data of
             epoch e is the same whether the run got there straight or resumed into it."""
             shard_id = (rank + epoch) % world_size if train else rank
+            # weighted folders: this epoch's shards, folder f's making up its share (plan.weighted_epoch_shards)
+            tars = [all_tars[i] for i in weighted_epoch_shards(index, shards, self.manifest, epoch, seed)] \
+                if weighted else all_tars
+            indexes = [t[:-4] + ".idx" for t in tars]
 
             @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
                           device_id=(self.device.index or 0) if gpu else None,

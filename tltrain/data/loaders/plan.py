@@ -152,3 +152,86 @@ def training_block(index: SampleIndex, world: int, rank: int, epoch: int, seed: 
     ordered = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     per_rank = len(ordered) // world
     return ordered[rank * per_rank:(rank + 1) * per_rank]
+
+
+def folder_weights(manifest: dict) -> list[float] | None:
+    """data.weights of a combined manifest (tltrain.data.shard_set), None when the folders are not weighted."""
+    folders = manifest.get("folders") or []
+    weights = [folder.get("weight") for folder in folders]
+    return None if not folders or any(w is None for w in weights) else [float(w) for w in weights]
+
+
+def sample_folders(index: SampleIndex, shards: list[dict]) -> np.ndarray:
+    """The folder number of each sample (0 for a plain, single-folder manifest)."""
+    of_shard = np.array([shard.get("folder", 0) for shard in shards] or [0], np.int64)
+    return of_shard[index.shard] if len(index) else np.zeros(0, np.int64)
+
+
+def draw_rates(index: SampleIndex, shards: list[dict], manifest: dict, num_classes: int,
+               balanced: bool) -> np.ndarray | None:
+    """Training: the expected draws per sample of an epoch, by (folder, class), or None (every sample once).
+
+    balanced (one pool): N / (classes present * count[class]), every class drawn equally often. Weighted folders:
+    folder f draws share_f = weight_f / sum(weights) of the epoch's N samples, share_f * N / count_f per sample
+    (balanced too: share_f * N / (classes present in f * count[f, class]))."""
+    weights = folder_weights(manifest)
+    if weights is None and not balanced:
+        return None
+    folders = sample_folders(index, shards)
+    n_folders = max(len(weights or []), int(folders.max()) + 1 if len(folders) else 1)
+    counts = np.zeros((n_folders, num_classes), np.int64)
+    np.add.at(counts, (folders, index.labels), 1)
+    total = len(index)
+    if weights is None:  # balanced over the pooled classes, whatever folder a sample is in
+        pooled = counts.sum(0)
+        present = max(1, int((pooled > 0).sum()))
+        rates = np.where(pooled > 0, total / (present * np.maximum(pooled, 1)), 0.0)
+        return np.tile(rates, (n_folders, 1))
+    weights = np.asarray(weights, float)
+    weights = np.where(counts.sum(1) > 0, weights, 0.0)  # a folder without samples of this split draws nothing
+    shares = weights / weights.sum()
+    rates = np.zeros((n_folders, num_classes))
+    for folder in range(n_folders):
+        count = counts[folder]
+        if balanced:
+            present = max(1, int((count > 0).sum()))
+            rates[folder] = np.where(count > 0, shares[folder] * total / (present * np.maximum(count, 1)), 0.0)
+        elif count.sum():
+            rates[folder] = shares[folder] * total / count.sum()
+    return rates
+
+
+def weighted_epoch_shards(index: SampleIndex, shards: list[dict], manifest: dict, epoch: int,
+                          seed: int) -> list[int]:
+    """DALI (its reader cannot weight samples): the shard numbers an epoch reads so that folder f makes up about
+    share_f of it, to within one shard: f's shards in an epoch-seeded order, repeated as often as needed, until
+    they hold share_f * N samples. The list holds at least N samples, so every rank's part still fills its
+    batches."""
+    weights = folder_weights(manifest)
+    per_shard = np.bincount(index.shard, minlength=len(shards))
+    folder_of = np.array([shard.get("folder", 0) for shard in shards], np.int64)
+    total = int(per_shard.sum())
+    weights = np.array([w if per_shard[folder_of == f].sum() else 0.0 for f, w in enumerate(weights)], float)
+    shares = weights / weights.sum()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x3E16]))
+    chosen: list[int] = []
+    for folder, share in enumerate(shares):
+        own = [s for s in np.flatnonzero(folder_of == folder).tolist() if per_shard[s]]
+        target, held = int(np.ceil(share * total)), 0
+        while own and held < target:
+            for shard in rng.permutation(own).tolist():
+                if held >= target:
+                    break
+                chosen.append(shard)
+                held += int(per_shard[shard])
+    order = rng.permutation(len(chosen))
+    return [chosen[i] for i in order]
+
+
+def source_of_keys(manifest: dict, shard_dir, shards: list[dict], index: SampleIndex) -> dict[str, str] | None:
+    """key -> source name of an evaluation split's samples (tltrain.data.shard_set.sample_sources), None when
+    they all come from one source."""
+    from tltrain.data.shard_set import sample_sources
+
+    sources = sample_sources(manifest, shard_dir, shards, index)
+    return None if sources is None else dict(zip(index.keys.tolist(), sources))

@@ -13,6 +13,9 @@ Which samples a rank reads (plan.py):
   shuffled in a buffer (loader.shuffle_buffer); a rank loops its stream if skipped samples leave it short.
 - balanced training (Sallam et al.): each streamed sample is repeated Poisson(N / (C * count[label])) times, the
   streaming form of drawing with replacement at inverse class frequency, so every class is drawn equally often.
+- weighted folders (data.weights, several shard folders): the same draw with rate share_f * N / count_f (per class
+  within the folder when balanced too), so folder f makes up share_f = weight_f / sum(weights) of an epoch
+  (plan.draw_rates).
 Workers split shards with wds.split_by_worker; the ranks are given explicitly (build_loader's rank), not read from
 the environment. Labels come from each sample's own `.lbl` member (the same member DALI reads), so a skipped
 sample never shifts labels and both backends see the same label.
@@ -35,7 +38,7 @@ from tltrain.data.disc import locate_disc
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import sample_index, select_shards, training_block
+from tltrain.data.loaders.plan import draw_rates, sample_index, select_shards, source_of_keys, training_block
 from tltrain.data.shards import image_ext, iter_tar_samples
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
@@ -118,7 +121,8 @@ class _RankStream(IterableDataset):
         self.cfg, self.train, self.seed, self.epoch, self.rank = loader.cfg, loader.train, loader.seed, loader.epoch, \
             loader.rank
         self.urls, self.keep, self.finish_in_worker = urls, keep, finish_in_worker
-        self.repeats = loader.balance_rates
+        self.rates = loader.draw_rates  # (folder, class) -> expected draws per sample, None: each once
+        self.folder_of_tar = dict(zip(loader.index.tars, (s.get("folder", 0) for s in loader.shards)))
         self.work_size = loader.cfg.preprocess.work_size(loader.cfg.size)
 
     def __iter__(self):
@@ -137,7 +141,7 @@ class _RankStream(IterableDataset):
         stages = [wds.SimpleShardList(self.urls), wds.split_by_worker, _shard_samples]
         if self.keep is not None:
             stages.append(wds.select(lambda sample: sample["__key__"] in self.keep))
-        if self.train and self.repeats is not None:
+        if self.train and self.rates is not None:
             stages.append(lambda src: self._oversample(src, rng))
         if self.train:
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer),
@@ -148,7 +152,8 @@ class _RankStream(IterableDataset):
 
     def _oversample(self, src, rng: np.random.Generator):
         for sample in src:
-            for _ in range(rng.poisson(self.repeats[sample_label(sample)])):
+            folder = self.folder_of_tar.get(sample.get("__url__"), 0)
+            for _ in range(rng.poisson(self.rates[folder, sample_label(sample)])):
                 yield sample
 
     def _prepare(self, sample: dict, rng: np.random.Generator):
@@ -206,17 +211,14 @@ class TorchWdsLoader:
         self.index = sample_index(shard_dir, self.shards)
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(self.index.labels, minlength=self.num_classes).tolist()
-        self.balance_rates = self._balance_rates(self.index.labels) if (train and cfg.balanced) else None
+        self.draw_rates = draw_rates(self.index, self.shards, self.manifest, self.num_classes, cfg.balanced) \
+            if train else None
+        self.source_of = source_of_keys(self.manifest, shard_dir, self.shards, self.index) if not train else None
         self.batch_size, self.epoch = cfg.batch_size, 0
         self.decode_errors: list[str] = []
         self._images, self._seconds, self._wait = 0, 0.0, 0.0
         self._finish_on_device = self.device.type == "cuda"
         self._plan()
-
-    def _balance_rates(self, labels: np.ndarray) -> dict[int, float]:
-        """Expected draws per sample of each class: N / (classes present * class count)."""
-        present = [c for c, n in enumerate(self.class_counts) if n]
-        return {c: len(labels) / (len(present) * self.class_counts[c]) for c in present}
 
     def _plan(self) -> None:
         """This epoch's shards (urls) and, when the rank takes only part of some of them, the keys it keeps
