@@ -167,3 +167,19 @@ def test_a_source_of_any_kind_joins_by_its_own_name(downloads, tmp_path, capsys)
     assert manifest["duplicates"]["count"] == 21 and manifest["duplicates"]["left_out"] == 0
     printed = capsys.readouterr().out
     assert "aptos2019" in printed and "local" in printed and "byte-identical copies: 21" in printed
+
+
+def test_evaluate_gives_test_metrics_per_source_of_the_three_downloads(combined, trained_run, tmp_path, capsys):
+    """The acceptance of issue 25: a package (here the session's tiny run on the synthetic set) scored on the
+    official and carved test splits of EyePACS + APTOS 2019 + Messidor-2 prepared as one dataset."""
+    manifest, out = combined
+    assert cli_main(["export", str(trained_run), str(tmp_path / "pkg")]) in (0, None)
+    assert cli_main(["evaluate", str(tmp_path / "pkg"), str(out), "--out", str(tmp_path / "eval.json")]) in (0, None)
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    per_source = evaluation["per_source"]
+    assert list(per_source) == sorted(SOURCES)
+    for name in SOURCES:
+        assert per_source[name]["count"] == manifest["splits"]["test"]["sources"][name]
+    assert evaluation["count"] == manifest["splits"]["test"]["count"]
+    printed = capsys.readouterr().out
+    assert "per source:" in printed and all(name in printed for name in SOURCES)
