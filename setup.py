@@ -50,6 +50,7 @@ setup(
         "matplotlib",
         "pandas",
         "scipy",
+        "grad-cam>=1.5,<1.6",  # tltrain explain: LayerCAM's per-layer maps (pytorch_grad_cam; fusion is ours)
     ],
     extras_require={
         # DALI is published per CUDA major version; the default build is CUDA 13 (its CPU ops run anywhere).

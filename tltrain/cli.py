@@ -124,6 +124,19 @@ def per_source_table(per_source: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from tltrain.explain.command import explain
+    from tltrain.safe_io import printable
+
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    result = explain(args.model, args.images, args.out, layers=layers, target=args.target, device=args.device,
+                     batch_size=args.batch_size)
+    print(f"{result['explained']} images explained at layers {', '.join(result['layers'])} -> {result['out']} "
+          "(contact_sheet.png, explain.csv, per image <key>.png, <key>.npz, <key>_photo.jpg)")
+    for item in result["skipped"]:
+        print(f"  skipped {printable(item['file'], 500)}: {printable(item['reason'], 500)}")
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from tltrain.export.prediction import predict
     from tltrain.safe_io import printable
@@ -295,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--digest", default=None, help="the package digest its publisher announced; refused if different")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("explain", help="LayerCAM maps of every stage for images (PNG rows, .npz maps, maps on the "
+                       "photo, a contact sheet, a predictions CSV)")
+    p.add_argument("model", help="package folder (tltrain export) or run folder (its best checkpoint)")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layers", default=None, help="comma-separated module names (default: the output of every "
+                   "stage, from timm's feature_info)")
+    p.add_argument("--target", default="predicted", help="predicted | true | a class index (default: predicted)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("convert-weights", help="rewrite weights (a .pth/.pt/.bin file, run folder or package) as "
                        "one .safetensors file that loads without running code")

@@ -175,7 +175,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
         "thresholds": _validation_of(entry, metrics).get("thresholds"),
         "classes": classes, "class_names": class_names, "referable_threshold": referable,
         "input_size": [3, config["loader"]["size"], config["loader"]["size"]],
-        "preprocessing": _preprocessing(config), "training_data": _training_data(config, manifest, shard_dirs),
+        "preprocessing": package_preprocessing(config), "training_data": _training_data(config, manifest, shard_dirs),
         "schedule": config.get("schedule"), "initial_weights": config["model"].get("weights"),
         "checkpoint": _checkpoint_record(entry, which, config, metrics),
         "metrics": _metrics_of(entry, metrics, run, config, referable, len(classes), resamples),
@@ -236,7 +236,8 @@ def _metrics_of(entry: dict, metrics: dict, run: RunFolder, config: dict, refera
             "test_set": test_set, "test_ci": ci}
 
 
-def _preprocessing(config: dict) -> dict:
+def package_preprocessing(config: dict) -> dict:
+    """The preprocessing record of a package (tltrain.json "preprocessing") from a run's config."""
     return {"recipe": "ben_graham" if config["loader"]["preprocess"]["enabled"] else "crop_resize",
             "filter_version": FILTER_VERSION,  # tltrain.preprocess: 2 = normalised masked blur
             "size": config["loader"]["size"], **config["loader"]["preprocess"]}
