@@ -214,7 +214,8 @@ def test_existing_package_is_kept_without_force_and_replaced_whole_with_it(train
     done = _run("export", trained_run, target, "--force")
     assert done.returncode == 0, done.stderr
     assert "package digest" in done.stdout
-    assert sorted(_files(target)) == ["README.md", "SHA256SUMS", "config.json", "model.safetensors", "tltrain.json"]
+    assert sorted(_files(target)) == ["README.md", "SHA256SUMS", "config.json", "layercam.png", "model.safetensors",
+                                      "tltrain.json"]  # layercam.png: the card's LayerCAM picture
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary or moved-aside folder left
 
 
@@ -269,7 +270,8 @@ def test_evaluate_default_output_is_beside_the_shards_not_in_the_package(copy, f
     assert (shards / "evaluation_test_copy.json").is_file()
     assert (shards / "evaluation_test_copy_predictions.csv").is_file()
     assert sorted(p.name for p in copy.iterdir()) == ["README.md", "SHA256SUMS", "config.json",
-                                                      "evaluation_test.json", "model.safetensors", "tltrain.json"]
+                                                      "evaluation_test.json", "layercam.png", "model.safetensors",
+                                                      "tltrain.json"]
     out = tmp_path / "out.json"
     out.symlink_to(victim)  # --out through a symlink: the link is replaced, not followed
     evaluate(copy, shards, out=out, batch_size=8)

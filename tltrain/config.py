@@ -48,6 +48,9 @@ def register_schemas() -> None:
         OmegaConf.register_new_resolver("tltrain_hydra_subdir", lambda run_dir: None if run_dir else ".hydra")
     if not OmegaConf.has_resolver("tltrain_sweep_subdir"):
         OmegaConf.register_new_resolver("tltrain_sweep_subdir", sweep_subdir)
+    if not OmegaConf.has_resolver("tltrain_best_if_whole"):  # the demo's grid keeps the weights it explains
+        OmegaConf.register_new_resolver("tltrain_best_if_whole", lambda fraction: "best" if float(fraction) >= 1
+                                        else "none")
     if not OmegaConf.has_resolver("tltrain_weights_tag"):
         OmegaConf.register_new_resolver("tltrain_weights_tag", weights_tag)
 

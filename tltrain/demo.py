@@ -81,7 +81,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     raw, shards, runs = out / "raw", out / "shards", out / "runs"
     timings: dict[str, float] = {}
 
-    _header("1/6 synthetic data")
+    _header("1/7 synthetic data")
     mark = time.time()
     if not (raw / "fundus" / "trainLabels.csv").exists():
         summary = synth.generate_eyepacs(raw / "fundus", n_patients=size.patients, width=size.fundus_width, seed=0,
@@ -93,7 +93,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     print(f"fundus (intermediate domain): {raw / 'fundus'}\ntarget (camera B, macular-oedema risk): {raw / 'target'}")
     timings["synthetic data"] = time.time() - mark
 
-    _header("2/6 prepare shards")
+    _header("2/7 prepare shards")
     mark = time.time()
     manifests = {}
     for name, overrides in (
@@ -112,7 +112,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
 
     common = [f"loader.size={size.image}", "loader.workers=1", "trainer=cpu", "trainer.progress=false"]
     step1 = runs / "step1_fundus_layerwise"
-    _header("3/6 step 1: fundus (intermediate domain), resnet18 from random init, layer-wise schedule")
+    _header("3/7 step 1: fundus (intermediate domain), resnet18 from random init, layer-wise schedule")
     mark = time.time()
     if _done(step1):
         print(f"{step1}: already completed")
@@ -129,25 +129,64 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     print(f"step 1 test kappa {step1_kappa:.3f}: {verdict} the goal of {STEP1_KAPPA_GOAL} for an intermediate domain")
     timings["step 1"] = time.time() - mark
 
-    _header("4/6 step 2: the THTL grid on the target, one Hydra multirun (submitit local executor)")
+    _header("4/7 step 2: the THTL grid on the target, one Hydra multirun (submitit local executor)")
     mark = time.time()
     grid_dir = runs / "step2_grid"
     _run_grid(grid_dir, step1, shards / "target", common, size)
     timings["step 2 grid"] = time.time() - mark
 
-    _header("5/6 report")
+    _header("5/7 report")
     report = write_report(grid_dir)
     print(Path(report["markdown"]).read_text().split("\n## Runs")[0])
     print(f"plot: {report['plot']}")
 
-    _header("6/6 export of the step-1 fundus model")
+    _header("6/7 what the networks look at: LayerCAM where the lesions are known")
+    mark = time.time()
+    analysis = _lesion_analysis(grid_dir, shards / "target", raw / "target", report)
+    timings["LayerCAM"] = time.time() - mark
+
+    _header("7/7 export of the step-1 fundus model")
     export_info = _export_step1(step1, out / "export" / "fundus_resnet18")
     timings["total"] = time.time() - started
     print("\ntimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"results in {out}/  (report: {report['markdown']})")
     print(f"\nFINDING: {report['finding'] or 'the grid did not complete enough runs to compare (see the report)'}")
+    if analysis:
+        print(f"LAYERCAM: {analysis['finding']}")
     return {"report": report, "export": export_info, "manifests": manifests, "step1_kappa": step1_kappa,
-            "timings": timings}
+            "timings": timings, "layercam": analysis}
+
+
+def _lesion_analysis(grid_dir: Path, target_shards: Path, target_raw: Path, report: dict) -> dict | None:
+    """tltrain.explain.thtl on the grid's whole-fraction runs: the report gets its figure, table and sentence;
+    the runs' weights are removed afterwards (the grid keeps only metrics). A re-run reuses the saved results."""
+    import shutil
+
+    from tltrain import safe_io
+    from tltrain.data.synth_dme import LESIONS_FILE
+    from tltrain.explain.thtl import RESULTS, grid_runs, write_analysis
+
+    if (grid_dir / RESULTS).exists() and (grid_dir / "lesion_maps.md").exists():
+        markdown = (grid_dir / "lesion_maps.md").read_text()
+        print(f"{grid_dir / RESULTS}: already measured")
+    elif not (target_raw / LESIONS_FILE).exists() or not grid_runs(grid_dir):
+        print(f"no LayerCAM measure: {target_raw / LESIONS_FILE} or the grid's kept weights are missing (a demo "
+              "folder from an older tltrain: remove it to run everything again)")
+        return None
+    else:
+        analysis = write_analysis(grid_dir, target_shards, target_raw, grid_dir)
+        markdown = analysis["markdown"]
+        safe_io.atomic_write_text(grid_dir / "lesion_maps.md", markdown)
+        for run in grid_runs(grid_dir):
+            shutil.rmtree(RunFolder(run["dir"]).checkpoints, ignore_errors=True)
+    report_md = Path(report["markdown"])
+    text = report_md.read_text()
+    if markdown not in text:
+        safe_io.atomic_write_text(report_md, text.rstrip("\n") + "\n\n" + markdown)
+    finding = next((line.removeprefix("**Finding.** ") for line in markdown.splitlines()
+                    if line.startswith("**Finding.**")), "")
+    print(markdown.split("\n| weights")[0])
+    return {"markdown": markdown, "finding": finding}
 
 
 def _run_grid(grid_dir: Path, step1: Path, target_shards: Path, common: list[str], size: DemoSize) -> None:
@@ -160,7 +199,9 @@ def _run_grid(grid_dir: Path, step1: Path, target_shards: Path, common: list[str
     command = [sys.executable, "-m", "tltrain.cli", "train", "-m", "+experiment=thtl", "hydra/launcher=local",
                f"hydra.sweeper.max_batch_size={RUNS_AT_ONCE}", f"hydra.sweep.dir={grid_dir}", "data=synthetic_dme",
                f"data.shards={target_shards}", *common, "loader.batch_size=8", "trainer.eval_every=3", *STEP2_EPOCHS,
-               "trainer.keep_after_run=none",  # the grid is read for its metrics; 54 weight files would be 2.4 GB
+               # the grid is read for its metrics (54 weight files would be 2.4 GB): only the runs on the whole
+               # training set keep their best weights, for the LayerCAM analysis, which then removes them
+               "trainer.keep_after_run='${tltrain_best_if_whole:${data.fraction}}'",  # quoted: Hydra keeps it whole
                *size.grid]
     env = dict(os.environ, TLTRAIN_INTERMEDIATE=str(step1), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     print("TLTRAIN_INTERMEDIATE=" + str(step1) + " " + " ".join(["tltrain", *command[3:]]), flush=True)

@@ -14,6 +14,7 @@ Every image is a pure function of (seed, index, label), like the other generator
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -26,8 +27,17 @@ from tltrain.data.synth import (_draw_blots, _draw_dots, _draw_vessels, _place_d
 DME_CLASSES = ("no_csme", "csme")
 
 
-def render_dme(seed, label: int, size: int = 192) -> np.ndarray:
-    """(size*3/4, size, 3) uint8: one photograph of camera B; label 1 = exudates close to the macula."""
+NEAR = 0.25  # exudates of class 1 lie within NEAR x R of the macula (centres), R the fundus radius
+DOT_RADIUS = (1.5, 3.8)  # exudate radius range before scaling (tltrain.data.synth._draw_dots adds 0.6 px)
+
+
+def render_dme(seed, label: int, size: int = 192, truth: dict | None = None) -> np.ndarray:
+    """(size*3/4, size, 3) uint8: one photograph of camera B; label 1 = exudates close to the macula.
+
+    truth: a dict to fill with where the lesions are by construction, in the returned image's pixels (continuous
+    coordinates): "macula" (x, y), "radius" (of the fundus) and "lesion_radius", the circle around the macula
+    that holds every near exudate whole (NEAR x R plus the largest exudate); recording it draws nothing from the
+    seed's stream, so the image is the same with or without it."""
     rng = seed if isinstance(seed, np.random.Generator) else _rng(seed)
     w, h = size, int(round(size * 0.75))
     radius = min(h, w) * rng.uniform(0.40, 0.46)
@@ -66,19 +76,29 @@ def render_dme(seed, label: int, size: int = 192) -> np.ndarray:
         near, far = int(rng.integers(3, 12)), int(rng.integers(0, 8))
     else:
         near, far = 0, int(rng.integers(0, 2)) * int(rng.integers(3, 14))  # half have far exudates only
-    spots = [around(macula, 0.0, 0.25) for _ in range(near)] + [around(macula, 0.45, 0.9) for _ in range(far)]
-    _draw_dots(draw, rng, spots, (1.5, 3.8), scale, yellow)
+    spots = [around(macula, 0.0, NEAR) for _ in range(near)] + [around(macula, 0.45, 0.9) for _ in range(far)]
+    _draw_dots(draw, rng, spots, DOT_RADIUS, scale, yellow)
 
     pil = pil.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.8, 1.6) * max(scale, 0.5)))
     out = np.asarray(pil, np.float32) * (dist <= 1.0)[..., None]
     out = np.clip(out + rng.normal(0, 2.0, out.shape), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(out[:, ::-1]) if rng.uniform() < 0.5 else out
+    flipped = rng.uniform() < 0.5
+    if truth is not None:
+        mx, my = float(macula[0]), float(macula[1])
+        truth.update(macula=(w - mx if flipped else mx, my), radius=float(radius),
+                     lesion_radius=float(NEAR * radius + DOT_RADIUS[1] * scale + 0.6))
+    return np.ascontiguousarray(out[:, ::-1]) if flipped else out
+
+
+LESIONS_FILE = "lesions.json"  # beside the class folders: where each image's lesions are by construction
 
 
 def _write_dme(job):
     path, seed, index, label, size = job
-    Image.fromarray(render_dme(_rng(seed, index, label, 0xD3E), label, size)).save(path, format="JPEG", quality=88)
-    return path
+    truth: dict = {}
+    Image.fromarray(render_dme(_rng(seed, index, label, 0xD3E), label, size, truth)).save(path, format="JPEG",
+                                                                                         quality=88)
+    return path, truth
 
 
 def generate_dme_target(out_dir, n_per_class: int, size: int = 192, seed: int = 0, workers: int | None = None,
@@ -89,6 +109,9 @@ def generate_dme_target(out_dir, n_per_class: int, size: int = 192, seed: int = 
     for label, name in enumerate(DME_CLASSES):
         (out / name).mkdir(parents=True, exist_ok=True)
         jobs += [(str(out / name / f"{name}_{i:05d}.jpg"), seed, i, label, size) for i in range(n_per_class)]
-    _pool_map(_write_dme, jobs, workers, progress, "synth DME target")
+    results = _pool_map(_write_dme, jobs, workers, progress, "synth DME target")
+    lesions = {Path(path).relative_to(out).as_posix(): {"label": label, **truth}
+               for (path, truth), (_, _, _, label, _) in zip(results, jobs)}
+    (out / LESIONS_FILE).write_text(json.dumps(lesions, indent=1))
     return {"root": str(out), "classes": list(DME_CLASSES), "per_class": n_per_class, "images": len(jobs),
-            "size": size}
+            "size": size, "lesions": str(out / LESIONS_FILE)}

@@ -62,6 +62,11 @@ def model_card(meta: dict, out_dir: Path) -> str:
                       f"referable AUC ranks images by P(grade >= {referable})." if referable is not None else
                       "Referable-DR metrics do not apply: the label set is not the 5-grade DR scale.")
     data = {**data, "name": safe_io.markdown_text(data["name"], 200)}
+    layercam = meta.get("layercam") or {}
+    maps_text = (f"## What it looks at\nLayerCAM maps of the true class on {len(layercam.get('images') or [])} test "
+                 "images (a few per class; fused over every stage: red is where the class evidence lies). Draw them "
+                 f"for your own images with `tltrain explain`.\n\n![LayerCAM maps]({layercam['file']})\n"
+                 if layercam.get("file") else "")
     digests = data["manifest_sha256"] if isinstance(data["manifest_sha256"], list) else [data["manifest_sha256"]]
     data["manifest_sha256"] = "`, `".join(map(str, digests))
     per_source = (test or {}).get("per_source") or {}
@@ -96,6 +101,7 @@ Initialisation for fine-tuning on retinal (fundus) tasks or as the intermediate 
 {ci_text}
 {referable_text}
 
+{maps_text}
 ## Preprocessing (applied by `tltrain.load_pretrained` and `tltrain predict`)
 Ben Graham: disc crop resized to {pre['size']} px (radius {pre['size'] // 2}), out = {pre['gain']:g}*img -
 {pre['gain']:g}*gauss(sigma = radius * {pre['sigma_ratio']:.4f}) + {pre['offset']:g}, outside {pre['mask_ratio']:g} *

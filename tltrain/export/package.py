@@ -18,6 +18,7 @@ import tltrain
 from tltrain import safe_io
 from tltrain.data.manifest import MANIFEST_NAME, load_manifest
 from tltrain.data.shard_set import load_shard_set
+from tltrain.explain.card_maps import MAPS_FILE
 from tltrain.errors import ConfigError, DataError
 from tltrain.export.card import model_card
 from tltrain.export.publish import check_target, publish
@@ -186,9 +187,41 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best", li
     }
     validate_metadata({**metadata, "weights": {"file": WEIGHTS, "sha256": "0" * 64}},
                       f"{run.config} (as {METADATA})")  # never publish what load would refuse
-    metadata["digest"] = publish(out_dir, force,
-                                 lambda folder: _write_package(folder, state, metadata, model, out_dir.name))
+    maps = _card_maps(state, metadata, config, shard_dir, manifest)
+    metadata["layercam"] = {"file": MAPS_FILE, "images": maps[1]} if maps else None
+    metadata["digest"] = publish(out_dir, force, lambda folder: _write_package(folder, state, metadata, model,
+                                                                               out_dir.name, maps and maps[0]))
     return metadata
+
+
+def _card_maps(state: dict, metadata: dict, config: dict, shard_dir: Path, manifest: dict):
+    """(PNG, image keys) of LayerCAM maps of a few test images per class for the card, or None (no test or
+    validation split, no image with a disc, or a model the maps cannot be drawn for: said on stderr, the export
+    goes on)."""
+    import sys
+
+    import timm
+
+    from tltrain.explain.card_maps import card_figure, test_examples
+    from tltrain.export.load import Preprocessing
+    from tltrain.models import input_size_args
+
+    split = next((s for s in (config["data"].get("test_split", "test"), config["data"].get("val_split", "val"))
+                  if s and s in manifest["splits"]), None)
+    if split is None:
+        return None
+    size = metadata["preprocessing"]["size"]
+    try:
+        model = timm.create_model(metadata["architecture"], pretrained=False, num_classes=metadata["num_outputs"],
+                                  **input_size_args(metadata["architecture"], size))
+        model.load_state_dict(state)
+        examples = test_examples(shard_dir, manifest, split, metadata["num_classes"])
+        picture = card_figure(model, Preprocessing(size, metadata["preprocessing"]), metadata,
+                              [str(n) for n in metadata["class_names"]], examples)
+    except (DataError, ConfigError, RuntimeError, ValueError) as exc:
+        print(f"export: no LayerCAM picture in the card ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    return (picture, [key for _, _, key in examples]) if picture else None
 
 
 def _checked_model(run_dir: Path, entry: dict, arch: str, loss: str, state: dict, manifest: dict,
@@ -265,7 +298,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_package(folder: Path, state: dict, metadata: dict, model, name: str) -> str:
+def _write_package(folder: Path, state: dict, metadata: dict, model, name: str, maps: bytes | None = None) -> str:
     """The package's files, in an order that lets each describe the ones before it; returns the digest."""
     from safetensors.torch import save_file
 
@@ -275,6 +308,8 @@ def _write_package(folder: Path, state: dict, metadata: dict, model, name: str) 
     metadata["weights"] = {"file": WEIGHTS, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size}
     _write_file(folder / METADATA, (json.dumps(metadata, indent=1, default=str) + "\n").encode())
     _write_file(folder / TIMM_CONFIG, (json.dumps(timm_config(model, metadata), indent=1) + "\n").encode())
+    if maps:
+        _write_file(folder / MAPS_FILE, maps)  # the card's picture: nothing loads it, so not in SHA256SUMS
     _write_file(folder / CARD, model_card(metadata, Path(name)).encode())  # the folder's name: no local path
     return write_checksums(folder, [WEIGHTS, METADATA, TIMM_CONFIG])
 
