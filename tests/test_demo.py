@@ -32,6 +32,22 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "## Two-step transfer: comparisons" in report and (grid / "report.png").stat().st_size > 10_000
     package = out / "export" / "fundus_resnet18"
     assert json.loads((package / "tltrain.json").read_text())["num_classes"] == 5
+    assert (package / "layercam.png").stat().st_size > 10_000 and "## What it looks at" in (package / "README.md"
+                                                                                            ).read_text()
+
+    # LayerCAM where the lesions are known: a figure, example maps and a sentence in the report; on models trained
+    # on the target, the best stage points at the lesions far more often than a uniform map would
+    layercam = [line for line in done.stdout.splitlines() if line.startswith("LAYERCAM: ")]
+    assert layercam and "Pointing game per stage" in layercam[0] and "a uniform map" in layercam[0]
+    assert "## What the networks look at (LayerCAM)" in report and "lesion_maps.png" in report
+    assert (grid / "lesion_maps.png").stat().st_size > 10_000 and (grid / "lesion_examples.png").is_file()
+    measured = json.loads((grid / "lesion_maps.json").read_text())["summary"]
+    configs = {(e["weights"], e["schedule"]) for e in measured}
+    assert configs == {("scratch", "linear_probe"), ("scratch", "swft"), ("step 1", "linear_probe"), ("step 1", "swft")}
+    for config in configs:
+        best = max(e["pointing"] for e in measured if (e["weights"], e["schedule"]) == config)
+        assert best > 2 * measured[0]["uniform"], (config, best, measured[0]["uniform"])
+    assert not any((r / "checkpoints").exists() for r in runs)  # the grid's weights were removed after measuring
 
     # one grid run again, by hand, from the overrides Hydra recorded for it: the same test numbers
     run = next(r for r in runs if r.name.endswith("_swft_f1.0_s0") and "step1" in r.name)

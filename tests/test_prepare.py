@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tltrain.data.prepare import PrepareConfig, run_prepare
 from tltrain.data.sources import SourceConfig
@@ -225,3 +226,32 @@ def test_prepare_workers_do_not_import_torch(fundus_raw, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_prepare_lists_images_accepted_near_the_disc_threshold_with_their_fill(tmp_path, capsys):
+    """A retina with a 40-degree sector cut away fills 0.89 of its circle: accepted (MIN_FILL 0.85) but listed in
+    manifest.json disc_near_threshold with its fill, at any canvas size; the whole ones are not listed."""
+    from PIL import ImageDraw
+
+    from tltrain.data.disc import MIN_FILL
+    from tltrain.data.synth import _rng, render_fundus_disc
+
+    for name in ("a", "b"):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+    for index, width in enumerate((640, 1600)):
+        height = width * 2 // 3
+        r = 0.46 * height
+        img, _ = render_fundus_disc(_rng(25, index), 1, width, height, disc=(width / 2, height / 2, r))
+        Image.fromarray(img).save(tmp_path / "raw" / "a" / f"whole_{width}.png")
+        pil = Image.fromarray(img)
+        ImageDraw.Draw(pil).pieslice([width / 2 - r - 5, height / 2 - r - 5, width / 2 + r + 5, height / 2 + r + 5],
+                                     160, 200, fill=(0, 0, 0))
+        pil.save(tmp_path / "raw" / "b" / f"notched_{width}.png")
+    manifest = run_prepare(PrepareConfig(source=SourceConfig(kind="imagefolder", root=str(tmp_path / "raw")),
+                                         out=str(tmp_path / "out"), val_fraction=0, test_fraction=0, workers=1,
+                                         progress=False))
+    near = manifest["disc_near_threshold"]
+    assert near["min_fill"] == MIN_FILL and near["count"] == 2
+    assert sorted(Path(s["file"]).name for s in near["samples"]) == ["notched_1600.png", "notched_640.png"]
+    assert all(abs(s["fill"] - (1 - 40 / 360)) < 0.02 for s in near["samples"])
+    assert "2 image(s) were accepted with a disc fill within 0.05 of the 0.85 threshold" in capsys.readouterr().out

@@ -150,9 +150,9 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     timings["total"] = time.time() - started
     print("\ntimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"results in {out}/  (report: {report['markdown']})")
-    print(f"\nFINDING: {report['finding'] or 'the grid did not complete enough runs to compare (see the report)'}")
     if analysis:
-        print(f"LAYERCAM: {analysis['finding']}")
+        print(f"\nLAYERCAM: {analysis['finding']}")
+    print(f"\nFINDING: {report['finding'] or 'the grid did not complete enough runs to compare (see the report)'}")
     return {"report": report, "export": export_info, "manifests": manifests, "step1_kappa": step1_kappa,
             "timings": timings, "layercam": analysis}
 

@@ -89,7 +89,7 @@ def validate_manifest(manifest, shard_dir: Path, where: str) -> None:
     _splits(manifest.get("splits"), num_classes, where)
     _fractions(manifest.get("fractions", {}), {s["name"] for s in shards}, num_classes, where)
     for key in ("source", "options", "counts", "members", "tool", "split_origin", "ungradable", "sources", "left_out",
-                "duplicates"):
+                "duplicates", "disc_near_threshold"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise DataError(f"{where}: {key} must be a JSON object")
     if not isinstance(manifest.get("problems", []), list):

@@ -168,11 +168,13 @@ class Inspection(NamedTuple):
     disc: tuple
     keep_as: str | None
     sha256: str = ""  # of the file's bytes: byte-identical copies (within and across sources) are found by it
+    fill: float = 0.0  # the region's IoU with its disc circle (tltrain.data.disc: accepted at MIN_FILL and above)
 
 
 def _compact(result: dict) -> "Inspection | str":
     return result["problem"] if "problem" in result else Inspection(
-        result["width"], result["height"], tuple(result["disc"]), result["keep_as"], result.get("sha256", ""))
+        result["width"], result["height"], tuple(result["disc"]), result["keep_as"], result.get("sha256", ""),
+        result.get("fill", 0.0))
 
 
 # -- per-image work (runs in worker processes) ------------------------------------------------------------------
@@ -195,7 +197,7 @@ def inspect_image(path: str) -> dict:
     if fit.problem:
         return {"problem": f"no fundus disc found ({fit.problem})"}
     return {"width": img.size[0], "height": img.size[1], "disc": fit.disc, "keep_as": keep_as,
-            "sha256": safe_io.sha256_file(path)}
+            "sha256": safe_io.sha256_file(path), "fill": round(float(fit.fill), 4)}
 
 
 def _resized_sample(path: str, disc, mode: str, size: int, quality: int):
@@ -417,6 +419,11 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
             good.append((record, info))
     del inspected
     good, duplicates = find_duplicates(good, source.classes, keep=cfg.duplicates == "keep")
+    near = _near_threshold(good)
+    if near["count"] and cfg.phase in ("all", "finish"):
+        print(f"note: {near['count']} image(s) were accepted with a disc fill within {near['margin']:g} of the "
+              f"{near['min_fill']:g} threshold (lowest {min(s['fill'] for s in near['samples']):.2f}): look at them "
+              "(manifest.json disc_near_threshold)", flush=True)
     if problems and cfg.on_problem == "fail":
         listing = "\n".join(f"  - {p}" for p in problems)
         raise DataError(f"{len(problems)} problem(s) in {source.description.get('root')}; nothing was written "
@@ -450,6 +457,7 @@ def _run_prepare(cfg: PrepareConfig, out: Path) -> dict | None:
         raise DataError(f"{out}: {len(missing)} of {len(plan)} planned shards are missing or stale "
                         f"(e.g. {missing[0]}); run the write phase (all its tasks) again")
     manifest = _manifest(cfg, source, plan, done, problems, fractions, split_how, duplicates)
+    manifest["disc_near_threshold"] = near
     _write_problems(out, problems)
     safe_io.atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1))
     if cfg.phase == "finish":
@@ -677,3 +685,14 @@ def _per_source(source: Dataset, plan, duplicates: list[dict]) -> dict:
         counts[duplicate["dataset"]]["duplicates_left_out"] += not duplicate["kept"]
     return counts
 
+
+
+def _near_threshold(good: list[tuple[Record, Inspection]]) -> dict:
+    """manifest.json "disc_near_threshold": accepted images whose disc fill lies within NEAR_FILL_MARGIN of
+    MIN_FILL (tltrain.data.disc.near_threshold), each with its fill: a photo that passed by a hair is worth a look
+    (refused ones are problems whose text names their IoU)."""
+    from tltrain.data.disc import MIN_FILL, NEAR_FILL_MARGIN
+
+    samples = [{"file": record.path, "fill": info.fill} for record, info in good
+               if info.fill > 0 and abs(info.fill - MIN_FILL) <= NEAR_FILL_MARGIN]
+    return {"count": len(samples), "min_fill": MIN_FILL, "margin": NEAR_FILL_MARGIN, "samples": samples}

@@ -158,25 +158,35 @@ def example_maps(runs: list[dict], image: Path) -> bytes:
 
 
 def finding(summary: list[dict]) -> str:
-    """One sentence: the fused map's pointing-game score of the fundus network before and after SWFT and of
-    scratch after SWFT, against the uniform map."""
-    def text(weights, schedule):
-        entry = next((e for e in summary if (e["weights"], e["schedule"], e["layer"]) ==
-                      (weights, schedule, "fused")), None)
-        if entry is None or entry["pointing"] is None:
-            return None
-        half = f" ± {entry['pointing_ci'] * 100:.0f}" if entry.get("pointing_ci") is not None else ""
-        return f"{entry['pointing'] * 100:.0f}{half} %"
+    """One sentence: per stage, the pointing-game score of the fundus network before and after SWFT and of
+    scratch after SWFT, against the uniform map, and the stage where fundus and scratch (both after SWFT) differ
+    most, with their intervals over the seeds."""
+    layers = list(dict.fromkeys(entry["layer"] for entry in summary))
+    by_key = {(e["weights"], e["schedule"], e["layer"]): e for e in summary}
 
-    parts = [(label, text(w, s)) for label, w, s in (("the fundus network before SWFT", "step 1", "linear_probe"),
-                                                      ("after SWFT", "step 1", "swft"),
-                                                      ("scratch after SWFT", "scratch", "swft"))]
-    shown = ", ".join(f"{label} {value}" for label, value in parts if value)
+    def profile(weights, schedule):
+        values = [by_key.get((weights, schedule, layer), {}).get("pointing") for layer in layers]
+        return None if any(v is None for v in values) else "/".join(f"{v * 100:.0f}" for v in values) + " %"
+
+    parts = [(label, profile(w, s)) for label, w, s in (("the fundus network before SWFT", "step 1", "linear_probe"),
+                                                         ("after SWFT", "step 1", "swft"),
+                                                         ("scratch after SWFT", "scratch", "swft"))]
+    shown = "; ".join(f"{label} {value}" for label, value in parts if value)
     if not shown:
         return "No LayerCAM measure: the grid kept no weights of the needed runs."
-    return (f"Where the lesions are known (exudates near the macula), the fused LayerCAM map's maximum falls in "
-            f"the lesion region for {shown} of the positive test images (a uniform map: "
-            f"{summary[0]['uniform'] * 100:.0f} %).")
+    sentence = (f"Pointing game per stage ({' / '.join(layers)}) on the positive test images, where the exudates "
+                f"near the macula are known: {shown} (a uniform map: {summary[0]['uniform'] * 100:.0f} %).")
+    pairs = [(by_key[("step 1", "swft", layer)], by_key[("scratch", "swft", layer)]) for layer in layers
+             if ("step 1", "swft", layer) in by_key and ("scratch", "swft", layer) in by_key]
+    if pairs:
+        fundus, scratch = max(pairs, key=lambda pair: abs(pair[0]["pointing"] - pair[1]["pointing"]))
+
+        def value(entry):
+            half = entry.get("pointing_ci")
+            return f"{entry['pointing'] * 100:.0f}" + (f" ± {half * 100:.0f}" if half is not None else "") + " %"
+        sentence += (f" After SWFT they differ most at {fundus['layer']}: fundus {value(fundus)} against scratch "
+                     f"{value(scratch)} (n = {fundus['n']} seeds).")
+    return sentence
 
 
 def write_analysis(grid_dir: Path, target_shards: Path, target_raw: Path, out_dir: Path, limit: int = 40,
