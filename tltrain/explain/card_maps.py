@@ -45,7 +45,7 @@ def card_figure(model: torch.nn.Module, preprocessing, meta: dict, class_names: 
     import matplotlib.pyplot as plt
 
     from tltrain.errors import DataError
-    from tltrain.explain.command import display_input
+    from tltrain.explain.render import display_input
     from tltrain.explain.layercam import default_layers, explain_batch
     from tltrain.explain.render import overlay
     from tltrain.export.load import class_probabilities

@@ -26,7 +26,7 @@ from tltrain.errors import DataError
 from tltrain.explain.geometry import map_on_photo
 from tltrain.explain.layercam import default_layers, explain_batch, resolve_layers
 from tltrain.explain.models import ExplainedModel, load_model
-from tltrain.explain.render import contact_sheet, image_row, overlay, photo_overlay
+from tltrain.explain.render import contact_sheet, display_input, image_row, overlay, photo_overlay
 
 MAX_SHEET = 60  # tiles in the contact sheet
 TARGETS = ("predicted", "true")
@@ -60,14 +60,6 @@ def photo_and_box(path: Path, pre) -> tuple[np.ndarray, tuple[int, int, int]]:
     fit = locate_disc_fit(photo)
     height, width = photo.shape[:2]
     return photo, P.disc_box(fit.disc, width, height, cfg.crop_to_disc)
-
-
-def display_input(tensor: torch.Tensor, pre) -> np.ndarray:
-    """A model input (3, S, S), normalised -> (S, S, 3) uint8 as the model sees it (the filtered image)."""
-    cfg = pre.preprocess_config()
-    mean = torch.tensor(cfg.mean).view(3, 1, 1) * 255
-    std = torch.tensor(cfg.std).view(3, 1, 1) * 255
-    return (tensor.float().cpu() * std + mean).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def explain(model_path: str | Path, inputs: list[str | Path], out: str | Path, layers: list[str] | None = None,

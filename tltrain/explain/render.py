@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 
 CMAP = "jet"
 ALPHA = 0.45
@@ -75,3 +76,11 @@ def contact_sheet(tiles: list[tuple[np.ndarray, str]], columns: int = 6) -> byte
         axis.imshow(image)
         axis.set_title(caption, fontsize=7)
     return _png(plt, figure)
+
+
+def display_input(tensor: torch.Tensor, pre) -> np.ndarray:
+    """A model input (3, S, S), normalised -> (S, S, 3) uint8 as the model sees it (the filtered image)."""
+    cfg = pre.preprocess_config()
+    mean = torch.tensor(cfg.mean).view(3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(3, 1, 1) * 255
+    return (tensor.float().cpu() * std + mean).clamp(0, 255).round().byte().permute(1, 2, 0).numpy()

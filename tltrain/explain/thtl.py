@@ -116,7 +116,7 @@ def example_maps(runs: list[dict], image: Path) -> bytes:
     import matplotlib.pyplot as plt
     import torch
 
-    from tltrain.explain.command import display_input
+    from tltrain.explain.render import display_input
     from tltrain.explain.layercam import default_layers, explain_batch
     from tltrain.explain.models import load_model
     from tltrain.explain.render import overlay
