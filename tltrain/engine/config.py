@@ -69,6 +69,13 @@ class TrainerConfig:
     keep_after_run: str = "all"  # once the run completes: all (can be extended) | best (its weights only) | none
     checkpoint_every_steps: int = 0  # 0 = epoch ends only (and on preemption); >0 also every N optimizer steps
     log_every_steps: int = 10  # TensorBoard scalars interval
+    #: the loss, the non-finite check and the stop signal are read every N optimizer steps (and at every log,
+    #: checkpoint and epoch end): between them a step never waits for the device or the other ranks
+    check_every_steps: int = 10
+    #: several ranks agree before every step whether to stop (one small CPU all-reduce, no device wait), so a rank
+    #: stuck waiting for data can be interrupted by SLURM's signal; false: only at check steps (a stalled rank then
+    #: delays the stop until its batch comes). One rank: always every step (it costs nothing there)
+    stop_check_every_step: bool = True
     image_grid: int = 16  # images in the TensorBoard input grid (0 = none)
     progress: bool = True  # rank-0 progress bar
     seed: int = 0
@@ -97,7 +104,7 @@ class TrainerConfig:
 
     def _check_numbers(self) -> None:
         """Every numeric field in its range (whole numbers where counts go, probabilities below 1)."""
-        for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps"):
+        for key in ("epochs", "grad_accum", "keep_last", "eval_every", "log_every_steps", "check_every_steps"):
             if getattr(self, key) is not None:
                 check_number(f"trainer.{key}", getattr(self, key), 1, integer=True)
         for key in ("checkpoint_every_steps", "image_grid"):

@@ -2,10 +2,13 @@
 
 The feed owns the three things about fetching data that are not training:
 - resume: the batches a checkpoint already consumed are read again (set_epoch gives the same order) and dropped;
-- stopping: the wait for a step's first micro-batch can be cut short by a stop signal (a slow file system must
-  not outlast SLURM's grace period); then every rank stops before that step's forward (StopBeforeStep), so no
-  rank is left waiting in a collective. The state after the previous step is complete, and a resumed run reads
-  the abandoned batch again. The micro-batches of one step (grad_accum) are never split by a stop;
+- stopping: at a check step (checks_before() true: the trainer's every trainer.check_every_steps steps, the same
+  on every rank) the wait for the step's first micro-batch can be cut short by a stop signal (a slow file system
+  must not outlast SLURM's grace period); then every rank stops before that step's forward (StopBeforeStep), so
+  no rank is left waiting in a collective. The state after the previous step is complete, and a resumed run reads
+  the abandoned batch again. Between check steps the fetch neither listens for the signal nor asks the other
+  ranks anything (no per-step round trip); the trainer's own check after every N-th step sees the signal. The
+  micro-batches of one step (grad_accum) are never split by a stop;
 - measuring: how long each fetch waited, and a hook after each fetch (the trainer notes skipped samples there).
 """
 from __future__ import annotations
@@ -28,10 +31,11 @@ class StopBeforeStep(Exception):
 
 class StepFeed:
     def __init__(self, loader: Loader, batches: int, grad_accum: int, stop: StopRequest,
-                 after_fetch: Callable[[], None] = lambda: None):
-        """`batches`: how many of the loader's batches the epoch uses (whole optimizer steps only)."""
+                 after_fetch: Callable[[], None] = lambda: None, checks_before: Callable[[], bool] = lambda: True):
+        """`batches`: how many of the loader's batches the epoch uses (whole optimizer steps only); checks_before():
+        whether the next step starts with a stop check (the same answer on every rank)."""
         self.loader, self.batches, self.grad_accum, self.stop = loader, batches, grad_accum, stop
-        self.after_fetch = after_fetch
+        self.after_fetch, self.checks_before = after_fetch, checks_before
 
     def steps(self, consumed: int) -> Iterator[Iterator[Fetched]]:
         """The epoch's remaining steps after `consumed` batches, each an iterator over its micro-batches, fetched
@@ -42,7 +46,7 @@ class StepFeed:
         for _ in range(consumed):
             self._fetch(batches)
         for _ in range(consumed, self.batches, self.grad_accum):
-            first = self._fetch(batches, interruptible=True)
+            first = self._fetch(batches, interruptible=self.checks_before())
             yield self._micro_batches(batches, first)
 
     def _micro_batches(self, batches: Iterator[Batch], first: Fetched) -> Iterator[Fetched]:

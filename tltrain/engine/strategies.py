@@ -90,15 +90,16 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.cfg.grad_accum).backward()
 
-    def step(self, boundary: bool) -> float | None:
-        """Optimizer update on the boundary micro-batch; returns the gradient norm when clipping."""
+    def step(self, boundary: bool) -> torch.Tensor | None:
+        """Optimizer update on the boundary micro-batch; returns the gradient norm when clipping (a device tensor:
+        reading it would make the host wait for the device, so nothing here does)."""
         if not boundary:
             return None
         norm = None
         if self.cfg.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -67,13 +67,15 @@ class InMemoryLoader:
         total = self._batches * self.batch_size
         valid = torch.arange(total) < len(mine)
         padded = mine[torch.arange(total) % len(mine)]  # padding repeats this rank's first samples
+        positions = padded.tolist()  # once per epoch: the batches' keys need no read-back of their own
         for b in range(self._batches):
             index = padded[b * self.batch_size:(b + 1) * self.batch_size]
             images = self.images[index].clone()
             if self.nonfinite_at is not None and (index == self.nonfinite_at).any():
                 images[index == self.nonfinite_at] = float("nan")
             yield Batch(images.to(self.device), self.labels[index].to(self.device),
-                        [self.keys[i] for i in index.tolist()], valid[b * self.batch_size:(b + 1) * self.batch_size])
+                        [self.keys[i] for i in positions[b * self.batch_size:(b + 1) * self.batch_size]],
+                        valid[b * self.batch_size:(b + 1) * self.batch_size])
 
 
 class TinyConvNet(torch.nn.Module):
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall", default=None, metavar="EPOCH:BATCH:SECONDS[:RANK]",
                         help="the train loader waits SECONDS before that batch (on RANK only, default every rank); "
                              "<run-dir>/stalled marks the wait (signal tests: a slow file system)")
+    parser.add_argument("--check-every", type=int, default=10, help="trainer.check_every_steps")
+    parser.add_argument("--log-every", type=int, default=2, help="trainer.log_every_steps")
+    parser.add_argument("--stop-check-at-checks-only", action="store_true",
+                        help="trainer.stop_check_every_step=false")
     parser.add_argument("--ema", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--result", default=None, help="write the result dict here as JSON (rank 0)")
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainerConfig(epochs=args.epochs, strategy=args.strategy, precision=args.precision, channels_last=False,
                         optimizer=args.optimizer, lr=args.lr, weight_decay=0.0, warmup_epochs=0.5,
                         loss=args.loss, grad_accum=args.grad_accum, checkpoint_every_steps=args.checkpoint_every,
-                        ema_decay=args.ema, log_every_steps=2, image_grid=8, progress=False, seed=args.seed,
+                        ema_decay=args.ema, log_every_steps=args.log_every, image_grid=8, progress=False,
+                        seed=args.seed, check_every_steps=args.check_every,
+                        stop_check_every_step=not args.stop_check_at_checks_only,
                         deepspeed=DeepSpeedConfig(zero_stage=args.zero_stage))
     num_classes = 5
     torch.manual_seed(args.seed)  # identical initial weights on every rank and in every run

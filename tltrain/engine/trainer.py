@@ -177,6 +177,8 @@ class Trainer:
         self.test_metrics: dict = {}
         self.last_predictions: tuple = ([], np.zeros(0, np.int64), np.zeros((0, 0)))
         self._grid_logged = False
+        #: (loss on the device, batch keys, optimizer step, batch in epoch) of each micro-batch since check()
+        self._pending_losses: list[tuple[torch.Tensor, list, int, int]] = []
 
     # -- phases and the learning rate -----------------------------------------------------------------------
     def _phase_starts(self) -> list[int]:
@@ -216,6 +218,8 @@ class Trainer:
         return OmegaConf.to_yaml(node, resolve=True)
 
     def _save(self, metrics: dict | None = None) -> str:
+        if self._pending_losses:  # a stop before a step: the losses since the last check join the saved state
+            self.check()  # (the same on every rank: each took the same steps)
         state = self.state.state_dict(self.env.world_size, self.steps_per_epoch, dataclasses.asdict(self.cfg),
                                       self._config_yaml)
         extra = {"ema": self.ema.state_dict()} if self.ema is not None else {}
@@ -306,13 +310,16 @@ class Trainer:
         self.meter = ThroughputMeter(self.env.world_size)
         skipped = SkippedSamples(self.train_loader, self.env.world_size)
         feed = StepFeed(self.train_loader, used_batches, cfg.grad_accum, self.stop,
-                        after_fetch=lambda: self._note_skipped(skipped))
+                        after_fetch=lambda: self._note_skipped(skipped),
+                        checks_before=lambda: (cfg.stop_check_every_step or self.env.world_size == 1
+                                               or state.step % cfg.check_every_steps == 0))
         try:
             for micro_batches in feed.steps(consumed=state.batch_in_epoch):
-                stop_requested = self.train_step(micro_batches)
+                self.train_step(micro_batches)
                 state.step += 1
                 if self.ema is not None:
                     self.ema.update(self.raw_model, step=state.step)
+                stop_requested = self.check() if self._check_due(used_batches) else False
                 if state.step % cfg.log_every_steps == 0:
                     self._log_step()
                 if stop_requested:  # the step is complete: checkpoint it and stop
@@ -331,10 +338,9 @@ class Trainer:
         return {"train_loss": state.mean_loss, **self.meter.epoch_figures(), "lr": self.strategy.param_groups[0]["lr"],
                 "skipped_samples": len(epoch_skipped)}
 
-    def train_step(self, micro_batches: Iterator[Fetched]) -> bool:
-        """Forward and backward over one optimizer step's micro-batches, then the update. Returns whether a stop
-        was requested on any rank (asked together with the loss check: no collective of its own)."""
-        stop_requested = False
+    def train_step(self, micro_batches: Iterator[Fetched]) -> None:
+        """Forward and backward over one optimizer step's micro-batches, then the update. Nothing here waits for
+        the device or the other ranks: each loss stays on the device until the next check (check())."""
         for index, (batch, waited) in enumerate(micro_batches):
             boundary = index == self.cfg.grad_accum - 1
             images = self.strategy.prepare_inputs(batch.images)
@@ -345,19 +351,40 @@ class Trainer:
                 self._grid_logged = True
             with self.strategy.micro_batch(boundary):
                 loss = self.loss_fn(self.strategy.forward(images), labels, valid)
-                loss_value = loss.item()
-                nonfinite, stop_requested = D.any_rank([not math.isfinite(loss_value), self.stop.is_set],
-                                                       self.device)
-                if nonfinite:
-                    self._nonfinite(loss_value, batch)
+                self._pending_losses.append((loss.detach(), list(batch.keys)[:16], self.state.step + 1,
+                                             self.state.batch_in_epoch))
                 if boundary:
                     set_lr(self.strategy.param_groups, self._lr_factor())
                 self.strategy.backward(loss)
             self.strategy.step(boundary)
             self.state.batch_in_epoch += 1
-            self.state.add_loss(loss_value)
             self.meter.add(len(batch.labels), waited)
-            self.progress.update(loss_value, self.meter.window_rate(), self.strategy.param_groups[0]["lr"])
+            self.progress.update(self.state.mean_loss, self.meter.window_rate(),
+                                 self.strategy.param_groups[0]["lr"])
+
+    def _check_due(self, used_batches: int) -> bool:
+        """Whether the step just taken ends with check(): every trainer.check_every_steps steps, and wherever the
+        loss is read or the state saved (a log step, a due checkpoint, the epoch's end). The same on every rank."""
+        step, cfg = self.state.step, self.cfg
+        return (step % cfg.check_every_steps == 0 or step % cfg.log_every_steps == 0
+                or self.checkpoints.due(step, mid_epoch=self.state.batch_in_epoch < used_batches)
+                or self.state.batch_in_epoch >= used_batches)
+
+    def check(self) -> bool:
+        """The losses since the last check, read from the device at once and added to the epoch's mean in step
+        order (the same sums as reading each one at its step: resumes stay bit-identical); then one collective
+        asks every rank whether a loss was not finite or a stop was requested. A non-finite loss raises
+        NonFiniteLoss naming its step and batch (found before any checkpoint is written: the last checkpoint is a
+        good one). Returns whether a stop was requested on any rank."""
+        pending, self._pending_losses = self._pending_losses, []
+        values = torch.stack([loss for loss, *_ in pending]).float().tolist() if pending else []  # one read-back
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        for value in values[:bad]:
+            self.state.add_loss(value)
+        nonfinite, stop_requested = D.any_rank([bad is not None, self.stop.is_set], self.device)
+        if nonfinite:
+            where = pending[bad] if bad is not None else None
+            self._nonfinite(values[bad] if bad is not None else None, where)
         return stop_requested
 
     def _log_step(self) -> None:
@@ -372,12 +399,17 @@ class Trainer:
         if fresh:
             self.state.epoch_skipped = sorted(set(self.state.epoch_skipped) | fresh)
 
-    def _nonfinite(self, loss_value: float, batch) -> None:
-        keys = list(batch.keys)[:16]
+    def _nonfinite(self, loss_value: float | None, where) -> None:
+        """NonFiniteLoss on every rank: the first non-finite loss of this rank (or that another rank had one)."""
         last = self.checkpoints.latest() if self.is_main else None
         kept = f"; last good checkpoint: {last['name']}" if last else "; no checkpoint was written yet"
-        raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {self.state.step + 1} (epoch {self.state.epoch}, "
-                            f"batch {self.state.batch_in_epoch}) on rank {self.env.rank}; batch keys: "
+        if where is None:
+            raise NonFiniteLoss(f"another rank's loss is not finite (found at optimizer step {self.state.step}); "
+                                f"rank {self.env.rank}'s losses are finite{kept}")
+        _, keys, step, batch_in_epoch = where
+        self.state.step = step - 1  # status.json names the last step whose loss was finite (later ones ran on)
+        raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {step} (epoch {self.state.epoch}, "
+                            f"batch {batch_in_epoch}) on rank {self.env.rank}; batch keys: "
                             f"{', '.join(map(str, keys))}{kept}")
 
     # -- epoch ends: validation and the records -------------------------------------------------------------

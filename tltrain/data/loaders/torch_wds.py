@@ -327,8 +327,9 @@ class TorchWdsLoader:
             batch = self._to_batch(chunk)
             self._wait += time.perf_counter() - last
             yield batch
-            seen += int(batch.valid.sum())
-            self._images += int(batch.valid.sum())
+            real = sum(1 for key in batch.keys if key)  # padding rows have no key: counted on the host, so no
+            seen += real  # read of batch.valid (a device tensor) makes the step wait for the device
+            self._images += real
             last = time.perf_counter()
         chunks.close()  # a looping training stream: stops its DataLoader workers
         self._seconds += time.perf_counter() - started
