@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import quiet
 from tltrain.engine.config import TrainerConfig
 from tltrain.engine.synthetic import Batch
 from tltrain.engine.trainer import train
@@ -84,6 +85,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="interleaved runs of each loop")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figure is not to be recorded): gpu_all's dry run, CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.small:
@@ -103,29 +108,33 @@ def main() -> None:
         model = create_model(args.arch, num_classes).to(device)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    # Alternate bare/engine twice and keep each one's best, so a noisy neighbour does not decide the ratio.
-    bare, engine = [], []
-    for _ in range(2):
-        bare.append(bare_loop(fresh_model(), batch, args.steps, args.warmup, args.precision, device))
-        engine.append(engine_loop(fresh_model(), batch, args.steps, args.warmup, args.precision, num_classes,
-                                  channels_last))
+    # bare and engine in turns, args.repeats times each (benchmarks/quiet.py): medians, spreads, the load around
+    load_before = quiet.wait_until_quiet(args.quiet_wait)
+    runs = quiet.interleaved({
+        "bare": lambda: bare_loop(fresh_model(), batch, args.steps, args.warmup, args.precision, device),
+        "engine": lambda: engine_loop(fresh_model(), batch, args.steps, args.warmup, args.precision, num_classes,
+                                      channels_last)}, args.repeats)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
-              "precision": args.precision, "steps": args.steps,
-              "bare_images_per_s": max(bare), "engine_images_per_s": max(engine),
-              "engine_over_bare": max(engine) / max(bare), "goal_engine_over_bare": 0.97}
+              "precision": args.precision, "steps": args.steps, "repeats": len(runs["bare"]["values"]),
+              "bare_images_per_s": runs["bare"]["median"], "engine_images_per_s": runs["engine"]["median"],
+              "engine_over_bare": runs["engine"]["median"] / runs["bare"]["median"], "goal_engine_over_bare": 0.97,
+              "runs": runs}
     if not args.no_compile:
         compiled = torch.compile(fresh_model())
         start = time.perf_counter()
         bare_loop(compiled, batch, 1, 1, args.precision, device)  # triggers compilation
         report["compile_seconds"] = time.perf_counter() - start
         report["compiled_images_per_s"] = bare_loop(compiled, batch, args.steps, args.warmup, args.precision, device)
-        report["compile_speedup"] = report["compiled_images_per_s"] / max(bare)
+        report["compile_speedup"] = report["compiled_images_per_s"] / report["bare_images_per_s"]
+    report.update(quiet.verdict(load_before, quiet.load_average()))
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text + "\n")
+    if not report["recorded"] and not args.smoke:
+        raise SystemExit(quiet.REFUSED_EXIT)
 
 
 if __name__ == "__main__":

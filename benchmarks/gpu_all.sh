@@ -123,7 +123,8 @@ if [ $dry = 1 ]; then
     part loaders 300 $PY benchmarks/bench_gpu_loaders.py --device cpu --images 8 --sources 256 640 --model-size 64 \
         --batch 4 --workers 1 --epochs 1 --out "$out/loaders.json"
     part input_pipeline 300 $PY benchmarks/bench_input_pipeline.py --device cpu --small --out "$out/input_pipeline.json"
-    part trainer 300 $PY benchmarks/bench_trainer.py --small --no-compile --out "$out/trainer.json"
+    part trainer 300 $PY benchmarks/bench_trainer.py --small --no-compile --quiet-wait 0 --smoke \
+        --out "$out/trainer.json"
     part strategies 900 $PY benchmarks/bench_strategies.py --device cpu --small --out "$out/strategies.json"
 else
     # budgets add up to 8 min; the deadline above trims the last ones if the install or a part ran long
@@ -132,8 +133,8 @@ else
     part loaders 120 $PY benchmarks/bench_gpu_loaders.py --device cuda --images 1024 --sources 512 2592 \
         --model-size 512 --batch 256 --workers 16 --out "$out/loaders.json"
     part input_pipeline 90 $PY benchmarks/bench_input_pipeline.py --device cuda --out "$out/input_pipeline.json"
-    part trainer 45 $PY benchmarks/bench_trainer.py --arch resnet50 --image-size 224 --batch-size 128 --steps 40 \
-        --no-compile --out "$out/trainer.json"
+    part trainer 45 $PY benchmarks/bench_trainer.py --arch resnet50 --image-size 224 --batch-size 128 --steps 30 \
+        --no-compile --quiet-wait 10 --smoke --out "$out/trainer.json"
     part strategies 75 $PY benchmarks/bench_strategies.py --device cuda --timeout 35 --out "$out/strategies.json"
 fi
 echo "gpu_all: $(( $(date +%s) - started ))s in all; results in $out (status $status)"
