@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import quiet
+
 import numpy as np
 import torch
 from PIL import Image
@@ -207,11 +209,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", nargs="+", default=["torch", "dali"])
-    parser.add_argument("--repeat", type=int, default=2, help="epochs timed per loader; the best one counts")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per loader, in turns; medians count")
+    parser.add_argument("--resize", default="none", help="prepare's resize for the shards (none, radius:300, ...)")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run")
     parser.add_argument("--stages", action="store_true", help="also time each stage per image (where time goes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_loaders_"))
+    watch = quiet.Watch().start(args.quiet_wait)
     report = {"benchmark": "loaders", "device": args.device, "machine": platform.machine(),
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "results": []}
     try:
@@ -219,36 +225,43 @@ def main() -> None:
             raw, shards = work / f"raw{width}", work / f"shards{width}"
             generate_eyepacs(raw, n_patients=args.images // 2, width=width, seed=0, min_per_class=2, progress=False)
             run_prepare(PrepareConfig(source=SourceConfig(kind="eyepacs", root=str(raw)), out=str(shards),
-                                      val_fraction=0.0, test_fraction=0.0, progress=False))
+                                      val_fraction=0.0, test_fraction=0.0, progress=False, resize=args.resize))
             _, shard_list = select_shards(shards, "train")
             refs = sample_refs(shards, shard_list)
-            row = {"source_width": width, "images": len(refs), "model_size": args.model_size,
-                   "workers": args.workers, "batch": args.batch}
-            for name, dataset in (("pil", _PilBaseline(refs, args.model_size)),
-                                  ("handwritten", HandwrittenBenGraham(refs, args.model_size))):
-                baseline = DataLoader(dataset, batch_size=args.batch, num_workers=args.workers)
-                _rate(baseline, "cpu")  # warm-up (page cache, worker start)
-                row[f"{name}_img_s"] = round(max(_rate(baseline, "cpu") for _ in range(args.repeat)), 1)
-            base = row["handwritten_img_s"]
+            row = {"source_width": width, "resize": args.resize, "images": len(refs),
+                   "model_size": args.model_size, "workers": args.workers, "batch": args.batch}
+            loaders = {name: (DataLoader(dataset, batch_size=args.batch, num_workers=args.workers), "cpu")
+                       for name, dataset in (("pil", _PilBaseline(refs, args.model_size)),
+                                             ("handwritten", HandwrittenBenGraham(refs, args.model_size)))}
             for backend in args.backends:
                 cfg = LoaderConfig(backend=backend, batch_size=args.batch, size=args.model_size, workers=args.workers,
                                    dtype="fp16" if args.device == "cuda" else "fp32")
-                loader = build_loader(cfg, shards, "train", train=False, device=args.device)
-                _rate(loader, args.device)
-                rate = max(_rate(loader, args.device) for _ in range(args.repeat))
-                row[f"{backend}_img_s"] = round(rate, 1)
-                row[f"{backend}_wait_fraction"] = round(loader.stats()["wait_fraction"], 3)
-                row[f"{backend}_vs_handwritten"] = round(rate / base, 2)
+                loaders[backend] = (build_loader(cfg, shards, "train", train=False, device=args.device), args.device)
+            for loader, device in loaders.values():
+                _rate(loader, device)  # warm-up (page cache, worker start)
+            # every loader in turns, args.repeats epochs each (benchmarks/quiet.py): a slow moment hits them alike
+            runs = quiet.interleaved({name: (lambda pair=pair: _rate(*pair)) for name, pair in loaders.items()},
+                                     args.repeats)
+            base = runs["handwritten"]["median"]
+            for name, run in runs.items():
+                row[f"{name}_img_s"] = round(run["median"], 1)
+                row[f"{name}_spread"] = run["spread"]
+            for backend in args.backends:
+                row[f"{backend}_wait_fraction"] = round(loaders[backend][0].stats()["wait_fraction"], 3)
+                row[f"{backend}_vs_handwritten"] = round(runs[backend]["median"] / base, 2)
             if args.stages:
                 row["stages_ms_per_image"] = stage_profile(refs, args.model_size)
             report["results"].append(row)
             print(json.dumps(row), flush=True)
+        report.update(watch.verdict())
         print(json.dumps(report, indent=1))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not report["recorded"] and not args.smoke:
+        raise SystemExit(quiet.REFUSED_EXIT)
 
 
 if __name__ == "__main__":

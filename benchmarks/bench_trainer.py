@@ -109,7 +109,7 @@ def main() -> None:
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
     # bare and engine in turns, args.repeats times each (benchmarks/quiet.py): medians, spreads, the load around
-    load_before = quiet.wait_until_quiet(args.quiet_wait)
+    watch = quiet.Watch().start(args.quiet_wait)
     runs = quiet.interleaved({
         "bare": lambda: bare_loop(fresh_model(), batch, args.steps, args.warmup, args.precision, device),
         "engine": lambda: engine_loop(fresh_model(), batch, args.steps, args.warmup, args.precision, num_classes,
@@ -127,7 +127,7 @@ def main() -> None:
         report["compile_seconds"] = time.perf_counter() - start
         report["compiled_images_per_s"] = bare_loop(compiled, batch, args.steps, args.warmup, args.precision, device)
         report["compile_speedup"] = report["compiled_images_per_s"] / report["bare_images_per_s"]
-    report.update(quiet.verdict(load_before, quiet.load_average()))
+    report.update(watch.verdict())
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -4,8 +4,10 @@ On 2 cores a test run, a helper or a second benchmark beside a benchmark moves i
 noise). So every benchmark here:
 - waits (up to --quiet-wait seconds) for the 1-minute load average to fall to QUIET_LOAD_PER_CPU x cores (1.5 on
   2 cores) before it starts, and records the load before and after in its JSON;
-- refuses to record (exit status 3, the JSON says "refused" and why) when the load was above that limit before or
-  after the measurement;
+- watches the machine while it runs: the CPU time every process spent (/proc/stat) less its own and its
+  children's (DataLoader workers, DALI threads: getrusage), so the benchmark's own load does not count against it;
+- refuses to record (exit status 3, the JSON says "refused" and why) when the load was above that limit before,
+  or when other processes used more than FOREIGN_CORES cores on average during the measurement;
 - runs its variants interleaved (A B A B A B ...), at least 3 repetitions each, and reports the median and the
   spread (min, max) of each, and ratios of medians, so a slow moment hits every variant alike.
 """
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable
 
 QUIET_LOAD_PER_CPU = 0.75  # 1.5 on the 2-core machines the figures are taken on
+FOREIGN_CORES = 0.25  # other processes' average use while measuring, in cores, above which a figure is refused
 MIN_REPEATS = 3
 REFUSED_EXIT = 3
 
@@ -52,11 +55,46 @@ def interleaved(variants: dict[str, Callable[[], float]], repeats: int = MIN_REP
             for name, v in values.items()}
 
 
-def verdict(load_before: float, load_after: float) -> dict:
-    """The JSON fields that say whether the figure may be recorded."""
-    limit = load_limit()
-    quiet = load_before <= limit and load_after <= limit
-    return {"load_before": load_before, "load_after": load_after, "load_limit": limit, "cpus": os.cpu_count(),
-            "recorded": quiet, "refused": None if quiet else
-            f"load average {max(load_before, load_after):.2f} above {limit:.2f}: something else ran on the machine; "
-            "run it again with nothing beside it"}
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine spent so far (user, nice, system, irq, softirq, steal)."""
+    try:
+        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:3]) + sum(fields[5:8])) / ticks
+
+
+def _own_seconds() -> float:
+    import resource
+
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(r.ru_utime + r.ru_stime for r in own)
+
+
+class Watch:
+    """The machine's CPU use by other processes while a benchmark measures (start() ... verdict())."""
+
+    def start(self, max_wait: float) -> "Watch":
+        self.load_before = wait_until_quiet(max_wait)
+        self.started, self.busy, self.own = time.monotonic(), _busy_seconds(), _own_seconds()
+        return self
+
+    def verdict(self) -> dict:
+        """The JSON fields that say whether the figure may be recorded."""
+        wall = time.monotonic() - self.started
+        busy = _busy_seconds()
+        foreign = None
+        if busy is not None and self.busy is not None and wall > 0:
+            foreign = round(max(0.0, (busy - self.busy) - (_own_seconds() - self.own)) / wall, 2)
+        limit, load_after = load_limit(), load_average()
+        problems = []
+        if self.load_before > limit:
+            problems.append(f"load average {self.load_before:.2f} above {limit:.2f} when it started")
+        if foreign is not None and foreign > FOREIGN_CORES:
+            problems.append(f"other processes used {foreign:.2f} cores on average while it measured (limit "
+                            f"{FOREIGN_CORES})")
+        return {"load_before": self.load_before, "load_after": load_after, "load_limit": limit,
+                "foreign_cores": foreign, "cpus": os.cpu_count(), "seconds": round(wall, 1),
+                "recorded": not problems, "refused": "; ".join(problems) + ": run it again with nothing beside it"
+                if problems else None}
