@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_run_overrides
 from tltrain.data.loaders import LoaderConfig, build_loader
-from tltrain.data.loaders.plan import draw_rates, sample_index, select_shards, weighted_epoch_shards
+from tltrain.data.loaders.plan import draw_rates, sample_index, select_shards, weighted_epoch_positions
 from tltrain.data.prepare import PrepareConfig, run_prepare
 from tltrain.data.shard_set import load_shard_set
 from tltrain.data.sources import SourceConfig
@@ -92,21 +92,19 @@ def test_draw_rates_give_each_folder_its_share(fundus_shards, two_source_shards)
                 assert drawn == pytest.approx([drawn[0]] * 5)
 
 
-def test_dali_epoch_shard_lists_meet_the_shares_to_within_a_shard(fundus_shards, two_source_shards):
+def test_dali_epoch_draws_meet_the_folder_shares(fundus_shards, two_source_shards):
+    """DALI's weighted epochs (an external source) draw samples with the same expected frequencies as the torch
+    backend's Poisson repeats: the folders' shares over a few epochs, a new draw each epoch, the same for a seed."""
     manifest = load_shard_set([str(fundus_shards), str(two_source_shards)], [3, 1])
     _, shards = select_shards(fundus_shards, "train", 1.0, manifest)
     index = sample_index(fundus_shards, shards)
-    per_shard = np.bincount(index.shard, minlength=len(shards))
-    largest = per_shard.max()
-    lists = [weighted_epoch_shards(index, shards, manifest, epoch, seed=5) for epoch in range(3)]
-    assert lists[0] != lists[1]  # each epoch its own order and choice
-    for chosen in lists:
-        held = Counter()
-        for shard in chosen:
-            held[shards[shard]["folder"]] += per_shard[shard]
-        assert sum(held.values()) >= len(index)  # every rank's part still fills its batches
-        for folder, share in ((0, 0.75), (1, 0.25)):
-            assert share * len(index) <= held[folder] < share * len(index) + largest + 1
+    rates = draw_rates(index, shards, manifest, 5, False)
+    folders = np.array([shards[i]["folder"] for i in index.shard])
+    draws = [weighted_epoch_positions(index, shards, rates, epoch, seed=5) for epoch in range(8)]
+    assert len(draws[0]) == len(index) and not np.array_equal(draws[0], draws[1])
+    assert np.array_equal(draws[0], weighted_epoch_positions(index, shards, rates, 0, seed=5))
+    share = np.mean([np.mean(folders[d] == 0) for d in draws])
+    assert abs(share - 0.75) < 0.05, share
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -28,7 +28,9 @@ class LoaderConfig:
     size: int = 512  # model input side; the disc fills it (radius = size / 2)
     workers: int = 4  # torch: DataLoader worker processes; dali: CPU threads
     shuffle_buffer: int = 1000  # training shuffle buffer in samples (dali: reader initial_fill; torch: wds.shuffle)
-    balanced: bool = False  # training: draw samples with inverse class frequency (Sallam et al.); torch backend
+    balanced: bool = False  # training: every class the same share of an epoch (Sallam et al.); both backends
+    #: training: class c's share of an epoch is weight_c / sum(weights) (balanced = all equal); both backends
+    class_weights: list[float] | None = None
     # torch: skip = log the key, count it, drop the sample | fail: stop (dali: fails). A missing or damaged shard
     # (not one sample) always stops the run, naming it
     on_decode_error: str = "skip"
@@ -47,6 +49,13 @@ class LoaderConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def checked_class_weights(self, num_classes: int) -> list[float] | None:
+        """loader.class_weights against the data's class count (known once the manifest is read)."""
+        if self.class_weights is not None and len(self.class_weights) != num_classes:
+            raise ConfigError(f"loader.class_weights has {len(self.class_weights)} weights for {num_classes} "
+                              "classes: give one per class")
+        return None if self.class_weights is None else [float(w) for w in self.class_weights]
+
     def validate(self) -> None:
         """ConfigError for a bad value; free when these values were already validated (build_loader calls it for
         every loader of a run whose config was validated when it was loaded)."""
@@ -64,9 +73,15 @@ class LoaderConfig:
             raise ConfigError("loader.batch_size >= 1, loader.size >= 8, loader.workers >= 0 and "
                               "loader.shuffle_buffer >= 1 are required")
         self._check_numbers()
-        if self.backend == "dali" and self.balanced:
-            raise ConfigError("loader.balanced=true needs loader.backend=torch (DALI's reader cannot weight samples); "
-                              "with DALI use trainer.class_weights instead")
+        if self.balanced and self.class_weights is not None:
+            raise ConfigError("loader.balanced=true and loader.class_weights both set the classes' shares: give one")
+        if self.class_weights is not None:
+            if not self.class_weights or len(self.class_weights) > 10_000:
+                raise ConfigError("loader.class_weights must be a list of one weight per class")
+            for number, weight in enumerate(self.class_weights):
+                check_number(f"loader.class_weights[{number}]", weight, 0, 1e6)
+            if not sum(self.class_weights) > 0:
+                raise ConfigError("loader.class_weights: at least one class needs a weight above 0")
         if self.filter_kernel == "dali" and self.backend != "dali":
             raise ConfigError("loader.filter_kernel=dali needs loader.backend=dali")
         self.preprocess.validate()

@@ -15,9 +15,10 @@ Limits, stated rather than faked: a sample that fails to decode stops the pipeli
 (DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
 damaged sample. Bytes flipped inside a JPEG's coded data decode without any error (measured), so such damage is
 found only by the shard checksum check before training (tltrain/data/integrity.py) or `tltrain verify`.
-Class-balanced sampling is not offered (the reader cannot weight samples; config rejects it). Weighted shard
-folders (data.weights) are met per shard instead: each epoch reads a seeded list of shards in which folder f's
-make up its share to within one shard (a shard may be listed twice; plan.weighted_epoch_shards).
+Weighted training (loader.balanced, loader.class_weights, weighted shard folders): the reader cannot weight
+samples, so an external source (dali_source.EpochSource) feeds the same graph an epoch of samples drawn with the
+torch backend's expected frequencies (plan.draw_rates, plan.weighted_epoch_positions), read from the tars at their
+index offsets; the rank takes its contiguous part of the epoch's draw.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ import torch
 
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
+from tltrain.data.loaders.dali_source import EpochSource, MemberTable
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import (folder_weights, sample_index, select_shards, source_of_keys,
-                                      weighted_epoch_shards)
+from tltrain.data.loaders.plan import (draw_rates, sample_index, select_shards, source_of_keys,
+                                      weighted_epoch_positions)
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
 from tltrain.preprocess import DTYPES, circle_mask
@@ -62,20 +64,26 @@ os.register_at_fork(after_in_child=_disown_inherited_dali_pipelines)
 
 
 def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: int, num_shards: int, seed: int,
-                    gpu: bool, filter_in_dali: bool):
+                    gpu: bool, filter_in_dali: bool, source=None):
     """The graph of one DALI pipeline (call inside a pipeline_def); returns (images, labels, source_info, valid,
-    angles): valid (2, 2R) profiles and the rotation in degrees when the filter runs in torch, else None."""
+    angles): valid (2, 2R) profiles and the rotation in degrees when the filter runs in torch, else None.
+    source: an external source of drawn samples (dali_source.EpochSource) instead of the webdataset reader."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
     pre, aug, size = cfg.preprocess, cfg.augment, cfg.size
-    jpegs, labels, discs = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg;png", "lbl", "disc"], dtypes=[types.UINT8, types.INT32, types.FLOAT],
-        shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=cfg.shuffle_buffer,
-        pad_last_batch=True, seed=seed, name="reader")
+    if source is None:
+        jpegs, labels, discs = fn.readers.webdataset(
+            paths=tars, index_paths=indexes, ext=["jpg;png", "lbl", "disc"],
+            dtypes=[types.UINT8, types.INT32, types.FLOAT], shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=train, initial_fill=cfg.shuffle_buffer, pad_last_batch=True, seed=seed, name="reader")
+        source_info = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+    else:  # the key stands where the reader's "shard.tar:offset:key.jpg" would: _keys() reads both
+        jpegs, labels, discs, keys = fn.external_source(source=source, num_outputs=4, batch=False,
+                                                        dtype=[types.UINT8, types.INT32, types.FLOAT, types.UINT8])
+        source_info = fn.pad(keys, fill_value=0)
     # One decoder for both image members: prepare stores only images whose bytes give the shared decoding
     # rule's pixels here (tltrain.data.decode); DALI applies EXIF orientation as the rule does.
-    source_info = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
     decode_args = {"hw_decoder_load": cfg.hw_decoder_load} if gpu else {}
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decode_args)
 
@@ -199,7 +207,9 @@ class DaliLoader:
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(index.labels, minlength=self.num_classes).tolist()
         self.source_of = source_of_keys(self.manifest, shard_dir, shards, index) if not train else None
-        weighted = train and folder_weights(self.manifest) is not None
+        rates = draw_rates(index, shards, self.manifest, self.num_classes, cfg.balanced,
+                           cfg.checked_class_weights(self.num_classes)) if train else None
+        table = MemberTable(shard_dir, shards, index) if rates is not None else None
         self.batch_size = cfg.batch_size
         counts = _rank_counts(len(index), world_size)
         if train:
@@ -219,10 +229,13 @@ class DaliLoader:
             seeded from (seed, epoch, rank) and ranks rotate over the contiguous parts per epoch, so the data of
             epoch e is the same whether the run got there straight or resumed into it."""
             shard_id = (rank + epoch) % world_size if train else rank
-            # weighted folders: this epoch's shards, folder f's making up its share (plan.weighted_epoch_shards)
-            tars = [all_tars[i] for i in weighted_epoch_shards(index, shards, self.manifest, epoch, seed)] \
-                if weighted else all_tars
+            tars = all_tars
             indexes = [t[:-4] + ".idx" for t in tars]
+            source = None
+            if table is not None:  # weighted: this rank's part of the epoch's draw, whole batches only
+                drawn = weighted_epoch_positions(index, shards, rates, epoch, seed)
+                start = len(drawn) * rank // world_size
+                source = EpochSource(table, drawn[start:start + self.n_batches * cfg.batch_size])
 
             @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
                           device_id=(self.device.index or 0) if gpu else None,
@@ -230,7 +243,7 @@ class DaliLoader:
             def pipeline():
                 outputs = fundus_pipeline(tars, indexes, cfg, train=train, shard_id=shard_id, num_shards=world_size,
                                           seed=derive_seed(seed, epoch, shard_id, 0x5EED), gpu=gpu,
-                                          filter_in_dali=self.filter_in_dali)
+                                          filter_in_dali=self.filter_in_dali, source=source)
                 return tuple(output for output in outputs if output is not None)
 
             pipe = pipeline()
@@ -238,8 +251,8 @@ class DaliLoader:
             try:
                 pipe.build()
                 names = ["images", "labels", "info"] + ([] if self.filter_in_dali else ["valid", "angles"])
-                return pipe, DALIGenericIterator([pipe], names, reader_name="reader", last_batch_policy=policy,
-                                                 auto_reset=True)
+                ends = {"reader_name": "reader"} if source is None else {}  # a source ends by StopIteration
+                return pipe, DALIGenericIterator([pipe], names, last_batch_policy=policy, auto_reset=True, **ends)
             except RuntimeError as exc:
                 raise DataError(f"DALI pipeline over {', '.join(self.shard_names)} failed ({dali_reason(exc)}); run "
                                 "`tltrain verify` on the shard folder to find a damaged sample") from None

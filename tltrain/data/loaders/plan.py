@@ -167,65 +167,50 @@ def sample_folders(index: SampleIndex, shards: list[dict]) -> np.ndarray:
     return of_shard[index.shard] if len(index) else np.zeros(0, np.int64)
 
 
-def draw_rates(index: SampleIndex, shards: list[dict], manifest: dict, num_classes: int,
-               balanced: bool) -> np.ndarray | None:
+def draw_rates(index: SampleIndex, shards: list[dict], manifest: dict, num_classes: int, balanced: bool,
+               class_weights: list[float] | None = None) -> np.ndarray | None:
     """Training: the expected draws per sample of an epoch, by (folder, class), or None (every sample once).
 
-    balanced (one pool): N / (classes present * count[class]), every class drawn equally often. Weighted folders:
-    folder f draws share_f = weight_f / sum(weights) of the epoch's N samples, share_f * N / count_f per sample
-    (balanced too: share_f * N / (classes present in f * count[f, class]))."""
+    Class shares: balanced gives every class present the same share of the epoch (Sallam et al.), class_weights
+    the share weight_c / sum(weights of the classes present); a sample of class c is then drawn
+    share_c * N / count[c] times on average. Weighted folders: folder f draws share_f = weight_f / sum(weights) of
+    the epoch's N samples (share_f * N / count_f per sample; with class shares, within the folder:
+    share_f * share_c * N / count[f, c])."""
     weights = folder_weights(manifest)
-    if weights is None and not balanced:
+    if balanced and class_weights is None:
+        class_weights = [1.0] * num_classes
+    if weights is None and class_weights is None:
         return None
     folders = sample_folders(index, shards)
     n_folders = max(len(weights or []), int(folders.max()) + 1 if len(folders) else 1)
     counts = np.zeros((n_folders, num_classes), np.int64)
     np.add.at(counts, (folders, index.labels), 1)
     total = len(index)
-    if weights is None:  # balanced over the pooled classes, whatever folder a sample is in
-        pooled = counts.sum(0)
-        present = max(1, int((pooled > 0).sum()))
-        rates = np.where(pooled > 0, total / (present * np.maximum(pooled, 1)), 0.0)
-        return np.tile(rates, (n_folders, 1))
-    weights = np.asarray(weights, float)
-    weights = np.where(counts.sum(1) > 0, weights, 0.0)  # a folder without samples of this split draws nothing
+
+    def class_rates(count: np.ndarray, share: float) -> np.ndarray:
+        if class_weights is None:
+            return np.full(num_classes, share * total / max(count.sum(), 1)) * (count > 0)
+        wanted = np.where(count > 0, np.asarray(class_weights, float), 0.0)
+        if wanted.sum() <= 0:
+            return np.zeros(num_classes)
+        return np.where(count > 0, share * total * (wanted / wanted.sum()) / np.maximum(count, 1), 0.0)
+
+    if weights is None:  # class shares over the pooled classes, whatever folder a sample is in
+        return np.tile(class_rates(counts.sum(0), 1.0), (n_folders, 1))
+    weights = np.where(counts.sum(1) > 0, np.asarray(weights, float), 0.0)  # no samples of this split: no share
     shares = weights / weights.sum()
-    rates = np.zeros((n_folders, num_classes))
-    for folder in range(n_folders):
-        count = counts[folder]
-        if balanced:
-            present = max(1, int((count > 0).sum()))
-            rates[folder] = np.where(count > 0, shares[folder] * total / (present * np.maximum(count, 1)), 0.0)
-        elif count.sum():
-            rates[folder] = shares[folder] * total / count.sum()
-    return rates
+    return np.stack([class_rates(counts[f], shares[f]) for f in range(n_folders)])
 
 
-def weighted_epoch_shards(index: SampleIndex, shards: list[dict], manifest: dict, epoch: int,
-                          seed: int) -> list[int]:
-    """DALI (its reader cannot weight samples): the shard numbers an epoch reads so that folder f makes up about
-    share_f of it, to within one shard: f's shards in an epoch-seeded order, repeated as often as needed, until
-    they hold share_f * N samples. The list holds at least N samples, so every rank's part still fills its
-    batches."""
-    weights = folder_weights(manifest)
-    per_shard = np.bincount(index.shard, minlength=len(shards))
-    folder_of = np.array([shard.get("folder", 0) for shard in shards], np.int64)
-    total = int(per_shard.sum())
-    weights = np.array([w if per_shard[folder_of == f].sum() else 0.0 for f, w in enumerate(weights)], float)
-    shares = weights / weights.sum()
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x3E16]))
-    chosen: list[int] = []
-    for folder, share in enumerate(shares):
-        own = [s for s in np.flatnonzero(folder_of == folder).tolist() if per_shard[s]]
-        target, held = int(np.ceil(share * total)), 0
-        while own and held < target:
-            for shard in rng.permutation(own).tolist():
-                if held >= target:
-                    break
-                chosen.append(shard)
-                held += int(per_shard[shard])
-    order = rng.permutation(len(chosen))
-    return [chosen[i] for i in order]
+def weighted_epoch_positions(index: SampleIndex, shards: list[dict], rates: np.ndarray, epoch: int,
+                             seed: int) -> np.ndarray:
+    """DALI (its reader cannot weight samples, so an external source feeds it): an epoch's N sample positions,
+    drawn with replacement with probability proportional to each sample's rate (draw_rates), seeded by
+    (seed, epoch): the same list on every rank, which then takes its contiguous part. The torch backend draws the
+    same expected frequencies as Poisson repeats of a streamed sample."""
+    per_sample = rates[sample_folders(index, shards), index.labels]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xBA1A]))
+    return rng.choice(len(index), size=len(index), replace=True, p=per_sample / per_sample.sum())
 
 
 def source_of_keys(manifest: dict, shard_dir, shards: list[dict], index: SampleIndex) -> dict[str, str] | None:

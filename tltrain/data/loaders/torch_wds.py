@@ -211,8 +211,8 @@ class TorchWdsLoader:
         self.index = sample_index(shard_dir, self.shards)
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(self.index.labels, minlength=self.num_classes).tolist()
-        self.draw_rates = draw_rates(self.index, self.shards, self.manifest, self.num_classes, cfg.balanced) \
-            if train else None
+        self.draw_rates = draw_rates(self.index, self.shards, self.manifest, self.num_classes, cfg.balanced,
+                                     cfg.checked_class_weights(self.num_classes)) if train else None
         self.source_of = source_of_keys(self.manifest, shard_dir, self.shards, self.index) if not train else None
         self.batch_size, self.epoch = cfg.batch_size, 0
         self.decode_errors: list[str] = []
