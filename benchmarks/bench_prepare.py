@@ -1,6 +1,7 @@
 """Images per second of `tltrain prepare` on synthetic camera-size JPEGs, 1 vs 2 processes, pass-through vs
 resize, and peak memory (main process and its workers, each configuration measured in a fresh
-process). Ratios are against the 1-process pass-through run of the same invocation.
+process). Ratios are against the 1-process pass-through run of the same invocation. Each configuration runs
+--repeats times, the configurations in turns (benchmarks/quiet.py), medians count; a loaded machine is refused.
 
   python benchmarks/bench_prepare.py --images 48 --out benchmarks/results/prepare.json
   python benchmarks/bench_prepare.py --small            # 8 images: a quick smoke run (well under a minute)
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import quiet
 
 from tltrain.data.prepare import PrepareConfig, run_prepare
 from tltrain.data.sources import SourceConfig
@@ -52,6 +55,9 @@ def main() -> None:
     parser.add_argument("--resize", default="radius:256", help="the resized variant: radius:N or longest:N")
     parser.add_argument("--small", action="store_true", help="8 images, for a quick check that it runs")
     parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="runs of each configuration")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run")
     parser.add_argument("--one-run", default=None, help=argparse.SUPPRESS)  # internal: one measured prepare
     args = parser.parse_args()
     if args.one_run:
@@ -65,27 +71,37 @@ def main() -> None:
                          seed=0, min_per_class=2, progress=False)
         synth_s = time.perf_counter() - t
         raw_mb = sum(p.stat().st_size for p in (work / "raw" / "train").glob("*")) / 1e6
-        results = []
-        for resize in ("none", args.resize):
-            for workers in (1, 2):
-                spec = json.dumps([str(work / "raw"), str(work / f"shards_{resize.replace(':', '')}_{workers}"),
-                                   resize, workers])
-                run = subprocess.run([sys.executable, __file__, "--one-run", spec], capture_output=True, text=True,
-                                     check=True)
-                results.append(json.loads(run.stdout.strip().splitlines()[-1]))
-                print(json.dumps(results[-1]), flush=True)
+        last: dict[tuple, dict] = {}
+
+        def measure(resize: str, workers: int) -> float:
+            out = work / f"shards_{resize.replace(':', '')}_{workers}"
+            shutil.rmtree(out, ignore_errors=True)  # every run writes every shard (no resume)
+            spec = json.dumps([str(work / "raw"), str(out), resize, workers])
+            run = subprocess.run([sys.executable, __file__, "--one-run", spec], capture_output=True, text=True,
+                                 check=True)
+            last[resize, workers] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(json.dumps(last[resize, workers]), flush=True)
+            return last[resize, workers]["images_per_s"]
+
+        configs = [(resize, workers) for resize in ("none", args.resize) for workers in (1, 2)]
+        watch = quiet.Watch().start(args.quiet_wait)
+        runs = quiet.interleaved({f"{r}|{w}": (lambda r=r, w=w: measure(r, w)) for r, w in configs}, args.repeats)
+        results = [{**last[r, w], "images_per_s": round(runs[f"{r}|{w}"]["median"], 2),
+                    "spread": runs[f"{r}|{w}"]["spread"]} for r, w in configs]
         base = results[0]["images_per_s"]
         for r in results:
             r["ratio_vs_1proc_passthrough"] = round(r["images_per_s"] / base, 2)
         report = {"benchmark": "prepare", "machine": platform.machine(), "cpus": os.cpu_count(),
                   "source": f"{args.images} synthetic {args.width}x{args.height} JPEGs, {raw_mb:.1f} MB",
-                  "synth_seconds": round(synth_s, 1), "results": results}
+                  "synth_seconds": round(synth_s, 1), "results": results, **watch.verdict()}
         print(json.dumps(report, indent=1))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not report["recorded"] and not args.smoke:
+        raise SystemExit(quiet.REFUSED_EXIT)
 
 
 if __name__ == "__main__":
