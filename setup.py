@@ -51,6 +51,7 @@ setup(
         "pandas",
         "scipy",
         "grad-cam>=1.5,<1.6",  # tltrain explain: LayerCAM's per-layer maps (pytorch_grad_cam; fusion is ours)
+        "opencv-python-headless",  # the CPU Gaussian blur of the preprocessing (tltrain.preprocess.gaussian_blur)
     ],
     extras_require={
         # DALI is published per CUDA major version; the default build is CUDA 13 (its CPU ops run anywhere).
