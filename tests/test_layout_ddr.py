@@ -152,13 +152,19 @@ def test_incomplete_download_and_unknown_folder_are_clear_errors(tmp_path):
         ddr.read(SourceConfig(kind="ddr", root=str(grading), labels_csv="labels.csv"))
 
 
-def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_path, capsys):
+def _ddr_with_a_twin(tmp_path):
+    """A DDR copy where one training image also sits in test/ (the same file, listed in test.txt too)."""
     grading = tmp_path / "DDR-dataset" / "DR_grading"
     truth = write_ddr(grading, {"train": [0, 1, 2, 2], "valid": [0, 3], "test": [1, 4]})
     twin = next(name for name, (folder, _) in truth.items() if folder == "train")
     shutil.copy(grading / "train" / twin, grading / "test" / twin)
     with open(grading / "test.txt", "a") as lines:
         lines.write(f"{twin} {truth[twin][1]}\n")
+    return grading, twin
+
+
+def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_path, capsys):
+    grading, twin = _ddr_with_a_twin(tmp_path)
     manifest = prepare(grading.parent, tmp_path / "out", duplicates="keep")  # the copy is byte-identical: kept
     assert manifest["split_origin"]["moved_patients"] == 1 and manifest["split_origin"]["moved_images"] == 1
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [3, 2, 4]
@@ -170,12 +176,7 @@ def test_a_name_in_two_official_splits_is_one_patient_moved_to_the_later(tmp_pat
 def test_an_identical_image_in_two_official_splits_is_kept_in_the_later_and_listed(tmp_path):
     """By default (duplicates=drop) a byte-identical copy is left out and listed; of a copy in train and one in
     test, the test one is kept, so the official test set stays whole."""
-    grading = tmp_path / "DDR-dataset" / "DR_grading"
-    truth = write_ddr(grading, {"train": [0, 1, 2, 2], "valid": [0, 3], "test": [1, 4]})
-    twin = next(name for name, (folder, _) in truth.items() if folder == "train")
-    shutil.copy(grading / "train" / twin, grading / "test" / twin)
-    with open(grading / "test.txt", "a") as lines:
-        lines.write(f"{twin} {truth[twin][1]}\n")
+    grading, twin = _ddr_with_a_twin(tmp_path)
     manifest = prepare(grading.parent, tmp_path / "out")
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [3, 2, 3]
     assert manifest["duplicates"]["count"] == manifest["duplicates"]["left_out"] == 1
