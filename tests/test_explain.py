@@ -93,7 +93,7 @@ def test_a_marked_photo_pixel_is_found_again_through_the_model_input():
     from PIL import Image, ImageDraw
 
     from tltrain.data.synth import render_fundus
-    from tltrain.explain.command import photo_and_box
+    from tltrain.explain.command import read_image
     from tltrain.export.load import Preprocessing
     from tltrain.export.prediction import predict_input
 
@@ -105,7 +105,7 @@ def test_a_marked_photo_pixel_is_found_again_through_the_model_input():
         photo.save(path)
         pre = Preprocessing(96, {"enabled": False, "filter_version": 2, "mean": [0, 0, 0], "std": [1, 1, 1]})
         tensor = predict_input(pre, path)
-        _, box = photo_and_box(path, pre)
+        _, _, box = read_image(pre, path)
     finally:
         path.unlink(missing_ok=True)
     brightness = tensor.sum(0).numpy()

@@ -66,7 +66,7 @@ def read_dataset(single: SourceConfig | None, several: dict[str, SourceConfig], 
         for record in records:
             record.extra = {**(record.extra or {}), "dataset": name}
         return Dataset(records, data.problems, values, names, description=data.description,
-                       candidates=data.candidates, ungradable=data.ungradable, split_origin=data.split_origin,
+                       candidates=data.candidates, ungradable=data.ungradable,
                        names=[name], left_out=left_out, source_of_problem=[name] * len(data.problems),
                        split_origins={name: data.split_origin},
                        outcomes={name: {"ungradable": len(data.ungradable), "left_out": len(left_out)}})

@@ -359,7 +359,12 @@ def near_threshold(fit: DiscFit) -> bool:
     large notch) can still land on either side of MIN_FILL by a hundredth: `tltrain prepare` lists the accepted
     ones with their IoU (the refusal text names it already) so that a person can look at them. False where no
     circle was fitted (fill 0.0)."""
-    return fit.fill > 0 and abs(fit.fill - MIN_FILL) <= NEAR_FILL_MARGIN
+    return fill_near_threshold(fit.fill)
+
+
+def fill_near_threshold(fill: float) -> bool:
+    """near_threshold for a fill already measured (prepare keeps the fill, not the fit)."""
+    return fill > 0 and abs(fill - MIN_FILL) <= NEAR_FILL_MARGIN
 
 
 def _shape_problem(x, y, inliers, circle, fill: float) -> str | None:

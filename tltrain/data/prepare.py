@@ -691,8 +691,7 @@ def _near_threshold(good: list[tuple[Record, Inspection]]) -> dict:
     """manifest.json "disc_near_threshold": accepted images whose disc fill lies within NEAR_FILL_MARGIN of
     MIN_FILL (tltrain.data.disc.near_threshold), each with its fill: a photo that passed by a hair is worth a look
     (refused ones are problems whose text names their IoU)."""
-    from tltrain.data.disc import MIN_FILL, NEAR_FILL_MARGIN
+    from tltrain.data.disc import MIN_FILL, NEAR_FILL_MARGIN, fill_near_threshold
 
-    samples = [{"file": record.path, "fill": info.fill} for record, info in good
-               if info.fill > 0 and abs(info.fill - MIN_FILL) <= NEAR_FILL_MARGIN]
+    samples = [{"file": record.path, "fill": info.fill} for record, info in good if fill_near_threshold(info.fill)]
     return {"count": len(samples), "min_fill": MIN_FILL, "margin": NEAR_FILL_MARGIN, "samples": samples}

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from tltrain.safe_io import atomic_write_text
 from tltrain.data.synth import (_draw_blots, _draw_dots, _draw_vessels, _place_disc_and_macula, _pool_map, _rng,
                                 _smooth_noise)
 
@@ -112,6 +113,6 @@ def generate_dme_target(out_dir, n_per_class: int, size: int = 192, seed: int = 
     results = _pool_map(_write_dme, jobs, workers, progress, "synth DME target")
     lesions = {Path(path).relative_to(out).as_posix(): {"label": label, **truth}
                for (path, truth), (_, _, _, label, _) in zip(results, jobs)}
-    (out / LESIONS_FILE).write_text(json.dumps(lesions, indent=1))
+    atomic_write_text(out / LESIONS_FILE, json.dumps(lesions, indent=1))  # never through a link
     return {"root": str(out), "classes": list(DME_CLASSES), "per_class": n_per_class, "images": len(jobs),
             "size": size, "lesions": str(out / LESIONS_FILE)}

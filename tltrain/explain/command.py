@@ -49,17 +49,13 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def photo_and_box(path: Path, pre) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The decoded photo (H, W, 3) and the square the preprocessing crops from it."""
-    from tltrain import preprocess as P
+def read_image(pre, path: Path) -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int]]:
+    """(model input, decoded photo (H, W, 3), the square the preprocessing crops from it) from one decode: the
+    input is exactly predict's (tltrain.export.prediction.predict_input: the shared rule, then the package's
+    preprocessing)."""
     from tltrain.data.decode import decode_image
-    from tltrain.data.disc import locate_disc_fit
 
-    photo = np.array(decode_image(path, str(path)))
-    cfg = pre.preprocess_config()
-    fit = locate_disc_fit(photo)
-    height, width = photo.shape[:2]
-    return photo, P.disc_box(fit.disc, width, height, cfg.crop_to_disc)
+    return pre.with_crop(decode_image(path, str(path)), source=str(path))
 
 
 def explain(model_path: str | Path, inputs: list[str | Path], out: str | Path, layers: list[str] | None = None,
@@ -70,7 +66,6 @@ def explain(model_path: str | Path, inputs: list[str | Path], out: str | Path, l
     from tqdm import tqdm
 
     from tltrain.data.keys import make_keys
-    from tltrain.export.prediction import predict_input
 
     explained = load_model(model_path, device)
     if target not in TARGETS and not (target.isdigit() and int(target) < len(explained.class_names)):
@@ -86,20 +81,20 @@ def explain(model_path: str | Path, inputs: list[str | Path], out: str | Path, l
     def flush():
         if not pending:
             return
-        batch = torch.stack([tensor for _, _, tensor in pending]).to(device)
+        batch = torch.stack([read[0] for _, _, read in pending]).to(device)
         truth = [(labels or {}).get(str(path)) for path, _, _ in pending]
         with torch.enable_grad():
             maps = explain_batch(explained.model, batch, layers, target, truth, explained.probabilities)
-        for (path, key, tensor), image_maps in zip(pending, maps):
-            rows.append(_write_image(out, path, key, tensor, image_maps, explained))
+        for (path, key, read), image_maps in zip(pending, maps):
+            rows.append(_write_image(out, path, key, read, image_maps, explained))
             if len(tiles) < MAX_SHEET:
-                tiles.append((overlay(display_input(tensor, explained.preprocessing), image_maps.fused),
+                tiles.append((overlay(display_input(read[0], explained.preprocessing), image_maps.fused),
                               f"{key[:18]}: {rows[-1]['predicted_name'][:12]}"))
         pending.clear()
 
     for path, key in tqdm(list(zip(files, keys)), desc="explain", disable=None if progress else True):
         try:
-            pending.append((path, key, predict_input(explained.preprocessing, path)))
+            pending.append((path, key, read_image(explained.preprocessing, path)))
         except DataError as exc:
             skipped.append({"file": str(path), "reason": str(exc).split(": ", 1)[-1]})
         except Exception as exc:  # an unreadable image: listed, the rest go on (as in predict)
@@ -113,10 +108,9 @@ def explain(model_path: str | Path, inputs: list[str | Path], out: str | Path, l
     return {"out": str(out), "explained": len(rows), "skipped": skipped, "layers": layers, "rows": rows}
 
 
-def _write_image(out: Path, path: Path, key: str, tensor: torch.Tensor, maps, explained: ExplainedModel) -> dict:
-    pre = explained.preprocessing
-    photo, box = photo_and_box(path, pre)
-    shown = display_input(tensor, pre)
+def _write_image(out: Path, path: Path, key: str, read, maps, explained: ExplainedModel) -> dict:
+    tensor, photo, box = read
+    shown = display_input(tensor, explained.preprocessing)
     predicted = int(np.argmax(maps.scores))
     names = explained.class_names
     title = (f"{path.name}: predicted {names[predicted]} ({maps.scores[predicted]:.2f}); maps of "

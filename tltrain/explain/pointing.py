@@ -52,10 +52,9 @@ def measure_model(model_path: str | Path, images: list[tuple[Path, dict]], layer
     score, over `images` [(file, truth record of a class-1 image)], maps of the true class (1)."""
     import torch
 
-    from tltrain.explain.command import photo_and_box
+    from tltrain.explain.command import read_image
     from tltrain.explain.layercam import default_layers, explain_batch, resolve_layers
     from tltrain.explain.models import load_model
-    from tltrain.export.prediction import predict_input
 
     explained = load_model(model_path, device)
     layers = resolve_layers(explained.model, layers or default_layers(explained.model))
@@ -64,11 +63,11 @@ def measure_model(model_path: str | Path, images: list[tuple[Path, dict]], layer
     uniform: list[float] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        inputs = torch.stack([predict_input(explained.preprocessing, path) for path, _ in chunk]).to(device)
+        reads = [read_image(explained.preprocessing, path) for path, _ in chunk]
+        inputs = torch.stack([tensor for tensor, _, _ in reads]).to(device)
         with torch.enable_grad():
             maps = explain_batch(explained.model, inputs, layers, "true", [1] * len(chunk), explained.probabilities)
-        for (path, region), image_maps in zip(chunk, maps):
-            _, box = photo_and_box(path, explained.preprocessing)
+        for (_, region), (_, _, box), image_maps in zip(chunk, reads, maps):
             mask = lesion_mask(region, box, inputs.shape[-1])
             uniform.append(float(mask.mean()))
             for name, heat in zip([*layers, "fused"], [*image_maps.scaled, image_maps.fused]):

@@ -25,6 +25,11 @@ class Preprocessing:
     config: dict
 
     def __call__(self, image, source: str = "image") -> torch.Tensor:
+        return self.with_crop(image, source)[0]
+
+    def with_crop(self, image, source: str = "image") -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int]]:
+        """(the model input, the decoded photo as an (H, W, 3) array, the square (x0, y0, side) cropped from it):
+        what tltrain explain needs to lay a map back on the photo, from one decode and one disc search."""
         from tltrain import preprocess as P
         from tltrain.data.decode import to_rgb
         from tltrain.data.disc import locate_disc_fit
@@ -41,7 +46,8 @@ class Preprocessing:
         fit = locate_disc_fit(array)
         if cfg.crop_to_disc and fit.problem:
             raise DataError(f"{source}: no fundus disc found ({fit.problem})")
-        return P.reference([torch.from_numpy(array)], [fit.disc], self.size, cfg)[0]
+        box = P.disc_box(fit.disc, array.shape[1], array.shape[0], cfg.crop_to_disc)
+        return P.reference([torch.from_numpy(array)], [fit.disc], self.size, cfg)[0], array, box
 
     def preprocess_config(self):
         from tltrain.preprocess import PreprocessConfig
