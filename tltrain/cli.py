@@ -168,6 +168,14 @@ def _cmd_convert_weights(args: argparse.Namespace) -> None:
                                                       if args.trust_pickle else ""))
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from tltrain.pipeline.config import compose_pipeline
+    from tltrain.pipeline.run import run_pipeline
+
+    cfg = compose_pipeline(args.config, args.overrides)
+    return run_pipeline(cfg, local=args.local, wait=args.wait, dry_run=args.dry_run)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tltrain.demo import run_demo
 
@@ -329,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read a legacy file that holds pickled Python objects with plain pickle; loading it can run "
                         "code, so only for files whose author you trust")
     p.set_defaults(func=_cmd_convert_weights)
+
+    p = sub.add_parser("pipeline", help="prepare -> step 1 -> export -> evaluate -> step-2 grid -> report -> package "
+                       "as one SLURM DAG (local executor without SLURM); re-run to continue",
+                       description="Run a pipeline config (configs/pipeline/NAME.yaml or a YAML file) as dependent "
+                       "jobs. Run it again and finished stages are skipped by their records; failed ones are "
+                       "submitted again. Follow it with `tltrain jobs OUT`.")
+    p.add_argument("config", help="a shipped pipeline (e.g. demo) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. out=/scratch/p sources.eyepacs.tasks=16")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="local", action="store_true", default=None,
+                       help="submitit's local executor even where SLURM is available")
+    where.add_argument("--slurm", dest="local", action="store_false", help="fail unless SLURM is available")
+    p.add_argument("--wait", action="store_true", help="SLURM: follow the DAG until it ends; exit 1 if a stage failed")
+    p.add_argument("--dry-run", action="store_true", help="list the stages and their tasks; submit nothing")
+    p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="the main job end to end on bundled synthetic data")
     p.add_argument("--out", default="demo", help="working folder (default: ./demo)")

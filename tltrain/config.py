@@ -77,8 +77,9 @@ def weights_tag(weights) -> str:
     return initial_weights(weights).replace(":", "-").replace("/", "-")
 
 
-def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose configs/<config_name>.yaml with Hydra-style overrides (`key=value`, `group=option`)."""
+def compose(config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:
+    """Compose configs/<config_name>.yaml with Hydra-style overrides (`key=value`, `group=option`); with
+    return_hydra_config the `hydra` node too (e.g. an experiment's sweep, hydra.sweeper.params)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -87,7 +88,8 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     register_schemas()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+            return hydra_compose(config_name=config_name, overrides=list(overrides or []),
+                                 return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as exc:  # unknown option or key: Hydra lists the choices
         raise ConfigError(config_error_line(exc)) from None
 

@@ -5,6 +5,7 @@ Which metric rows it shows is the rule of the run's own metrics (tltrain.metrics
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tltrain import safe_io
@@ -27,8 +28,66 @@ def _ci_text(ci: dict, name: str, fallback) -> str:
     return f"{fallback:.3f}"
 
 
-def model_card(meta: dict, out_dir: Path) -> str:
-    """The card's Markdown for a package's metadata; out_dir is the name it shows (the folder, not a local path)."""
+#: Hugging Face licence ids (https://hf.co/docs/hub/repositories-licenses) a package's licence is matched against
+#: (case-insensitively); any other text is published as `license: other` with `license_name`.
+HUB_LICENSES = ("apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0",
+                "cc-by-nc-nd-4.0", "cc0-1.0", "openrail", "gpl-3.0", "lgpl-3.0", "other")
+#: metric name -> (Hugging Face metric id, label) for the model-index of the front matter.
+HUB_METRICS = {"kappa": ("cohen_kappa", "quadratic kappa"), "auc": ("roc_auc", "macro one-vs-rest AUC"),
+               "referable_auc": ("roc_auc", "referable AUC"), "sensitivity": ("recall", "referable sensitivity"),
+               "specificity": ("specificity", "referable specificity"), "accuracy": ("accuracy", "accuracy")}
+
+
+def hub_results(dataset: str, split: str, metrics: dict, ci: dict) -> dict:
+    """One model-index result: the metrics of one dataset split, each with its 95 % interval in its name (the
+    Hub's metric entry has one value; the interval bounds go in `args`, which the Hub keeps as they are)."""
+    entries = []
+    for key, (metric_id, label) in HUB_METRICS.items():
+        value = (ci.get(key) or {}).get("value", metrics.get(key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            continue
+        entry = {"type": metric_id, "name": label, "value": round(float(value), 4)}
+        if ci.get(key):
+            low, high = ci[key]["low"], ci[key]["high"]
+            entry["name"] = f"{label} (95 % CI {low:.3f} to {high:.3f})"
+            entry["args"] = {"ci_low": round(float(low), 4), "ci_high": round(float(high), 4), "confidence": 0.95}
+        entries.append(entry)
+    return {"task": {"type": "image-classification", "name": "Image Classification"},
+            "dataset": {"name": f"{dataset} ({split})", "type": dataset, "split": split}, "metrics": entries}
+
+
+def front_matter(meta: dict, results: list[dict] | None = None, datasets: list[str] | None = None,
+                 tags: tuple[str, ...] = ()) -> str:
+    """The card's YAML header, the metadata a Hugging Face model repository is indexed by: licence, library
+    (timm loads the repository), tags, datasets and the test results with their intervals (model-index)."""
+    import yaml
+
+    license_text = str(meta.get("license") or "other")
+    data = {"library_name": "timm", "pipeline_tag": "image-classification",
+            "tags": ["image-classification", "timm", "tltrain", "fundus", "transfer-learning", *tags]}
+    if license_text.lower() in HUB_LICENSES:
+        data["license"] = license_text.lower()
+    else:
+        data.update(license="other", license_name=re.sub(r"[^a-z0-9.-]+", "-", license_text.lower())[:64] or "other")
+    if meta.get("referable_threshold") is not None:
+        data["tags"].append("diabetic-retinopathy")
+    data["datasets"] = sorted({str(d) for d in (datasets or [meta["training_data"].get("name")]) if d})
+    if results is None:
+        test = meta["metrics"].get("test") or {}
+        test_set = meta["metrics"].get("test_set") or {}
+        results = [hub_results(str(meta["training_data"].get("name")), test_set.get("split", "test"), test,
+                               meta["metrics"].get("test_ci") or {})] if test else []
+    data["metrics"] = sorted({m["type"] for r in results for m in r["metrics"]})
+    if results:
+        data["model-index"] = [{"name": f"{meta['architecture']}-{meta['training_data'].get('name')}",
+                                "results": results}]
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+def model_card(meta: dict, out_dir: Path, header: str | None = None, sections: str = "") -> str:
+    """The card's Markdown for a package's metadata; out_dir is the name it shows (the folder, not a local path).
+    header: the YAML front matter (default: front_matter(meta)); sections: Markdown put before "Preprocessing"
+    (the pipeline's per-source results and transfer finding)."""
     data, pre, checkpoint = meta["training_data"], meta["preprocessing"], meta["checkpoint"]
     metrics = meta["metrics"]
     test, val = metrics["test"], metrics["validation"]
@@ -75,7 +134,9 @@ def model_card(meta: dict, out_dir: Path) -> str:
             f"{safe_io.markdown_text(name, 60)}: {part.get('count')} images, accuracy {part.get('accuracy', 0):.4f}"
             + (f", kappa {part['kappa']:.4f}" if isinstance(part.get("kappa"), float) else "")
             for name, part in per_source.items())
-    return f"""# {meta['architecture']} pretrained on {data['name']} (tltrain)
+    header = front_matter(meta) if header is None else header
+    return header + f"""
+# {meta['architecture']} pretrained on {data['name']} (tltrain)
 
 {meta['description'] or 'An intermediate-domain checkpoint for transfer learning on fundus photographs.'}
 
@@ -102,6 +163,7 @@ Initialisation for fine-tuning on retinal (fundus) tasks or as the intermediate 
 {referable_text}
 
 {maps_text}
+{sections}
 ## Preprocessing (applied by `tltrain.load_pretrained` and `tltrain predict`)
 Ben Graham: disc crop resized to {pre['size']} px (radius {pre['size'] // 2}), out = {pre['gain']:g}*img -
 {pre['gain']:g}*gauss(sigma = radius * {pre['sigma_ratio']:.4f}) + {pre['offset']:g}, outside {pre['mask_ratio']:g} *
@@ -120,6 +182,8 @@ the Ben Graham filter, whose parameters are in `{TIMM_CONFIG}` under `tltrain_pr
 ```python
 import timm
 model = timm.create_model("local-dir:{out_dir}", pretrained=True)
+# after an upload to the Hugging Face Hub (e.g. `huggingface-cli upload <user>/{out_dir.name} {out_dir}`):
+model = timm.create_model("hf-hub:<user>/{out_dir.name}", pretrained=True)
 ```
 Weights: `{WEIGHTS}`, sha256 `{meta['weights']['sha256']}`. Licence: {meta['license']}.
 Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.

@@ -1,0 +1,106 @@
+"""The pipeline's DAG as `tltrain jobs <out>` shows it: each stage, what it waits for, its state and why.
+
+A stage's state joins three things: the records of its done tasks (tltrain.pipeline.tasks), the jobs the last
+`tltrain pipeline` submitted for it (.pipeline/jobs.json) and what SLURM or the local executor says of those jobs
+(tltrain.launch.jobs, which also reads each failed job's error and log). A stage that never ran because one before
+it failed says so, naming that stage.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tltrain import safe_io
+from tltrain.errors import DataError
+from tltrain.launch.jobs import SLURM_BAD_STATES, list_jobs
+from tltrain.pipeline.tasks import read_record
+
+LIVE = ("RUNNING", "PENDING", "REQUEUED")
+BAD = ("FAILED", "CANCELLED", "STALE", "UNREADABLE") + SLURM_BAD_STATES
+
+
+def stage_rows(root: str | Path) -> list[dict]:
+    """One row per stage: stage, after, tasks, done, state, reason, job ids."""
+    from tltrain.pipeline.run import read_jobs
+
+    root = Path(root)
+    jobs = read_jobs(root)
+    rows_by_job = {str(r["job_id"]): r for r in list_jobs(root, tail=5)}
+    rows: list[dict] = []
+    by_stage: dict[str, dict] = {}
+    for entry in jobs.get("dag", []):
+        name, fingerprints = str(entry["stage"]), list(entry.get("fingerprints") or [])
+        done = 0
+        for task, fingerprint in enumerate(fingerprints):
+            try:
+                record = read_record(root, name, task)
+            except DataError:
+                record = None
+            done += bool(record and record["fingerprint"] == fingerprint)
+        submitted = jobs.get("stages", {}).get(name, {})
+        job_ids = [str(j) for j in (submitted.get("jobs") or {}).values()]
+        row = {"stage": name, "what": entry.get("what", ""), "after": list(entry.get("after") or []),
+               "tasks": len(fingerprints), "done": done, "jobs": job_ids, "state": "", "reason": ""}
+        row["state"], row["reason"] = _state(row, submitted, [rows_by_job.get(j) for j in job_ids], by_stage)
+        by_stage[name] = row
+        rows.append(row)
+    return rows
+
+
+def _state(row: dict, submitted: dict, job_rows: list, by_stage: dict) -> tuple[str, str]:
+    if row["tasks"] and row["done"] == row["tasks"]:
+        return "COMPLETED", ""
+    failed_before = next((n for n in row["after"] if by_stage.get(n, {}).get("state") in BAD + ("CANCELLED",)), None)
+    if submitted.get("cancelled"):
+        return "CANCELLED", submitted["cancelled"]
+    states = [r["state"] for r in job_rows if r is not None]
+    bad = [r for r in job_rows if r is not None and r["state"] in BAD]
+    if any(s == "RUNNING" for s in states):
+        return "RUNNING", f"{row['done']}/{row['tasks']} tasks done"
+    if any(s in ("PENDING", "REQUEUED") for s in states):
+        if failed_before:
+            return "CANCELLED", f"never starts: {failed_before} did not finish"
+        waits = [n for n in row["after"] if by_stage.get(n, {}).get("state") != "COMPLETED"]
+        return "PENDING", f"waits for {', '.join(waits)}" if waits else "queued"
+    if bad:
+        if failed_before and all(r["state"] == "CANCELLED" for r in bad):
+            return "CANCELLED", f"cancelled: {failed_before} did not finish"
+        first = bad[0]
+        reason = first.get("error") or next((line for line in reversed(first.get("log_tail") or []) if line.strip()),
+                                            "")
+        state = "FAILED" if first["state"] in ("FAILED", "STALE", "UNREADABLE") else first["state"]
+        return state, f"{len(bad)} of {row['tasks']} task(s): {safe_io.printable(reason, 400)}"
+    if failed_before:
+        return "CANCELLED", f"not run: {failed_before} did not finish"
+    if job_rows and all(r is not None and r["state"] == "COMPLETED" for r in job_rows):
+        return "INCOMPLETE", "the jobs ended but left no record: run the pipeline again"
+    return ("NOT SUBMITTED" if not job_rows else "UNKNOWN"), f"{row['done']}/{row['tasks']} tasks done"
+
+
+def print_dag(root: str | Path) -> list[dict]:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = stage_rows(root)
+    colours = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "red"}
+    table = Table("stage", "after", "tasks", "jobs", "state", "reason", title=f"pipeline {root}")
+    for row in rows:
+        jobs = sorted({j.split("_")[0] for j in row["jobs"]})
+        table.add_row(Text(row["stage"]), Text(", ".join(row["after"]) or "-"), f"{row['done']}/{row['tasks']}",
+                      Text(", ".join(jobs[:3]) + (" ..." if len(jobs) > 3 else "")),
+                      Text(row["state"], style=colours.get(row["state"], "white")), Text(row["reason"]))
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 180).print(table)
+    return rows
+
+
+def wait_for(root: str | Path, every: float = 10.0) -> int:
+    """Poll until no stage is pending or running; print the DAG; 0 when every stage completed."""
+    while True:
+        rows = stage_rows(root)
+        if not any(r["state"] in ("RUNNING", "PENDING") for r in rows):
+            print_dag(root)
+            return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+        time.sleep(every)
