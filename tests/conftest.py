@@ -129,3 +129,40 @@ def trained_run(fundus_shards, tmp_path_factory) -> Path:
     result = train_from_overrides(tiny_run_overrides(fundus_shards, run_dir))
     assert result["status"] == "completed"
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def dme_raw(tmp_path_factory) -> Path:
+    """A small macular-oedema target (ImageFolder, with lesions.json), as `tltrain demo` writes it."""
+    from tltrain.data.synth_dme import generate_dme_target
+
+    raw = tmp_path_factory.mktemp("dme_raw")
+    generate_dme_target(raw, n_per_class=20, size=96, seed=1, workers=2, progress=False)
+    return raw
+
+
+def tiny_pipeline_file(path: Path, out: Path, fundus_raw: Path, target_raw: Path, *, train: tuple = (),
+                       sweep: tuple = ("schedule=linear_probe", "data.fraction=1.0", "seed=0,1")) -> Path:
+    """A user's pipeline YAML for tiny real runs (resnet10t at 32 px on the CPU): fundus (2 array tasks) -> step 1
+    -> export -> evaluate -> a 4-run THTL grid on the target (scratch and step 1, 2 seeds) -> report -> package."""
+    import yaml
+
+    run = ["model.arch=resnet10t", "loader.size=32", "loader.batch_size=8", "loader.workers=0", "trainer=cpu",
+           "trainer.progress=false"]
+    config = {
+        "name": "tiny_fundus", "out": str(out),
+        "sources": {"fundus": {"prepare": ["source=eyepacs", f"source.root={fundus_raw}", "test_fraction=0.25",
+                                           "shard_samples=12", "progress=false"], "tasks": 2}},
+        "target": {"prepare": ["source=imagefolder", f"source.root={target_raw}", "source.classes=[no_csme,csme]",
+                               "val_fraction=0.2", "test_fraction=0.3", "shard_samples=16", "progress=false"]},
+        "train": {"overrides": ["data=synthetic_fundus", *run, "schedule=finetune_all", "schedule.epochs_per_phase=2",
+                                *train]},
+        "export": {"license": "cc-by-4.0", "description": "tiny test checkpoint"},
+        "evaluate": {"splits": ["test"], "resamples": 200},
+        "grid": {"overrides": ["+experiment=thtl", "data=synthetic_dme", *run, "schedule.epochs_per_phase=1"],
+                 "sweep": list(sweep), "runs_at_once": 2,
+                 "resources": {"setup": ["export OMP_NUM_THREADS=1"]}},
+        "launch": {"time_min": 10},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

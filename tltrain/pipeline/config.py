@@ -232,5 +232,5 @@ def compose_pipeline(config: str, overrides: list[str] | None = None) -> Pipelin
         with initialize_config_dir(config_dir=directory, version_base="1.3"):
             composed = hydra_compose(config_name=name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(config_error_line(exc)) from None
+        raise ConfigError("pipeline: " + config_error_line(exc, PipelineConfig).replace("the run config", "the pipeline")) from None
     return to_typed(composed, PipelineConfig, where="pipeline")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tltrain import safe_io
-from tltrain.errors import ConfigError, DataError
+from tltrain.errors import ConfigError, DataError, TltrainError
 from tltrain.launch.jobs import record_job, registry_path, slurm_states
 from tltrain.launch.submit import _executor, slurm_available
 from tltrain.pipeline.config import PipelineConfig
@@ -150,11 +150,17 @@ def _submit(cfg: PipelineConfig, stage: Stage, tasks: list[int], local: bool, de
     folder = str(state_dir(root) / "logs" / stage.name.replace(":", "-") / "%j")
     executor = _executor(launch, folder, local, f"tltrain_{cfg.name}_{stage.name}",
                          ":".join(dependency) if dependency else None)
-    if len(tasks) > 1:
-        with executor.batch():
-            submitted = [executor.submit(stage.job(str(root), task)) for task in tasks]
-    else:
-        submitted = [executor.submit(stage.job(str(root), tasks[0]))]
+    from submitit.core.utils import FailedJobError
+
+    try:
+        if len(tasks) > 1:
+            with executor.batch():
+                submitted = [executor.submit(stage.job(str(root), task)) for task in tasks]
+        else:
+            submitted = [executor.submit(stage.job(str(root), tasks[0]))]
+    except FailedJobError as exc:  # sbatch refused it: its own words, on one line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise TltrainError(f"stage {stage.name}: sbatch refused the job: {' / '.join(lines[-3:])}") from None
     registry = registry_path(root)
     for task, job in zip(tasks, submitted):
         spec = stage.specs[task]
