@@ -1,8 +1,8 @@
 """`tltrain demo --quick`, the main job at its small size, as a user starts it from another working directory:
-synthetic data -> shards -> step 1 -> the step-2 grid as one Hydra multirun through submitit's local executor ->
-report with the finding -> export. One grid run is then started again by hand from its own recorded overrides and
-must give the same test numbers (every run deterministic), and a second `tltrain demo` continues instead of
-redoing anything."""
+synthetic data, then configs/pipeline/demo.yaml through submitit's local executor (shards -> step 1 -> export ->
+evaluate -> the step-2 grid -> report with the finding and LayerCAM -> the publishable package). One grid run is
+then started again by hand from its recorded overrides and must give the same test numbers (every run
+deterministic), and a second `tltrain demo` continues instead of redoing anything."""
 import json
 import os
 import subprocess
@@ -22,18 +22,20 @@ def test_quick_demo_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finding = [line for line in done.stdout.splitlines() if line.startswith("FINDING: ")]
     assert finding and finding[0].startswith("FINDING: With 25 % of the target's training images, starting from "
-                                             "run:step1_fundus_layerwise"), done.stdout[-2000:]
+                                             "package:synthetic_fundus_resnet18"), done.stdout[-2000:]
     assert "95 % CI [" in finding[0] and "n = 2 seeds" in finding[0]
 
-    grid = out / "runs" / "step2_grid"
+    grid = out / "grid"
     runs = sorted(p.parent for p in grid.glob("*/status.json"))
     assert len(runs) == 16 and all(json.loads((r / "status.json").read_text())["state"] == "completed" for r in runs)
     report = (grid / "report.md").read_text()
     assert "## Two-step transfer: comparisons" in report and (grid / "report.png").stat().st_size > 10_000
-    package = out / "export" / "fundus_resnet18"
+    package = out / "package" / "synthetic_fundus_resnet18"
     assert json.loads((package / "tltrain.json").read_text())["num_classes"] == 5
-    assert (package / "layercam.png").stat().st_size > 10_000 and "## What it looks at" in (package / "README.md"
-                                                                                            ).read_text()
+    card = (package / "README.md").read_text()
+    assert (package / "layercam.png").stat().st_size > 10_000 and "## What it looks at" in card
+    assert card.startswith("---\nlibrary_name: timm") and "## Test metrics per source" in card
+    assert "## Does it transfer?" in card and (package / "lesion_maps.png").is_file()
 
     # LayerCAM where the lesions are known: a figure, example maps and a sentence in the report; on models trained
     # on the target, the best stage points at the lesions far more often than a uniform map would
@@ -50,15 +52,18 @@ def test_quick_demo_end_to_end(tmp_path):
     # the grid keeps no weights: the whole-fraction runs' were removed after measuring, the others kept none
     assert not [p for r in runs for p in (r / "checkpoints").glob("step-*")]
 
-    # one grid run again, by hand, from the overrides Hydra recorded for it: the same test numbers
-    run = next(r for r in runs if r.name.endswith("_swft_f1.0_s0") and "step1" in r.name)
-    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    # one grid run again, by hand, from the overrides the pipeline recorded for its job: the same test numbers
+    run = next(r for r in runs if r.name.endswith("_swft_1.0_0") and "step1" in r.name)
+    from tltrain.launch.jobs import read_registry
+
+    entry = next(e for e in read_registry(out / ".tltrain_jobs.jsonl") if e["run_dir"] == str(run))
+    overrides = [o for o in entry["overrides"] if not o.startswith(("pipeline_stage=", "task="))]
     weights = yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"]
+    assert weights == str(out / "export" / "synthetic_fundus_resnet18")
     again = tmp_path / "again"
     rerun = subprocess.run([sys.executable, "-m", "tltrain.cli", "train", *overrides, f"run_dir={again}"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                                "TLTRAIN_INTERMEDIATE": str(out / "runs" / "step1_fundus_layerwise")})
+                           env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert yaml.safe_load((again / "config.yaml").read_text())["model"]["weights"] == weights
     first, second = (json.loads((d / "metrics.json").read_text())["test"] for d in (run, again))
@@ -68,5 +73,6 @@ def test_quick_demo_end_to_end(tmp_path):
     # a second demo continues: every step is found complete
     resumed = subprocess.run([sys.executable, "-m", "tltrain.cli", "demo", "--quick", "--out", "demo"], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and resumed.stdout.count("already completed") == 2, resumed.stdout[-2000:]
+    assert resumed.returncode == 0 and "package: done (recorded)" in resumed.stderr, resumed.stderr[-2000:]
+    assert "=== pipeline stage" not in resumed.stdout
     assert resumed.stdout.splitlines()[-1] == finding[0]

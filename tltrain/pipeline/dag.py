@@ -7,6 +7,7 @@ it failed says so, naming that stage.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def stage_rows(root: str | Path) -> list[dict]:
 
     root = Path(root)
     jobs = read_jobs(root)
-    rows_by_job = {str(r["job_id"]): r for r in list_jobs(root, tail=5)}
+    rows_by_job = {str(r["job_id"]): r for r in list_jobs(root, tail=40)}
     rows: list[dict] = []
     by_stage: dict[str, dict] = {}
     for entry in jobs.get("dag", []):
@@ -53,8 +54,10 @@ def _state(row: dict, submitted: dict, job_rows: list, by_stage: dict) -> tuple[
     failed_before = next((n for n in row["after"] if by_stage.get(n, {}).get("state") in BAD + ("CANCELLED",)), None)
     if submitted.get("cancelled"):
         return "CANCELLED", submitted["cancelled"]
-    states = [r["state"] for r in job_rows if r is not None]
-    bad = [r for r in job_rows if r is not None and r["state"] in BAD]
+    # a job SLURM has no word on yet (just submitted: not in the accounting yet) counts as pending
+    states = [r["state"] if r.get("slurm_state") or r["state"] == "UNREADABLE" else "PENDING"
+              for r in job_rows if r is not None]
+    bad = [r for r in job_rows if r is not None and r.get("slurm_state") and r["state"] in BAD]
     if any(s == "RUNNING" for s in states):
         return "RUNNING", f"{row['done']}/{row['tasks']} tasks done"
     if any(s in ("PENDING", "REQUEUED") for s in states):
@@ -66,8 +69,7 @@ def _state(row: dict, submitted: dict, job_rows: list, by_stage: dict) -> tuple[
         if failed_before and all(r["state"] == "CANCELLED" for r in bad):
             return "CANCELLED", f"cancelled: {failed_before} did not finish"
         first = bad[0]
-        reason = first.get("error") or next((line for line in reversed(first.get("log_tail") or []) if line.strip()),
-                                            "")
+        reason = _reason(first)
         state = "FAILED" if first["state"] in ("FAILED", "STALE", "UNREADABLE") else first["state"]
         return state, f"{len(bad)} of {row['tasks']} task(s): {safe_io.printable(reason, 400)}"
     if failed_before:
@@ -75,6 +77,20 @@ def _state(row: dict, submitted: dict, job_rows: list, by_stage: dict) -> tuple[
     if job_rows and all(r is not None and r["state"] == "COMPLETED" for r in job_rows):
         return "INCOMPLETE", "the jobs ended but left no record: run the pipeline again"
     return ("NOT SUBMITTED" if not job_rows else "UNKNOWN"), f"{row['done']}/{row['tasks']} tasks done"
+
+
+EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit)\b:?")
+
+
+def _reason(job_row: dict) -> str:
+    """Why a job failed, in one line: the run's own error, else the exception line of its log (not srun's
+    "task 0: Exited with exit code 1", which says nothing), else the log's last line."""
+    error = str(job_row.get("error") or "")
+    if error and not error.startswith("srun:"):
+        return error
+    lines = [line.strip() for line in job_row.get("log_tail") or [] if line.strip()]
+    found = next((line for line in reversed(lines) if EXCEPTION_LINE.match(line)), None)
+    return found or next((line for line in reversed(lines) if not line.startswith("srun:")), error)
 
 
 def print_dag(root: str | Path) -> list[dict]:
