@@ -40,7 +40,7 @@ test-slow: install
 # Multi-node jobs on the two-node cluster of `slurm/up.sh --nodes 2` (state dir TLTRAIN_SLURM_MN_DIR, default
 # /tmp/tltrain-slurm-mn); the tests point SLURM_CONF at it themselves and skip with a reason when it is down.
 test-multinode: install
-	$(VENV)/bin/pytest -m multinode $(PYTEST_ARGS) tests/test_slurm_multinode.py
+	$(VENV)/bin/pytest -m multinode $(PYTEST_ARGS) tests/test_slurm_multinode.py tests/test_pipeline_slurm.py
 
 slurm-up:
 	bash slurm/up.sh

@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         except TltrainError as exc:
             print_error(exc)
             return 2
+    if argv and argv[0] == "pipeline":  # its options are flags: let them come after the overrides too
+        argv = ["pipeline"] + [a for a in argv[1:] if a.startswith("--")] + [a for a in argv[1:]
+                                                                           if not a.startswith("--")]
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import MISSING
+from omegaconf.errors import OmegaConfBaseException
 
 from tltrain.errors import ConfigError
 from tltrain.launch.config import LaunchConfig
@@ -213,24 +214,51 @@ def compose_pipeline(config: str, overrides: list[str] | None = None) -> Pipelin
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from tltrain.config import CONFIG_DIR, config_error_line, register_schemas, to_typed
 
     path = Path(config).expanduser()
+    user_node = None
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"{config}: no such pipeline file")
         directory, name = str(path.resolve().parent), path.stem
+        user_node = _user_file(path)
     else:
         if not NAME.fullmatch(config) or not (Path(CONFIG_DIR) / "pipeline" / f"{config}.yaml").is_file():
             shipped = sorted(p.stem for p in (Path(CONFIG_DIR) / "pipeline").glob("*.yaml"))
             raise ConfigError(f"pipeline {config!r}: not a file (.yaml) nor a shipped pipeline ({', '.join(shipped)})")
         directory, name = str(Path(CONFIG_DIR) / "pipeline"), config
     register_schemas()
+    if user_node is not None:  # typed like the shipped ones: every key overridable, a misspelt one refused
+        from hydra.core.config_store import ConfigStore
+
+        name = "tltrain_user_pipeline"
+        ConfigStore.instance().store(name=name, node=user_node)
     try:
         with initialize_config_dir(config_dir=directory, version_base="1.3"):
             composed = hydra_compose(config_name=name, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError("pipeline: " + config_error_line(exc, PipelineConfig).replace("the run config", "the pipeline")) from None
+        raise ConfigError("pipeline: " + config_error_line(exc, PipelineConfig).replace("the run config",
+                                                                                         "the pipeline")) from None
     return to_typed(composed, PipelineConfig, where="pipeline")
+
+
+def _user_file(path: Path):
+    """A user's pipeline YAML (data: bounded, parsed without running anything) on the typed schema, or None when
+    it has a defaults list of its own (then Hydra composes it as it is)."""
+    from omegaconf import OmegaConf
+
+    from tltrain import safe_io
+    from tltrain.config import to_typed
+
+    loaded = safe_io.load_yaml(path, what="pipeline config")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a pipeline config is a mapping (name: ..., out: ..., sources: ...)")
+    if "defaults" in loaded:
+        return None
+    try:
+        return OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.create(loaded))
+    except OmegaConfBaseException as exc:
+        to_typed(OmegaConf.create(loaded), PipelineConfig, where=str(path))  # its one-line error
+        raise ConfigError(f"{path}: {exc}") from None
