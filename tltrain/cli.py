@@ -372,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         from tltrain.launch import cli_jobs, cli_submit
 
         try:
+            if argv[0] == "jobs":  # a pipeline's folder: its DAG first (tltrain.pipeline.dag)
+                from tltrain.pipeline.dag import pipeline_jobs
+
+                code = pipeline_jobs(argv[1:])
+                if code is not None:
+                    return code
             return (cli_submit if argv[0] == "submit" else cli_jobs)(argv[1:])
         except TltrainError as exc:
             print_error(exc)

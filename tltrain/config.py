@@ -40,9 +40,7 @@ def register_schemas() -> None:
     store.store(name="run_schema", node=RunConfig)
     store.store(name="prepare_schema", node=PrepareConfig)
     store.store(name="source_schema", node=SourceConfig)
-    from tltrain.pipeline.config import PipelineConfig  # configs/pipeline/*: `defaults: [pipeline_schema, _self_]`
-
-    store.store(name="pipeline_schema", node=PipelineConfig)  # configs/sources/*: each entry of `sources` typed
+  # configs/sources/*: each entry of `sources` typed
     # configs/config.yaml: with run_dir=... set, Hydra's output folder is the run_dir itself and it writes no
     # .hydra/ copy there (config.yaml is the run's own), so no stray runs/<timestamp>/ folder appears
     if not OmegaConf.has_resolver("tltrain_or"):

@@ -76,7 +76,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     from tltrain.data.synth_dme import DME_CLASSES, generate_dme_target
     from tltrain.pipeline.config import compose_pipeline
     from tltrain.pipeline.run import run_pipeline
-    from tltrain.pipeline.tasks import load_results
+    from tltrain.pipeline.state import load_results
 
     started = time.time()
     size = QUICK if quick else FULL

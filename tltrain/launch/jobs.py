@@ -500,14 +500,7 @@ def cli_jobs(argv: list[str]) -> int:
     parser.add_argument("--tail", type=int, default=20, help="log lines shown for a failed job")
     parser.add_argument("--watch", type=float, default=0, help="refresh every S seconds until all jobs ended")
     args = parser.parse_args(argv)
-    from tltrain.pipeline.run import pipeline_root
-
-    pipeline = pipeline_root(args.where) if Path(args.where).is_dir() else None
     while True:
-        if pipeline is not None and not args.json:  # a pipeline's folder: its DAG first, then its jobs
-            from tltrain.pipeline.dag import print_dag
-
-            print_dag(pipeline)
         rows = list_jobs(args.where, tail=args.tail)
         if args.json:
             for row in rows:

@@ -230,9 +230,10 @@ def compose_pipeline(config: str, overrides: list[str] | None = None) -> Pipelin
             raise ConfigError(f"pipeline {config!r}: not a file (.yaml) nor a shipped pipeline ({', '.join(shipped)})")
         directory, name = str(Path(CONFIG_DIR) / "pipeline"), config
     register_schemas()
-    if user_node is not None:  # typed like the shipped ones: every key overridable, a misspelt one refused
-        from hydra.core.config_store import ConfigStore
+    from hydra.core.config_store import ConfigStore
 
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)  # configs/pipeline/*'s defaults
+    if user_node is not None:  # typed like the shipped ones: every key overridable, a misspelt one refused
         name = "tltrain_user_pipeline"
         ConfigStore.instance().store(name=name, node=user_node)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from tltrain import safe_io
 from tltrain.errors import DataError
 from tltrain.launch.jobs import SLURM_BAD_STATES, list_jobs
-from tltrain.pipeline.tasks import read_record
+from tltrain.pipeline.state import read_jobs, read_record
 
 LIVE = ("RUNNING", "PENDING", "REQUEUED")
 BAD = ("FAILED", "CANCELLED", "STALE", "UNREADABLE") + SLURM_BAD_STATES
@@ -22,8 +22,6 @@ BAD = ("FAILED", "CANCELLED", "STALE", "UNREADABLE") + SLURM_BAD_STATES
 
 def stage_rows(root: str | Path) -> list[dict]:
     """One row per stage: stage, after, tasks, done, state, reason, job ids."""
-    from tltrain.pipeline.run import read_jobs
-
     root = Path(root)
     jobs = read_jobs(root)
     rows_by_job = {str(r["job_id"]): r for r in list_jobs(root, tail=40)}
@@ -120,3 +118,38 @@ def wait_for(root: str | Path, every: float = 10.0) -> int:
             print_dag(root)
             return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
         time.sleep(every)
+
+
+def pipeline_jobs(argv: list[str]) -> int | None:
+    """`tltrain jobs OUT` on a pipeline's folder: the DAG, then every job (tltrain.launch.jobs); None when OUT is
+    not a pipeline's folder (plain `tltrain jobs` then). The exit code is the DAG's: 0 once every stage completed
+    (a job that failed before a re-run finished its task is history, not a failure), 1 when one did not."""
+    import argparse
+    import json
+
+    from tltrain.launch.jobs import print_jobs
+    from tltrain.pipeline.state import pipeline_root
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("where", nargs="?", default=".")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--tail", type=int, default=20)
+    parser.add_argument("--watch", type=float, default=0)
+    args, _ = parser.parse_known_args(argv)
+    root = pipeline_root(args.where) if Path(args.where).is_dir() else None
+    if root is None:
+        return None
+    while True:
+        if args.json:
+            stages = stage_rows(root)
+            for row in stages:
+                print(json.dumps({"pipeline_stage": row}))
+            for row in list_jobs(root, tail=args.tail):
+                print(json.dumps(row))
+        else:
+            stages = print_dag(root)
+            print_jobs(list_jobs(root, tail=args.tail))
+        live = any(r["state"] in ("RUNNING", "PENDING") for r in stages)
+        if not args.watch or not live:
+            return 0 if all(r["state"] == "COMPLETED" for r in stages) or live else 1
+        time.sleep(args.watch)

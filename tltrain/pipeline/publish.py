@@ -18,7 +18,7 @@ from tltrain.errors import DataError
 from tltrain.export.card import front_matter, hub_results, model_card
 from tltrain.export.package_format import CARD, CHECKSUMS, package_digest, read_checksums, read_metadata
 from tltrain.export.publish import publish
-from tltrain.pipeline.tasks import load_results
+from tltrain.pipeline.state import load_results, stages_named
 
 PIPELINE_FILE = "tltrain_pipeline.json"
 CI_METRICS = (("quadratic kappa", "kappa"), ("macro AUC", "auc"), ("referable sensitivity", "sensitivity"),
@@ -86,7 +86,7 @@ def write_final_package(root: Path, name: str, export_dir: Path, out_dir: Path, 
     in SHA256SUMS, so the published digest still names these weights."""
     meta = read_metadata(export_dir)
     digest = package_digest(safe_io.read_text(export_dir / CHECKSUMS, 64 * 1024, "checksums").encode())
-    evaluations = [r for stage in _stages_named(root, "evaluate:") for r in load_results(root, stage)]
+    evaluations = [r for stage in stages_named(root, "evaluate:") for r in load_results(root, stage)]
     report = next(iter(load_results(root, "report")), None) if target else None
     figures = {}
     if report and report.get("plot"):
@@ -120,9 +120,3 @@ def write_final_package(root: Path, name: str, export_dir: Path, out_dir: Path, 
 
     publish(out_dir, True, write)
     return {"package": str(out_dir), "digest": digest, "files": sorted(listed), "figures": sorted(figures)}
-
-
-def _stages_named(root: Path, prefix: str) -> list[str]:
-    from tltrain.pipeline.run import read_jobs
-
-    return [entry["stage"] for entry in read_jobs(root).get("dag", []) if str(entry["stage"]).startswith(prefix)]

@@ -20,31 +20,15 @@ import time
 from pathlib import Path
 
 from tltrain import safe_io
-from tltrain.errors import ConfigError, DataError, TltrainError
+from tltrain.errors import ConfigError, TltrainError
 from tltrain.launch.jobs import record_job, registry_path, slurm_states
 from tltrain.launch.submit import _executor, slurm_available
 from tltrain.pipeline.config import PipelineConfig
 from tltrain.pipeline.stages import Stage, build_stages
-from tltrain.pipeline.tasks import STATE_DIR, read_record, record_path
+from tltrain.pipeline.state import read_jobs, read_record, record_path, state_dir, write_jobs
 
-JOBS_FILE = "jobs.json"
 LIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                      "REQUEUE_HOLD", "REQUEUE_FED")
-
-
-def state_dir(root: Path) -> Path:
-    return Path(root) / STATE_DIR
-
-
-def read_jobs(root: Path) -> dict:
-    path = state_dir(root) / JOBS_FILE
-    if not path.exists():
-        return {"stages": {}, "dag": []}
-    return safe_io.load_json_object(path, 16 * safe_io.MiB, "pipeline jobs file")
-
-
-def _write_jobs(root: Path, jobs: dict) -> None:
-    safe_io.atomic_write_json(state_dir(root) / JOBS_FILE, jobs)
 
 
 @contextlib.contextmanager
@@ -109,7 +93,7 @@ def run_pipeline(cfg: PipelineConfig, *, local: bool | None = None, wait: bool =
                         "fingerprints": s.fingerprints} for s in stages]
         jobs["executor"] = "local" if use_local else "slurm"
         jobs.setdefault("stages", {})
-        _write_jobs(root, jobs)
+        write_jobs(root, jobs)
         if use_local:
             code = _run_local(cfg, stages, jobs)
         else:
@@ -201,7 +185,7 @@ def _submit_slurm(cfg: PipelineConfig, stages: list[Stage], jobs: dict) -> int:
                   + (f" after {', '.join(dependency)}" if dependency else ""), file=sys.stderr, flush=True)
             jobs["stages"][stage.name] = {"executor": "slurm", "submitted": time.time(),
                                           "jobs": {str(t): j for t, j in sorted(ids.items())}}
-            _write_jobs(root, jobs)
+            write_jobs(root, jobs)
         elif ids:
             print(f"{stage.name}: {len(ids)} task(s) still queued or running from before", file=sys.stderr,
                   flush=True)
@@ -225,7 +209,7 @@ def _run_local(cfg: PipelineConfig, stages: list[Stage], jobs: dict) -> int:
             failed[stage.name] = f"cancelled: {blocked} did not finish"
             jobs["stages"][stage.name] = {"executor": "local", "cancelled": failed[stage.name],
                                           "submitted": time.time()}
-            _write_jobs(root, jobs)
+            write_jobs(root, jobs)
             continue
         done = set(done_tasks(root, stage))
         missing = [t for t in range(stage.tasks) if t not in done]
@@ -255,7 +239,7 @@ def _run_local_tasks(cfg: PipelineConfig, stage: Stage, tasks: list[int], jobs: 
             job = _submit(cfg, stage, [task], local=True, dependency=[])[task]
             running[task] = job
             entry["jobs"][str(task)] = str(job.job_id)
-            _write_jobs(root, jobs)
+            write_jobs(root, jobs)
         finished = [t for t, job in running.items() if job.done()]
         if not finished:
             time.sleep(0.5)
@@ -275,14 +259,3 @@ def _first_error_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     lines = [line for line in text if line.strip()]
     return safe_io.printable(lines[-1] if lines else type(error).__name__, 500)
-
-
-def pipeline_root(where: str | Path) -> Path | None:
-    """The pipeline folder at or above `where` (the folder holding .pipeline/jobs.json), else None."""
-    path = Path(where).resolve()
-    if (path / STATE_DIR / JOBS_FILE).is_file():
-        return path
-    return None
-
-
-__all__ = ["run_pipeline", "read_jobs", "done_tasks", "pipeline_root", "DataError"]

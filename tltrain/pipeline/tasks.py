@@ -10,46 +10,14 @@ checkpoints, and they raise unless the run completed, so SLURM marks the job FAI
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 from tltrain import safe_io
 from tltrain.errors import DataError, TltrainError
 from tltrain.launch.submit import TrainJob
+from tltrain.pipeline.state import write_record
 from tltrain.run_folder import RunFolder
-
-STATE_DIR = ".pipeline"
-RECORD_LIMIT = 4 * safe_io.MiB
-
-
-def record_path(root: str | Path, stage: str, task: int) -> Path:
-    return Path(root) / STATE_DIR / "records" / stage.replace(":", "-") / f"{task}.json"
-
-
-def write_record(root: str | Path, stage: str, task: int, fingerprint: str, result: dict) -> None:
-    """The task's record (rank 0 only), written atomically: it is what tells a re-run that this task is done."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    path = record_path(root, stage, task)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safe_io.atomic_write_json(path, {"stage": stage, "task": task, "fingerprint": fingerprint, "state": "completed",
-                                     "result": result, "finished": time.time(),
-                                     "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_JOB_ID")})
-
-
-def read_record(root: str | Path, stage: str, task: int) -> dict | None:
-    """A task's record, or None when there is none; a damaged one is a DataError naming the file."""
-    path = record_path(root, stage, task)
-    if not os.path.lexists(path):
-        return None
-    record = safe_io.load_json_object(path, RECORD_LIMIT, "pipeline record")
-    if record.get("state") != "completed" or not isinstance(record.get("fingerprint"), str):
-        raise DataError(f"{path}: not a completed task's record (state {record.get('state')!r})")
-    return record
-
 
 class StageTask:
     """One task of a stage that is not training: `action` (a name in ACTIONS) with its arguments."""
@@ -209,19 +177,3 @@ def package(root: str, name: str, export_dir: str, out_dir: str, target: str | N
 
 
 ACTIONS = {"prepare": prepare, "export": export, "evaluate": evaluate, "report": report, "package": package}
-
-
-def records_of(root: str | Path, stage: str, tasks: int) -> list[dict | None]:
-    return [read_record(root, stage, task) for task in range(tasks)]
-
-
-def load_results(root: str | Path, stage: str) -> list[dict]:
-    """The results of a stage's completed tasks, in task order (for the stages after it)."""
-    folder = record_path(root, stage, 0).parent
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in sorted(folder.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
-        if path.stem.isdigit():
-            found.append(json.loads(safe_io.read_text(path, RECORD_LIMIT, "pipeline record"))["result"])
-    return found
