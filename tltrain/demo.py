@@ -76,7 +76,7 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     from tltrain.data.synth_dme import DME_CLASSES, generate_dme_target
     from tltrain.pipeline.config import compose_pipeline
     from tltrain.pipeline.run import run_pipeline
-    from tltrain.pipeline.state import load_results
+    from tltrain.pipeline.state import load_results, stage_seconds
 
     started = time.time()
     size = QUICK if quick else FULL
@@ -111,7 +111,9 @@ def run_demo(out: Path, quick: bool = False) -> dict:
           "the card with every result)")
     print(f"load it with:  tltrain.load_pretrained('{package['package']}')  or timm "
           f"(timm.create_model('local-dir:{package['package']}', pretrained=True))")
-    print(f"report: {report['markdown']}   total {time.time() - started:.0f} s")
+    print("times: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in stage_seconds(cfg.root).items())
+          + f"; total {time.time() - started:.0f} s")
+    print(f"report: {report['markdown']}")
     layercam = (report.get("layercam") or {}).get("finding")
     if layercam:
         print(f"\nLAYERCAM: {layercam}")

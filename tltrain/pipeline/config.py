@@ -70,6 +70,7 @@ class EvaluateSpec:
 
     splits: list[str] = field(default_factory=lambda: ["test"])  # a source without any of them is an error
     batch_size: int = 32
+    device: str = "auto"  # auto: cuda where the job has a GPU, else cpu
     resamples: int = 1000  # bootstrap resamples of each interval
     resources: Resources = field(default_factory=Resources)
 
@@ -135,6 +136,8 @@ class PipelineConfig:
             raise ConfigError(f"pipeline export.which={self.export.which!r}: best or last")
         if not self.evaluate.splits:
             raise ConfigError("pipeline evaluate.splits: give at least one split (e.g. [test])")
+        if self.evaluate.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"pipeline evaluate.device={self.evaluate.device!r}: auto, cpu or cuda")
         if self.evaluate.resamples < 100:
             raise ConfigError(f"pipeline evaluate.resamples={self.evaluate.resamples} must be >= 100")
         if self.launch.nodes != 1 or self.launch.tasks_per_node != 1:

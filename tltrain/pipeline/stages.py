@@ -91,7 +91,8 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                             ("export",), cfg.stage_launch("evaluate"), [{"kind": "task", "action": "evaluate", "args": {
                                 "package": str(cfg.export_dir), "source": name, "shards": str(cfg.shards(name)),
                                 "splits": list(cfg.evaluate.splits), "out_dir": str(cfg.evaluation_dir),
-                                "batch_size": cfg.evaluate.batch_size, "resamples": cfg.evaluate.resamples}}]))
+                                "batch_size": cfg.evaluate.batch_size, "device": cfg.evaluate.device,
+                                "resamples": cfg.evaluate.resamples}}]))
     last = tuple(f"evaluate:{n}" for n in sources)
     if cfg.grid is not None:
         cells = grid_cells(cfg)

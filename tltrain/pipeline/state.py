@@ -79,3 +79,16 @@ def pipeline_root(where: str | Path) -> Path | None:
 
 def stages_named(root: str | Path, prefix: str) -> list[str]:
     return [str(e["stage"]) for e in read_jobs(root).get("dag", []) if str(e["stage"]).startswith(prefix)]
+
+
+def stage_seconds(root: str | Path) -> dict[str, float]:
+    """Per stage, seconds from its last submission to its last task's record (wall clock on the local executor;
+    on SLURM it includes the time in the queue)."""
+    jobs, seconds = read_jobs(root), {}
+    for entry in jobs.get("dag", []):
+        name = str(entry["stage"])
+        submitted = (jobs.get("stages", {}).get(name) or {}).get("submitted")
+        finished = [r.get("finished") for r in (read_record(root, name, t) for t in range(int(entry["tasks"]))) if r]
+        if isinstance(submitted, (int, float)) and finished and all(isinstance(f, (int, float)) for f in finished):
+            seconds[name] = max(finished) - submitted
+    return seconds

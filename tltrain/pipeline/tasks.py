@@ -91,7 +91,7 @@ def export(run_dir: str, out_dir: str, which: str, license: str, description: st
 
 
 def evaluate(package: str, source: str, shards: str, splits: list[str], out_dir: str, batch_size: int,
-             resamples: int) -> dict:
+             resamples: int, device: str = "auto") -> dict:
     """The package on each of `splits` that the source's shards hold: metrics, 95 % bootstrap intervals from the
     per-image predictions, and the files. A source holding none of the splits is an error naming its splits."""
     from tltrain.data.manifest import load_manifest
@@ -104,12 +104,15 @@ def evaluate(package: str, source: str, shards: str, splits: list[str], out_dir:
     if not present:
         raise DataError(f"{shards}: source {source} has none of the splits {splits} to evaluate on (its splits: "
                         f"{', '.join(available)}); set evaluate.splits")
+    import torch
+
     threshold = read_metadata(package).get("referable_threshold", REFERABLE_GRADE)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     results = {}
     for split in present:
         out = Path(out_dir) / f"{source}_{split}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_package(package, shards, split=split, batch_size=batch_size, out=out)
+        metrics = evaluate_package(package, shards, split=split, batch_size=batch_size, device=device, out=out)
         _, labels, probs = read_predictions_csv(metrics["predictions"])
         results[split] = {"count": metrics["count"], "metrics": _numbers(metrics), "file": str(out),
                           "ci": bootstrap_ci(probs, labels, threshold, resamples=resamples, seed=0),
