@@ -174,12 +174,15 @@ def test_evaluate_gives_test_metrics_per_source_of_the_three_downloads(combined,
     official and carved test splits of EyePACS + APTOS 2019 + Messidor-2 prepared as one dataset."""
     manifest, out = combined
     assert cli_main(["export", str(trained_run), str(tmp_path / "pkg")]) in (0, None)
-    assert cli_main(["evaluate", str(tmp_path / "pkg"), str(out), "--out", str(tmp_path / "eval.json")]) in (0, None)
+    assert cli_main(["evaluate", str(tmp_path / "pkg"), str(out), "--out", str(tmp_path / "eval.json"),
+                     "--resamples", "200"]) in (0, None)
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     per_source = evaluation["per_source"]
     assert list(per_source) == sorted(SOURCES)
     for name in SOURCES:
         assert per_source[name]["count"] == manifest["splits"]["test"]["sources"][name]
+        ci = per_source[name]["ci"]  # each source's own 95 % interval (the pipeline's card shows them)
+        assert ci["resamples"] == 200 and ci["auc"]["low"] <= per_source[name]["auc"] <= ci["auc"]["high"]
     assert evaluation["count"] == manifest["splits"]["test"]["count"]
     printed = capsys.readouterr().out
     assert "per source:" in printed and all(name in printed for name in SOURCES)

@@ -101,7 +101,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     out = args.out or str(default_evaluation_path(args.checkpoint, args.shards, args.split))  # not in the package
     metrics = evaluate(args.checkpoint, args.shards, split=args.split, batch_size=args.batch_size,
-                       device=args.device, out=out, backend=args.backend, digest=args.digest)
+                       device=args.device, out=out, backend=args.backend, digest=args.digest,
+                       resamples=args.resamples)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion", "per_source")}, indent=2,
                      default=str))
     print("confusion (rows: true, columns: predicted):")
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON file (default: <shards>/evaluation_<split>_<package name>.json, "
                    "never inside the package); per-image predictions go beside it as <name>_predictions.csv")
     p.add_argument("--digest", default=None, help="the package digest its publisher announced; refused if different")
+    p.add_argument("--resamples", type=_non_negative_int, default=0,
+                   help="bootstrap resamples for 95 %% intervals of the split and of each source (0: none)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="grade probabilities for every image in a folder, as CSV")

@@ -14,7 +14,8 @@ from tltrain.errors import DataError
 from tltrain.export.load import Preprocessing, class_probabilities, load_pretrained
 from tltrain.export.package_format import read_metadata
 from tltrain.contracts import sample_sources
-from tltrain.metrics import REFERABLE_GRADE, compute_metrics, per_source_metrics, write_predictions_csv
+from tltrain.metrics import (REFERABLE_GRADE, bootstrap_ci, compute_metrics, per_source_metrics,
+                             write_predictions_csv)
 
 
 def evaluation_loader(pre: Preprocessing, shards, split: str = "test", batch_size: int = 32, device: str = "cpu",
@@ -29,11 +30,12 @@ def evaluation_loader(pre: Preprocessing, shards, split: str = "test", batch_siz
 
 def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch_size: int = 32,
              device: str = "cpu", out: str | Path | None = None, backend: str = "torch",
-             digest: str | None = None) -> dict:
+             digest: str | None = None, resamples: int = 0) -> dict:
     """Metrics of a package on a prepared split, with the package's own preprocessing.
 
     With `out` (a JSON file) the per-image predictions go beside it: <out stem>_predictions.csv with key, label,
-    predicted class and the class probabilities."""
+    predicted class and the class probabilities. With resamples > 0, 95 % stratified-bootstrap intervals
+    (metrics.bootstrap_ci, seed 0) of the whole split ("ci") and of each source's part (per_source.<name>.ci)."""
     model, pre = load_pretrained(package, device, digest=digest)
     meta = read_metadata(package)
     loader = evaluation_loader(pre, shards, split, batch_size, device, backend)
@@ -52,8 +54,15 @@ def evaluate(package: str | Path, shards: str | Path, split: str = "test", batch
                         f"{shards}`")
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     metrics = compute_metrics(probs, labels, threshold)
+    if resamples:
+        metrics["ci"] = bootstrap_ci(probs, labels, threshold, resamples=resamples, seed=0)
     if sample_sources(loader):  # a dataset of several sources: each one's metrics beside the pooled ones
         metrics["per_source"] = per_source_metrics(probs, labels, keys, sample_sources(loader), threshold)
+        if resamples:
+            names = np.array([sample_sources(loader).get(key, "unknown") for key in keys])
+            for name, part in metrics["per_source"].items():
+                part["ci"] = bootstrap_ci(probs[names == name], labels[names == name], threshold,
+                                          resamples=resamples, seed=0)
     metrics.update({"package": str(package), "package_digest": model.tltrain_package_digest,
                     "shards": str(shards), "split": split})
     if out:

@@ -27,10 +27,20 @@ CI_METRICS = (("quadratic kappa", "kappa"), ("macro AUC", "auc"), ("referable se
 
 def _ci_cell(split: dict, key: str) -> str:
     entry = (split.get("ci") or {}).get(key)
-    if entry:
+    if entry and entry["value"] == entry["value"]:  # (NaN: undefined on this part, e.g. one class only)
         return f"{entry['value']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})"
     value = (split.get("metrics") or {}).get(key)
-    return "-" if not isinstance(value, (int, float)) else f"{value:.3f}"
+    return "-" if not isinstance(value, (int, float)) or value != value else f"{value:.3f}"
+
+
+def _parts(evaluations: list[dict]):
+    """(source name, split, part) of every evaluated split, then of each source inside a folder of several
+    (named folder/source)."""
+    for entry in evaluations:
+        for split, part in entry["splits"].items():
+            yield entry["source"], split, part
+            for inner, inner_part in (part.get("per_source") or {}).items():
+                yield f"{entry['source']}/{inner}", split, inner_part
 
 
 def evaluation_section(evaluations: list[dict]) -> str:
@@ -38,12 +48,11 @@ def evaluation_section(evaluations: list[dict]) -> str:
     rows, shown = [], [(label, key) for label, key in CI_METRICS
                        if any(key in (s.get("ci") or {}) or key in (s.get("metrics") or {})
                               for e in evaluations for s in e["splits"].values())]
-    for entry in evaluations:
-        for split, part in entry["splits"].items():
-            cells = " | ".join(_ci_cell(part, key) for _, key in shown)
-            accuracy = (part.get("metrics") or {}).get("accuracy")
-            rows.append(f"| {safe_io.markdown_cell(entry['source'], 60)} | {safe_io.markdown_cell(split, 40)} | "
-                        f"{part['count']} | {cells} | {'-' if accuracy is None else f'{accuracy:.3f}'} |")
+    for entry, split, part in _parts(evaluations):
+        cells = " | ".join(_ci_cell(part, key) for _, key in shown)
+        accuracy = (part.get("metrics") or {}).get("accuracy")
+        rows.append(f"| {safe_io.markdown_cell(entry, 60)} | {safe_io.markdown_cell(split, 40)} | "
+                    f"{part['count']} | {cells} | {'-' if accuracy is None else f'{accuracy:.3f}'} |")
     method = next((s["ci"].get("method") for e in evaluations for s in e["splits"].values() if s.get("ci")), None)
     header = "| source | split | images | " + " | ".join(label for label, _ in shown) + " | accuracy |"
     return "\n".join(["## Test metrics per source", "",
@@ -93,8 +102,8 @@ def write_final_package(root: Path, name: str, export_dir: Path, out_dir: Path, 
         figures["transfer.png"] = Path(report["plot"])
     for figure in ((report or {}).get("layercam") or {}).get("figures", []):
         figures[Path(figure).name] = Path(figure)
-    results = [hub_results(e["source"], split, part.get("metrics") or {}, part.get("ci") or {})
-               for e in evaluations for split, part in e["splits"].items()]
+    results = [hub_results(name, split, part.get("metrics") or {}, part.get("ci") or {})
+               for name, split, part in _parts(evaluations)]
     sections = evaluation_section(evaluations) if evaluations else ""
     if report:
         sections += "\n" + transfer_section(report, target or "target")

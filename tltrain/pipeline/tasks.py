@@ -94,29 +94,28 @@ def evaluate(package: str, source: str, shards: str, splits: list[str], out_dir:
              resamples: int, device: str = "auto") -> dict:
     """The package on each of `splits` that the source's shards hold: metrics, 95 % bootstrap intervals from the
     per-image predictions, and the files. A source holding none of the splits is an error naming its splits."""
+    import torch
+
     from tltrain.data.manifest import load_manifest
     from tltrain.export.evaluation import evaluate as evaluate_package
-    from tltrain.export.package_format import read_metadata
-    from tltrain.metrics import REFERABLE_GRADE, bootstrap_ci, read_predictions_csv
 
     available = list(load_manifest(shards).splits)
     present = [s for s in splits if s in available]
     if not present:
         raise DataError(f"{shards}: source {source} has none of the splits {splits} to evaluate on (its splits: "
                         f"{', '.join(available)}); set evaluate.splits")
-    import torch
-
-    threshold = read_metadata(package).get("referable_threshold", REFERABLE_GRADE)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     results = {}
     for split in present:
         out = Path(out_dir) / f"{source}_{split}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_package(package, shards, split=split, batch_size=batch_size, device=device, out=out)
-        _, labels, probs = read_predictions_csv(metrics["predictions"])
+        metrics = evaluate_package(package, shards, split=split, batch_size=batch_size, device=device, out=out,
+                                   resamples=resamples)
+        # a folder of several sources (a multi-source prepare): each one's metrics and intervals too
         results[split] = {"count": metrics["count"], "metrics": _numbers(metrics), "file": str(out),
-                          "ci": bootstrap_ci(probs, labels, threshold, resamples=resamples, seed=0),
-                          "per_source": metrics.get("per_source") or {}}
+                          "ci": metrics["ci"], "per_source": {
+                              name: {"count": part["count"], "metrics": _numbers(part), "ci": part.get("ci") or {}}
+                              for name, part in (metrics.get("per_source") or {}).items()}}
     return {"source": source, "splits": results, "absent": [s for s in splits if s not in available]}
 
 
