@@ -232,12 +232,12 @@ KILLED_EXPORT = """
 import os, signal, sys
 import tltrain.export.package as export
 
-write = export._write_file
+write = export.write_new_file
 def dying(path, data):
     if path.name == "README.md":  # weights and metadata written: the worst moment
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, data)
-export._write_file = dying
+export.write_new_file = dying
 export.export_run(sys.argv[1], sys.argv[2], resamples=10, force=True)
 """
 

@@ -39,8 +39,7 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(name="prepare_schema", node=PrepareConfig)
-    store.store(name="source_schema", node=SourceConfig)
-  # configs/sources/*: each entry of `sources` typed
+    store.store(name="source_schema", node=SourceConfig)  # configs/sources/*: each entry of `sources` typed
     # configs/config.yaml: with run_dir=... set, Hydra's output folder is the run_dir itself and it writes no
     # .hydra/ copy there (config.yaml is the run's own), so no stray runs/<timestamp>/ folder appears
     if not OmegaConf.has_resolver("tltrain_or"):

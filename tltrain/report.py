@@ -533,7 +533,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         md += ["## Per source", "", "Each run's metrics on the samples of each source of its split "
                "(per_source.csv).", "", markdown_table(by_source, source_columns), ""]
     md += _not_completed_lines(rows)
-    finding, comparisons = _thtl_section(rows)
+    finding, comparisons, compared = _thtl_section(rows)
     if comparisons:
         md += ["## Two-step transfer: comparisons", "",
                "Difference of the mean test metric of configurations a and b over their seeds, with the 95 % Welch "
@@ -558,15 +558,17 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         "rows": rows,
         "summary": summary,
         "finding": finding,
+        "comparisons": compared,  # tltrain.finding.Comparison, kappa then AUC
         "unreadable": unreadable,
         "counts": counts,
     }
 
 
-def _thtl_section(rows: list[dict]) -> tuple[str | None, str]:
-    """The finding sentence and the comparisons table (kappa, then AUC) of a THTL-shaped sweep, else (None, "")."""
+def _thtl_section(rows: list[dict]) -> tuple[str | None, str, list]:
+    """The finding sentence, the comparisons table (kappa, then AUC) and the comparisons themselves of a
+    THTL-shaped sweep, else (None, "", [])."""
     from tltrain.finding import comparisons_markdown, finding_sentence, thtl_comparisons
 
     by_metric = {metric: thtl_comparisons(rows, metric) for metric in ("kappa", "auc")}
     table = [c for metric in by_metric for c in by_metric[metric]]
-    return finding_sentence(by_metric["kappa"]), comparisons_markdown(table) if table else ""
+    return finding_sentence(by_metric["kappa"]), comparisons_markdown(table) if table else "", table

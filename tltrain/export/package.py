@@ -21,7 +21,7 @@ from tltrain.data.shard_set import load_shard_set
 from tltrain.explain.card_maps import MAPS_FILE
 from tltrain.errors import ConfigError, DataError
 from tltrain.export.card import model_card
-from tltrain.export.publish import check_target, publish
+from tltrain.export.publish import check_target, publish, write_new_file
 from tltrain.export.package_format import (CARD, CHECKSUMS, FORMAT, METADATA, TIMM_CONFIG, WEIGHTS, input_size_args,
                                    package_digest, read_checksums, validate_metadata)
 from tltrain.preprocess import FILTER_VERSION
@@ -290,14 +290,6 @@ def _training_data(config: dict, manifest: dict, shard_dirs: list[Path]) -> dict
 
 
 # -- the package's files, written into publish's temporary folder ------------------------------------------------
-def _write_file(path: Path, data: bytes) -> None:
-    """One file of a fresh temporary package folder (ours alone: no link to follow), flushed to disk."""
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _write_package(folder: Path, state: dict, metadata: dict, model, name: str, maps: bytes | None = None) -> str:
     """The package's files, in an order that lets each describe the ones before it; returns the digest."""
     from safetensors.torch import save_file
@@ -306,11 +298,11 @@ def _write_package(folder: Path, state: dict, metadata: dict, model, name: str, 
     # one metadata key only: safetensors keeps metadata in a hash map, whose order differs between processes
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights_path), metadata={"format": "pt"})
     metadata["weights"] = {"file": WEIGHTS, "sha256": sha256_file(weights_path), "bytes": weights_path.stat().st_size}
-    _write_file(folder / METADATA, (json.dumps(metadata, indent=1, default=str) + "\n").encode())
-    _write_file(folder / TIMM_CONFIG, (json.dumps(timm_config(model, metadata), indent=1) + "\n").encode())
+    write_new_file(folder / METADATA, (json.dumps(metadata, indent=1, default=str) + "\n").encode())
+    write_new_file(folder / TIMM_CONFIG, (json.dumps(timm_config(model, metadata), indent=1) + "\n").encode())
     if maps:
-        _write_file(folder / MAPS_FILE, maps)  # the card's picture: nothing loads it, so not in SHA256SUMS
-    _write_file(folder / CARD, model_card(metadata, Path(name)).encode())  # the folder's name: no local path
+        write_new_file(folder / MAPS_FILE, maps)  # the card's picture: nothing loads it, so not in SHA256SUMS
+    write_new_file(folder / CARD, model_card(metadata, Path(name)).encode())  # the folder's name: no local path
     return write_checksums(folder, [WEIGHTS, METADATA, TIMM_CONFIG])
 
 

@@ -66,6 +66,24 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """One file of publish's fresh temporary folder (created here: O_EXCL, so nothing there is followed or
+    overwritten), flushed to disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def copy_new_file(source: Path, path: Path, what: str = "file") -> None:
+    """Copy a regular file (read with safe_io.open_regular: no FIFO, device or link at its name is followed) into
+    publish's fresh temporary folder, streamed (weights can be large)."""
+    with safe_io.open_regular(source, what, follow_links=False) as reader, open(path, "xb") as handle:
+        shutil.copyfileobj(reader, handle, 1 << 20)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def publish(target: Path, force: bool, write) -> str:
     """Run write(folder) on a new temporary folder beside `target`, then rename it into place; returns the digest.
 

@@ -8,6 +8,7 @@ it failed says so, naming that stage.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -104,8 +105,6 @@ def print_dag(root: str | Path) -> list[dict]:
         table.add_row(Text(row["stage"]), Text(", ".join(row["after"]) or "-"), f"{row['done']}/{row['tasks']}",
                       Text(", ".join(jobs[:3]) + (" ..." if len(jobs) > 3 else "")),
                       Text(row["state"], style=colours.get(row["state"], "white")), Text(row["reason"]))
-    import sys
-
     Console(width=None if sys.stdout.isatty() else 180).print(table)
     return rows
 

@@ -10,14 +10,12 @@ LayerCAM figures. Nothing is uploaded: README.md (project) says how.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from tltrain import safe_io
-from tltrain.errors import DataError
 from tltrain.export.card import front_matter, hub_results, model_card
-from tltrain.export.package_format import CARD, CHECKSUMS, package_digest, read_checksums, read_metadata
-from tltrain.export.publish import publish
+from tltrain.export.package_format import CARD, open_package
+from tltrain.export.publish import copy_new_file, publish, write_new_file
 from tltrain.pipeline.state import load_results, stages_named
 
 PIPELINE_FILE = "tltrain_pipeline.json"
@@ -93,8 +91,7 @@ def write_final_package(root: Path, name: str, export_dir: Path, out_dir: Path, 
     """Copy the export, add the figures, the pipeline record and the full card; publish it at out_dir (a temporary
     folder renamed into place). The package's files and digest are the export's: README.md and the figures are not
     in SHA256SUMS, so the published digest still names these weights."""
-    meta = read_metadata(export_dir)
-    digest = package_digest(safe_io.read_text(export_dir / CHECKSUMS, 64 * 1024, "checksums").encode())
+    meta, _, digest = open_package(export_dir)  # verified (checksums, weights) before anything is copied
     evaluations = [r for stage in stages_named(root, "evaluate:") for r in load_results(root, stage)]
     report = next(iter(load_results(root, "report")), None) if target else None
     figures = {}
@@ -111,21 +108,16 @@ def write_final_package(root: Path, name: str, export_dir: Path, out_dir: Path, 
     header = front_matter(meta, results, datasets=datasets, tags=("intermediate-domain",))
     record = {"name": name, "package_digest": digest, "evaluations": evaluations, "transfer": report,
               "export": str(export_dir)}
-    listed = {n for _, n in read_checksums(export_dir)}
 
     def write(folder: Path) -> str:
         for path in sorted(export_dir.iterdir()):
-            if path.name == CARD:
-                continue
-            if path.is_symlink() or not path.is_file():
-                raise DataError(f"{path}: not a regular file in the exported package; refused")
-            shutil.copyfile(path, folder / path.name)
+            if path.name != CARD:
+                copy_new_file(path, folder / path.name, "file of the exported package")
         for target_name, source in figures.items():
-            with safe_io.open_regular(source, "figure") as handle:
-                (folder / target_name).write_bytes(handle.read(64 * safe_io.MiB))
-        (folder / PIPELINE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-        (folder / CARD).write_text(model_card(meta, Path(name), header=header, sections=sections))
+            copy_new_file(source, folder / target_name, "figure")
+        write_new_file(folder / PIPELINE_FILE, (json.dumps(record, indent=1, default=str) + "\n").encode())
+        write_new_file(folder / CARD, model_card(meta, Path(name), header=header, sections=sections).encode())
         return digest
 
     publish(out_dir, True, write)
-    return {"package": str(out_dir), "digest": digest, "files": sorted(listed), "figures": sorted(figures)}
+    return {"package": str(out_dir), "digest": digest, "figures": sorted(figures)}

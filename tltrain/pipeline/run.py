@@ -64,9 +64,9 @@ def done_tasks(root: Path, stage: Stage) -> list[int]:
     return done
 
 
-def _live_jobs(previous: dict, local: bool) -> dict[int, str]:
+def _live_jobs(previous: dict) -> dict[int, str]:
     """task -> job id of the stage's jobs from an earlier submission that SLURM still runs or queues."""
-    if local or previous.get("executor") != "slurm":
+    if previous.get("executor") != "slurm":
         return {}
     by_task = {int(t): str(j) for t, j in (previous.get("jobs") or {}).items()}
     states = slurm_states(sorted(set(by_task.values())))
@@ -118,13 +118,12 @@ def _check_stage_configs(cfg: PipelineConfig, stages: list[Stage]) -> None:
         except ConfigError as exc:
             raise ConfigError(f"pipeline {'target' if name == 'target' else 'sources.' + name}.prepare: {exc}") \
                 from None
-    for stage in stages:
-        for spec in stage.specs[:1]:
-            if spec["kind"] == "train":
-                try:
-                    compose("config", [o for o in spec["overrides"]])
-                except ConfigError as exc:
-                    raise ConfigError(f"pipeline {'train' if stage.name == 'train' else 'grid'}: {exc}") from None
+    for stage in stages:  # one run of each training stage: the grid's runs differ only in the swept values
+        if stage.specs[0]["kind"] == "train":
+            try:
+                compose("config", stage.specs[0]["overrides"])
+            except ConfigError as exc:
+                raise ConfigError(f"pipeline {'train' if stage.name == 'train' else 'grid'}: {exc}") from None
 
 
 def _submit(cfg: PipelineConfig, stage: Stage, tasks: list[int], local: bool, dependency: list[str]) -> dict[int, str]:
@@ -174,7 +173,7 @@ def _submit_slurm(cfg: PipelineConfig, stages: list[Stage], jobs: dict) -> int:
     for stage in stages:
         done = set(done_tasks(root, stage))
         previous = jobs["stages"].get(stage.name, {})
-        live = _live_jobs(previous, local=False)
+        live = _live_jobs(previous)
         missing = [t for t in range(stage.tasks) if t not in done and t not in live]
         dependency = sorted({j for name in stage.after for j in waiting_on.get(name, [])})
         ids = {t: j for t, j in live.items() if t not in done}

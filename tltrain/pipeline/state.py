@@ -2,7 +2,6 @@
 jobs the last `tltrain pipeline` submitted per stage, with the DAG it submitted them for (jobs.json)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -45,11 +44,8 @@ def load_results(root: str | Path, stage: str) -> list[dict]:
     folder = record_path(root, stage, 0).parent
     if not folder.is_dir():
         return []
-    found = []
-    for path in sorted(folder.glob("*.json"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
-        if path.stem.isdigit():
-            found.append(json.loads(safe_io.read_text(path, RECORD_LIMIT, "pipeline record"))["result"])
-    return found
+    tasks = sorted(int(path.stem) for path in folder.glob("*.json") if path.stem.isdigit())
+    return [read_record(root, stage, task)["result"] for task in tasks]
 
 
 JOBS_FILE = "jobs.json"

@@ -19,6 +19,7 @@ from tltrain.launch.submit import TrainJob
 from tltrain.pipeline.state import write_record
 from tltrain.run_folder import RunFolder
 
+
 class StageTask:
     """One task of a stage that is not training: `action` (a name in ACTIONS) with its arguments."""
 
@@ -122,14 +123,12 @@ def evaluate(package: str, source: str, shards: str, splits: list[str], out_dir:
 def report(grid_dir: str, target_shards: str, lesions: str | None, out_dir: str) -> dict:
     """The grid's report (table, plot, comparisons and finding) and, where the target's lesions are known, how
     far each network's LayerCAM maps point at them."""
-    from tltrain.finding import thtl_comparisons
     from tltrain.report import write_report
 
     written = write_report(grid_dir, out_dir)
     result = {"markdown": written["markdown"], "plot": written["plot"], "finding": written["finding"],
               "counts": written["counts"], "unreadable": written["unreadable"],
-              "comparisons": [_comparison(c) for metric in ("kappa", "auc")
-                              for c in thtl_comparisons(written["rows"], metric)]}
+              "comparisons": [_comparison(c) for c in written["comparisons"]]}
     if lesions:
         result["layercam"] = lesion_analysis(Path(grid_dir), Path(target_shards), Path(lesions),
                                              Path(written["markdown"]))
