@@ -52,6 +52,7 @@ setup(
         "scipy",
         "grad-cam>=1.5,<1.6",  # tltrain explain: LayerCAM's per-layer maps (pytorch_grad_cam; fusion is ours)
         "opencv-python-headless",  # the CPU Gaussian blur of the preprocessing (tltrain.preprocess.gaussian_blur)
+        "numba",  # the fused CPU kernels of the preprocessing (tltrain/preprocess_cpu.py)
     ],
     extras_require={
         # DALI is published per CUDA major version; the default build is CUDA 13 (its CPU ops run anywhere).

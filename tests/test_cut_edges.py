@@ -125,8 +125,9 @@ def _definition(shards) -> dict:
     return out
 
 
-@pytest.mark.parametrize("backend,filter_kernel", [("torch", "auto"), ("dali", "auto"), ("dali", "torch")],
-                         ids=["torch", "dali_cpu", "dali_then_torch_filter"])
+@pytest.mark.parametrize("backend,filter_kernel", [("torch", "auto"), ("dali", "auto"), ("dali", "dali"),
+                                                   ("dali", "torch")],
+                         ids=["torch", "dali_cpu", "dali_cpu_own_filter", "dali_then_torch_filter"])
 def test_backends_within_bound_of_float64_definition_on_cut_photos(cut_shards, backend, filter_kernel):
     want = _definition(cut_shards)
     cfg = LoaderConfig(backend=backend, batch_size=8, size=SIZE, workers=1, draft_decode=False,
@@ -144,8 +145,9 @@ def test_backends_within_bound_of_float64_definition_on_cut_photos(cut_shards, b
         (diffs.mean().item(), diffs.quantile(0.99).item())
 
 
-@pytest.mark.parametrize("backend,filter_kernel", [("torch", "auto"), ("dali", "auto"), ("dali", "torch")],
-                         ids=["torch", "dali_cpu", "dali_then_torch_filter"])
+@pytest.mark.parametrize("backend,filter_kernel", [("torch", "auto"), ("dali", "auto"), ("dali", "dali"),
+                                                   ("dali", "torch")],
+                         ids=["torch", "dali_cpu", "dali_cpu_own_filter", "dali_then_torch_filter"])
 def test_training_batches_of_cut_photos(cut_shards, backend, filter_kernel):
     """Training (flips, jitter, rotation after the filter) on cut photos: finite, and the far corners (outside
     the disc, filled by the rotation) are the offset grey."""

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     ("base", ["tltrain.errors", "tltrain.safe_io", "tltrain.safe_load", "tltrain.timm_names", "tltrain.run_folder",
               "tltrain.contracts", "tltrain.checks"]),
-    ("definitions", ["tltrain.preprocess_config", "tltrain.preprocess", "tltrain.metrics", "tltrain.stats",
-                     "tltrain.kernels"]),
+    ("definitions", ["tltrain.preprocess_config", "tltrain.preprocess", "tltrain.preprocess_cpu", "tltrain.metrics",
+                     "tltrain.stats", "tltrain.kernels"]),
     ("engine", ["tltrain.engine"]),
     ("data", ["tltrain.data"]),
     ("models", ["tltrain.models", "tltrain.transfer", "tltrain.export.load", "tltrain.export.package_format"]),

@@ -8,8 +8,9 @@ the same batch count, training drops the last partial batch (LastBatchPolicy.DRO
 batches on every rank (tests/test_rank_split.py checks both backends at world sizes 2, 3 and 4). Training rebuilds
 the pipeline per epoch (set_epoch), seeded from (seed, epoch, rank), with ranks rotating over the parts, so an
 epoch's order and augmentation do not depend on whether the run was resumed (DALI's own reshuffling continues from
-its state and cannot be positioned). filter_kernel=triton/torch: DALI stops after decode + crop + resize and the
-filter runs on the torch batch (the Triton kernel on CUDA, the torch reference on the CPU).
+its state and cannot be positioned). filter_kernel=triton/torch, and auto on the CPU: DALI stops after decode + crop +
+resize and the filter runs on the torch batch (the Triton kernel on CUDA, the fused CPU kernel of
+tltrain.preprocess_cpu on the CPU); filter_kernel=dali keeps DALI's own filter on the CPU too.
 Labels come from the `.lbl` member (int32), the same member the torch backend reads.
 Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says
 (DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
@@ -219,7 +220,10 @@ class DaliLoader:
                                 f"{cfg.batch_size} on each of {world_size} ranks; lower loader.batch_size")
         else:
             self.n_batches = max(1, math.ceil(max(counts) / cfg.batch_size))
-        self.filter_in_dali = cfg.filter_kernel in ("auto", "dali") or not cfg.preprocess.filter_on
+        # auto: DALI's own filter on a GPU; on the CPU the fused kernel of tltrain.preprocess_cpu on DALI's crops
+        # (DALI's CPU blur and arithmetic ran at a fifth of its speed: benchmarks/RESULTS.md)
+        self.filter_in_dali = not cfg.preprocess.filter_on or cfg.filter_kernel == "dali" or \
+            (cfg.filter_kernel == "auto" and gpu)
         all_tars = [str(Path(shard_dir) / s["tar"]) for s in shards]
         self.shard_names = [s["tar"] for s in shards]
         self.seed, self.epoch, self._started = seed, 0, False

@@ -22,6 +22,7 @@ sample never shifts labels and both backends see the same label.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import random
@@ -33,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tltrain import preprocess as P
+from tltrain import preprocess_cpu
 from tltrain.data.decode import decode_image, open_image, warn_draft_decode
 from tltrain.data.disc import locate_disc
 from tltrain.data.loaders.batch import Batch
@@ -44,6 +46,7 @@ from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def decode_fundus(data: bytes, disc, work_size: int, draft: bool, name: str = "image") -> tuple[torch.Tensor, tuple]:
@@ -177,7 +180,7 @@ class _RankStream(IterableDataset):
             shift = tuple(rng.uniform(-(1 - scale), 1 - scale, size=2))
             h, w = image.shape[:2]
             x0, y0, side = P.disc_box(disc, w, h, pre.crop_to_disc, scale, shift)
-            crop = P.resize_square(P.crop_square(image, x0, y0, side), self.work_size)
+            crop = P.crop_resize_box(image, x0, y0, side, self.work_size)
             valid = P.square_valid(x0, y0, side, w, h, self.work_size)
             return *augment_crop(crop, valid, self.cfg.augment, rng), label, key, None
         crop, valid = P.crop_resize(image, disc, self.work_size, pre)
@@ -189,13 +192,33 @@ class _RankStream(IterableDataset):
         crops = torch.stack([r[0] for r in good]) if good else torch.zeros((0, 3, n, n), dtype=torch.uint8)
         valid = torch.stack([r[1] for r in good]) if good else torch.zeros((0, 2, n))
         angles = torch.tensor([r[2] for r in good], dtype=torch.float32)
-        if self.finish_in_worker:
+        if self.finish_in_worker and self.train:  # the rotation follows the filter: normalised here
             crops = finish_batch(crops, self.cfg.preprocess, size=self.cfg.size, dtype=self.cfg.dtype,
                                  channels_last=self.cfg.channels_last, filter_kernel="torch", valid=valid,
                                  angles=angles)
+        elif self.finish_in_worker:  # filtered grey levels, uint8 where exact: normalised by the loader (_to_batch)
+            crops = P.grey_levels(crops, self.cfg.preprocess, self.cfg.size, valid)
         return {"images": crops, "valid": valid, "angles": angles,
                 "labels": torch.tensor([r[3] for r in good], dtype=torch.int64),
                 "keys": [r[4] for r in good], "errors": [r[5] for r in rows if r[5]]}
+
+
+def keep_freed_memory(_worker_id: int = 0) -> None:
+    """A DataLoader worker allocates and frees the same large buffers for every image (a 5 MP photo is 15 MB of
+    pixels): by default glibc hands each back to the kernel and the next one is faulted in again page by page,
+    ~6 ms of a 24 ms decode (measured, benchmarks/RESULTS.md). Raising its mmap and trim thresholds keeps freed
+    memory in the worker for the next image. Only in the loader's own worker processes; a no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without copying a lone part (the usual case: the workers' batches are loader batches)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class TorchWdsLoader:
@@ -257,12 +280,15 @@ class TorchWdsLoader:
         if not self.urls:
             return iter(())
         stream = _RankStream(self, self.urls, self.keep, finish_in_worker=not self._finish_on_device)
+        if workers:
+            preprocess_cpu.warm()  # compiled here, inherited by the forked workers (not loaded again in each)
         # A generator of its own: the workers' base seed comes from (seed, epoch, rank), and starting an iterator
         # never draws from the global torch RNG (which a resumed run restores from its checkpoint).
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0xD1))
         return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
                                pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
-                               prefetch_factor=self.cfg.prefetch_factor if workers else None))
+                               prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                               worker_init_fn=keep_freed_memory if workers else None))
 
     def _rebatch(self, source):
         """The workers' partial batches re-cut into chunks of exactly batch_size rows (the last one may be short):
@@ -279,12 +305,13 @@ class TorchWdsLoader:
                 parts[name].append(item[name])
             keys += item["keys"]
             while len(keys) >= size:
-                whole = {name: torch.cat(values) for name, values in parts.items()}
+                whole = {name: _joined(values) for name, values in parts.items()}
                 yield whole["images"][:size], whole["labels"][:size], keys[:size], whole["valid"][:size], \
                     whole["angles"][:size]
-                parts, keys = {name: [value[size:]] for name, value in whole.items()}, keys[size:]
+                keys = keys[size:]  # what is left of the last part, if anything (no empty part: no copy)
+                parts = {name: [value[size:]] if keys else [] for name, value in whole.items()}
         if keys:
-            whole = {name: torch.cat(values) for name, values in parts.items()}
+            whole = {name: _joined(values) for name, values in parts.items()}
             yield whole["images"], whole["labels"], keys, whole["valid"], whole["angles"]
 
     def _to_batch(self, chunk) -> Batch:
@@ -296,7 +323,9 @@ class TorchWdsLoader:
         else:
             images, labels, keys, valid, angles = chunk
             images = images.to(self.device, non_blocking=True)
-            if self._finish_on_device:
+            if not self._finish_on_device and not self.train:
+                images = P.normalise(images, self.cfg.preprocess, self.cfg.dtype, self.cfg.channels_last)
+            elif self._finish_on_device:
                 images = finish_batch(images, self.cfg.preprocess, size=self.cfg.size, dtype=self.cfg.dtype,
                                       channels_last=self.cfg.channels_last, filter_kernel=self.cfg.filter_kernel,
                                       valid=valid, angles=angles)
