@@ -18,6 +18,7 @@ rm -rf .whl /tmp/tltrain-dali-wheels && mkdir -p .whl /tmp/tltrain-dali-wheels
 small=(webdataset braceexpand hydra-core omegaconf submitit hydra-submitit-launcher cloudpickle hjson ninja msgpack
        py-cpuinfo psutil pydantic pydantic_core annotated-types typing-inspection einops astunparse gast makefun
        nvtx optree libcst
+       numba llvmlite  # the CPU kernels (tltrain/preprocess_cpu.py; llvmlite ~45 MB; without them the torch code runs)
        typing_extensions)  # pydantic_core 2.50 imports typing_extensions.Sentinel (4.14+); the image's may be older
 for name in "${small[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: "${platforms[@]}" -d .whl "$(pin "$name")"
