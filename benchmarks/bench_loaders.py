@@ -121,11 +121,19 @@ def stage_profile(refs, size: int) -> dict:
     image = torch.from_numpy(pixels)
     x0, y0, side = P.disc_box(disc, image.shape[1], image.shape[0])
     square = P.crop_square(image, x0, y0, side)
-    crop = P.resize_square(square, size)
-    out = {"decode (PIL, tltrain.data.decode)": _ms(lambda: decode_rgb(data)),
-           "torch: crop disc square": _ms(lambda: P.crop_square(image, x0, y0, side)),
-           "torch: antialiased resize (float)": _ms(lambda: P.resize_square(square, size)),
-           "torch: filter + mask + normalise": _ms(lambda: P.finish(crop[None], cfg))}
+    crop = P.crop_resize_box(image, x0, y0, side, size)
+    grey = P.grey_levels(crop[None], cfg)
+    decode_ms = _ms(lambda: decode_rgb(data))
+    out = {"decode (PIL, tltrain.data.decode)": decode_ms,
+           "kernel: crop + antialiased resize (tltrain.preprocess_cpu)": _ms(
+               lambda: P.crop_resize_box(image, x0, y0, side, size)),
+           "kernel: filter + mask (uint8 grey levels)": _ms(lambda: P.grey_levels(crop[None], cfg)),
+           "kernel: normalise (table)": _ms(lambda: P.normalise(grey, cfg)),
+           "torch code: crop disc square": _ms(lambda: P.crop_square(image, x0, y0, side)),
+           "torch code: antialiased resize (float)": _ms(lambda: P.resize_square(square, size)),
+           "torch code: filter + mask + normalise": _ms(lambda: P.finish(crop[None], cfg, kernel="torch"))}
+    after_decode = sum(v for k, v in out.items() if k.startswith("kernel"))
+    out["kernel: all after decode, as a share of decode"] = after_decode / decode_ms
     hand = HandwrittenBenGraham(refs[:1], size)
     grey_box = None
 
@@ -143,7 +151,7 @@ def stage_profile(refs, size: int) -> dict:
         lambda: cv2.addWeighted(small, 4, cv2.GaussianBlur(small, (0, 0), size / 60), -4, 128))
     out["handwritten: whole __getitem__"] = _ms(lambda: hand[0])
     out.update(_dali_stages(data, disc, size, cfg))
-    return {k: round(v, 1) for k, v in out.items()}
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def _dali_stages(data: bytes, disc, size: int, cfg) -> dict:
