@@ -123,40 +123,69 @@ def _add_pairs(dst, a, b, c, d, s, t):
 
 
 @_jit
-def _blur_row(dst, padded, taps):
-    """dst[j] = sum_k taps[k] * padded[j + k] for a symmetric window (padded: len(dst) + len(taps) - 1 samples)."""
-    n, half = dst.shape[0], (taps.shape[0] - 1) // 2
+def _blur_row(dst, padded, taps, lo, hi):
+    """dst[j] = sum_k taps[k] * padded[j + k] for j in [lo, hi), a symmetric window (padded: len(dst) +
+    len(taps) - 1 samples); dst outside [lo, hi) is left alone."""
+    n, half = hi - lo, (taps.shape[0] - 1) // 2
     last = taps.shape[0] - 1
-    dst[:] = 0.0
-    _add_scaled(dst, padded[half:half + n], taps[half])
+    out = dst[lo:hi]
+    out[:] = 0.0
+    _add_scaled(out, padded[lo + half:lo + half + n], taps[half])
     k = 0
     while k + 1 < half:
-        _add_pairs(dst, padded[k:k + n], padded[last - k:last - k + n], padded[k + 1:k + 1 + n],
-                   padded[last - k - 1:last - k - 1 + n], taps[k], taps[k + 1])
+        _add_pairs(out, padded[lo + k:lo + k + n], padded[lo + last - k:lo + last - k + n],
+                   padded[lo + k + 1:lo + k + 1 + n], padded[lo + last - k - 1:lo + last - k - 1 + n], taps[k],
+                   taps[k + 1])
         k += 2
     if k < half:
-        _add_pair(dst, padded[k:k + n], padded[last - k:last - k + n], taps[k])
+        _add_pair(out, padded[lo + k:lo + k + n], padded[lo + last - k:lo + last - k + n], taps[k])
 
 
 @_jit
-def _blur_column(dst, plane, i, taps, zero):
-    """dst = row i of the column blur of plane (rows outside the plane are zero)."""
+def _blur_column(dst, plane, i, taps, zero, lo, hi):
+    """dst[lo:hi] = columns [lo, hi) of row i of the column blur of plane (rows outside the plane are zero)."""
     size, half = plane.shape[0], (taps.shape[0] - 1) // 2
-    dst[:] = 0.0
-    _add_scaled(dst, plane[i], taps[half])
+    out, none = dst[lo:hi], zero[lo:hi]
+    out[:] = 0.0
+    _add_scaled(out, plane[i, lo:hi], taps[half])
     k = 0
     while k < half:
-        lo, hi = i - half + k, i + half - k
-        a = plane[lo] if lo >= 0 else zero
-        b = plane[hi] if hi < size else zero
+        top, bottom = i - half + k, i + half - k
+        a = plane[top, lo:hi] if top >= 0 else none
+        b = plane[bottom, lo:hi] if bottom < size else none
         if k + 1 < half:
-            c = plane[lo + 1] if lo + 1 >= 0 else zero
-            d = plane[hi - 1] if hi - 1 < size else zero
-            _add_pairs(dst, a, b, c, d, taps[k], taps[k + 1])
+            c = plane[top + 1, lo:hi] if top + 1 >= 0 else none
+            d = plane[bottom - 1, lo:hi] if bottom - 1 < size else none
+            _add_pairs(out, a, b, c, d, taps[k], taps[k + 1])
             k += 2
         else:
-            _add_pair(dst, a, b, taps[k])
+            _add_pair(out, a, b, taps[k])
             k += 1
+
+
+@_jit
+def _mask_spans(inside, half):
+    """Per row i, the columns [first[i], end[i]) between its first and last pixel inside the mask (empty: 0, 0),
+    and per row r, the columns [need_lo[r], need_hi[r]) of the row pass that the column pass of rows r - half ..
+    r + half reads: outside the circle mask (36 % of the square at 0.9 R) nothing is blurred."""
+    size = inside.shape[0]
+    first, end = np.zeros(size, np.int64), np.zeros(size, np.int64)
+    for i in range(size):
+        j = 0
+        while j < size and not inside[i, j]:
+            j += 1
+        k = size
+        while k > j and not inside[i, k - 1]:
+            k -= 1
+        if k > j:
+            first[i], end[i] = j, k
+    need_lo, need_hi = np.full(size, size, np.int64), np.zeros(size, np.int64)
+    for i in range(size):
+        if end[i] > first[i]:
+            for r in range(max(0, i - half), min(size, i + half + 1)):
+                need_lo[r] = min(need_lo[r], first[i])
+                need_hi[r] = max(need_hi[r], end[i])
+    return first, end, need_lo, need_hi
 
 
 @_jit
@@ -166,24 +195,29 @@ def _filter_kernel(crop, taps, row_factor, col_factor, inside, gain, offset, out
     or uint8 when every value fits (the caller checks the offset)."""
     channels, size = crop.shape[0], crop.shape[1]
     half = (taps.shape[0] - 1) // 2
+    first, end, need_lo, need_hi = _mask_spans(inside, half)
     padded = np.zeros(size + 2 * half, np.float32)
-    rowblur = np.empty((size, size), np.float32)
+    rowblur = np.zeros((size, size), np.float32)
     zero = np.zeros(size, np.float32)
     acc = np.empty(size, np.float32)
     magic = np.float32(12582912.0)  # 1.5 * 2**23: (v + magic) - magic rounds half to even, like torch.round
     low, high = np.float32(0.0), np.float32(255.0)
     for c in range(channels):
-        for r in range(size):  # row pass, zero outside the square
-            for j in range(size):
-                padded[half + j] = np.float32(crop[c, r, j])
-            _blur_row(rowblur[r], padded, taps)
-        for i in range(size):  # column pass, then the epilogue of row i
-            _blur_column(acc, rowblur, i, taps, zero)
+        for r in range(size):  # row pass (zero outside the square) where the column pass will read it
+            if need_hi[r] > need_lo[r]:
+                for j in range(size):
+                    padded[half + j] = np.float32(crop[c, r, j])
+                _blur_row(rowblur[r], padded, taps, need_lo[r], need_hi[r])
+        for i in range(size):  # column pass inside the mask, then the epilogue of row i
+            if end[i] > first[i]:
+                _blur_column(acc, rowblur, i, taps, zero, first[i], end[i])
             a = row_factor[i]
             for j in range(size):
-                v = gain * np.float32(crop[c, i, j]) - a * col_factor[j] * acc[j] + offset
-                v = (min(max(v, low), high) + magic) - magic
-                out[c, i, j] = v if inside[i, j] else offset
+                if first[i] <= j < end[i] and inside[i, j]:
+                    v = gain * np.float32(crop[c, i, j]) - a * col_factor[j] * acc[j] + offset
+                    out[c, i, j] = (min(max(v, low), high) + magic) - magic
+                else:
+                    out[c, i, j] = offset
 
 
 def filter_image(crop: np.ndarray, factors: np.ndarray, taps: np.ndarray, inside: np.ndarray, gain: float,
