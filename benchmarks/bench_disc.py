@@ -6,6 +6,11 @@ at camera size (2592x1944) and at 512 px: the disc estimate alone on prepare's t
 step (decode + thumbnail + estimate), and the estimate on the full image. The old rule is git's copy of
 tltrain/data/disc.py at OLD_REV, loaded as a module.
 
+Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet machine, times old and new in turns
+(--repeats >= 3 rounds of each figure; a round's figure is the mean over the images of the fastest of --repeat
+calls), reports the medians with a `*_spread` beside each, records the load in the JSON and exits 3 when the
+figure is refused, unless --smoke.
+
   python benchmarks/bench_disc.py --images 12 --out benchmarks/results/disc_cpu.json
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import quiet
 from tltrain.data import disc as new_disc
 from tltrain.data.synth import generate_eyepacs
 
@@ -58,7 +64,11 @@ def _best_ms(fn, repeat: int) -> float:
     return 1000 * best
 
 
-def measure(paths, estimate, repeat: int) -> dict:
+FIGURES = ("estimate_on_thumbnail_ms", "decode_thumbnail_estimate_ms", "estimate_on_full_image_ms")
+
+
+def measurements(paths, estimate, repeat: int) -> dict:
+    """Each figure as a function returning ms per image (the mean over the images of the best of `repeat`)."""
     def step(path):
         with Image.open(path) as img:
             img.load()
@@ -69,33 +79,59 @@ def measure(paths, estimate, repeat: int) -> dict:
     thumbs = [_thumbnail(img) for img in images]
     fulls = [np.asarray(img) for img in images]
     return {
-        "estimate_on_thumbnail_ms": round(np.mean([_best_ms(lambda t=t: estimate(t), repeat) for t in thumbs]), 2),
-        "decode_thumbnail_estimate_ms": round(np.mean([_best_ms(lambda p=p: step(p), repeat) for p in paths]), 2),
-        "estimate_on_full_image_ms": round(np.mean([_best_ms(lambda a=a: estimate(a), repeat) for a in fulls]), 2),
+        "estimate_on_thumbnail_ms": lambda: float(np.mean([_best_ms(lambda t=t: estimate(t), repeat)
+                                                           for t in thumbs])),
+        "decode_thumbnail_estimate_ms": lambda: float(np.mean([_best_ms(lambda p=p: step(p), repeat)
+                                                               for p in paths])),
+        "estimate_on_full_image_ms": lambda: float(np.mean([_best_ms(lambda a=a: estimate(a), repeat)
+                                                            for a in fulls])),
     }
+
+
+def measure(paths, finders: dict, repeat: int, repeats: int) -> dict:
+    """{finder: {figure: median ms, figure without _ms + "_spread": spread}}, every (figure, finder) in turns."""
+    timed = {name: measurements(paths, estimate, repeat) for name, estimate in finders.items()}
+    runs = quiet.interleaved({(figure, name): timed[name][figure] for figure in FIGURES for name in finders},
+                             repeats)
+    out = {name: {} for name in finders}
+    for (figure, name), run in runs.items():
+        out[name][figure] = round(run["median"], 2)
+        out[name][figure.removesuffix("_ms") + "_spread"] = run["spread"]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="calls per image and figure; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
+                        help="rounds of every figure, old and new in turns; the medians count")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figure is not to be recorded)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     old = _old_module()
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "sizes": {}}
+    results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "repeat": args.repeat,
+               "repeats": max(args.repeats, quiet.MIN_REPEATS), "sizes": {}}
+    watch = quiet.Watch().start(args.quiet_wait)
     with tempfile.TemporaryDirectory() as tmp:
         for width, height in ((2592, 1944), (512, 384)):
             root = Path(tmp) / f"w{width}"
             generate_eyepacs(root, n_patients=max(1, args.images // 2), width=width, height=height, seed=5,
                              workers=1, progress=False, defect_fraction=0.5, exif_orientation=False)
             paths = sorted((root / "train").glob("*.jpeg"))
-            row = {"old": measure(paths, old.estimate_disc, args.repeat),
-                   "new": measure(paths, new_disc.estimate_disc, args.repeat)}
-            row["ratio_new_over_old"] = {k: round(row["new"][k] / row["old"][k], 2) for k in row["old"]}
+            row = measure(paths, {"old": old.estimate_disc, "new": new_disc.estimate_disc}, args.repeat,
+                          args.repeats)
+            row["ratio_new_over_old"] = {k: round(row["new"][k] / row["old"][k], 2) for k in FIGURES}
             results["sizes"][f"{width}x{height}"] = row
             print(f"{width}x{height}: {json.dumps(row)}", flush=True)
+    results.update(watch.verdict())
+    print(json.dumps({k: v for k, v in results.items() if k != "sizes"}))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+    if not results["recorded"] and not args.smoke:
+        return quiet.REFUSED_EXIT
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ process on the same batch, with the device's copy bandwidth measured in the same
 Minimal traffic per pixel is 3 B in (uint8 RGB) + 6 B out (fp16 RGB); achieved bandwidth = that / time, so the
 ratio to copy bandwidth says how far a variant is from memory-bound.
 
+Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet machine, times every variant and the copy
+in turns (--rounds >= 3 rounds of --repeats calls each; images/s and bandwidth are the medians, `spread` beside
+them), records the load and foreign CPU use in the JSON and exits 3 when the figure is refused, unless --smoke
+(--small implies it: batch 2 of 48x48 is never a figure).
+
   GPU:   python benchmarks/bench_kernels.py --sweep --out benchmarks/results/kernels_h100.json
   smoke: TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --device cpu --small --out /tmp/k.json
 """
@@ -17,6 +22,7 @@ import time
 
 import torch
 
+import quiet
 from tltrain import preprocess as P
 
 from kernel_errors import grey_error  # benchmarks/ is on sys.path when run as a script
@@ -40,12 +46,13 @@ def _seconds_per_call(fn, device: str, repeats: int, warmup: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def copy_bandwidth(device: str, mib: int) -> float:
-    """Bytes read + written per second by a plain device-to-device copy (the practical memory ceiling)."""
+def copy_bandwidth(device: str, mib: int):
+    """A measurement of the bytes read + written per second by a plain device-to-device copy (the practical memory
+    ceiling): a function that times 10 copies, called once here as the warm-up."""
     src = torch.empty(mib * 2 ** 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = _seconds_per_call(lambda: dst.copy_(src), device, repeats=10, warmup=2)
-    return 2 * src.numel() / seconds
+    _seconds_per_call(lambda: dst.copy_(src), device, repeats=1, warmup=2)
+    return lambda: 2 * src.numel() / _seconds_per_call(lambda: dst.copy_(src), device, repeats=10, warmup=0)
 
 
 def dali_chain(batch_nhwc: torch.Tensor, cfg: P.PreprocessConfig, device: str):
@@ -89,7 +96,8 @@ def dot_tiles(half: int, sweep: bool, device: str) -> list[tuple[int, int, int]]
             if not blur_dot.unsupported((b, s), w, capability)]
 
 
-def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib: int, sweep: bool) -> dict:
+def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib: int, sweep: bool,
+        rounds: int = quiet.MIN_REPEATS) -> dict:
     from tltrain.kernels.ben_graham import ben_graham_batch, ben_graham_triton
 
     cfg = P.PreprocessConfig()
@@ -121,21 +129,30 @@ def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib:
     if dali_run is not None:
         variants["dali_" + ("gpu" if device == "cuda" else "cpu")] = (dali_run, None)
 
-    copy_bw = copy_bandwidth(device, copy_mib)
-    results = {}
-    for name, (fn, kernel_args) in variants.items():
-        try:
-            seconds = _seconds_per_call(fn, device, repeats, warmup)
+    copy = copy_bandwidth(device, copy_mib)
+    results, timed = {}, {}
+    for name, (fn, _) in variants.items():
+        try:  # the warm-up: first calls compile (Triton, DALI graph build, cuDNN algorithm choice)
+            _seconds_per_call(fn, device, repeats=1, warmup=max(warmup - 1, 0))
         except Exception as error:  # a tile that does not fit this GPU is a result too, not the end of the run
             results[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
             continue
-        bandwidth = batch * size * size * BYTES_PER_PIXEL / seconds
-        results[name] = {"seconds_per_batch": seconds, "images_per_s": batch / seconds,
+        timed[name] = lambda fn=fn: batch / _seconds_per_call(fn, device, repeats, warmup=0)
+    # the copy and every variant in turns, `rounds` times each (benchmarks/quiet.py): medians and spreads
+    runs = quiet.interleaved({"copy": copy, **timed}, rounds)
+    copy_bw = runs["copy"]["median"]
+    for name in timed:
+        images_per_s = runs[name]["median"]
+        bandwidth = images_per_s * size * size * BYTES_PER_PIXEL
+        results[name] = {"seconds_per_batch": batch / images_per_s, "images_per_s": images_per_s,
+                         "spread": runs[name]["spread"], "images_per_s_values": runs[name]["values"],
                          "minimal_traffic_GB_per_s": bandwidth / 1e9, "fraction_of_copy_bandwidth": bandwidth / copy_bw}
+        kernel_args = variants[name][1]
         if kernel_args is not None:
             stats = grey_error(crops[:2], sigma, cfg, **kernel_args)
             results[name].update(max_grey_error_vs_reference=stats["max_grey_error"],
                                  off_by_one_fraction=stats["pixels_off"] / stats["pixels"])
+    results = {name: results[name] for name in variants}  # the variants' order, failed ones included
     reference = results["torch_reference"]["images_per_s"]
     for r in results.values():
         if "images_per_s" in r:
@@ -144,7 +161,9 @@ def run(device: str, batch: int, size: int, repeats: int, warmup: int, copy_mib:
         "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         "batch": batch, "size": size, "sigma": sigma, "taps": 2 * half + 1,
         "out_dtype": "fp16", "bytes_per_pixel": BYTES_PER_PIXEL, "copy_bandwidth_GB_per_s": copy_bw / 1e9,
-        "torch": torch.__version__, "triton": _triton_version(), "variants": results,
+        "copy_bandwidth_spread": runs["copy"]["spread"], "calls_per_timing": repeats,
+        "rounds": len(runs["copy"]["values"]), "torch": torch.__version__, "triton": _triton_version(),
+        "variants": results,
     }
 
 
@@ -159,17 +178,27 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--small", action="store_true", help="batch 2 of 48x48, one repeat: a seconds-long smoke run")
+    parser.add_argument("--repeats", type=int, default=10, help="calls per timing")
+    parser.add_argument("--rounds", type=int, default=quiet.MIN_REPEATS,
+                        help="timings of each variant (and of the copy), in turns; the medians count")
+    parser.add_argument("--small", action="store_true", help="batch 2 of 48x48, one call per timing: a seconds-long "
+                        "smoke run (implies --smoke, and --quiet-wait 5 unless given)")
+    parser.add_argument("--quiet-wait", type=float, default=None, help="seconds to wait for a quiet machine (300)")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figure is not to be recorded): gpu_all's dry run, CI")
     parser.add_argument("--sweep", action="store_true", help="time every tensor-core tile that fits the window")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU (use --device cpu --small with TRITON_INTERPRET=1)")
     if args.small:
-        args.batch, args.size, args.repeats = 2, 48, 1
+        args.batch, args.size, args.repeats, args.smoke = 2, 48, 1, True
+    if args.quiet_wait is None:
+        args.quiet_wait = 5 if args.small else 300
+    watch = quiet.Watch().start(args.quiet_wait)
     result = run(args.device, args.batch, args.size, args.repeats, warmup=1 if args.small else 3,
-                 copy_mib=16 if args.small else 1024, sweep=args.sweep)
+                 copy_mib=16 if args.small else 1024, sweep=args.sweep, rounds=args.rounds)
+    result.update(watch.verdict())
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"copy bandwidth {result['copy_bandwidth_GB_per_s']:.0f} GB/s, {result['taps']} taps")
@@ -179,7 +208,11 @@ def main() -> None:
             continue
         print(f"{name:48s} {r['images_per_s']:12,.0f} img/s  {r['minimal_traffic_GB_per_s']:8.1f} GB/s  "
               f"{100 * r['fraction_of_copy_bandwidth']:5.1f} % of copy  x{r['speedup_vs_torch_reference']:.1f}  "
-              f"max err {r.get('max_grey_error_vs_reference', '-')}")
+              f"max err {r.get('max_grey_error_vs_reference', '-')}  spread {r['spread']}")
+    if not result["recorded"]:
+        print(f"not to be recorded: {result['refused']}")
+        if not args.smoke:
+            raise SystemExit(quiet.REFUSED_EXIT)
 
 
 if __name__ == "__main__":

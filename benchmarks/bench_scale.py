@@ -13,6 +13,15 @@ shards/train. Images are 128 px wide so 88,702 fit a small disk. The epoch stage
 Reports per N and stage: seconds, images/s, the peak RSS of every process of the stage (this one and its
 children, sampled every 0.1 s with psutil), plus the shard count and the manifest size. Every generated file is
 deleted after each N unless --keep.
+
+Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet machine, records the load before and
+after and the other processes' CPU use in the JSON, and exits 3 when the figures are refused, unless --smoke
+(also the default under pytest, as tests/test_bench_scale.py runs it: CI's machine is loaded). The loader start-up
+(cheap) runs --repeats >= 3 times, the backends in turns: its seconds are the median, with `seconds_spread` and
+`seconds_values` beside it, its RSS that of the first round. The camera costs run in turns the same way
+(`wall_spread`, `cpu_spread`). synth, prepare, verify and the epoch are single figures: each writes or reads the
+whole data set once, so repeating them would multiply the run's length (hours at N = 88,702); their RSS is a peak,
+not a rate, and the load check above is what keeps their seconds honest.
 """
 from __future__ import annotations
 
@@ -22,12 +31,15 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
+
+import quiet
 
 KAGGLE_TRAIN, KAGGLE_TEST = 35_126, 53_576
 
@@ -80,6 +92,30 @@ def stage(results: dict, name: str, images: int, fn):
                      "images_per_s": round(images / seconds, 1) if seconds else None, "rss": rss.report(), **extra}
     print(f"  {name:14s} {images:7d} images {seconds:8.1f} s {results[name]['images_per_s']:9.1f} img/s  "
           f"main {rss.report()['main_mb']} MB, largest child {rss.report()['max_child_mb']} MB", flush=True)
+
+
+def stages_in_turns(results: dict, stages: dict, images: int, repeats: int) -> None:
+    """Cheap stages {name: fn}, run in turns `repeats` (>= 3) times each: the first round as stage() records it
+    (RSS included), then seconds (and images_per_s) become the median of the rounds, with the spread beside."""
+    first = {}
+
+    def once(name, fn):
+        if name not in first:
+            stage(results, name, images, fn)
+            first[name] = results[name]
+            return first[name]["seconds"]
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    runs = quiet.interleaved({name: (lambda name=name, fn=fn: once(name, fn)) for name, fn in stages.items()},
+                             repeats)
+    for name, run in runs.items():
+        row = results[name]
+        row.update(seconds=round(run["median"], 2), seconds_spread=run["spread"],
+                   seconds_values=[round(v, 2) for v in run["values"]],
+                   images_per_s=round(row["images"] / run["median"], 1) if run["median"] else None)
+        print(f"  {name:14s} median of {len(run['values'])}: {row['seconds']} s (spread {run['spread']})", flush=True)
 
 
 def kaggle_split(n: int) -> tuple[int, int]:
@@ -191,9 +227,11 @@ def epoch(shards: Path, backend: str, arch: str, size: int, batch: int, threads:
             "losses_finite": all(map(math.isfinite, losses))}
 
 
-def camera_costs(images: int, out: Path) -> dict:
+def camera_costs(images: int, out: Path, repeats: int = quiet.MIN_REPEATS) -> dict:
     """Seconds per image in one process at camera size (2592 x 1944 JPEG, ~5 MP like EyePACS): prepare's check
-    (full decode + disc) and its write (decode, disc crop, resize to radius 256 or longest 1024, re-encode)."""
+    (full decode + disc) and its write (decode, disc crop, resize to radius 256 or longest 1024, re-encode).
+    The check and the three writes run in turns, `repeats` (>= 3) times each (after one check that finds the
+    discs the writes need): medians, with the spread beside."""
     from tltrain.data.prepare import _encode_image, inspect_image
     from tltrain.data.synth import generate_eyepacs
 
@@ -203,18 +241,31 @@ def camera_costs(images: int, out: Path) -> dict:
         generate_eyepacs(root, n_patients=max(1, images // 2), width=2592, seed=5, workers=1, progress=False)
         paths = sorted(str(p) for p in (root / "train").iterdir())
         costs = {"images": len(paths), "mean_jpeg_bytes": round(sum(os.path.getsize(p) for p in paths) / len(paths))}
+        infos = [inspect_image(p) for p in paths]
         # CPU seconds (process_time) as well as wall seconds: on a shared, loaded machine the CPU time is the
         # per-image cost that carries over to an idle node
-        start, cpu = time.perf_counter(), time.process_time()
-        infos = [inspect_image(p) for p in paths]
-        costs["check"] = {"wall_s": round((time.perf_counter() - start) / len(paths), 4),
-                          "cpu_s": round((time.process_time() - cpu) / len(paths), 4)}
-        for resize in ("none", "radius:256", "longest:1024"):
+        cpu_values: dict[str, list[float]] = {}
+
+        def timed(name, work):
             start, cpu = time.perf_counter(), time.process_time()
+            work()
+            cpu_values.setdefault(name, []).append((time.process_time() - cpu) / len(paths))
+            return (time.perf_counter() - start) / len(paths)
+
+        def write(resize):
             for p, info in zip(paths, infos):
                 _encode_image((p, info["disc"], info["width"], info["height"], info["keep_as"], resize, 90))
-            costs[f"write[{resize}]"] = {"wall_s": round((time.perf_counter() - start) / len(paths), 4),
-                                         "cpu_s": round((time.process_time() - cpu) / len(paths), 4)}
+
+        variants = {"check": lambda: [inspect_image(p) for p in paths]}
+        variants.update({f"write[{resize}]": (lambda resize=resize: write(resize))
+                         for resize in ("none", "radius:256", "longest:1024")})
+        runs = quiet.interleaved({name: (lambda name=name, work=work: timed(name, work))
+                                  for name, work in variants.items()}, repeats)
+        for name, run in runs.items():
+            cpus = cpu_values[name]
+            costs[name] = {"wall_s": round(run["median"], 4), "cpu_s": round(statistics.median(cpus), 4),
+                           "wall_spread": run["spread"],
+                           "cpu_spread": round(max(cpus) / min(cpus) - 1, 3) if min(cpus) > 0 else None}
         return costs
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -233,8 +284,10 @@ def run_n(n: int, args) -> dict:
         n_train = json.loads((shards / "train" / "manifest.json").read_text())["splits"]["train"]["count"]
         results["train_split"] = n_train
         _import_loaders(args.backends)  # torch/DALI imports are paid once per process, not per loader
+        # the loader start-ups of every backend in turns, args.repeats times (cheap: the median counts)
+        stages_in_turns(results, {f"loader_start_{backend}": (lambda b=backend: loader_start(shards, b))
+                                  for backend in args.backends}, 64, args.repeats)
         for backend in args.backends:
-            stage(results, f"loader_start_{backend}", 64, lambda b=backend: loader_start(shards, b))
             if not args.skip_epoch:
                 stage(results, f"epoch_{backend}", n_train, lambda b=backend: epoch(
                     shards, b, args.epoch_arch, args.epoch_size, args.epoch_batch,
@@ -256,7 +309,7 @@ def run_fresh(n: int, args, argv) -> dict:
     import tempfile
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    drop = {"--n", "--json", "--camera"}
+    drop = {"--n", "--json", "--camera", "--quiet-wait", "--smoke"}  # this process waits and judges
     rest, skip = [], False
     for item in argv:
         if item.startswith("--"):
@@ -264,7 +317,8 @@ def run_fresh(n: int, args, argv) -> dict:
         if not skip:
             rest.append(item)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, __file__, "--n", str(n), "--json", f"{tmp}/one.json", *rest], check=True)
+        subprocess.run([sys.executable, __file__, "--n", str(n), "--json", f"{tmp}/one.json", "--quiet-wait", "0",
+                        "--smoke", *rest], check=True)
         return json.loads(Path(f"{tmp}/one.json").read_text())["runs"][0]
 
 
@@ -286,17 +340,29 @@ def main(argv=None) -> int:
     parser.add_argument("--epoch-threads", type=int, default=1, help="torch threads of the epoch's model step")
     parser.add_argument("--skip-epoch", action="store_true", help="stop after the loader start-up")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
+                        help="rounds of the cheap stages (loader start-up, camera costs), in turns")
+    under_tests = "PYTEST_CURRENT_TEST" in os.environ  # tests/test_bench_scale.py: a smoke run on CI's machine
+    parser.add_argument("--quiet-wait", type=float, default=0 if under_tests else 300,
+                        help="seconds to wait for a quiet machine (0 under pytest)")
+    parser.add_argument("--smoke", action="store_true", default=under_tests,
+                        help="a loaded machine does not fail the run (the JSON still says the figures are not to be "
+                        "recorded); the default under pytest")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    watch = quiet.Watch().start(args.quiet_wait)
     report = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0],
               "runs": [run_fresh(n, args, argv) for n in args.n]}
     if args.camera:
-        report["camera"] = camera_costs(args.camera, Path(args.out))
+        report["camera"] = camera_costs(args.camera, Path(args.out), args.repeats)
         print(f"camera size, one process: {report['camera']}", flush=True)
+    report.update(watch.verdict())
+    if not report["recorded"]:
+        print(f"not to be recorded: {report['refused']}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
-    return 0
+    return quiet.REFUSED_EXIT if not report["recorded"] and not args.smoke else 0
 
 
 if __name__ == "__main__":
