@@ -2,6 +2,10 @@
 decode + resize chain and a PIL DataLoader, in the same process, on 512 px and 2592x1944 JPEG shards.
 
 Goal: the full preprocessing at >= 1.0x the plain chain (the disc crop, blur and mask ride along for free).
+Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet machine, times the three loaders in turns
+(--repeats >= 3 rounds; a round is one untimed pass, which also spends what a DALI pipeline prefetched while the
+others ran, then --epochs timed passes), reports the medians with *_spread beside them, records the load in the JSON
+and exits 3 when the figures are refused, unless --smoke.
   GPU:  python benchmarks/bench_gpu_loaders.py --device cuda --images 1024 --batch 256 --workers 16 --out X.json
   CPU:  python benchmarks/bench_gpu_loaders.py --device cpu --images 16 --sources 256 --model-size 64 --batch 8
 """
@@ -19,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import quiet
 from gpu_common import provenance, synthetic_shards, write_json
 from tltrain.data.loaders import LoaderConfig, build_loader
 from tltrain.data.loaders.plan import sample_refs, select_shards
@@ -68,8 +73,9 @@ def plain_dali_chain(shards: Path, size: int, batch: int, workers: int, gpu: boo
                                last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
 
 
-def rate(loader, device: str, epochs: int = 2) -> float:
-    """Images/s over `epochs` full passes after one warm-up pass (page cache, decoder start-up)."""
+def rate(loader, device: str, epochs: int = 1) -> float:
+    """Images/s over `epochs` full passes after one warm-up pass (page cache, decoder start-up, and the batches a
+    pipeline prefetched while another loader was timed)."""
     def one_pass():
         count = 0
         for item in loader:
@@ -94,36 +100,50 @@ def main() -> None:
     parser.add_argument("--model-size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1, help="timed passes per round (after one untimed pass)")
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="rounds of each loader, in turns")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figures are not to be recorded): gpu_all's dry run, CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_loaders_"))
     report = {"benchmark": "gpu_loaders", **provenance(args.device), "goal": "dali_full_vs_plain >= 1.0",
-              "model_size": args.model_size, "batch": args.batch, "workers": args.workers, "results": []}
+              "model_size": args.model_size, "batch": args.batch, "workers": args.workers,
+              "repeats": max(args.repeats, quiet.MIN_REPEATS), "epochs_per_round": args.epochs, "results": []}
+    watch = quiet.Watch().start(args.quiet_wait)
     try:
         for width in args.sources:
             shards = synthetic_shards(work, args.images, width)
             _, shard_list = select_shards(shards, "train")
             refs = sample_refs(shards, shard_list)
             row = {"source": f"{width}x{width * 3 // 4}", "images": len(refs)}
-            pil = DataLoader(PilResize(refs, args.model_size), batch_size=args.batch, num_workers=args.workers)
-            row["pil_dataloader_img_s"] = round(rate(pil, "cpu", args.epochs), 1)
-            row["dali_plain_img_s"] = round(rate(plain_dali_chain(shards, args.model_size, args.batch, args.workers,
-                                                                  gpu), args.device, args.epochs), 1)
             cfg = LoaderConfig(backend="dali", batch_size=args.batch, size=args.model_size, workers=args.workers,
                                dtype="fp16" if gpu else "fp32")
-            full = build_loader(cfg, shards, "train", train=False, device=args.device)
-            row["dali_full_img_s"] = round(rate(full, args.device, args.epochs), 1)
+            loaders = {
+                "pil_dataloader": (DataLoader(PilResize(refs, args.model_size), batch_size=args.batch,
+                                              num_workers=args.workers), "cpu"),
+                "dali_plain": (plain_dali_chain(shards, args.model_size, args.batch, args.workers, gpu), args.device),
+                "dali_full": (build_loader(cfg, shards, "train", train=False, device=args.device), args.device)}
+            # the three loaders in turns, args.repeats rounds each (benchmarks/quiet.py): medians and spreads
+            runs = quiet.interleaved({name: (lambda pair=pair: rate(*pair, args.epochs))
+                                      for name, pair in loaders.items()}, args.repeats)
+            for name, run in runs.items():
+                row[f"{name}_img_s"] = round(run["median"], 1)
+                row[f"{name}_spread"] = run["spread"]
             row["dali_full_vs_plain"] = round(row["dali_full_img_s"] / row["dali_plain_img_s"], 3)
             row["dali_full_vs_pil"] = round(row["dali_full_img_s"] / row["pil_dataloader_img_s"], 3)
             report["results"].append(row)
             write_json(args.out, {**report, "status": "partial"}, echo=False)
             print(row, flush=True)
         report["status"] = "ok"
+        report.update(watch.verdict())
         write_json(args.out, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not report["recorded"] and not args.smoke:
+        raise SystemExit(quiet.REFUSED_EXIT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 synthetic tensors already on the device, same model, batch, precision (bf16 autocast) and channels_last.
 
 Goal >= 0.95: the loader keeps the GPU busy. Models: resnet50 @224 and resnet18 @512 (the fundus size).
+Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet machine, times the two feeds in turns
+(--repeats >= 3 rounds of --warmup + --steps steps each; the warm-up of every round drains what the loader prefetched
+while the synthetic feed ran), reports the medians with *_spread beside them, records the load in the JSON and exits
+3 when the figures are refused, unless --smoke.
   GPU:  python benchmarks/bench_input_pipeline.py --device cuda --out X.json
   CPU:  python benchmarks/bench_input_pipeline.py --device cpu --small
 """
@@ -17,6 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+import quiet
 from gpu_common import provenance, synthetic_shards, write_json
 from tltrain.data.loaders import LoaderConfig, build_loader
 
@@ -69,6 +74,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="rounds of each feed, in turns")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figures are not to be recorded): gpu_all's dry run, CI")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, gpu = args.device, args.device == "cuda"
@@ -79,6 +88,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_input_"))
     report = {"benchmark": "input_pipeline", **provenance(device), "goal": "efficiency >= 0.95",
               "precision": "bf16" if gpu else "fp32", "channels_last": True, "results": []}
+    watch = quiet.Watch().start(args.quiet_wait)
     try:
         shards = synthetic_shards(work, args.images, args.source)
         for arch, size, batch in configs:
@@ -87,22 +97,31 @@ def main() -> None:
             step = make_step(model, device, bf16=gpu)
             images = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
             labels = torch.randint(0, 5, (batch,), device=device)
-            synthetic = timed(step, iter(lambda: (images, labels), None), args.steps, args.warmup, device)
             cfg = LoaderConfig(backend="dali" if gpu else "torch", batch_size=batch, size=size, workers=args.workers,
                                dtype="bf16" if gpu else "fp32", channels_last=True)
             loader = build_loader(cfg, shards, "train", train=True, device=device)
-            real = timed(step, loader_batches(loader), args.steps, args.warmup, device)
+            feeds = {"synthetic": iter(lambda: (images, labels), None), "loader": loader_batches(loader)}
+            # the two feeds in turns, args.repeats rounds each (benchmarks/quiet.py): medians and spreads
+            runs = quiet.interleaved({name: (lambda feed=feed: timed(step, feed, args.steps, args.warmup, device))
+                                      for name, feed in feeds.items()}, args.repeats)
+            synthetic, real = runs["synthetic"]["median"], runs["loader"]["median"]
             row = {"model": f"{arch}@{size}", "batch": batch, "backend": cfg.backend,
-                   "synthetic_img_s": round(synthetic, 1), "loader_img_s": round(real, 1),
+                   "synthetic_img_s": round(synthetic, 1), "synthetic_spread": runs["synthetic"]["spread"],
+                   "loader_img_s": round(real, 1), "loader_spread": runs["loader"]["spread"],
                    "efficiency": round(real / synthetic, 3),
+                   "efficiency_values": [round(r / s, 3) for r, s in zip(runs["loader"]["values"],
+                                                                         runs["synthetic"]["values"])],
                    "loader_wait_fraction": loader.stats().get("wait_fraction")}
             report["results"].append(row)
             write_json(args.out, {**report, "status": "partial"}, echo=False)
             print(row, flush=True)
         report["status"] = "ok"
+        report.update(watch.verdict())
         write_json(args.out, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not report["recorded"] and not args.smoke:
+        raise SystemExit(quiet.REFUSED_EXIT)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ Peak RSS (bench_scale.py) mixes the per-sample state with libraries and allocato
 heap itself: prepare's traced peak in its main process (the pool's children are not counted), and the heap a
 loader holds once built (its sample index; the torch loader's workers start later). The growth between two N,
 divided by the samples added, is the per-sample cost: what must stay small for 88,702 images and beyond.
+
+Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet machine, records the load and the other
+processes' CPU use in the JSON and exits 3 when refused, unless --smoke. The loaders' heaps (cheap to take) are
+traced --repeats >= 3 times, the backends in turns: held_bytes and peak_bytes are the medians, with held_spread and
+peak_spread beside them. prepare's peak and synth_s are single figures: each is a whole prepare (or synth) of N
+images, and a traced heap does not move with the machine's load the way a time does.
 """
 from __future__ import annotations
 
@@ -15,9 +21,12 @@ import json
 import os
 import shutil
 import sys
+import statistics
 import time
 import tracemalloc
 from pathlib import Path
+
+import quiet
 
 
 def traced(fn):
@@ -51,16 +60,29 @@ def run_n(n: int, args) -> dict:
         manifest, held, peak = traced(lambda: run_prepare(cfg))
         written = manifest["counts"]["written"]
         result["prepare"] = {"samples": written, "peak_bytes": peak, "held_after_bytes": held}
+        builds, peaks = {}, {}
         for backend in ("torch", "dali"):
             loader_cfg = LoaderConfig(backend=backend, batch_size=32, size=32, workers=2)
             if backend == "dali":
                 loader_cfg.dali_device = "cpu"
-            build = lambda: build_loader(loader_cfg, work / "shards", "train", train=True)  # noqa: E731
-            build()  # imports and one-time set-up are not per-sample state
-            loader, held, peak = traced(build)
-            samples = manifest["splits"]["train"]["count"]
-            result[f"loader_{backend}"] = {"samples": samples, "held_bytes": held, "peak_bytes": peak}
+            builds[backend] = lambda c=loader_cfg: build_loader(c, work / "shards", "train", train=True)
+            builds[backend]()  # imports and one-time set-up are not per-sample state
+
+        def held_by(backend):
+            loader, held_bytes, peak = traced(builds[backend])
             del loader
+            peaks.setdefault(backend, []).append(peak)
+            return held_bytes
+
+        # the backends in turns, args.repeats times each (benchmarks/quiet.py): medians and spreads
+        runs = quiet.interleaved({backend: (lambda b=backend: held_by(b)) for backend in builds}, args.repeats)
+        samples = manifest["splits"]["train"]["count"]
+        for backend, run in runs.items():
+            p = peaks[backend]
+            result[f"loader_{backend}"] = {"samples": samples, "held_bytes": round(run["median"]),
+                                           "peak_bytes": round(statistics.median(p)), "held_spread": run["spread"],
+                                           "peak_spread": round(max(p) / min(p) - 1, 3) if min(p) > 0 else None,
+                                           "held_values": [round(v) for v in run["values"]]}
         print(json.dumps(result), flush=True)
         return result
     finally:
@@ -87,15 +109,23 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-samples", type=int, default=1000)
     parser.add_argument("--out", default="/tmp/tltrain_bench_memory")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
+                        help="traced builds of each loader, in turns; the medians count")
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figures are not to be recorded)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    watch = quiet.Watch().start(args.quiet_wait)
     runs = [run_n(n, args) for n in sorted(args.n)]
-    report = {"runs": runs, "bytes_per_added_sample": slopes(runs) if len(runs) > 1 else None}
+    report = {"runs": runs, "bytes_per_added_sample": slopes(runs) if len(runs) > 1 else None, **watch.verdict()}
     print(json.dumps(report["bytes_per_added_sample"]))
+    if not report["recorded"]:
+        print(f"not to be recorded: {report['refused']}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
-    return 0
+    return quiet.REFUSED_EXIT if not report["recorded"] and not args.smoke else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 resize, and peak memory (main process and its workers, each configuration measured in a fresh
 process). Ratios are against the 1-process pass-through run of the same invocation. Each configuration runs
 --repeats times, the configurations in turns (benchmarks/quiet.py), medians count; a loaded machine is refused.
+Only images_per_s is a median (with its spread); a configuration's peak memory and seconds are those of its last
+run (the rounds repeat the same work), and synth_seconds is a single figure (it makes the input, not a result).
 
   python benchmarks/bench_prepare.py --images 48 --out benchmarks/results/prepare.json
   python benchmarks/bench_prepare.py --small            # 8 images: a quick smoke run (well under a minute)

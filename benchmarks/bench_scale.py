@@ -18,7 +18,8 @@ Quiet rule (benchmarks/quiet.py): it waits up to --quiet-wait s for a quiet mach
 after and the other processes' CPU use in the JSON, and exits 3 when the figures are refused, unless --smoke
 (also the default under pytest, as tests/test_bench_scale.py runs it: CI's machine is loaded). The loader start-up
 (cheap) runs --repeats >= 3 times, the backends in turns: its seconds are the median, with `seconds_spread` and
-`seconds_values` beside it, its RSS that of the first round. The camera costs run in turns the same way
+`seconds_values` beside it (the first value also pays this process's one-time set-up), its RSS that of the first
+round. The camera costs run in turns the same way
 (`wall_spread`, `cpu_spread`). synth, prepare, verify and the epoch are single figures: each writes or reads the
 whole data set once, so repeating them would multiply the run's length (hours at N = 88,702); their RSS is a peak,
 not a rate, and the load check above is what keeps their seconds honest.
@@ -342,12 +343,10 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
                         help="rounds of the cheap stages (loader start-up, camera costs), in turns")
-    under_tests = "PYTEST_CURRENT_TEST" in os.environ  # tests/test_bench_scale.py: a smoke run on CI's machine
-    parser.add_argument("--quiet-wait", type=float, default=0 if under_tests else 300,
-                        help="seconds to wait for a quiet machine (0 under pytest)")
-    parser.add_argument("--smoke", action="store_true", default=under_tests,
+    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true",
                         help="a loaded machine does not fail the run (the JSON still says the figures are not to be "
-                        "recorded); the default under pytest")
+                        "recorded): tests/test_bench_scale.py on CI's machine")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     watch = quiet.Watch().start(args.quiet_wait)

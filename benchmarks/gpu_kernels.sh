@@ -26,5 +26,5 @@ else
     echo "pytest missing: GPU tests skipped" | tee "$results/kernel_gpu_tests_$name.log"
 fi
 python3 benchmarks/kernel_errors.py --batch 8 --out "$results/kernel_errors_$name.json" || status=1
-python3 benchmarks/bench_kernels.py --sweep --out "$results/kernels_$name.json" || status=1
+python3 benchmarks/bench_kernels.py --sweep --quiet-wait 20 --out "$results/kernels_$name.json" || status=1
 exit $status

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 QUIET_LOAD_PER_CPU = 0.75  # 1.5 on the 2-core machines the figures are taken on
 FOREIGN_CORES = 0.25  # other processes' average use while measuring, in cores, above which a figure is refused
+FOREIGN_SHARE = 0.05  # ... or this share of a larger machine's cores (a 16-core GPU host: drivers, interrupts)
 MIN_REPEATS = 3
 REFUSED_EXIT = 3
 
@@ -91,9 +92,10 @@ class Watch:
         problems = []
         if self.load_before > limit:
             problems.append(f"load average {self.load_before:.2f} above {limit:.2f} when it started")
-        if foreign is not None and foreign > FOREIGN_CORES:
+        foreign_limit = max(FOREIGN_CORES, FOREIGN_SHARE * (os.cpu_count() or 1))
+        if foreign is not None and foreign > foreign_limit:
             problems.append(f"other processes used {foreign:.2f} cores on average while it measured (limit "
-                            f"{FOREIGN_CORES})")
+                            f"{foreign_limit:g})")
         return {"load_before": self.load_before, "load_after": load_after, "load_limit": limit,
                 "foreign_cores": foreign, "cpus": os.cpu_count(), "seconds": round(wall, 1),
                 "recorded": not problems, "refused": "; ".join(problems) + ": run it again with nothing beside it"

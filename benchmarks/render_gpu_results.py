@@ -30,6 +30,15 @@ def _num(value, digits: int = 1) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _quiet(d: dict) -> str:
+    """The quiet-machine verdict of a part: load before/after, other processes' cores, refused and why."""
+    if "recorded" not in d:
+        return "-"
+    text = f"load {_num(d.get('load_before'), 2)} -> {_num(d.get('load_after'), 2)}, others " \
+        f"{_num(d.get('foreign_cores'), 2)} cores"
+    return text + ("" if d["recorded"] else f"; REFUSED: {str(d.get('refused'))[:120]}")
+
+
 def render(folder: Path) -> str:
     env = _load(folder, "environment")
     data = {name: _load(folder, name) for name in PARTS}
@@ -40,10 +49,15 @@ def render(folder: Path) -> str:
              f"Device: {env.get('gpu') or 'CPU (no GPU)'}; date {env.get('date', '?')}; torch {env.get('torch')}, "
              f"triton {env.get('triton')}, DALI {env.get('dali')}, DeepSpeed {env.get('deepspeed')}, "
              f"timm {env.get('timm')}, Python {env.get('python')}.", "",
-             "| part | status | seconds (budget) |", "|---|---|---|"]
+             "| part | status | seconds (budget) | quiet machine (benchmarks/quiet.py) |", "|---|---|---|---|"]
     for name in PARTS:
         d = data[name]
-        lines.append(f"| {name} | {d.get('status')} | {_num(d.get('seconds'))} ({_num(d.get('budget_s'))}) |")
+        lines.append(f"| {name} | {d.get('status')} | {_num(d.get('seconds'))} ({_num(d.get('budget_s'))}) | "
+                     f"{_quiet(d)} |")
+    refused = [name for name in PARTS if data[name].get("recorded") is False]
+    if refused:
+        lines += ["", f"**Refused (not figures: the machine was not quiet): {', '.join(refused)}.** Their numbers "
+                      "below are shown only to debug the run; measure them again."]
 
     t = data["gpu_tests"]
     failing = f"; failing: {', '.join(t['failed_tests'])}" if t.get("failed_tests") else ""

@@ -15,7 +15,8 @@ from conftest import ROOT
 def test_bench_scale_at_2k(tmp_path):
     out = tmp_path / "scale.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--n", "2000", "--out",
-                    str(tmp_path / "work"), "--json", str(out)], check=True, timeout=500)
+                    str(tmp_path / "work"), "--json", str(out), "--smoke", "--quiet-wait", "0"], check=True,
+                   timeout=500)
     run = json.loads(out.read_text())["runs"][0]
     stages = ("synth", "prepare", "verify", "loader_start_torch", "epoch_torch", "loader_start_dali", "epoch_dali")
     assert all(run[s]["seconds"] > 0 and run[s]["rss"]["main_mb"] > 0 for s in stages)
