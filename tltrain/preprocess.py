@@ -269,6 +269,13 @@ def _cpu_kernel_fits(batch: torch.Tensor) -> bool:
         and batch.dim() == 4 and batch.shape[1] == 3 and batch.shape[-1] == batch.shape[-2]
 
 
+@functools.lru_cache(maxsize=16)
+def _mask_runs(side: int, ratio: float):
+    """Per row, the run of the circle mask (everything when ratio is 0), for the CPU kernel; cached per size."""
+    inside = circle_mask(side, ratio) if ratio > 0 else torch.ones((side, side), dtype=torch.bool)
+    return preprocess_cpu.mask_runs(inside.numpy())
+
+
 def _filter_cpu_kernel(batch: torch.Tensor, cfg: PreprocessConfig, valid: torch.Tensor | None,
                        out_dtype: torch.dtype) -> torch.Tensor:
     """ben_graham_filter of CPU uint8 crops by the fused kernel (tltrain.preprocess_cpu), as out_dtype grey
@@ -282,13 +289,12 @@ def _filter_cpu_kernel(batch: torch.Tensor, cfg: PreprocessConfig, valid: torch.
     norm = blur_profiles(profiles, sigma)  # the separable normaliser: V B = (vy / gauss0(vy)) (x) (vx / gauss0(vx))
     factors = torch.where(norm > 0, profiles / torch.where(norm > 0, norm, 1.0), 0.0)
     factors[:, 0] *= cfg.gain
-    inside = circle_mask(side, cfg.mask_ratio) if cfg.mask_ratio > 0 else torch.ones((side, side), dtype=torch.bool)
+    runs = _mask_runs(side, float(cfg.mask_ratio))
     out = torch.empty((n, 3, side, side), dtype=out_dtype)
-    crops, factors, inside, taps, target = batch.contiguous().numpy(), factors.numpy(), inside.numpy(), \
-        taps.numpy(), out.numpy()
+    crops, factors, taps, target = batch.contiguous().numpy(), factors.numpy(), taps.numpy(), out.numpy()
 
     def one(index: int) -> None:
-        preprocess_cpu.filter_image(crops[index], factors[index], taps, inside, cfg.gain, cfg.offset, target[index])
+        preprocess_cpu.filter_image(crops[index], factors[index], taps, runs, cfg.gain, cfg.offset, target[index])
 
     threads = min(n, torch.get_num_threads())
     if threads > 1:
