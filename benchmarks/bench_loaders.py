@@ -17,6 +17,7 @@ import io
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -257,6 +258,11 @@ def main() -> None:
             for backend in args.backends:
                 row[f"{backend}_wait_fraction"] = round(loaders[backend][0].stats()["wait_fraction"], 3)
                 row[f"{backend}_vs_handwritten"] = round(runs[backend]["median"] / base, 2)
+                # the ratio within each round (epochs taken back to back): steadier than the ratio of medians when
+                # the machine's speed drifts between rounds (this VM: 20 % between runs with nothing else on it)
+                per_round = [b / h for b, h in zip(runs[backend]["values"], runs["handwritten"]["values"])]
+                row[f"{backend}_vs_handwritten_per_round"] = [round(v, 2) for v in per_round]
+                row[f"{backend}_vs_handwritten_round_median"] = round(statistics.median(per_round), 2)
             if args.stages:
                 row["stages_ms_per_image"] = stage_profile(refs, args.model_size)
             report["results"].append(row)
