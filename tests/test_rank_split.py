@@ -49,3 +49,24 @@ def test_training_split_is_per_sample_on_uneven_shards(backend, uneven_shards):
             assert [len(keys) for keys in per_rank] == [n_batches * BATCH] * world
             everything = [k for keys in per_rank for k in keys]
             assert len(set(everything)) == len(everything), f"world {world}, epoch {epoch}: a sample read twice"
+
+
+def test_dali_cpu_evaluation_on_the_host_matches_the_reader_iterator(uneven_shards):
+    """DALI on the CPU evaluates by decoding in DALI and cropping, resizing and filtering on the host, iterating the
+    pipeline itself (DaliLoader._host_batches) rather than through DALIGenericIterator: over three passes (the
+    reader moves to the next shard after each) every rank gets the same samples, in the same order, as with DALI's
+    own graph and iterator (filter_kernel=dali), and each pass covers the split once."""
+    split_total = json.loads((uneven_shards / "manifest.json").read_text())["splits"]["train"]["count"]
+    assert split_total > 3 * BATCH  # several batches per rank, a partial last one somewhere (evaluated, not trained)
+    for world in (1, 3, 4):
+        got, want = [], []
+        for kernel, out in (("auto", got), ("dali", want)):
+            cfg = LoaderConfig(backend="dali", batch_size=BATCH, size=32, workers=1, filter_kernel=kernel)
+            loaders = [build_loader(cfg, uneven_shards, "train", train=False, rank=r, world_size=world)
+                       for r in range(world)]
+            assert loaders[0].host_crop == (kernel == "auto")
+            out += [[_epoch_keys(loader) for loader in loaders] for _ in range(3)]
+        assert got == want, f"world {world}"
+        for ranks in got:
+            keys = [k for rank_keys in ranks for k in rank_keys]
+            assert len(keys) == len(set(keys)) == split_total

@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from tltrain.data.loaders.plan import (draw_rates, sample_index, select_shards, 
                                       weighted_epoch_positions)
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
-from tltrain.preprocess import DTYPES, circle_mask
+from tltrain.preprocess import DTYPES, circle_mask, crop_resize_box, disc_box, square_valid
 
 
 _INHERITED_PIPELINES: list = []
@@ -65,10 +66,12 @@ os.register_at_fork(after_in_child=_disown_inherited_dali_pipelines)
 
 
 def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: int, num_shards: int, seed: int,
-                    gpu: bool, filter_in_dali: bool, source=None):
+                    gpu: bool, filter_in_dali: bool, source=None, decode_only: bool = False):
     """The graph of one DALI pipeline (call inside a pipeline_def); returns (images, labels, source_info, valid,
     angles): valid (2, 2R) profiles and the rotation in degrees when the filter runs in torch, else None.
-    source: an external source of drawn samples (dali_source.EpochSource) instead of the webdataset reader."""
+    source: an external source of drawn samples (dali_source.EpochSource) instead of the webdataset reader.
+    decode_only: (decoded photos, labels, source_info, discs, None): the crop, resize and filter run on the host
+    (CPU evaluation: DaliLoader._host_batches)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
@@ -87,6 +90,8 @@ def fundus_pipeline(tars, indexes, cfg: LoaderConfig, *, train: bool, shard_id: 
     # rule's pixels here (tltrain.data.decode); DALI applies EXIF orientation as the rule does.
     decode_args = {"hw_decoder_load": cfg.hw_decoder_load} if gpu else {}
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decode_args)
+    if decode_only:
+        return images, labels, source_info, discs, None
 
     # The disc square (black outside the photo); training jitters its scale and centre.
     scale, shift_x, shift_y = 1.0, 0.0, 0.0
@@ -224,6 +229,11 @@ class DaliLoader:
         # (DALI's CPU blur and arithmetic ran at a fifth of its speed: benchmarks/RESULTS.md)
         self.filter_in_dali = not cfg.preprocess.filter_on or cfg.filter_kernel == "dali" or \
             (cfg.filter_kernel == "auto" and gpu)
+        # CPU evaluation with the filter outside DALI: DALI decodes, the host kernels crop, resize and filter
+        # straight from DALI's buffers (DALI's own slice + resize of a 5 MP photo cost ~20 ms of CPU per image,
+        # the kernel's crop + resize ~4: benchmarks/RESULTS.md). Training keeps DALI's crop: its jitter and flips.
+        self.host_crop = not gpu and not train and not self.filter_in_dali
+        self._counts, self._passes = counts, 0
         all_tars = [str(Path(shard_dir) / s["tar"]) for s in shards]
         self.shard_names = [s["tar"] for s in shards]
         self.seed, self.epoch, self._started = seed, 0, False
@@ -247,13 +257,16 @@ class DaliLoader:
             def pipeline():
                 outputs = fundus_pipeline(tars, indexes, cfg, train=train, shard_id=shard_id, num_shards=world_size,
                                           seed=derive_seed(seed, epoch, shard_id, 0x5EED), gpu=gpu,
-                                          filter_in_dali=self.filter_in_dali, source=source)
+                                          filter_in_dali=self.filter_in_dali, source=source,
+                                          decode_only=self.host_crop)
                 return tuple(output for output in outputs if output is not None)
 
             pipe = pipeline()
             policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
             try:
                 pipe.build()
+                if self.host_crop:
+                    return pipe, None
                 names = ["images", "labels", "info"] + ([] if self.filter_in_dali else ["valid", "angles"])
                 ends = {"reader_name": "reader"} if source is None else {}  # a source ends by StopIteration
                 return pipe, DALIGenericIterator([pipe], names, last_batch_policy=policy, auto_reset=True, **ends)
@@ -311,12 +324,47 @@ class DaliLoader:
             keys = keys + [""] * missing
         return Batch(images, labels, keys, valid)
 
+    def _host_batches(self):
+        """One evaluation pass of the decode-only pipeline, as DALIGenericIterator would give it: the reader's
+        shard for this pass (it moves to the next shard after each pass, stick_to_shard being off, as the
+        iterator assumes), its padded last batch cut to the shard's samples; each photo cropped, resized and its
+        valid profiles made on the host, from a view of DALI's buffer (valid until the next run())."""
+        shard = (self.rank + self._passes) % self.world_size
+        self._passes += 1
+        remaining = self._counts[shard]
+        work = self.cfg.preprocess.work_size(self.cfg.size)
+        while remaining > 0:
+            images, labels, info, discs = self.pipe.run()
+            keep = min(remaining, len(images))
+            remaining -= keep
+            crops = torch.empty((keep, 3, work, work), dtype=torch.uint8)
+            valid = torch.empty((keep, 2, work), dtype=torch.float32)
+            disc_rows = discs.as_array()
+
+            def one(index: int) -> None:
+                photo = np.asarray(images[index])  # HWC uint8, no copy
+                h, w = photo.shape[:2]
+                x0, y0, side = disc_box(disc_rows[index], w, h, self.cfg.preprocess.crop_to_disc)
+                crops[index] = crop_resize_box(torch.from_numpy(photo), x0, y0, side, work)
+                valid[index] = square_valid(x0, y0, side, w, h, work)
+
+            threads = min(keep, torch.get_num_threads())
+            if threads > 1:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(one, range(keep)))
+            else:
+                for index in range(keep):
+                    one(index)
+            yield [{"images": crops, "valid": valid,
+                    "labels": torch.from_numpy(labels.as_array().reshape(-1)[:keep].astype(np.int64)),
+                    "info": torch.from_numpy(info.as_array()[:keep])}]
+
     def __iter__(self):
         started = last = time.perf_counter()
         produced = 0
         self._started = True
         try:
-            for data in self.iterator:
+            for data in (self._host_batches() if self.host_crop else self.iterator):
                 now = time.perf_counter()
                 self._wait += now - last
                 if produced < self.n_batches:
