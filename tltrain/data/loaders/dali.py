@@ -10,7 +10,9 @@ the pipeline per epoch (set_epoch), seeded from (seed, epoch, rank), with ranks 
 epoch's order and augmentation do not depend on whether the run was resumed (DALI's own reshuffling continues from
 its state and cannot be positioned). filter_kernel=triton/torch, and auto on the CPU: DALI stops after decode + crop +
 resize and the filter runs on the torch batch (the Triton kernel on CUDA, the fused CPU kernel of
-tltrain.preprocess_cpu on the CPU); filter_kernel=dali keeps DALI's own filter on the CPU too.
+tltrain.preprocess_cpu on the CPU); filter_kernel=dali keeps DALI's own filter on the CPU too. CPU evaluation goes
+further: DALI only decodes, and the loader runs the pipeline itself and crops, resizes and filters each photo on the
+host from a view of DALI's buffer (_host_batches), as DALI's CPU slice + resize cost 5x the host kernel's.
 Labels come from the `.lbl` member (int32), the same member the torch backend reads.
 Limits, stated rather than faked: a sample that fails to decode stops the pipeline whatever on_decode_error says
 (DALI's decoders cannot skip one); the error names the shards and points at `tltrain verify`, which finds the
