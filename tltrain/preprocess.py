@@ -293,17 +293,21 @@ def _filter_cpu_kernel(batch: torch.Tensor, cfg: PreprocessConfig, valid: torch.
     out = torch.empty((n, 3, side, side), dtype=out_dtype)
     crops, factors, taps, target = batch.contiguous().numpy(), factors.numpy(), taps.numpy(), out.numpy()
 
-    def one(index: int) -> None:
-        preprocess_cpu.filter_image(crops[index], factors[index], taps, runs, cfg.gain, cfg.offset, target[index])
+    for_each_image(lambda index: preprocess_cpu.filter_image(crops[index], factors[index], taps, runs, cfg.gain,
+                                                             cfg.offset, target[index]), n)
+    return out
 
-    threads = min(n, torch.get_num_threads())
+
+def for_each_image(work, count: int) -> None:
+    """work(i) for i < count, side by side on torch's intra-op threads (one in a DataLoader worker): the CPU
+    kernels run without the GIL, so a batch's images go through in parallel in the loader's own process."""
+    threads = min(count, torch.get_num_threads())
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(n)))
+            list(pool.map(work, range(count)))
     else:
-        for index in range(n):
-            one(index)
-    return out
+        for index in range(count):
+            work(index)
 
 
 def reference(images_hwc: list[torch.Tensor], discs, size: int, cfg: PreprocessConfig, dtype: str = "fp32",

@@ -31,7 +31,6 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from tltrain.data.loaders.plan import (draw_rates, sample_index, select_shards, 
                                       weighted_epoch_positions)
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
-from tltrain.preprocess import DTYPES, circle_mask, crop_resize_box, disc_box, square_valid
+from tltrain.preprocess import DTYPES, circle_mask, crop_resize_box, disc_box, for_each_image, square_valid
 
 
 _INHERITED_PIPELINES: list = []
@@ -350,13 +349,7 @@ class DaliLoader:
                 crops[index] = crop_resize_box(torch.from_numpy(photo), x0, y0, side, work)
                 valid[index] = square_valid(x0, y0, side, w, h, work)
 
-            threads = min(keep, torch.get_num_threads())
-            if threads > 1:
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(one, range(keep)))
-            else:
-                for index in range(keep):
-                    one(index)
+            for_each_image(one, keep)
             yield [{"images": crops, "valid": valid,
                     "labels": torch.from_numpy(labels.as_array().reshape(-1)[:keep].astype(np.int64)),
                     "info": torch.from_numpy(info.as_array()[:keep])}]
