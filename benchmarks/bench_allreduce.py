@@ -90,9 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=quiet.MIN_REPEATS, help="rounds over the sizes, in turns")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figures are not to be recorded)")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None, help="JSON file (rank 0); default: print only")
     args = parser.parse_args()
     _slurm_env()

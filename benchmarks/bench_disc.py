@@ -106,9 +106,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="calls per image and figure; the fastest counts")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
                         help="rounds of every figure, old and new in turns; the medians count")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figure is not to be recorded)")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     old = _old_module()

@@ -102,9 +102,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=1, help="timed passes per round (after one untimed pass)")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="rounds of each loader, in turns")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figures are not to be recorded): gpu_all's dry run, CI")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     gpu = args.device == "cuda"

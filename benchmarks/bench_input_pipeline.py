@@ -75,9 +75,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="rounds of each feed, in turns")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figures are not to be recorded): gpu_all's dry run, CI")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device, gpu = args.device, args.device == "cuda"

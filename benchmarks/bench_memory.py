@@ -111,9 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
                         help="traced builds of each loader, in turns; the medians count")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figures are not to be recorded)")
+    quiet.add_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     watch = quiet.Watch().start(args.quiet_wait)

@@ -58,8 +58,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="8 images, for a quick check that it runs")
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="runs of each configuration")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run")
+    quiet.add_arguments(parser)
     parser.add_argument("--one-run", default=None, help=argparse.SUPPRESS)  # internal: one measured prepare
     args = parser.parse_args()
     if args.one_run:

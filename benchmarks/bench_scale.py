@@ -343,10 +343,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
                         help="rounds of the cheap stages (loader start-up, camera costs), in turns")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a loaded machine does not fail the run (the JSON still says the figures are not to be "
-                        "recorded): tests/test_bench_scale.py on CI's machine")
+    quiet.add_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     watch = quiet.Watch().start(args.quiet_wait)

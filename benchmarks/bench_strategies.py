@@ -35,9 +35,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=0, help="seconds per run (default 150 on a GPU, 600 small)")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS,
                         help="timed epochs per run (after one start-up epoch); the median counts")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figures are not to be recorded): gpu_all's dry run, CI")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     gpu = args.device == "cuda"

@@ -53,9 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", required=True, help="a prepared shard folder (data.shards)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each command, in turns (at least 3)")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figures are not to be recorded)")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None, help="JSON file; default: print only")
     args = parser.parse_args()
     env = dict(os.environ)

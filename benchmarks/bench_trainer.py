@@ -86,9 +86,7 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=quiet.MIN_REPEATS, help="interleaved runs of each loop")
-    parser.add_argument("--quiet-wait", type=float, default=300, help="seconds to wait for a quiet machine")
-    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
-                        "still says the figure is not to be recorded): gpu_all's dry run, CI")
+    quiet.add_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.small:

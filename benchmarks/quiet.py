@@ -25,6 +25,15 @@ MIN_REPEATS = 3
 REFUSED_EXIT = 3
 
 
+def add_arguments(parser, wait: float = 300) -> None:
+    """The two options every benchmark takes: --quiet-wait (seconds to wait for a quiet machine) and --smoke (a
+    loaded machine does not fail the run; the JSON still says the figure is not to be recorded: gpu_all's dry
+    run, CI, tests)."""
+    parser.add_argument("--quiet-wait", type=float, default=wait, help="seconds to wait for a quiet machine")
+    parser.add_argument("--smoke", action="store_true", help="a loaded machine does not fail the run (the JSON "
+                        "still says the figure is not to be recorded): gpu_all's dry run, CI, tests")
+
+
 def load_limit() -> float:
     return QUIET_LOAD_PER_CPU * (os.cpu_count() or 1)
 
