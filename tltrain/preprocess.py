@@ -48,16 +48,20 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     the float64 blur within 1e-4 grey levels); without OpenCV, the banded products (what the Triton dot kernel does
     on tensor cores). Other dtypes and devices (the float64 ground truth, GPUs) use conv2d."""
     taps = gaussian_taps(sigma, images.dtype).to(images.device)
-    half = (len(taps) - 1) // 2
     n, c, h, w = images.shape
-    if half >= min(h, w):
-        raise ValueError(f"blur window {len(taps)} taps is larger than the {h}x{w} image (sigma {sigma:g})")
+    check_window(taps, h, w, sigma)
     if images.device.type == "cpu" and images.dtype == torch.float32:
         blurred = _opencv_blur(images, taps)
         if blurred is not None:
             return blurred
         return band_matrix(h, float(sigma)).T @ images @ band_matrix(w, float(sigma))
     return _conv_blur(images, taps)
+
+
+def check_window(taps: torch.Tensor, h: int, w: int, sigma: float) -> None:
+    """The blur's window may not exceed the image (a ValueError naming both)."""
+    if (len(taps) - 1) // 2 >= min(h, w):
+        raise ValueError(f"blur window {len(taps)} taps is larger than the {h}x{w} image (sigma {sigma:g})")
 
 
 def _opencv_blur(images: torch.Tensor, taps: torch.Tensor) -> torch.Tensor | None:
@@ -283,8 +287,7 @@ def _filter_cpu_kernel(batch: torch.Tensor, cfg: PreprocessConfig, valid: torch.
     n, _, side, _ = batch.shape
     sigma = side / 2 * cfg.sigma_ratio
     taps = gaussian_taps(sigma, torch.float32)
-    if (len(taps) - 1) // 2 >= side:
-        raise ValueError(f"blur window {len(taps)} taps is larger than the {side}x{side} image (sigma {sigma:g})")
+    check_window(taps, side, side, sigma)
     profiles = (full_valid(n, side) if valid is None else valid.cpu()).to(torch.float64)
     norm = blur_profiles(profiles, sigma)  # the separable normaliser: V B = (vy / gauss0(vy)) (x) (vx / gauss0(vx))
     factors = torch.where(norm > 0, profiles / torch.where(norm > 0, norm, 1.0), 0.0)

@@ -37,12 +37,11 @@ def _jit(fn):
 
 
 @functools.lru_cache(maxsize=64)
-def antialias_weights(length: int, size: int, start: int = 0, limit: int | None = None):
+def antialias_weights(length: int, size: int):
     """The 1-D weights of torch's antialiased bilinear resize (F.interpolate(..., antialias=True,
     align_corners=False), Pillow's algorithm) from `length` to `size` samples: (first, weights) with first (size,)
-    int64 the first input index of each output and weights (size, K) float32, zero-padded. Inputs at positions
-    start + j outside [0, limit) are black: their weight stays in the normalisation (as in a zero-padded crop) but
-    the kernel never reads them."""
+    int64 the first input index of each output and weights (size, K) float32, zero-padded. Samples outside the
+    photo are black in the crop: the kernel skips them, their weight stays in the normalisation."""
     scale = length / size
     support = scale if scale >= 1.0 else 1.0
     inv = 1.0 / scale if scale >= 1.0 else 1.0
@@ -102,10 +101,9 @@ def _crop_resize_kernel(image, x0, y0, first_y, wy, first_x, wx, out):
 def crop_resize_u8(image: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.ndarray:
     """(H, W, 3) uint8 photo -> (3, size, size) uint8: tltrain.preprocess.resize_square(crop_square(...), size)."""
     image = np.ascontiguousarray(image)
-    first_y, wy = antialias_weights(side, size)
-    first_x, wx = antialias_weights(side, size)
+    first, weights = antialias_weights(side, size)  # a square: the same weights down the rows and along them
     out = np.empty((3, size, size), np.uint8)
-    _crop_resize_kernel(image, int(x0), int(y0), first_y, wy, first_x, wx, out)
+    _crop_resize_kernel(image, int(x0), int(y0), first, weights, first, weights, out)
     return out
 
 
@@ -268,7 +266,7 @@ def normalise_u8(grey: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def warm() -> None:
-    """Compile (or load from numba's cache) both kernels in this process. Call it before forking DataLoader
+    """Compile (or load from numba's cache) the kernels in this process. Call it before forking DataLoader
     workers: they inherit the compiled code, where each fresh worker would otherwise spend ~0.4 s loading it
     (measured), at every epoch."""
     if not AVAILABLE:

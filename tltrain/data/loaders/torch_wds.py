@@ -323,12 +323,12 @@ class TorchWdsLoader:
         else:
             images, labels, keys, valid, angles = chunk
             images = images.to(self.device, non_blocking=True)
-            if not self._finish_on_device and not self.train:
-                images = P.normalise(images, self.cfg.preprocess, self.cfg.dtype, self.cfg.channels_last)
-            elif self._finish_on_device:
+            if self._finish_on_device:
                 images = finish_batch(images, self.cfg.preprocess, size=self.cfg.size, dtype=self.cfg.dtype,
                                       channels_last=self.cfg.channels_last, filter_kernel=self.cfg.filter_kernel,
                                       valid=valid, angles=angles)
+            elif not self.train:  # the workers' grey levels (_RankStream._collate)
+                images = P.normalise(images, self.cfg.preprocess, self.cfg.dtype, self.cfg.channels_last)
         valid = torch.ones(len(keys), dtype=torch.bool)
         missing = self.batch_size - len(keys)
         if missing:
