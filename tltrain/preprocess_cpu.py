@@ -42,6 +42,13 @@ def antialias_weights(length: int, size: int):
     align_corners=False), Pillow's algorithm) from `length` to `size` samples: (first, weights) with first (size,)
     int64 the first input index of each output and weights (size, K) float32, zero-padded. Samples outside the
     photo are black in the crop: the kernel skips them, their weight stays in the normalisation."""
+    first, weights = antialias_weights64(length, size)
+    return first, weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def antialias_weights64(length: int, size: int):
+    """antialias_weights in float64 (what torch uses for float64 input: tltrain.preprocess.valid_profile)."""
     scale = length / size
     support = scale if scale >= 1.0 else 1.0
     inv = 1.0 / scale if scale >= 1.0 else 1.0
@@ -53,7 +60,7 @@ def antialias_weights(length: int, size: int):
     x = (offsets - centers[:, None] + 0.5) * inv
     weights = np.where((offsets < last[:, None]), np.clip(1.0 - np.abs(x), 0.0, None), 0.0)
     weights /= weights.sum(1, keepdims=True)
-    return first, weights.astype(np.float32)
+    return first, weights  # cached: callers must not write to them
 
 
 @_jit
