@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tltrain.data.loaders import LoaderConfig, build_loader
-from tltrain.data.loaders.plan import sample_index, sample_refs, select_shards, training_block
+from tltrain.data.loaders.plan import sample_index, sample_refs, select_shards, training_block, worker_part
 
 
 def _label(ref) -> int:
@@ -53,11 +53,19 @@ def test_training_block_keeps_the_epoch_order(fundus_shards):
                 assert index.tars_of(block) == list(dict.fromkeys(r.tar for r in expected))
 
 
-def test_torch_loader_holds_no_key_set_on_one_rank(fundus_shards):
+def test_torch_loader_reads_its_block_in_equal_worker_parts(fundus_shards):
+    """A rank reads exactly its block (positions in the index, no per-sample key set) and its DataLoader workers
+    split it into equal contiguous parts, whatever the shard sizes."""
     cfg = LoaderConfig(backend="torch", batch_size=4, size=32, workers=0)
     one = build_loader(cfg, fundus_shards, "train", train=True)
-    assert one.keep is None and len(one.urls) == len(one.index.tars)  # every sample of every shard
-    two = build_loader(cfg, fundus_shards, "train", train=True, rank=1, world_size=2)
-    assert len(two.keep) == len(one.index) // 2  # a rank's share: the shard it splits with its neighbour
+    assert sorted(one.block.tolist()) == list(range(len(one.index))) and len(one.urls) == len(one.index.tars)
+    two = [build_loader(cfg, fundus_shards, "train", train=True, rank=r, world_size=2) for r in (0, 1)]
+    assert [len(loader.block) for loader in two] == [len(one.index) // 2] * 2
+    assert not set(two[0].block.tolist()) & set(two[1].block.tolist())
     evaluation = build_loader(cfg, fundus_shards, "val", train=False, rank=0, world_size=2)
-    assert evaluation.keep is not None and evaluation.urls == sorted(evaluation.urls, key=evaluation.index.tars.index)
+    assert evaluation.block.tolist() == list(range(len(evaluation.block)))  # shard order, the first half
+    assert evaluation.urls == sorted(evaluation.urls, key=evaluation.index.tars.index)
+    for workers in (1, 2, 3, 7):
+        parts = [worker_part(one.block, w, workers) for w in range(workers)]
+        assert np.concatenate(parts).tolist() == one.block.tolist()
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1

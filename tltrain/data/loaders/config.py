@@ -38,6 +38,9 @@ class LoaderConfig:
     channels_last: bool = False
     pin_memory: bool = True  # torch backend, when the device is CUDA
     prefetch_factor: int = 2  # torch backend: batches prefetched per worker
+    # torch backend, evaluation loaders (validation every epoch): keep the worker processes between passes rather
+    # than start `workers` new ones each time; idle workers keep their memory until the loader is dropped
+    persistent_workers: bool = True
     # torch backend, opt-in speed option: libjpeg decodes at a reduced DCT scale when the crop allows it. Off by
     # default: DALI, predict and load_pretrained decode at full size and cannot match it (warned when on)
     draft_decode: bool = False

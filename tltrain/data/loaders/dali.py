@@ -38,7 +38,8 @@ import torch
 
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
-from tltrain.data.loaders.dali_source import EpochSource, MemberTable
+from tltrain.data.loaders.dali_source import EpochSource
+from tltrain.data.loaders.members import MemberTable
 from tltrain.data.loaders.filtering import finish_batch
 from tltrain.data.loaders.plan import (draw_rates, sample_index, select_shards, source_of_keys,
                                       weighted_epoch_positions)
@@ -216,7 +217,7 @@ class DaliLoader:
         self.source_of = source_of_keys(self.manifest, shard_dir, shards, index) if not train else None
         rates = draw_rates(index, shards, self.manifest, self.num_classes, cfg.balanced,
                            cfg.checked_class_weights(self.num_classes)) if train else None
-        table = MemberTable(shard_dir, shards, index) if rates is not None else None
+        table = MemberTable(shard_dir, shards, index, require_disc=True) if rates is not None else None
         self.batch_size = cfg.batch_size
         counts = _rank_counts(len(index), world_size)
         if train:

@@ -135,6 +135,12 @@ def sample_refs(shard_dir: str | Path, shards: list[dict]) -> list[SampleRef]:
     return refs
 
 
+def worker_part(positions: np.ndarray, worker: int, workers: int) -> np.ndarray:
+    """The contiguous part of a rank's samples that DataLoader worker `worker` of `workers` reads: equal parts
+    (within one sample), whatever the shard sizes, so no worker is left finishing a large shard alone."""
+    return positions[worker * len(positions) // workers:(worker + 1) * len(positions) // workers]
+
+
 def training_block(index: SampleIndex, world: int, rank: int, epoch: int, seed: int) -> np.ndarray:
     """Training: the positions (in `index`) of this rank's samples of an epoch, split per sample rather than per
     shard.

@@ -1,24 +1,29 @@
-"""The `torch` backend: the webdataset library's pipeline streams the tars in DataLoader workers (read by
-tltrain.data.shards.iter_tar_samples: members checked before they are read, a missing shard stops the run), PIL
-decodes, the disc is cropped and resized in the workers; the Ben Graham filter runs on the GPU batch (Triton) when
-there is one, in the workers (torch reference) otherwise.
+"""The `torch` backend: DataLoader workers read each sample's image and disc straight from its shard at the
+offsets of the shard's index file (tltrain.data.loaders.members: one pread each, bounded by the index checks;
+a missing or shortened shard stops the run naming it) and run the webdataset library's pipeline stages on them
+(oversampling, shuffle buffer, map, batching); PIL decodes, the disc is cropped and resized in the workers; the
+Ben Graham filter runs on the GPU batch (Triton) when there is one, in the workers (tltrain.preprocess_cpu)
+otherwise. Reading by offset rather than parsing every tar header in turn costs ~0.05 instead of ~0.5 ms a sample
+(benchmarks/RESULTS.md), and lets each worker read exactly its own samples.
 
 Which samples a rank reads (plan.py):
-- evaluation: the sample list, in shard order, is cut into equal contiguous blocks, one per rank; a rank streams
-  only the shards its block touches and keeps the block's keys, so every sample is seen exactly once in all;
+- evaluation: the sample list, in shard order, is cut into equal contiguous blocks, one per rank; a rank reads
+  only its block's samples, so every sample is seen exactly once in all;
   the last batches are padded with valid=False rows so every rank runs ceil(N / world / batch) batches.
 - training: per sample, not per shard: the shards in an epoch-seeded order, their samples cut into equal contiguous
-  blocks of N // world, one per rank (plan.training_block); a rank streams the shards its block touches and keeps
-  the block's keys, so every rank has the same count and only the last partial batch is dropped. Samples are
+  blocks of N // world, one per rank (plan.training_block); a rank reads its block's samples in that order, so
+  every rank has the same count and only the last partial batch is dropped. Samples are
   shuffled in a buffer (loader.shuffle_buffer); a rank loops its stream if skipped samples leave it short.
-- balanced training (Sallam et al.): each streamed sample is repeated Poisson(N / (C * count[label])) times, the
+- balanced training (Sallam et al.): each sample read is repeated Poisson(N / (C * count[label])) times, the
   streaming form of drawing with replacement at inverse class frequency, so every class is drawn equally often.
 - weighted folders (data.weights, several shard folders): the same draw with rate share_f * N / count_f (per class
   within the folder when balanced too), so folder f makes up share_f = weight_f / sum(weights) of an epoch
   (plan.draw_rates).
-Workers split shards with wds.split_by_worker; the ranks are given explicitly (build_loader's rank), not read from
-the environment. Labels come from each sample's own `.lbl` member (the same member DALI reads), so a skipped
-sample never shifts labels and both backends see the same label.
+The DataLoader workers split a rank's samples the same way, into equal contiguous parts (plan.worker_part), so
+they finish together whatever the shard sizes (wds.split_by_worker deals out whole shards: 7 shards of 14 to 53
+samples left one of 2 workers with 56 % of them). The ranks are given explicitly (build_loader's rank), not read
+from the environment. Labels are each sample's own `.lbl` member (read once by plan.sample_index; the same member
+DALI reads), so a skipped sample never shifts labels and both backends see the same label.
 """
 from __future__ import annotations
 
@@ -40,8 +45,9 @@ from tltrain.data.disc import locate_disc
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.plan import draw_rates, sample_index, select_shards, source_of_keys, training_block
-from tltrain.data.shards import image_ext, iter_tar_samples
+from tltrain.data.loaders.members import MemberReader, MemberTable
+from tltrain.data.loaders.plan import draw_rates, sample_index, select_shards, source_of_keys, training_block, \
+    worker_part
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import ConfigError, DataError
 
@@ -70,15 +76,6 @@ def decode_fundus(data: bytes, disc, work_size: int, draft: bool, name: str = "i
     return array, tuple(v * factor for v in disc)
 
 
-def sample_label(sample: dict) -> int:
-    """The label from the 4-byte `.lbl` member: the one label source of both backends (DALI reads it as INT32)."""
-    data = sample["lbl"]
-    if len(data) != 4:
-        raise DataError(f"{sample.get('__url__', '?')}:{sample['__key__']}: .lbl member has {len(data)} bytes, "
-                        "expected 4 (damaged shard: run `tltrain verify`)")
-    return int.from_bytes(data, "little", signed=True)
-
-
 def augment_crop(crop: torch.Tensor, valid: torch.Tensor, a: P.AugmentConfig, rng: np.random.Generator):
     """Flips and brightness/contrast/saturation jitter of a (3, S, S) uint8 crop and its (2, S) valid profiles;
     returns (crop, valid, rotation in degrees). The rotation about the disc centre is applied after the filter
@@ -100,14 +97,6 @@ def augment_crop(crop: torch.Tensor, valid: torch.Tensor, a: P.AugmentConfig, rn
     return torch.where(photo, crop, 0), valid, angle  # contrast lifts the black outside the photo: zero it again
 
 
-def _shard_samples(src):
-    """webdataset stage: {"url"} -> samples, by tltrain.data.shards.iter_tar_samples (members checked before they
-    are read; a missing or damaged shard stops the run naming it, whatever loader.on_decode_error says: the
-    samples of a whole shard cannot be skipped one by one and counted)."""
-    for item in src:
-        yield from iter_tar_samples(item["url"])
-
-
 def worker_error(exc: DataError) -> DataError:
     """A DataError raised in a DataLoader worker arrives wrapped ("Caught DataError in DataLoader worker ...",
     then the worker's traceback): back to its own one-line message."""
@@ -120,30 +109,43 @@ def worker_error(exc: DataError) -> DataError:
 class _RankStream(IterableDataset):
     """One rank's samples as worker-side batches: dicts of uint8 crops (or finished images), labels, keys, errors."""
 
-    def __init__(self, loader: "TorchWdsLoader", urls: list[str], keep: set | None, finish_in_worker: bool):
+    def __init__(self, loader: "TorchWdsLoader", block: np.ndarray, finish_in_worker: bool):
         self.cfg, self.train, self.seed, self.epoch, self.rank = loader.cfg, loader.train, loader.seed, loader.epoch, \
             loader.rank
-        self.urls, self.keep, self.finish_in_worker = urls, keep, finish_in_worker
+        self.members, self.block, self.finish_in_worker = loader.members, block, finish_in_worker
         self.rates = loader.draw_rates  # (folder, class) -> expected draws per sample, None: each once
-        self.folder_of_tar = dict(zip(loader.index.tars, (s.get("folder", 0) for s in loader.shards)))
+        self.folder_of_shard = np.array([s.get("folder", 0) for s in loader.shards] or [0], np.int64)
         self.work_size = loader.cfg.preprocess.work_size(loader.cfg.size)
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info else 0
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0xDA7A]))
-        while True:  # training loops its stream: the loader stops after its batch count
-            produced = 0
-            for batch in self._pipeline(rng):
-                produced += len(batch["keys"])
-                yield batch
-            if not self.train or produced == 0:  # a pass without one good sample would loop for ever
-                return
+        part = worker_part(self.block, worker, workers)
+        if not len(part):  # fewer samples than workers
+            return
+        reader = MemberReader(self.members)  # opened here: descriptors are not shared with other workers
+        try:
+            while True:  # training loops its stream: the loader stops after its batch count
+                produced = 0
+                for batch in self._pipeline(part, reader, rng):
+                    produced += len(batch["keys"])
+                    yield batch
+                if not self.train or produced == 0:  # a pass without one good sample would loop for ever
+                    return
+        finally:
+            reader.close()
 
-    def _pipeline(self, rng: np.random.Generator):
-        stages = [wds.SimpleShardList(self.urls), wds.split_by_worker, _shard_samples]
-        if self.keep is not None:
-            stages.append(wds.select(lambda sample: sample["__key__"] in self.keep))
+    def _samples(self, part: np.ndarray, reader: MemberReader):
+        """The part's samples in order, read by offset: {"__key__", "__url__", "image", "disc", "label"}."""
+        index = self.members.index
+        for sample in part.tolist():
+            yield {"__key__": str(index.keys[sample]), "__url__": reader.url(sample), "image": reader.image(sample),
+                   "disc": reader.disc(sample), "label": int(index.labels[sample]),
+                   "folder": int(self.folder_of_shard[index.shard[sample]])}
+
+    def _pipeline(self, part: np.ndarray, reader: MemberReader, rng: np.random.Generator):
+        stages = [lambda: self._samples(part, reader)]
         if self.train and self.rates is not None:
             stages.append(lambda src: self._oversample(src, rng))
         if self.train:
@@ -155,20 +157,15 @@ class _RankStream(IterableDataset):
 
     def _oversample(self, src, rng: np.random.Generator):
         for sample in src:
-            folder = self.folder_of_tar.get(sample.get("__url__"), 0)
-            for _ in range(rng.poisson(self.rates[folder, sample_label(sample)])):
+            for _ in range(rng.poisson(self.rates[sample["folder"], sample["label"]])):
                 yield sample
 
     def _prepare(self, sample: dict, rng: np.random.Generator):
         """One sample -> (uint8 crop or None, valid profiles, rotation, label, key, error message or None)."""
-        key, url = sample["__key__"], sample.get("__url__", "?")
-        ext = image_ext(sample)
-        if "lbl" not in sample or ext is None:
-            raise DataError(f"{url}: sample {key} lacks its image (.jpg/.png) or .lbl member (not a tltrain shard?)")
-        label = sample_label(sample)
+        key, url, label = sample["__key__"], sample["__url__"], sample["label"]
         try:
-            disc = np.frombuffer(sample["disc"], "<f4").tolist() if "disc" in sample else None
-            image, disc = decode_fundus(sample[ext], disc, self.work_size, self.cfg.draft_decode, f"{url}:{key}")
+            disc = None if sample["disc"] is None else sample["disc"].tolist()
+            image, disc = decode_fundus(sample["image"], disc, self.work_size, self.cfg.draft_decode, f"{url}:{key}")
         except Exception as exc:  # a corrupt member: skip it loudly (counted by the loader) or stop, by config
             message = f"{url}:{key}: cannot decode ({type(exc).__name__}: {exc})"
             if self.cfg.on_decode_error == "fail":
@@ -232,6 +229,7 @@ class TorchWdsLoader:
             warn_draft_decode()
         self.manifest, self.shards = select_shards(shard_dir, split, fraction, manifest)
         self.index = sample_index(shard_dir, self.shards)
+        self.members = MemberTable(shard_dir, self.shards, self.index)  # where each image and disc lie in its tar
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(self.index.labels, minlength=self.num_classes).tolist()
         self.draw_rates = draw_rates(self.index, self.shards, self.manifest, self.num_classes, cfg.balanced,
@@ -241,11 +239,12 @@ class TorchWdsLoader:
         self.decode_errors: list[str] = []
         self._images, self._seconds, self._wait = 0, 0.0, 0.0
         self._finish_on_device = self.device.type == "cuda"
+        self._persistent: DataLoader | None = None  # evaluation with persistent_workers: built on the first pass
         self._plan()
 
     def _plan(self) -> None:
-        """This epoch's shards (urls) and, when the rank takes only part of some of them, the keys it keeps
-        (keep; None: every sample of its shards, e.g. on one rank, so no per-sample set is held)."""
+        """This epoch's samples of the rank (block: positions in the index, in reading order), their shards (urls)
+        and the batch count."""
         index, world, batch = self.index, self.world_size, self.batch_size
         n = len(index)
         if not self.train:
@@ -255,10 +254,8 @@ class TorchWdsLoader:
         else:
             block = training_block(index, world, self.rank, self.epoch, self.seed)
             self.n_batches = len(block) // batch
-        self.expected = len(block)
+        self.expected, self.block = len(block), block
         self.urls = index.tars_of(block)  # evaluation: in shard order; training: in the epoch's shard order
-        whole = np.isin(index.shard, np.unique(index.shard[block])).sum() == len(block)
-        self.keep = None if whole else index.key_set(block)
         if self.train and self.n_batches < 1:
             raise ConfigError(f"{n} training samples cannot fill one batch of {batch} on each of {world} ranks; "
                               "lower loader.batch_size")
@@ -279,16 +276,23 @@ class TorchWdsLoader:
         workers = self.cfg.workers
         if not self.urls:
             return iter(())
-        stream = _RankStream(self, self.urls, self.keep, finish_in_worker=not self._finish_on_device)
+        # Evaluation reads the same samples every pass: its workers may stay (a training epoch has a new plan)
+        persistent = bool(workers) and self.cfg.persistent_workers and not self.train
+        if persistent and self._persistent is not None:
+            return iter(self._persistent)
+        stream = _RankStream(self, self.block, finish_in_worker=not self._finish_on_device)
         if workers:
             preprocess_cpu.warm()  # compiled here, inherited by the forked workers (not loaded again in each)
         # A generator of its own: the workers' base seed comes from (seed, epoch, rank), and starting an iterator
         # never draws from the global torch RNG (which a resumed run restores from its checkpoint).
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, 0xD1))
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                               pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
-                               prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                               worker_init_fn=keep_freed_memory if workers else None))
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
+                            pin_memory=self.cfg.pin_memory and self.device.type == "cuda",
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            worker_init_fn=keep_freed_memory if workers else None, persistent_workers=persistent)
+        if persistent:
+            self._persistent = loader
+        return iter(loader)
 
     def _rebatch(self, source):
         """The workers' partial batches re-cut into chunks of exactly batch_size rows (the last one may be short):

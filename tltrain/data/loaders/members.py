@@ -1,0 +1,108 @@
+"""Reading single samples straight from their shards at the offsets of the shard index files: what the torch
+backend's workers and the DALI backend's weighted sampler read, instead of parsing every tar header in turn.
+
+The index files were checked when the loader read them (tltrain.data.loaders.plan.sample_index: every member
+inside its tar, none over MEMBER_BYTES), so a read is bounded. Each read also takes the 512-byte tar header
+just before the member (the member's own header, whatever long-name or pax blocks precede it) and checks it as
+the streaming reader does (tltrain.data.shards.member_problem: a valid header of a regular file of the size and
+at the offset the index gives): a tar replaced or rewritten after `prepare`, gone or shorter than its index,
+stops the run with a DataError naming it rather than decoding whatever bytes now sit at those offsets.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from tltrain.data.loaders.plan import SampleIndex
+from tltrain.data.shards import image_ext, member_problem, read_index
+from tltrain.errors import DataError
+from tltrain.safe_io import printable
+
+NO_MEMBER = -1  # the offset of a member a sample does not have (a .disc is optional for the torch backend)
+#: a FIFO put where a tar was fails its read at once instead of blocking (no effect on a regular file)
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+class MemberTable:
+    """Per sample (in SampleIndex order): its tar, the image member's (offset, size) and the disc's
+    ((NO_MEMBER, 0) when the sample has none); `require_disc` refuses shards without them."""
+
+    def __init__(self, shard_dir, shards: list[dict], index: SampleIndex, require_disc: bool = False):
+        tars, image, disc = [], [], []
+        for shard in shards:
+            tars.append(str(Path(shard_dir) / shard["tar"]))
+            for members in read_index(Path(shard_dir) / shard["index"]):
+                ext = image_ext(members)
+                if ext is None or (require_disc and "disc" not in members):
+                    raise DataError(f"{tars[-1]}: a sample without its image (.jpg/.png)"
+                                    f"{' or .disc' if require_disc else ''} member (not a tltrain shard?)")
+                image.append(members[ext][:2])
+                disc.append(members["disc"][:2] if "disc" in members else (NO_MEMBER, 0))
+        if len(image) != len(index):
+            raise DataError(f"{shard_dir}: the index files list {len(image)} samples, the shards' labels "
+                            f"{len(index)} (damaged shard: run `tltrain verify`)")
+        self.tars, self.index = tars, index
+        self.image = np.asarray(image, np.int64).reshape(-1, 2)
+        self.disc = np.asarray(disc, np.int64).reshape(-1, 2)
+
+
+class MemberReader:
+    """Reads samples' members with one pread each, keeping one open descriptor per tar it has read from.
+    Opened in the process that reads (a DataLoader worker, DALI's source), closed by close()."""
+
+    def __init__(self, table: MemberTable):
+        self.table = table
+        self._files: dict[int, int] = {}
+
+    def url(self, sample: int) -> str:
+        return self.table.tars[int(self.table.index.shard[sample])]
+
+    def image(self, sample: int) -> bytes:
+        return self._read(sample, *self.table.image[sample])
+
+    def disc(self, sample: int) -> np.ndarray | None:
+        """The sample's disc (cx, cy, r) as float32, None when its shard has no .disc member for it."""
+        offset, size = self.table.disc[sample]
+        if offset == NO_MEMBER:
+            return None
+        if size != 12:
+            raise DataError(f"{self.url(sample)}: a .disc member of {size:,} bytes, expected 12 (damaged shard: "
+                            "run `tltrain verify`)")
+        return np.frombuffer(self._read(sample, offset, size), "<f4").astype(np.float32)
+
+    def _read(self, sample: int, offset: int, size: int) -> bytes:
+        tar = int(self.table.index.shard[sample])
+        handle = self._files.get(tar)
+        path = self.table.tars[tar]
+        start = offset - tarfile.BLOCKSIZE  # the member's own header
+        try:
+            if handle is None:
+                handle = self._files[tar] = os.open(path, _READ_FLAGS)
+            data = os.pread(handle, int(size) + tarfile.BLOCKSIZE, int(start)) if start >= 0 else b""
+        except FileNotFoundError:
+            raise DataError(f"{path}: shard missing (deleted or moved while the run was reading its data?); "
+                            "restore it or re-run `tltrain prepare`, then `tltrain verify`") from None
+        except OSError as exc:
+            raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {printable(exc, 200)}); "
+                            "run `tltrain verify`") from None
+        if len(data) != size + tarfile.BLOCKSIZE:
+            raise DataError(f"{path}: {size} bytes at {offset} listed in its index, {max(len(data) - 512, 0)} there "
+                            "(damaged or changed shard: run `tltrain verify`)")
+        try:
+            header = tarfile.TarInfo.frombuf(data[:tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise DataError(f"{path}: no tar header before the member at byte {offset:,} that its index lists "
+                            f"({exc}): the shard changed after `prepare` (damaged shard: run `tltrain verify`)") from None
+        header.offset_data = offset
+        problem = member_problem(header, (offset, size))
+        if problem:
+            raise DataError(f"{path}: {problem} (damaged shard: run `tltrain verify`)")
+        return data[tarfile.BLOCKSIZE:]
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            os.close(handle)
+        self._files.clear()
