@@ -120,6 +120,43 @@ def test_torch_workers_give_same_evaluation_as_main_process(fundus_shards):
     assert all(torch.equal(by_key(main)[k], by_key(two)[k]) for k in by_key(main))
 
 
+def test_evaluation_keeps_its_workers_between_passes(fundus_shards):
+    """loader.persistent_workers (the default): a validation loader iterated every epoch starts its worker
+    processes once and gives the same batches each pass; off, each pass starts new ones."""
+    cfg = LoaderConfig(batch_size=5, size=32, workers=2)
+    loader = build_loader(cfg, fundus_shards, "val", train=False)
+    passes, pids = [], []
+    for _ in range(3):
+        passes.append([(b.keys, b.images) for b in loader])
+        pids.append(sorted(w.pid for w in loader._persistent._iterator._workers))
+    assert pids[0] == pids[1] == pids[2] and all(pid != os.getpid() for pid in pids[0])
+    for later in passes[1:]:
+        assert [keys for keys, _ in later] == [keys for keys, _ in passes[0]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(later, passes[0]))
+    fresh = build_loader(LoaderConfig(batch_size=5, size=32, workers=2, persistent_workers=False), fundus_shards,
+                         "val", train=False)
+    assert [b.keys for b in fresh] == [keys for keys, _ in passes[0]] and fresh._persistent is None
+    train = build_loader(cfg, fundus_shards, "train", train=True)
+    list(train)
+    assert train._persistent is None  # a training epoch has a new plan: its workers are not kept
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_worker_parts_read_each_sample_once(fundus_shards, workers):
+    """Each DataLoader worker reads an equal contiguous part of the rank's block: an evaluation pass gives every
+    sample once, a training epoch (no class balancing) every sample of its block once, whatever the workers."""
+    cfg = LoaderConfig(batch_size=4, size=16, workers=workers)
+    evaluation = build_loader(cfg, fundus_shards, "val", train=False)
+    keys = [k for b in evaluation for k in b.keys if k]
+    assert sorted(keys) == sorted(evaluation.index.keys.tolist())
+    for batch in (1, 3):  # every whole batch of the block once (the samples past them sit this epoch out)
+        train = build_loader(LoaderConfig(batch_size=batch, size=16, workers=workers), fundus_shards, "train",
+                             train=True)
+        keys = [k for b in train for k in b.keys]
+        assert len(keys) == len(set(keys)) == len(train) * batch >= len(train.block) - batch * workers
+        assert set(keys) <= set(train.index.keys[train.block].tolist())
+
+
 def test_training_ranks_stay_in_step_with_fewer_shards_than_ranks(fundus_shards):
     cfg = LoaderConfig(batch_size=2, size=16, workers=0)
     ranks = [build_loader(cfg, fundus_shards, "train", train=True, rank=r, world_size=2, fraction=0.1)

@@ -66,6 +66,9 @@ def test_torch_loader_reads_its_block_in_equal_worker_parts(fundus_shards):
     assert evaluation.block.tolist() == list(range(len(evaluation.block)))  # shard order, the first half
     assert evaluation.urls == sorted(evaluation.urls, key=evaluation.index.tars.index)
     for workers in (1, 2, 3, 7):
-        parts = [worker_part(one.block, w, workers) for w in range(workers)]
-        assert np.concatenate(parts).tolist() == one.block.tolist()
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        for batch in (1, 4, 5):
+            parts = [worker_part(one.block, w, workers, batch) for w in range(workers)]
+            assert np.concatenate(parts).tolist() == one.block.tolist()
+            batches = [len(part) // batch for part in parts]
+            assert batches == sorted(batches, reverse=True) and batches[0] - batches[-1] <= 1
+            assert all(len(part) % batch == 0 for part in parts[:-1])

@@ -135,10 +135,17 @@ def sample_refs(shard_dir: str | Path, shards: list[dict]) -> list[SampleRef]:
     return refs
 
 
-def worker_part(positions: np.ndarray, worker: int, workers: int) -> np.ndarray:
-    """The contiguous part of a rank's samples that DataLoader worker `worker` of `workers` reads: equal parts
-    (within one sample), whatever the shard sizes, so no worker is left finishing a large shard alone."""
-    return positions[worker * len(positions) // workers:(worker + 1) * len(positions) // workers]
+def worker_part(positions: np.ndarray, worker: int, workers: int, batch: int = 1) -> np.ndarray:
+    """The contiguous part of a rank's samples that DataLoader worker `worker` of `workers` reads: whole batches,
+    as equal in number as they can be (the first workers take one more), and the samples past the last whole
+    batch at the end of the last worker's part. The DataLoader takes the workers' batches in turn, so a training
+    epoch of len(positions) // batch batches reads every one of those batches once before any worker's looped
+    stream comes round again (equal parts that are not whole batches would let a worker loop early)."""
+    whole = len(positions) // batch
+    base, extra = divmod(whole, workers)
+    start = batch * (worker * base + min(worker, extra))
+    end = start + batch * (base + (worker < extra))
+    return positions[start:len(positions) if worker == workers - 1 else end]
 
 
 def training_block(index: SampleIndex, world: int, rank: int, epoch: int, seed: int) -> np.ndarray:

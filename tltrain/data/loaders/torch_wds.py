@@ -19,8 +19,8 @@ Which samples a rank reads (plan.py):
 - weighted folders (data.weights, several shard folders): the same draw with rate share_f * N / count_f (per class
   within the folder when balanced too), so folder f makes up share_f = weight_f / sum(weights) of an epoch
   (plan.draw_rates).
-The DataLoader workers split a rank's samples the same way, into equal contiguous parts (plan.worker_part), so
-they finish together whatever the shard sizes (wds.split_by_worker deals out whole shards: 7 shards of 14 to 53
+The DataLoader workers split a rank's samples the same way, into contiguous parts of whole batches, as equal
+as they can be (plan.worker_part), so they finish together whatever the shard sizes (wds.split_by_worker deals out whole shards: 7 shards of 14 to 53
 samples left one of 2 workers with 56 % of them). The ranks are given explicitly (build_loader's rank), not read
 from the environment. Labels are each sample's own `.lbl` member (read once by plan.sample_index; the same member
 DALI reads), so a skipped sample never shifts labels and both backends see the same label.
@@ -121,7 +121,7 @@ class _RankStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0xDA7A]))
-        part = worker_part(self.block, worker, workers)
+        part = worker_part(self.block, worker, workers, self.cfg.batch_size)
         if not len(part):  # fewer samples than workers
             return
         reader = MemberReader(self.members)  # opened here: descriptors are not shared with other workers
