@@ -4,8 +4,9 @@ On 2 cores a test run, a helper or a second benchmark beside a benchmark moves i
 noise). So every benchmark here:
 - waits (up to --quiet-wait seconds) for the 1-minute load average to fall to QUIET_LOAD_PER_CPU x cores (1.5 on
   2 cores) before it starts, and records the load before and after in its JSON;
-- watches the machine while it runs: the CPU time every process spent (/proc/stat) less its own and its
-  children's (DataLoader workers, DALI threads: getrusage), so the benchmark's own load does not count against it;
+- watches the machine while it runs: the CPU time every process spent (/proc/stat) less its own, its finished
+  children's (getrusage) and its live descendants' (/proc/PID/stat: persistent DataLoader workers are alive when
+  the verdict is taken, so getrusage has not counted them yet), so its own load does not count against it;
 - refuses to record (exit status 3, the JSON says "refused" and why) when the load was above that limit before,
   or when other processes used more than FOREIGN_CORES cores on average during the measurement;
 - runs its variants interleaved (A B A B A B ...), at least 3 repetitions each, and reports the median and the
@@ -76,10 +77,34 @@ def _busy_seconds() -> float | None:
 
 
 def _own_seconds() -> float:
+    """CPU seconds of this process, its waited-for children and its descendants still alive."""
     import resource
 
     own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(r.ru_utime + r.ru_stime for r in own)
+    return sum(r.ru_utime + r.ru_stime for r in own) + _live_descendants_seconds()
+
+
+def _live_descendants_seconds() -> float:
+    """user + system CPU seconds of the descendants of this process that are still running (0 without /proc)."""
+    parent, ticks = {}, {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        pid = int(entry.name)
+        parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # ppid, utime + stime
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        total += ticks[pid]
+        stack += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Watch:
