@@ -95,7 +95,8 @@ class MemberReader:
             header = tarfile.TarInfo.frombuf(data[:tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
         except tarfile.HeaderError as exc:
             raise DataError(f"{path}: no tar header before the member at byte {offset:,} that its index lists "
-                            f"({exc}): the shard changed after `prepare` (damaged shard: run `tltrain verify`)") from None
+                            f"({exc}): the shard changed after `prepare` (damaged shard: run `tltrain verify`)"
+                            ) from None
         header.offset_data = offset
         problem = member_problem(header, (offset, size))
         if problem:

@@ -20,10 +20,11 @@ Which samples a rank reads (plan.py):
   within the folder when balanced too), so folder f makes up share_f = weight_f / sum(weights) of an epoch
   (plan.draw_rates).
 The DataLoader workers split a rank's samples the same way, into contiguous parts of whole batches, as equal
-as they can be (plan.worker_part), so they finish together whatever the shard sizes (wds.split_by_worker deals out whole shards: 7 shards of 14 to 53
-samples left one of 2 workers with 56 % of them). The ranks are given explicitly (build_loader's rank), not read
-from the environment. Labels are each sample's own `.lbl` member (read once by plan.sample_index; the same member
-DALI reads), so a skipped sample never shifts labels and both backends see the same label.
+as they can be (plan.worker_part), so they finish together whatever the shard sizes (wds.split_by_worker deals
+out whole shards: 7 shards of 14 to 53 samples left one of 2 workers with 56 % of them). The ranks are given
+explicitly (build_loader's rank), not read from the environment. Labels are each sample's own `.lbl` member
+(read once by plan.sample_index; the same member DALI reads), so a skipped sample never shifts labels and both
+backends see the same label.
 """
 from __future__ import annotations
 
