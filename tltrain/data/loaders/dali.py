@@ -41,8 +41,7 @@ from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.dali_source import EpochSource
 from tltrain.data.loaders.filtering import finish_batch, use_triton
-from tltrain.data.loaders.members import MemberTable
-from tltrain.data.loaders.plan import (draw_rates, sample_index, select_shards, source_of_keys,
+from tltrain.data.loaders.plan import (NO_MEMBER, draw_rates, sample_index, select_shards, source_of_keys,
                                       weighted_epoch_positions)
 from tltrain.engine.reproducibility import derive_seed
 from tltrain.errors import DataError
@@ -212,13 +211,15 @@ class DaliLoader:
         self.device = torch.device(device)
         gpu = cfg.dali_device == "gpu" or (cfg.dali_device == "auto" and self.device.type == "cuda")
         self.manifest, shards = select_shards(shard_dir, split, fraction, manifest)
-        index = sample_index(shard_dir, shards)  # only its size and labels are needed: DALI's reader does the rest
+        index = sample_index(shard_dir, shards)  # size, labels, member spans (weighted); the reader does the rest
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(index.labels, minlength=self.num_classes).tolist()
         self.source_of = source_of_keys(self.manifest, shard_dir, shards, index) if not train else None
         rates = draw_rates(index, shards, self.manifest, self.num_classes, cfg.balanced,
                            cfg.checked_class_weights(self.num_classes)) if train else None
-        table = MemberTable(shard_dir, shards, index, require_disc=True) if rates is not None else None
+        if rates is not None and (index.disc[:, 0] == NO_MEMBER).any():
+            raise DataError(f"{shard_dir}: a sample without its .disc member (written by an older `tltrain "
+                            "prepare`?): weighted DALI sampling reads the disc from the shards; re-run prepare")
         self.batch_size = cfg.batch_size
         counts = _rank_counts(len(index), world_size)
         if train:
@@ -249,10 +250,10 @@ class DaliLoader:
             tars = all_tars
             indexes = [t[:-4] + ".idx" for t in tars]
             source = None
-            if table is not None:  # weighted: this rank's part of the epoch's draw, whole batches only
+            if rates is not None:  # weighted: this rank's part of the epoch's draw, whole batches only
                 drawn = weighted_epoch_positions(index, shards, rates, epoch, seed)
                 start = len(drawn) * rank // world_size
-                source = EpochSource(table, drawn[start:start + self.n_batches * cfg.batch_size])
+                source = EpochSource(index, drawn[start:start + self.n_batches * cfg.batch_size])
 
             @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
                           device_id=(self.device.index or 0) if gpu else None,

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from tltrain.data.loaders.members import MemberReader, MemberTable
+from tltrain.data.loaders.members import MemberReader
+from tltrain.data.loaders.plan import SampleIndex
 
 
 class EpochSource:
-    """The external source of one rank's epoch: `positions` (sample numbers of the table, in order), then
+    """The external source of one rank's epoch: `positions` (sample numbers of the index, in order), then
     StopIteration. Returns (image bytes, label int32 (1,), disc float32 (3,), key as bytes) per sample."""
 
-    def __init__(self, table: MemberTable, positions: np.ndarray):
-        self.table, self.positions = table, np.asarray(positions, np.int64)
-        self.reader = MemberReader(table)
+    def __init__(self, index: SampleIndex, positions: np.ndarray):
+        self.index, self.positions = index, np.asarray(positions, np.int64)
+        self.reader = MemberReader(index)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -31,7 +32,7 @@ class EpochSource:
         if info.idx_in_epoch >= len(self.positions):
             raise StopIteration
         sample = int(self.positions[info.idx_in_epoch])
-        index = self.table.index
+        index = self.index
         key = str(index.keys[sample]).encode()
         return (np.frombuffer(self.reader.image(sample), np.uint8), np.array([index.labels[sample]], np.int32),
                 self.reader.disc(sample), np.frombuffer(key, np.uint8))

@@ -12,60 +12,36 @@ from __future__ import annotations
 
 import os
 import tarfile
-from pathlib import Path
 
 import numpy as np
 
-from tltrain.data.loaders.plan import SampleIndex
-from tltrain.data.shards import image_ext, member_problem, read_index
+from tltrain.data.loaders.plan import NO_MEMBER, SampleIndex
+from tltrain.data.shards import member_problem
 from tltrain.errors import DataError
 from tltrain.safe_io import printable
 
-NO_MEMBER = -1  # the offset of a member a sample does not have (a .disc is optional for the torch backend)
 #: a FIFO put where a tar was fails its read at once instead of blocking (no effect on a regular file)
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-class MemberTable:
-    """Per sample (in SampleIndex order): its tar, the image member's (offset, size) and the disc's
-    ((NO_MEMBER, 0) when the sample has none); `require_disc` refuses shards without them."""
-
-    def __init__(self, shard_dir, shards: list[dict], index: SampleIndex, require_disc: bool = False):
-        tars, image, disc = [], [], []
-        for shard in shards:
-            tars.append(str(Path(shard_dir) / shard["tar"]))
-            for members in read_index(Path(shard_dir) / shard["index"]):
-                ext = image_ext(members)
-                if ext is None or (require_disc and "disc" not in members):
-                    raise DataError(f"{tars[-1]}: a sample without its image (.jpg/.png)"
-                                    f"{' or .disc' if require_disc else ''} member (not a tltrain shard?)")
-                image.append(members[ext][:2])
-                disc.append(members["disc"][:2] if "disc" in members else (NO_MEMBER, 0))
-        if len(image) != len(index):
-            raise DataError(f"{shard_dir}: the index files list {len(image)} samples, the shards' labels "
-                            f"{len(index)} (damaged shard: run `tltrain verify`)")
-        self.tars, self.index = tars, index
-        self.image = np.asarray(image, np.int64).reshape(-1, 2)
-        self.disc = np.asarray(disc, np.int64).reshape(-1, 2)
-
-
 class MemberReader:
-    """Reads samples' members with one pread each, keeping one open descriptor per tar it has read from.
-    Opened in the process that reads (a DataLoader worker, DALI's source), closed by close()."""
+    """Reads samples' image and disc members (at SampleIndex.image and .disc) with one pread each, keeping one
+    open descriptor per tar it has read from. Made in the process that reads (a DataLoader worker, DALI's
+    source), closed by close()."""
 
-    def __init__(self, table: MemberTable):
-        self.table = table
+    def __init__(self, index: SampleIndex):
+        self.index = index
         self._files: dict[int, int] = {}
 
     def url(self, sample: int) -> str:
-        return self.table.tars[int(self.table.index.shard[sample])]
+        return self.index.tars[int(self.index.shard[sample])]
 
     def image(self, sample: int) -> bytes:
-        return self._read(sample, *self.table.image[sample])
+        return self._read(sample, *self.index.image[sample])
 
     def disc(self, sample: int) -> np.ndarray | None:
         """The sample's disc (cx, cy, r) as float32, None when its shard has no .disc member for it."""
-        offset, size = self.table.disc[sample]
+        offset, size = self.index.disc[sample]
         if offset == NO_MEMBER:
             return None
         if size != 12:
@@ -74,9 +50,9 @@ class MemberReader:
         return np.frombuffer(self._read(sample, offset, size), "<f4").astype(np.float32)
 
     def _read(self, sample: int, offset: int, size: int) -> bytes:
-        tar = int(self.table.index.shard[sample])
+        tar = int(self.index.shard[sample])
         handle = self._files.get(tar)
-        path = self.table.tars[tar]
+        path = self.index.tars[tar]
         start = offset - tarfile.BLOCKSIZE  # the member's own header
         try:
             if handle is None:

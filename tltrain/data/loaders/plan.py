@@ -21,6 +21,9 @@ from tltrain.errors import ConfigError, DataError
 from tltrain.safe_io import printable
 
 
+NO_MEMBER = -1  # SampleIndex.disc's offset for a sample without a .disc member (the torch backend locates it)
+
+
 @dataclass
 class SampleRef:
     tar: str
@@ -59,12 +62,15 @@ def select_shards(shard_dir: str | Path, split: str, fraction: float | None = No
 @dataclass
 class SampleIndex:
     """The samples of a list of shards in shard order: `tars[shard[i]]` holds sample i, named `keys[i]`, of class
-    `labels[i]` (read from its 4-byte .lbl member, the label source of both backends)."""
+    `labels[i]` (read from its 4-byte .lbl member, the label source of both backends), its image and disc
+    members at the byte spans `image[i]` and `disc[i]` of the index file."""
 
     tars: list[str]  # one path per shard, in the order given
     shard: np.ndarray  # (N,) int32: which tar
     keys: np.ndarray  # (N,) numpy unicode strings (fixed width: the longest key)
     labels: np.ndarray  # (N,) int64
+    image: np.ndarray  # (N, 2) int64: the image member's (offset, size) in its tar (tltrain.data.loaders.members)
+    disc: np.ndarray  # (N, 2) int64: the .disc member's, (NO_MEMBER, 0) where a sample has none
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -81,18 +87,28 @@ class SampleIndex:
 def sample_index(shard_dir: str | Path, shards: list[dict]) -> SampleIndex:
     """Read the DALI index file and every .lbl member of each shard, one shard at a time (so the per-member
     table of one shard is the most held at once)."""
-    tars, shard_ids, keys, labels = [], [], [], []
+    tars, shard_ids, keys, labels, images, discs = [], [], [], [], [], []
     for number, shard in enumerate(shards):
         tar = str(Path(shard_dir) / shard["tar"])
         tars.append(tar)
-        members = read_index(Path(shard_dir) / shard["index"])
-        _check_spans(Path(shard_dir) / shard["index"], tar, members)
+        index_path = Path(shard_dir) / shard["index"]
+        members = read_index(index_path)
+        _check_spans(index_path, tar, members)
+        for line, sample in enumerate(members, start=2):
+            if image_ext(sample) is None:
+                raise DataError(f"{index_path}:{line}: a sample without its image (.jpg/.png) member (not a "
+                                "tltrain shard?)")
         keys.append(np.array([_key_of(m) for m in members], dtype=str))
         shard_ids.append(np.full(len(members), number, np.int32))
         labels.append(_read_labels(tar, [m["lbl"][:2] for m in members]))
+        images.append(np.array([m[image_ext(m)][:2] for m in members], np.int64).reshape(-1, 2))
+        discs.append(np.array([m["disc"][:2] if "disc" in m else (NO_MEMBER, 0) for m in members],
+                              np.int64).reshape(-1, 2))
     if not tars:
-        return SampleIndex([], np.zeros(0, np.int32), np.zeros(0, str), np.zeros(0, np.int64))
-    return SampleIndex(tars, np.concatenate(shard_ids), np.concatenate(keys), np.concatenate(labels))
+        spans = np.zeros((0, 2), np.int64)
+        return SampleIndex([], np.zeros(0, np.int32), np.zeros(0, str), np.zeros(0, np.int64), spans, spans)
+    return SampleIndex(tars, np.concatenate(shard_ids), np.concatenate(keys), np.concatenate(labels),
+                       np.concatenate(images), np.concatenate(discs))
 
 
 def _key_of(members: dict) -> str:

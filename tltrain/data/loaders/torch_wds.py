@@ -46,7 +46,7 @@ from tltrain.data.disc import locate_disc
 from tltrain.data.loaders.batch import Batch
 from tltrain.data.loaders.config import LoaderConfig
 from tltrain.data.loaders.filtering import finish_batch
-from tltrain.data.loaders.members import MemberReader, MemberTable
+from tltrain.data.loaders.members import MemberReader
 from tltrain.data.loaders.plan import draw_rates, sample_index, select_shards, source_of_keys, training_block, \
     worker_part
 from tltrain.engine.reproducibility import derive_seed
@@ -113,7 +113,7 @@ class _RankStream(IterableDataset):
     def __init__(self, loader: "TorchWdsLoader", block: np.ndarray, finish_in_worker: bool):
         self.cfg, self.train, self.seed, self.epoch, self.rank = loader.cfg, loader.train, loader.seed, loader.epoch, \
             loader.rank
-        self.members, self.block, self.finish_in_worker = loader.members, block, finish_in_worker
+        self.index, self.block, self.finish_in_worker = loader.index, block, finish_in_worker
         self.rates = loader.draw_rates  # (folder, class) -> expected draws per sample, None: each once
         self.folder_of_shard = np.array([s.get("folder", 0) for s in loader.shards] or [0], np.int64)
         self.work_size = loader.cfg.preprocess.work_size(loader.cfg.size)
@@ -125,7 +125,7 @@ class _RankStream(IterableDataset):
         part = worker_part(self.block, worker, workers, self.cfg.batch_size)
         if not len(part):  # fewer samples than workers
             return
-        reader = MemberReader(self.members)  # opened here: descriptors are not shared with other workers
+        reader = MemberReader(self.index)  # opened here: descriptors are not shared with other workers
         try:
             while True:  # training loops its stream: the loader stops after its batch count
                 produced = 0
@@ -139,7 +139,7 @@ class _RankStream(IterableDataset):
 
     def _samples(self, part: np.ndarray, reader: MemberReader):
         """The part's samples in order, read by offset: {"__key__", "__url__", "image", "disc", "label"}."""
-        index = self.members.index
+        index = self.index
         for sample in part.tolist():
             yield {"__key__": str(index.keys[sample]), "__url__": reader.url(sample), "image": reader.image(sample),
                    "disc": reader.disc(sample), "label": int(index.labels[sample]),
@@ -230,7 +230,6 @@ class TorchWdsLoader:
             warn_draft_decode()
         self.manifest, self.shards = select_shards(shard_dir, split, fraction, manifest)
         self.index = sample_index(shard_dir, self.shards)
-        self.members = MemberTable(shard_dir, self.shards, self.index)  # where each image and disc lie in its tar
         self.num_classes = int(self.manifest["num_classes"])
         self.class_counts = np.bincount(self.index.labels, minlength=self.num_classes).tolist()
         self.draw_rates = draw_rates(self.index, self.shards, self.manifest, self.num_classes, cfg.balanced,
