@@ -75,10 +75,6 @@ class SampleIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def key_set(self, positions) -> set[str]:
-        """The keys of these samples as a set of Python strings (a slice or an array of positions)."""
-        return set(self.keys[positions].tolist())
-
     def tars_of(self, positions) -> list[str]:
         """The tars holding these samples, each once, in the order the samples first meet them."""
         return [self.tars[i] for i in dict.fromkeys(self.shard[positions].tolist())]
@@ -95,9 +91,9 @@ def sample_index(shard_dir: str | Path, shards: list[dict]) -> SampleIndex:
         members = read_index(index_path)
         _check_spans(index_path, tar, members)
         for line, sample in enumerate(members, start=2):
-            if image_ext(sample) is None:
-                raise DataError(f"{index_path}:{line}: a sample without its image (.jpg/.png) member (not a "
-                                "tltrain shard?)")
+            if image_ext(sample) is None or "lbl" not in sample:
+                raise DataError(f"{index_path}:{line}: a sample without its image (.jpg/.png) or .lbl member (not "
+                                "a tltrain shard?)")
         keys.append(np.array([_key_of(m) for m in members], dtype=str))
         shard_ids.append(np.full(len(members), number, np.int32))
         labels.append(_read_labels(tar, [m["lbl"][:2] for m in members]))
