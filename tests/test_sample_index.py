@@ -3,11 +3,14 @@ keys and labels as the per-sample member table, and training_block must give the
 per-object algorithm it replaced, so runs keep their data order."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
 from tltrain.data.loaders import LoaderConfig, build_loader
 from tltrain.data.loaders.plan import sample_index, sample_refs, select_shards, training_block, worker_part
+from tltrain.errors import DataError
 
 
 def _label(ref) -> int:
@@ -38,6 +41,8 @@ def test_index_matches_member_table(fundus_shards, split):
     assert index.keys.tolist() == [r.key for r in refs]
     assert [index.tars[s] for s in index.shard] == [r.tar for r in refs]
     assert index.labels.tolist() == [_label(r) for r in refs]
+    assert index.image.tolist() == [list(r.members["jpg"][:2]) for r in refs]  # where the loaders read them
+    assert index.disc.tolist() == [list(r.members["disc"][:2]) for r in refs]
 
 
 def test_training_block_keeps_the_epoch_order(fundus_shards):
@@ -72,3 +77,18 @@ def test_torch_loader_reads_its_block_in_equal_worker_parts(fundus_shards):
             batches = [len(part) // batch for part in parts]
             assert batches == sorted(batches, reverse=True) and batches[0] - batches[-1] <= 1
             assert all(len(part) % batch == 0 for part in parts[:-1])
+
+
+@pytest.mark.parametrize("member", ["lbl", "jpg"])
+def test_index_without_a_label_or_image_member_is_refused_naming_its_line(fundus_shards, tmp_path, member):
+    copy = tmp_path / "copy"
+    shutil.copytree(fundus_shards, copy)
+    _, shards = select_shards(copy, "val")
+    index_file = copy / shards[0]["index"]
+    lines = index_file.read_text().splitlines()
+    fields = lines[2].split(" ")
+    at = fields[::4].index(member) * 4
+    lines[2] = " ".join(fields[:at] + fields[at + 4:])  # the second sample loses that member
+    index_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"{index_file.name}:3: a sample without its image .* or .lbl member"):
+        build_loader(LoaderConfig(batch_size=4, size=16, workers=0), copy, "val", train=False)
