@@ -3,7 +3,7 @@ offsets of the shard's index file (tltrain.data.loaders.members: one pread each,
 a missing or shortened shard stops the run naming it) and run the webdataset library's pipeline stages on them
 (oversampling, shuffle buffer, map, batching); PIL decodes, the disc is cropped and resized in the workers; the
 Ben Graham filter runs on the GPU batch (Triton) when there is one, in the workers (tltrain.preprocess_cpu)
-otherwise. Reading by offset rather than parsing every tar header in turn costs ~0.05 instead of ~0.5 ms a sample
+otherwise. Reading by offset rather than parsing every tar header in turn costs 0.06 instead of 0.20 ms a sample
 (benchmarks/RESULTS.md), and lets each worker read exactly its own samples.
 
 Which samples a rank reads (plan.py):
