@@ -171,14 +171,19 @@ def iter_tar_samples(tar_path: str | Path) -> Iterator[dict]:
                     current = {"__key__": key, "__url__": str(tar_path)}
                 current[ext] = tar.extractfile(member).read()
                 tar.members = []  # streaming: keep no list of every member seen
-    except FileNotFoundError:
-        raise DataError(f"{tar_path}: shard missing (deleted or moved while the run was reading its data?); "
-                        "restore it or re-run `tltrain prepare`, then `tltrain verify`") from None
     except (OSError, tarfile.TarError) as exc:
-        raise DataError(f"{tar_path}: unreadable shard ({type(exc).__name__}: {safe_io.printable(exc, 200)}); "
-                        "run `tltrain verify`") from None
+        raise shard_read_error(tar_path, exc) from None
     if current is not None:
         yield current
+
+
+def shard_read_error(tar_path, exc: Exception) -> DataError:
+    """The one-line error of a shard that cannot be read while a run reads it (streamed or by offset)."""
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{tar_path}: shard missing (deleted or moved while the run was reading its data?); "
+                         "restore it or re-run `tltrain prepare`, then `tltrain verify`")
+    return DataError(f"{tar_path}: unreadable shard ({type(exc).__name__}: {safe_io.printable(exc, 200)}); "
+                     "run `tltrain verify`")
 
 
 def member_problem(member: tarfile.TarInfo, indexed: tuple[int, int] | None = None) -> str | None:

@@ -16,9 +16,8 @@ import tarfile
 import numpy as np
 
 from tltrain.data.loaders.plan import NO_MEMBER, SampleIndex
-from tltrain.data.shards import member_problem
+from tltrain.data.shards import member_problem, shard_read_error
 from tltrain.errors import DataError
-from tltrain.safe_io import printable
 
 #: a FIFO put where a tar was fails its read at once instead of blocking (no effect on a regular file)
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -58,15 +57,12 @@ class MemberReader:
             if handle is None:
                 handle = self._files[tar] = os.open(path, _READ_FLAGS)
             data = os.pread(handle, int(size) + tarfile.BLOCKSIZE, int(start)) if start >= 0 else b""
-        except FileNotFoundError:
-            raise DataError(f"{path}: shard missing (deleted or moved while the run was reading its data?); "
-                            "restore it or re-run `tltrain prepare`, then `tltrain verify`") from None
         except OSError as exc:
-            raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {printable(exc, 200)}); "
-                            "run `tltrain verify`") from None
+            raise shard_read_error(path, exc) from None
         if len(data) != size + tarfile.BLOCKSIZE:
-            raise DataError(f"{path}: {size} bytes at {offset} listed in its index, {max(len(data) - 512, 0)} there "
-                            "(damaged or changed shard: run `tltrain verify`)")
+            raise DataError(f"{path}: {size} bytes at {offset} listed in its index, "
+                            f"{max(len(data) - tarfile.BLOCKSIZE, 0)} there (damaged or changed shard: run "
+                            "`tltrain verify`)")
         try:
             header = tarfile.TarInfo.frombuf(data[:tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
         except tarfile.HeaderError as exc:

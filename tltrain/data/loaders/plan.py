@@ -90,14 +90,17 @@ def sample_index(shard_dir: str | Path, shards: list[dict]) -> SampleIndex:
         index_path = Path(shard_dir) / shard["index"]
         members = read_index(index_path)
         _check_spans(index_path, tar, members)
+        image = []  # each sample's image member: (offset, size, name)
         for line, sample in enumerate(members, start=2):
-            if image_ext(sample) is None or "lbl" not in sample:
+            ext = image_ext(sample)
+            if ext is None or "lbl" not in sample:
                 raise DataError(f"{index_path}:{line}: a sample without its image (.jpg/.png) or .lbl member (not "
                                 "a tltrain shard?)")
-        keys.append(np.array([_key_of(m) for m in members], dtype=str))
+            image.append(sample[ext])
+        keys.append(np.array([name.rsplit(".", 1)[0] for _, _, name in image], dtype=str))  # as _key_of
         shard_ids.append(np.full(len(members), number, np.int32))
         labels.append(_read_labels(tar, [m["lbl"][:2] for m in members]))
-        images.append(np.array([m[image_ext(m)][:2] for m in members], np.int64).reshape(-1, 2))
+        images.append(np.array([member[:2] for member in image], np.int64).reshape(-1, 2))
         discs.append(np.array([m["disc"][:2] if "disc" in m else (NO_MEMBER, 0) for m in members],
                               np.int64).reshape(-1, 2))
     if not tars:
